@@ -1,0 +1,320 @@
+"""Paged attention, Triton kernels: the GPU path for the semantics of attention.attention_ref.
+
+Letters: T tokens in the micro-batch, B sequences, N query heads, K kv heads (G = N // K query
+heads per kv head), D head_dim, P blocks in the pool, S block size, M max blocks per sequence.
+
+  paged_decode     one query per sequence; split-K ("flash decoding"): grid (B, K, splits), each
+                   program takes the G query heads of one kv head over one slice of the context,
+                   writes a partial output and its log-sum-exp; a second kernel merges the slices.
+  paged_prefill    flash attention over the paged prefix plus the causal part of the chunk;
+                   grid (N, query blocks, B); chunks may start anywhere in the context.
+  paged_attention  picks one of the two from max_query_len.
+
+All metadata stays on the device (no host sync); the host ints the caller already knows
+(max_query_len, max_context) only size the grids. K/V are gathered token by token through the
+block table, so any power-of-two block size works independently of the kernel tile sizes.
+Pointer offsets into the cache are int64 (a 90k-token pool of [S, K, D] blocks passes 2**31
+elements when many sequences share it). Softmax runs in fp32 in the exp2 domain; P is cast to
+the kv dtype for P @ V, as in any flash kernel (the torch reference rounds P the same way, only
+after normalisation, so bf16 results differ by ~1e-3 relative). fp32 inputs use IEEE dots.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _kv_offsets(bt_row_ptr, offs_n, mask_n, kh, S: tl.constexpr, stride_p, stride_s, stride_k):
+    """int64 offsets [BLOCK_N] of token positions offs_n of one sequence (one kv head)."""
+    page = tl.load(bt_row_ptr + offs_n // S, mask=mask_n, other=0).to(tl.int64)
+    return page * stride_p + (offs_n % S).to(tl.int64) * stride_s + kh * stride_k
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, o_part_ptr, lse_part_ptr,
+    qk_scale,  # scale * log2(e)
+    stride_qb, stride_qn,
+    stride_kp, stride_ks, stride_kk,
+    stride_vp, stride_vs, stride_vk,
+    stride_btb,
+    num_splits,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    # Each sequence spreads its own context over all splits (BLOCK_N-aligned slices).
+    per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, ctx)
+
+    offs_g = tl.arange(0, BLOCK_G)  # query heads of this group, padded to >= 16 rows for tl.dot
+    offs_d = tl.arange(0, D)
+    mask_g = offs_g < G
+    heads = kh * G + offs_g
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qn + offs_d[None, :],
+                mask=mask_g[:, None], other=0.0)  # [BLOCK_G, D]
+
+    m_i = tl.full([BLOCK_G], -1e30, tl.float32)  # finite: a fully masked tile cannot make NaN
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    kh64 = kh.to(tl.int64)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        k_off = _kv_offsets(bt_row, offs_n, mask_n, kh64, S, stride_kp, stride_ks, stride_kk)
+        v_off = _kv_offsets(bt_row, offs_n, mask_n, kh64, S, stride_vp, stride_vs, stride_vk)
+        kT = tl.load(k_ptr + k_off[None, :] + offs_d[:, None], mask=mask_n[None, :], other=0.0)
+        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # Partial result normalised by its own sum; an empty split (l = 0) gives o = 0, lse = -inf.
+    empty = l_i == 0.0
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # log2 units
+    row = (b * tl.num_programs(1) * G + heads).to(tl.int64) * num_splits + split  # [B, N, splits]
+    tl.store(o_part_ptr + row[:, None] * D + offs_d[None, :], o, mask=mask_g[:, None])
+    tl.store(lse_part_ptr + row, lse, mask=mask_g)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    o_part_ptr, lse_part_ptr, o_ptr, stride_ob, stride_on, num_splits,
+    N: tl.constexpr, D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_SPLITS)
+    offs_d = tl.arange(0, D)
+    mask_s = offs_s < num_splits
+    row = (b * N + h).to(tl.int64) * num_splits + offs_s  # [BLOCK_SPLITS]
+    lse = tl.load(lse_part_ptr + row, mask=mask_s, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all empty (ctx 0): weights 0
+    w = tl.exp2(lse - lse_max)  # empty splits: exp2(-inf) = 0
+    o = tl.load(o_part_ptr + row[:, None] * D + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+    o = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_on + offs_d,
+             o.to(o_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device,
+                      min_tokens_per_split: int = 128, max_splits: int = 128) -> int:
+    """Enough (B, K, split) programs for ~4 per SM, slices of at least min_tokens_per_split.
+
+    B=1, K=4, 90k context on 132 SMs: 128 splits of ~720 tokens (512 programs).
+    """
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132
+    want = triton.cdiv(4 * sms, max(1, batch * kv_heads))
+    cap = max(1, triton.cdiv(max(1, max_context), min_tokens_per_split))
+    return max(1, min(want, cap, max_splits))
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
+    N, D = q.shape[1], q.shape[2]
+    P, S, K, Dk = k_cache.shape
+    assert v_cache.shape == k_cache.shape and Dk == D, (q.shape, k_cache.shape, v_cache.shape)
+    assert N % K == 0, f"query heads {N} not a multiple of kv heads {K}"
+    assert D >= 16 and D & (D - 1) == 0, f"head_dim {D} must be a power of two >= 16"
+    assert S & (S - 1) == 0, f"block size {S} must be a power of two"
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, \
+        "last dim (head_dim) must be contiguous"
+    assert k_cache.dtype == v_cache.dtype == q.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
+    return N, K, D
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+
+def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables_BM: torch.Tensor, context_lens_B: torch.Tensor, scale: float,
+                 max_context: int | None = None, num_splits: int | None = None,
+                 out: torch.Tensor | None = None, block_n: int = 64) -> torch.Tensor:
+    """One query per sequence: o[b] = softmax(q[b] k[:ctx_b]^T * scale) v[:ctx_b], GQA.
+
+    q_BND [B, N, D]; caches [P, S, K, D]; block_tables_BM int32 [B, M]; context_lens_B int32 [B]
+    (>= 1, includes the token of q). max_context (host int, an upper bound of context_lens) only
+    picks num_splits; without both, the pool size P * S is used as the bound.
+    """
+    B = q_BND.shape[0]
+    N, K, D = _check_cache(q_BND, k_cache, v_cache)
+    G = N // K
+    assert block_tables_BM.dtype == torch.int32 and context_lens_B.dtype == torch.int32
+    assert block_tables_BM.stride(-1) == 1
+    if num_splits is None:
+        bound = max_context if max_context is not None else k_cache.shape[0] * k_cache.shape[1]
+        num_splits = choose_num_splits(B, K, bound, q_BND.device)
+    if out is None:
+        out = torch.empty_like(q_BND, memory_format=torch.contiguous_format)
+    assert out.shape == q_BND.shape and out.stride(-1) == 1
+    if B == 0:
+        return out
+    o_part = torch.empty(B, N, num_splits, D, device=q_BND.device, dtype=torch.float32)
+    lse_part = torch.empty(B, N, num_splits, device=q_BND.device, dtype=torch.float32)
+    _decode_split_kernel[(B, K, num_splits)](
+        q_BND, k_cache, v_cache, block_tables_BM, context_lens_B, o_part, lse_part,
+        scale * _LOG2E,
+        q_BND.stride(0), q_BND.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables_BM.stride(0),
+        num_splits,
+        G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, S=k_cache.shape[1],
+        BLOCK_N=block_n, PRECISION=_precision(q_BND.dtype),
+        num_warps=4, num_stages=3,
+    )
+    _decode_merge_kernel[(B, N)](
+        o_part, lse_part, out, out.stride(0), out.stride(1), num_splits,
+        N=N, D=D, BLOCK_SPLITS=triton.next_power_of_2(num_splits), num_warps=4,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qstart_ptr, ctx_ptr,
+    qk_scale,  # scale * log2(e)
+    stride_qt, stride_qn, stride_ot, stride_on,
+    stride_kp, stride_ks, stride_kk,
+    stride_vp, stride_vs, stride_vk,
+    stride_btb,
+    G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    h = tl.program_id(0)  # fastest axis: heads of one kv group run together and share K/V in L2
+    mb = tl.num_programs(1) - 1 - tl.program_id(1)  # longest (last) query blocks first
+    b = tl.program_id(2)
+    q0 = tl.load(qstart_ptr + b)
+    qlen = tl.load(qstart_ptr + b + 1) - q0
+    m_start = mb * BLOCK_M
+    if m_start >= qlen:
+        return
+    ctx = tl.load(ctx_ptr + b)
+    pos0 = ctx - qlen  # position of the chunk's first query
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)  # query index within the chunk
+    offs_d = tl.arange(0, D)
+    mask_m = offs_m < qlen
+    rows = (q0 + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qn + offs_d[None, :],
+                mask=mask_m[:, None], other=0.0)  # [BLOCK_M, D]
+    qpos = pos0 + offs_m  # [BLOCK_M]; padded rows sit past ctx, see every valid key, not stored
+
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    kh = (h // G).to(tl.int64)
+
+    # Keys before the tile-aligned start of this block's diagonal are visible to every row.
+    diag = ((pos0 + m_start) // BLOCK_N) * BLOCK_N
+    end = tl.minimum(ctx, pos0 + m_start + BLOCK_M)
+    for n0 in range(0, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        full = n0 < diag  # whole tile visible: no masks on this path's loads
+        mask_n = offs_n < end
+        k_off = _kv_offsets(bt_row, offs_n, mask_n, kh, S, stride_kp, stride_ks, stride_kk)
+        v_off = _kv_offsets(bt_row, offs_n, mask_n, kh, S, stride_vp, stride_vs, stride_vk)
+        kT = tl.load(k_ptr + k_off[None, :] + offs_d[:, None], mask=mask_n[None, :], other=0.0)
+        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        if not full:
+            vis = (offs_n[None, :] <= qpos[:, None]) & mask_n[None, :]
+            qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    o = acc / l_i[:, None]  # every stored row saw key 0 at least: l_i > 0
+    tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_on + offs_d[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+def _prefill_config(dtype: torch.dtype, D: int) -> dict:
+    if dtype == torch.float32:  # twice the bytes per tile: smaller tiles to fit shared memory
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if D <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+
+
+def paged_prefill(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  block_tables_BM: torch.Tensor, query_start_B1: torch.Tensor,
+                  context_lens_B: torch.Tensor, scale: float, max_query_len: int,
+                  out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """Causal attention of a flat batch of chunks over their paged caches (chunks already written).
+
+    q_TND [T, N, D]; query_start_B1 int32 [B + 1] (cu_seqlens: sequence b owns rows
+    [qs[b], qs[b+1])); context_lens_B int32 [B] (>= that sequence's query length);
+    max_query_len host int >= every query length (sizes the grid). Rows of T not owned by any
+    sequence are left untouched.
+    """
+    T = q_TND.shape[0]
+    N, K, D = _check_cache(q_TND, k_cache, v_cache)
+    B = context_lens_B.shape[0]
+    assert query_start_B1.shape[0] == B + 1
+    assert block_tables_BM.dtype == torch.int32 and context_lens_B.dtype == torch.int32
+    assert query_start_B1.dtype == torch.int32 and block_tables_BM.stride(-1) == 1
+    if out is None:
+        out = torch.empty_like(q_TND, memory_format=torch.contiguous_format)
+    assert out.shape == q_TND.shape and out.stride(-1) == 1
+    if T == 0 or B == 0 or max_query_len <= 0:
+        return out
+    cfg = dict(_prefill_config(q_TND.dtype, D), **(config or {}))
+    grid = (N, triton.cdiv(max_query_len, cfg["BLOCK_M"]), B)
+    _prefill_kernel[grid](
+        q_TND, k_cache, v_cache, out, block_tables_BM, query_start_B1, context_lens_B,
+        scale * _LOG2E,
+        q_TND.stride(0), q_TND.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables_BM.stride(0),
+        G=N // K, D=D, S=k_cache.shape[1], PRECISION=_precision(q_TND.dtype), **cfg,
+    )
+    return out
+
+
+def paged_attention(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables_BM: torch.Tensor, query_start_B1: torch.Tensor,
+                    context_lens_B: torch.Tensor, scale: float, max_query_len: int,
+                    max_context: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode kernel when every sequence has one query (then T == B), else the prefill kernel."""
+    if max_query_len == 1 and q_TND.shape[0] == context_lens_B.shape[0]:
+        return paged_decode(q_TND, k_cache, v_cache, block_tables_BM, context_lens_B, scale,
+                            max_context=max_context, out=out)
+    return paged_prefill(q_TND, k_cache, v_cache, block_tables_BM, query_start_B1,
+                         context_lens_B, scale, max_query_len, out=out)

@@ -1,0 +1,121 @@
+"""Decoder layer of Qwen3-MoE: pre-norm attention (q/k norm, rope, GQA, paged KV) and MoE or dense
+MLP. Parameter names match the checkpoint under `model.layers.{i}.`. Modules hold weights; the
+maths are the functions of norm.py, rope.py, attention.py and moe.py."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import write_kv
+from .batch import AttnBatch
+from .config import ModelConfig
+from .moe import dense_mlp, experts_grouped, experts_loop, route
+from .norm import rms_norm
+from .rope import apply_rope
+
+Trace = dict | None
+
+
+def _param(shape: tuple[int, ...], device, dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+
+
+class Weight(nn.Module):
+    """A module holding one `.weight`, so names read `q_proj.weight` as in the checkpoint."""
+
+    def __init__(self, *shape: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = _param(shape, device, dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, device, dtype):
+        super().__init__()
+        H, D = cfg.hidden_size, cfg.head_dim
+        self.nh, self.nkv, self.hd, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, D, cfg.rms_norm_eps
+        self.scale = D ** -0.5  # YaRN does not change it
+        self.q_proj = Weight(cfg.q_size, H, device=device, dtype=dtype)
+        self.k_proj = Weight(cfg.kv_size, H, device=device, dtype=dtype)
+        self.v_proj = Weight(cfg.kv_size, H, device=device, dtype=dtype)
+        self.o_proj = Weight(H, cfg.q_size, device=device, dtype=dtype)
+        self.q_norm = Weight(D, device=device, dtype=dtype)
+        self.k_norm = Weight(D, device=device, dtype=dtype)
+
+    def forward(self, x_TH, cos, sin, batch: AttnBatch, kv: tuple[torch.Tensor, torch.Tensor],
+                attend: Callable, trace: Trace, i: int) -> torch.Tensor:
+        T = x_TH.shape[0]
+        q = F.linear(x_TH, self.q_proj.weight).view(T, self.nh, self.hd)
+        k = F.linear(x_TH, self.k_proj.weight).view(T, self.nkv, self.hd)
+        v = F.linear(x_TH, self.v_proj.weight).view(T, self.nkv, self.hd)
+        q = rms_norm(q, self.q_norm.weight, self.eps)
+        k = rms_norm(k, self.k_norm.weight, self.eps)
+        if trace is not None:
+            trace[f"{i}.q_norm"], trace[f"{i}.k_norm"] = q, k
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if trace is not None:
+            trace[f"{i}.q_rope"], trace[f"{i}.k_rope"] = q, k
+        write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
+        o = attend(q, kv[0], kv[1], batch, self.scale)
+        return F.linear(o.reshape(T, self.nh * self.hd), self.o_proj.weight)
+
+
+class Experts(nn.Module):
+    def __init__(self, cfg: ModelConfig, device, dtype):
+        super().__init__()
+        E, I, H = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.gate_up_proj = _param((E, 2 * I, H), device, dtype)
+        self.down_proj = _param((E, H, I), device, dtype)
+
+
+class SparseMoe(nn.Module):
+    def __init__(self, cfg: ModelConfig, device, dtype):
+        super().__init__()
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.gate = Weight(cfg.num_experts, cfg.hidden_size, device=device, dtype=dtype)
+        self.experts = Experts(cfg, device, dtype)
+        self.grouped = True  # False: the per-expert reference loop
+
+    def forward(self, x_TH: torch.Tensor, trace: Trace, i: int) -> torch.Tensor:
+        logits, w, ids = route(x_TH, self.gate.weight, self.top_k, self.norm_topk_prob)
+        if trace is not None:
+            trace[f"{i}.router_logits"], trace[f"{i}.topk_w"], trace[f"{i}.topk_ids"] = logits, w, ids
+        run = experts_grouped if self.grouped else experts_loop
+        return run(x_TH, self.experts.gate_up_proj, self.experts.down_proj, ids, w)
+
+
+class DenseMlp(nn.Module):
+    def __init__(self, cfg: ModelConfig, device, dtype):
+        super().__init__()
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Weight(I, H, device=device, dtype=dtype)
+        self.up_proj = Weight(I, H, device=device, dtype=dtype)
+        self.down_proj = Weight(H, I, device=device, dtype=dtype)
+
+    def forward(self, x_TH: torch.Tensor, trace: Trace, i: int) -> torch.Tensor:
+        return dense_mlp(x_TH, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int, device, dtype):
+        super().__init__()
+        self.index, self.eps = index, cfg.rms_norm_eps
+        self.input_layernorm = Weight(cfg.hidden_size, device=device, dtype=dtype)
+        self.post_attention_layernorm = Weight(cfg.hidden_size, device=device, dtype=dtype)
+        self.self_attn = Attention(cfg, device, dtype)
+        self.mlp = SparseMoe(cfg, device, dtype) if cfg.is_sparse(index) else DenseMlp(cfg, device, dtype)
+
+    def forward(self, h_TH, cos, sin, batch, kv, attend, trace: Trace = None) -> torch.Tensor:
+        i = self.index
+        a = rms_norm(h_TH, self.input_layernorm.weight, self.eps)
+        attn = self.self_attn(a, cos, sin, batch, kv, attend, trace, i)
+        h = h_TH + attn
+        m = rms_norm(h, self.post_attention_layernorm.weight, self.eps)
+        mlp = self.mlp(m, trace, i)
+        out = h + mlp
+        if trace is not None:
+            trace.update({f"{i}.input_norm": a, f"{i}.attn_out": attn, f"{i}.post_norm": m,
+                          f"{i}.mlp_out": mlp, f"{i}.out": out})
+        return out

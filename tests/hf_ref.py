@@ -1,0 +1,100 @@
+"""Helpers for the parity tests: build and save small transformers Qwen3-MoE models, run them with
+hooks that record every sub-layer, and run this engine's Stage on the same checkpoint."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from loader.load import load_stage
+from loader.partition import partition
+from model.batch import AttnBatch
+from model.config import ModelConfig
+
+BASE = dict(model_type="qwen3_moe", vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=24, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+            num_experts_per_tok=3, norm_topk_prob=True, max_position_embeddings=4096, rope_theta=10000.0,
+            rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=1)
+
+
+def hf_config(**over) -> dict:
+    d = copy.deepcopy(BASE)
+    d.update(over)
+    return d
+
+
+def save_hf_model(cfg: dict, out: Path, seed: int = 0, fused: bool = False) -> Path:
+    """Random transformers model saved with save_pretrained (original per-expert names, or fused)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**cfg)).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 0.05) if p.ndim > 1 else p.copy_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(out, save_original_format=not fused)
+    return out
+
+
+def load_hf(path: Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager",
+                                                experts_implementation="eager").eval()
+
+
+def hf_trace(model, ids: torch.Tensor) -> dict:
+    """Run transformers on ids [T] (one sequence) and record every sub-layer's output."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import apply_rotary_pos_emb
+    rec: dict = {}
+    hooks = []
+
+    def save(key, fn=lambda o: o):
+        return lambda mod, inp, out: rec.__setitem__(key, fn(out))
+
+    m = model.model
+    hooks.append(m.embed_tokens.register_forward_hook(save("embed", lambda o: o[0])))
+    hooks.append(m.rotary_emb.register_forward_hook(save("cos_sin", lambda o: (o[0][0], o[1][0]))))
+    for i, layer in enumerate(m.layers):
+        hooks.append(layer.input_layernorm.register_forward_hook(save(f"{i}.input_norm", lambda o: o[0])))
+        hooks.append(layer.self_attn.q_norm.register_forward_hook(save(f"{i}.q_norm", lambda o: o[0])))
+        hooks.append(layer.self_attn.k_norm.register_forward_hook(save(f"{i}.k_norm", lambda o: o[0])))
+        hooks.append(layer.self_attn.register_forward_hook(save(f"{i}.attn_out", lambda o: o[0][0])))
+        hooks.append(layer.post_attention_layernorm.register_forward_hook(save(f"{i}.post_norm", lambda o: o[0])))
+        hooks.append(layer.mlp.register_forward_hook(save(f"{i}.mlp_out", lambda o: (o[0] if isinstance(o, tuple) else o)[0])))
+        if hasattr(layer.mlp, "gate") and hasattr(layer.mlp.gate, "top_k"):
+            hooks.append(layer.mlp.gate.register_forward_hook(save(f"{i}.router", lambda o: o)))
+        hooks.append(layer.register_forward_hook(save(f"{i}.out", lambda o: (o[0] if isinstance(o, tuple) else o)[0])))
+    hooks.append(m.norm.register_forward_hook(save("final_norm", lambda o: o[0])))
+    with torch.no_grad():
+        logits = model(input_ids=ids[None], use_cache=False).logits[0]
+    for h in hooks:
+        h.remove()
+    rec["logits"] = logits
+    cos, sin = rec.pop("cos_sin")
+    for i in range(len(m.layers)):
+        if f"{i}.router" in rec:
+            rec[f"{i}.router_logits"], rec[f"{i}.topk_w"], rec[f"{i}.topk_ids"] = rec.pop(f"{i}.router")
+        q, k = rec[f"{i}.q_norm"], rec[f"{i}.k_norm"]  # [T, heads, D]
+        qr, kr = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+        rec[f"{i}.q_rope"], rec[f"{i}.k_rope"] = qr[0].transpose(0, 1), kr[0].transpose(0, 1)
+    return rec
+
+
+def engine_trace(path: Path, ids: torch.Tensor, dtype=torch.float32, grouped: bool = True,
+                 block_size: int = 16) -> dict:
+    """Run this engine's whole model as one Stage on ids [T] and record the same points."""
+    cfg = ModelConfig.from_file(path)
+    spec = partition(cfg.num_hidden_layers, 1)[0]
+    stage = load_stage(path, cfg, spec, "cpu", dtype)
+    for layer in stage.layers.values():
+        if hasattr(layer.mlp, "grouped"):
+            layer.mlp.grouped = grouped
+    T = ids.shape[0]
+    nblocks = (T + block_size - 1) // block_size
+    stage.allocate_kv(nblocks + 3, block_size)
+    table = torch.randperm(nblocks + 3)[:nblocks].tolist()
+    batch = AttnBatch.build([T], [T], [table], block_size, [True], "cpu")
+    batch.logits_indices = torch.arange(T)  # every row, to compare all logits
+    trace: dict = {}
+    stage(ids, batch, trace)
+    return trace
