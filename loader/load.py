@@ -30,8 +30,10 @@ def _describe(part: tuple) -> str:
     return f"model.{layer}.mlp.experts.{part[1]}.down_proj.weight (or fused model.{param})"
 
 
-def stage_placements(index: CheckpointIndex, cfg: ModelConfig, spec: StageSpec) -> list[tuple[str, Placement]]:
-    """(checkpoint name, placement) for every tensor this stage loads; strict about the rest."""
+def stage_placements(index: CheckpointIndex, cfg: ModelConfig, spec: StageSpec,
+                     check_shapes: bool = True) -> list[tuple[str, Placement]]:
+    """(checkpoint name, placement) for every tensor this stage loads; strict about the rest.
+    check_shapes reads the shards' headers (False: names only, before the shards are fetched)."""
     chosen: list[tuple[str, Placement]] = []
     covered: dict = {}
     for name in index.names:
@@ -66,7 +68,7 @@ def stage_placements(index: CheckpointIndex, cfg: ModelConfig, spec: StageSpec) 
         raise CheckpointError(f"{index.folder}: missing tensor {shown[0]}"
                               + (f" and {len(shown) - 1} more" if len(shown) > 1 else "")
                               + f" (needed by stage {spec.rank}, layers {spec.start}..{spec.end - 1})")
-    for name, p in chosen:
+    for name, p in chosen if check_shapes else ():
         info = index.info(name)
         if info.shape != p.shape:
             raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, expected "

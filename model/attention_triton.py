@@ -31,10 +31,53 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _kv_offsets(bt_row_ptr, offs_n, mask_n, kh, S: tl.constexpr, stride_p, stride_s, stride_k):
-    """int64 offsets [BLOCK_N] of token positions offs_n of one sequence (one kv head)."""
-    page = tl.load(bt_row_ptr + offs_n // S, mask=mask_n, other=0).to(tl.int64)
-    return page * stride_p + (offs_n % S).to(tl.int64) * stride_s + kh * stride_k
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # TRITON_INTERPRET: its numpy dot reads bf16 as raw uint16, so go through fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _attend_tile(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh, n0, end, qpos, qk_scale,
+                 stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+                 S: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASK_END: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """One online-softmax step over keys [n0, n0 + BLOCK_N) of one sequence and kv head kh.
+
+    q [R, D]; (m_i, l_i, acc) [R], [R], [R, D] fp32, m_i in log2 units. MASK_END: keys >= end
+    are dropped (and not loaded); CAUSAL: keys past each row's position qpos [R] are dropped.
+    K/V rows are gathered token by token: page = table[pos // S], slot = pos % S (int64).
+    """
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    mask_n = offs_n < end
+    if MASK_END:
+        page = tl.load(bt_row + offs_n // S, mask=mask_n, other=0).to(tl.int64)
+    else:
+        page = tl.load(bt_row + offs_n // S).to(tl.int64)
+    slot = (offs_n % S).to(tl.int64)
+    k_off = page * stride_kp + slot * stride_ks + kh * stride_kk  # [BLOCK_N]
+    v_off = page * stride_vp + slot * stride_vs + kh * stride_vk
+    if MASK_END:
+        kT = tl.load(k_ptr + k_off[None, :] + offs_d[:, None], mask=mask_n[None, :], other=0.0)
+    else:
+        kT = tl.load(k_ptr + k_off[None, :] + offs_d[:, None])  # [D, BLOCK_N]
+    qk = _dot(q, kT, PRECISION, UPCAST) * qk_scale  # [R, BLOCK_N]
+    if CAUSAL:
+        qk = tl.where((offs_n[None, :] <= qpos[:, None]) & mask_n[None, :], qk, float("-inf"))
+    elif MASK_END:
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))  # m_i starts at -1e30 (finite): never inf - inf
+    p = tl.exp2(qk - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASK_END:
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :])  # [BLOCK_N, D]
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+    return m_new, l_i, acc
 
 
 # ----------------------------------------------------------------------------- decode
@@ -50,7 +93,7 @@ def _decode_split_kernel(
     stride_btb,
     num_splits,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b = tl.program_id(0)
     kh = tl.program_id(1)
@@ -74,20 +117,10 @@ def _decode_split_kernel(
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     kh64 = kh.to(tl.int64)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        k_off = _kv_offsets(bt_row, offs_n, mask_n, kh64, S, stride_kp, stride_ks, stride_kk)
-        v_off = _kv_offsets(bt_row, offs_n, mask_n, kh64, S, stride_vp, stride_vs, stride_vk)
-        kT = tl.load(k_ptr + k_off[None, :] + offs_d[:, None], mask=mask_n[None, :], other=0.0)
-        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh64, n0, end, offs_g, qk_scale,
+            stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+            S, D, BLOCK_N, True, False, PRECISION, UPCAST)
 
     # Partial result normalised by its own sum; an empty split (l = 0) gives o = 0, lse = -inf.
     empty = l_i == 0.0
@@ -150,6 +183,11 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
     return N, K, D
 
 
+def _interpreted() -> bool:
+    """Kernels were decorated under TRITON_INTERPRET=1 (CPU tests)."""
+    return not isinstance(_prefill_kernel, triton.runtime.jit.JITFunction)
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
 
@@ -188,7 +226,7 @@ def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_tables_BM.stride(0),
         num_splits,
         G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, S=k_cache.shape[1],
-        BLOCK_N=block_n, PRECISION=_precision(q_BND.dtype),
+        BLOCK_N=block_n, PRECISION=_precision(q_BND.dtype), UPCAST=_interpreted(),
         num_warps=4, num_stages=3,
     )
     _decode_merge_kernel[(B, N)](
@@ -210,7 +248,7 @@ def _prefill_kernel(
     stride_vp, stride_vs, stride_vk,
     stride_btb,
     G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     h = tl.program_id(0)  # fastest axis: heads of one kv group run together and share K/V in L2
     mb = tl.num_programs(1) - 1 - tl.program_id(1)  # longest (last) query blocks first
@@ -237,27 +275,20 @@ def _prefill_kernel(
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
     kh = (h // G).to(tl.int64)
 
-    # Keys before the tile-aligned start of this block's diagonal are visible to every row.
+    # Keys before the tile-aligned start of this block's diagonal are visible to every row:
+    # no masks there; the rest (the diagonal tiles) is masked causally.
     diag = ((pos0 + m_start) // BLOCK_N) * BLOCK_N
     end = tl.minimum(ctx, pos0 + m_start + BLOCK_M)
-    for n0 in range(0, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        full = n0 < diag  # whole tile visible: no masks on this path's loads
-        mask_n = offs_n < end
-        k_off = _kv_offsets(bt_row, offs_n, mask_n, kh, S, stride_kp, stride_ks, stride_kk)
-        v_off = _kv_offsets(bt_row, offs_n, mask_n, kh, S, stride_vp, stride_vs, stride_vk)
-        kT = tl.load(k_ptr + k_off[None, :] + offs_d[:, None], mask=mask_n[None, :], other=0.0)
-        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-        if not full:
-            vis = (offs_n[None, :] <= qpos[:, None]) & mask_n[None, :]
-            qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    for n0 in range(0, diag, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh, n0, end, qpos, qk_scale,
+            stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+            S, D, BLOCK_N, False, False, PRECISION, UPCAST)
+    for n0 in range(diag, end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh, n0, end, qpos, qk_scale,
+            stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+            S, D, BLOCK_N, True, True, PRECISION, UPCAST)
 
     o = acc / l_i[:, None]  # every stored row saw key 0 at least: l_i > 0
     tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_on + offs_d[None, :],
@@ -303,7 +334,8 @@ def paged_prefill(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables_BM.stride(0),
-        G=N // K, D=D, S=k_cache.shape[1], PRECISION=_precision(q_TND.dtype), **cfg,
+        G=N // K, D=D, S=k_cache.shape[1], PRECISION=_precision(q_TND.dtype),
+        UPCAST=_interpreted(), **cfg,
     )
     return out
 

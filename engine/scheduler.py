@@ -1,0 +1,162 @@
+"""Scheduler (no torch): continuous batching with chunked prefill under a per-step token budget,
+mixed with decodes, several micro-batches in flight, and preemption of the youngest sequence
+(blocks freed, recomputed later) when KV blocks run out."""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+class RequestRefused(ValueError):
+    """A request that can never fit: past the model's context or past the whole KV pool."""
+
+
+@dataclass
+class Chunk:
+    seq: Sequence
+    start: int  # first token position fed in this chunk
+    length: int
+    sample: bool  # the chunk ends at the sequence's last token: its next token gets sampled
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass
+class MicroBatch:
+    mb_id: int
+    chunks: list[Chunk]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
+
+    @property
+    def sampled(self) -> list[Sequence]:
+        return [c.seq for c in self.chunks if c.sample]
+
+
+def check_request(prompt_len: int, max_tokens: int, max_model_len: int, num_blocks: int, block_size: int) -> None:
+    """Refuse, with the limit named, a request that could never run."""
+    if prompt_len < 1:
+        raise RequestRefused("empty prompt: give at least one token")
+    total = prompt_len + max_tokens
+    if total > max_model_len:
+        raise RequestRefused(f"prompt of {prompt_len} tokens + max_tokens {max_tokens} = {total} exceeds the "
+                             f"model's context of {max_model_len} tokens")
+    if -(-total // block_size) > num_blocks:
+        raise RequestRefused(f"prompt of {prompt_len} tokens + max_tokens {max_tokens} = {total} exceeds the "
+                             f"whole KV cache of {num_blocks * block_size} tokens ({num_blocks} blocks)")
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, num_stages: int = 1):
+        self.blocks = blocks
+        self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
+        self.max_model_len, self.num_stages = max_model_len, num_stages
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._next_mb = 0
+        self.num_preemptions = 0
+
+    # ---- admission ---------------------------------------------------------------------------
+    def check(self, prompt_len: int, max_tokens: int) -> None:
+        check_request(prompt_len, max_tokens, self.max_model_len, self.blocks.num_blocks, self.blocks.block_size)
+
+    def add(self, seq: Sequence) -> None:
+        self.check(seq.prompt_len, seq.params.max_tokens)
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one micro-batch ---------------------------------------------------------------------
+    def schedule(self) -> MicroBatch | None:
+        budget, chunks = self.budget, []
+        decoding = [s for s in self.running if s.num_scheduled >= s.prompt_len]
+        decode_cap = math.ceil(len(decoding) / self.num_stages)  # spread decodes over the stages
+        n_decode = 0
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if not seq.schedulable or seq.status != Status.RUNNING:
+                continue
+            is_decode = seq.num_scheduled >= seq.prompt_len
+            if is_decode and n_decode >= decode_cap:
+                continue
+            n = min(seq.num_unscheduled, budget)
+            if not self._grow(seq, seq.num_scheduled + n, chunks):
+                continue
+            chunks.append(self._chunk(seq, n))
+            budget -= n
+            n_decode += is_decode
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_unscheduled, budget)
+            if not self.blocks.grow(seq, seq.num_scheduled + n):
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chunks.append(self._chunk(seq, n))
+            budget -= n
+        if not chunks:
+            return None
+        self._next_mb += 1
+        return MicroBatch(self._next_mb, chunks)
+
+    def _chunk(self, seq: Sequence, n: int) -> Chunk:
+        c = Chunk(seq, seq.num_scheduled, n, seq.num_scheduled + n == len(seq))
+        seq.num_scheduled += n
+        seq.in_flight += 1
+        seq.awaiting_sample = c.sample
+        return c
+
+    def _grow(self, seq: Sequence, num_tokens: int, chunks: list[Chunk]) -> bool:
+        """Blocks for seq, preempting the youngest idle sequences if needed (seq itself last)."""
+        taken = {c.seq.seq_id for c in chunks}
+        while not self.blocks.grow(seq, num_tokens):
+            victims = [s for s in self.running if s.in_flight == 0 and s.seq_id not in taken and s is not seq]
+            if victims:
+                self._preempt(victims[-1])
+                continue
+            if seq.in_flight == 0:
+                self._preempt(seq)
+            return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.release(seq)
+        seq.num_scheduled = 0
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        # back in arrival order, ahead of younger waiting requests
+        pos = next((i for i, w in enumerate(self.waiting) if w.seq_id > seq.seq_id), len(self.waiting))
+        self.waiting.insert(pos, seq)
+
+    # ---- results -----------------------------------------------------------------------------
+    def complete(self, mb: MicroBatch, sampled: list[int]) -> list[Sequence]:
+        """Apply the tokens sampled for mb (one per sampling chunk, in order). Returns the sequences
+        that received a token; finished ones have released their blocks."""
+        samplers = mb.sampled
+        if len(sampled) != len(samplers):
+            raise RuntimeError(f"micro-batch {mb.mb_id}: got {len(sampled)} tokens for {len(samplers)} samples")
+        for c in mb.chunks:
+            c.seq.in_flight -= 1
+        for seq, tok in zip(samplers, sampled):
+            seq.awaiting_sample = False
+            seq.append(int(tok), self.max_model_len)
+            if seq.finish_reason is not None:
+                seq.status = Status.FINISHED
+                self.blocks.release(seq)
+                self.running.remove(seq)
+        return samplers

@@ -1,0 +1,51 @@
+"""Sequence: one request's tokens, its KV blocks and where it stands in the pipeline (no torch)."""
+from __future__ import annotations
+
+from enum import Enum
+
+from .params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, seq_id: int, prompt: list[int], params: SamplingParams, stop_ids: tuple[int, ...]):
+        self.seq_id = seq_id
+        self.prompt_len = len(prompt)
+        self.token_ids = list(prompt)
+        self.params = params
+        self.stop_ids = frozenset(() if params.ignore_eos else stop_ids)
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_scheduled = 0  # tokens already sent down the pipeline (their KV is or will be cached)
+        self.in_flight = 0  # micro-batches in flight that hold this sequence
+        self.awaiting_sample = False  # a micro-batch that samples its next token is in flight
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_unscheduled(self) -> int:
+        return len(self.token_ids) - self.num_scheduled
+
+    @property
+    def schedulable(self) -> bool:
+        return self.status != Status.FINISHED and not self.awaiting_sample and self.num_unscheduled > 0
+
+    def append(self, token: int, max_model_len: int) -> None:
+        """Record a sampled token and decide whether the sequence is finished."""
+        self.token_ids.append(token)
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.params.max_tokens or len(self.token_ids) >= max_model_len:
+            self.finish_reason = "length"

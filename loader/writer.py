@@ -1,0 +1,398 @@
+"""Random-weight Qwen3-MoE checkpoints in the exact HF layout, streamed tensor by tensor to disk.
+
+Every value depends only on (seed, per-expert checkpoint name, row block, device type), so the
+fused and per-expert layouts of one seed hold the same numbers and blocks can be made in parallel.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from loader.presets import PRESETS, preset_config, yarn_config
+from loader.safetensors_stream import SafetensorsStreamWriter, TensorEntry
+from model.config import ModelConfig, parse_dtype
+
+ProgressFn = Callable[[int, int], None]  # (bytes written so far, total bytes)
+
+BLOCK_ELEMS = 1 << 24  # values per generated block (64 MiB of fp32); fixed so values never depend on it
+MAX_TOKENIZER_VOCAB = 4096
+INDEX_NAME = "model.safetensors.index.json"
+CACHE_VERSION = "v1"
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
+QWEN_PAD_ID = 151643  # <|endoftext|> of the real Qwen3 tokenizer
+
+
+# ---- plan ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Part:
+    """A [rows, ...] slab of a stored tensor; its values are seeded by `seed_name`."""
+    seed_name: str
+    shape: tuple[int, ...]
+    kind: str  # "matrix": N(0, std); "norm": 1 + N(0, 0.1)
+
+    @property
+    def rows_per_block(self) -> int:
+        return max(1, BLOCK_ELEMS // max(1, math.prod(self.shape[1:])))
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.shape[0] // self.rows_per_block)
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    entry: TensorEntry
+    parts: tuple[Part, ...]  # concatenated along dim 0 (after flattening) they form the tensor
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    tensors: tuple[PlannedTensor, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.entry.nbytes for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    shards: tuple[ShardPlan, ...]
+    single_file: bool
+    dtype: torch.dtype
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(s.tensors) for s in self.shards)
+
+    def weight_map(self) -> dict[str, str]:
+        return {t.entry.name: s.filename for s in self.shards for t in s.tensors}
+
+
+def resolve_dtype(config: dict, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    if dtype is not None:
+        return parse_dtype(dtype, "dtype")
+    return ModelConfig.from_dict(config).dtype or torch.bfloat16
+
+
+def plan_tensors(config: dict, dtype: torch.dtype, fused_experts: bool = False) -> list[PlannedTensor]:
+    """All tensors in natural order: embed, layers 0..L-1, norm, lm_head (unless tied)."""
+    cfg = ModelConfig.from_dict(config)
+    H, hd, E, I = cfg.hidden_size, cfg.head_dim, cfg.num_experts, cfg.moe_intermediate_size
+    out: list[PlannedTensor] = []
+
+    def add(name: str, shape: tuple[int, ...], kind: str = "matrix") -> None:
+        out.append(PlannedTensor(TensorEntry(name, shape, dtype), (Part(name, shape, kind),)))
+
+    add("model.embed_tokens.weight", (cfg.vocab_size, H))
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        add(p + "input_layernorm.weight", (H,), "norm")
+        add(p + "self_attn.q_proj.weight", (cfg.q_size, H))
+        add(p + "self_attn.k_proj.weight", (cfg.kv_size, H))
+        add(p + "self_attn.v_proj.weight", (cfg.kv_size, H))
+        add(p + "self_attn.o_proj.weight", (H, cfg.q_size))
+        add(p + "self_attn.q_norm.weight", (hd,), "norm")
+        add(p + "self_attn.k_norm.weight", (hd,), "norm")
+        add(p + "post_attention_layernorm.weight", (H,), "norm")
+        if not cfg.is_sparse(i):
+            add(p + "mlp.gate_proj.weight", (cfg.intermediate_size, H))
+            add(p + "mlp.up_proj.weight", (cfg.intermediate_size, H))
+            add(p + "mlp.down_proj.weight", (H, cfg.intermediate_size))
+            continue
+        add(p + "mlp.gate.weight", (E, H))
+        x = p + "mlp.experts."
+        if fused_experts:
+            # gate_up_proj[e] = cat([gate_e, up_e], 0): [E, 2I, H]; down_proj: [E, H, I]
+            gate_up = tuple(Part(f"{x}{e}.{w}_proj.weight", (I, H), "matrix") for e in range(E) for w in ("gate", "up"))
+            down = tuple(Part(f"{x}{e}.down_proj.weight", (H, I), "matrix") for e in range(E))
+            out.append(PlannedTensor(TensorEntry(x + "gate_up_proj", (E, 2 * I, H), dtype), gate_up))
+            out.append(PlannedTensor(TensorEntry(x + "down_proj", (E, H, I), dtype), down))
+        else:
+            for e in range(E):
+                add(f"{x}{e}.gate_proj.weight", (I, H))
+                add(f"{x}{e}.up_proj.weight", (I, H))
+                add(f"{x}{e}.down_proj.weight", (H, I))
+    add("model.norm.weight", (H,), "norm")
+    if not cfg.tie_word_embeddings:
+        add("lm_head.weight", (cfg.vocab_size, H))
+    return out
+
+
+def plan_checkpoint(config: dict, *, dtype: str | torch.dtype | None = None, shard_bytes: int = 2 * 2**30,
+                    fused_experts: bool = False, single_file: bool = False) -> CheckpointPlan:
+    """Greedy sharding in natural order: a tensor opens a new shard if it would overflow shard_bytes."""
+    dt = resolve_dtype(config, dtype)
+    tensors = plan_tensors(config, dt, fused_experts)
+    if single_file:
+        return CheckpointPlan((ShardPlan("model.safetensors", tuple(tensors)),), True, dt)
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if groups[-1] and size + t.entry.nbytes > shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.entry.nbytes
+    n = len(groups)
+    return CheckpointPlan(tuple(ShardPlan(f"model-{k + 1:05d}-of-{n:05d}.safetensors", tuple(g))
+                                for k, g in enumerate(groups)), False, dt)
+
+
+# ---- values --------------------------------------------------------------------------------------
+def _block_seed(seed: int, name: str, block: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def generate_block(part: Part, block: int, *, seed: int, std: float, dtype: torch.dtype,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Rows [block*rpb, (block+1)*rpb) of the part, made in fp32 on `device`, returned cast on CPU."""
+    rows = min(part.rows_per_block, part.shape[0] - block * part.rows_per_block)
+    dev = torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(_block_seed(seed, part.seed_name, block))
+    t = torch.empty((rows, *part.shape[1:]), dtype=torch.float32, device=dev)
+    if part.kind == "norm":
+        t.normal_(1.0, 0.1, generator=g)
+    else:
+        t.normal_(0.0, std, generator=g)
+    return t.to(dtype).cpu()
+
+
+def generate_tensor(pt: PlannedTensor, *, seed: int = 0, std: float = 0.02,
+                    device: str | torch.device = "cpu") -> torch.Tensor:
+    """The whole tensor in memory (tests and small models); equals what write_checkpoint stores."""
+    blocks = [generate_block(p, b, seed=seed, std=std, dtype=pt.entry.dtype, device=device)
+              for p in pt.parts for b in range(p.num_blocks)]
+    return torch.cat([b.reshape(-1) for b in blocks]).reshape(pt.entry.shape)
+
+
+def _ordered_blocks(units: list[tuple[Part, int]], make: Callable[[Part, int], torch.Tensor],
+                    workers: int) -> Iterator[torch.Tensor]:
+    """make() over units on a thread pool, yielded in order with a bounded number in flight."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for u in units:
+            pending.append(pool.submit(make, *u))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# ---- writing -------------------------------------------------------------------------------------
+_OWNED_GLOBS = ("model.safetensors", "model-*-of-*.safetensors", INDEX_NAME, "config.json",
+                "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def generation_config(config: dict) -> dict:
+    """eos list = config eos + <|endoftext|> (0 for our tokenizer, 151643 for the real vocabulary)."""
+    eos = config.get("eos_token_id")
+    eos_ids = list(eos) if isinstance(eos, list) else ([] if eos is None else [int(eos)])
+    real = config.get("vocab_size", 0) > QWEN_PAD_ID and QWEN_PAD_ID + 2 in eos_ids
+    pad = QWEN_PAD_ID if real else 0
+    out: dict = {}
+    if config.get("bos_token_id") is not None:
+        out["bos_token_id"] = config["bos_token_id"]
+    out["eos_token_id"] = eos_ids + ([pad] if pad not in eos_ids else [])
+    out["pad_token_id"] = pad
+    return out
+
+
+def write_checkpoint(out_dir: str | Path, config: dict, *, seed: int = 0, dtype: str | torch.dtype | None = None,
+                     shard_bytes: int = 2 * 2**30, fused_experts: bool = False, tokenizer: bool = True,
+                     std: float = 0.02, progress: ProgressFn | None = None, single_file: bool = False,
+                     device: str | torch.device = "cpu", workers: int | None = None) -> Path:
+    """Write config, generation config, safetensors shards (+ index) and, for vocab <= 4096, a tokenizer.
+    Host memory stays near 2*workers blocks of BLOCK_ELEMS values whatever the model size."""
+    out = Path(out_dir)
+    plan = plan_checkpoint(config, dtype=dtype, shard_bytes=shard_bytes, fused_experts=fused_experts,
+                           single_file=single_file)
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in _OWNED_GLOBS:  # stale shards of an earlier, differently sharded write
+        for f in out.glob(pattern):
+            f.unlink()
+    free = shutil.disk_usage(out).free
+    if plan.total_size > free:
+        raise OSError(f"{out}: needs {plan.total_size / 1e9:.1f} GB, only {free / 1e9:.1f} GB free")
+
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
+    vocab = ModelConfig.from_dict(config).vocab_size
+    if tokenizer and len(SPECIAL_TOKENS) + 256 <= vocab <= MAX_TOKENIZER_VOCAB:
+        write_tokenizer(out, vocab, model_max_length=config.get("max_position_embeddings", 32768))
+
+    dev = torch.device(device)
+    if workers is None:
+        workers = 4 if dev.type == "cuda" else max(1, min(16, os.cpu_count() or 1))
+
+    def make(part: Part, block: int) -> torch.Tensor:
+        return generate_block(part, block, seed=seed, std=std, dtype=plan.dtype, device=dev)
+
+    units = [(p, b) for s in plan.shards for t in s.tensors for p in t.parts for b in range(p.num_blocks)]
+    blocks = _ordered_blocks(units, make, workers)
+    done, total = 0, plan.total_size
+    try:
+        for shard in plan.shards:
+            with SafetensorsStreamWriter(out / shard.filename, [t.entry for t in shard.tensors]) as w:
+                for t in shard.tensors:
+                    for _ in range(sum(p.num_blocks for p in t.parts)):
+                        done += w.write(next(blocks))
+                    if progress is not None:
+                        progress(done, total)
+    finally:
+        blocks.close()  # drains the pool's in-flight blocks
+    if not plan.single_file:
+        index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+# ---- tokenizer -----------------------------------------------------------------------------------
+_CORPUS = """\
+The river ran quietly past the old mill, and the miller's daughter watched the water turn the wheel.
+Every morning she carried bread to the market, where merchants argued about the price of grain and
+the weather. Some said the summer would be long and dry; others were certain that the rain would come
+before the harvest. She listened, smiled, and said nothing, because she had learned that the river
+knew more about the weather than any of them.
+
+In the evening the village gathered in the square. Children played near the fountain, old men talked
+about the war and the king, and the baker counted his coins twice before he closed the shop. A young
+traveller arrived with a small bag and a large book. He asked where he could sleep, and the innkeeper
+offered him a room above the stable for three silver pieces and a story.
+
+The traveller told them about distant cities with towers of glass, about ships that crossed the ocean
+in a single week, and about machines that could answer any question. "They read every book ever
+written," he said, "and then they learn to write new ones." The children laughed. The old men shook
+their heads. The miller's daughter asked him how a machine could learn anything at all.
+
+"It guesses the next word," he answered, "and when it is wrong, it changes a little. After many
+millions of guesses, it is wrong less often." She thought about the river, which also changed a
+little every day, and about the wheel, which turned and turned without ever asking why.
+
+Numbers matter too: 1, 2, 3, 10, 42, 100, 2024, 3.14159. Questions end with a question mark? Lists
+use commas, semicolons; and colons: apples, pears, plums. Code looks like def main(): return 0.
+Hello, world! How are you today? I am fine, thank you. What time is it? It is half past seven.
+"""
+
+
+def train_tokenizer(vocab_size: int):
+    """Byte-level BPE with <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2; <= vocab_size tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    return tok
+
+
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+                 " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+                 "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def write_tokenizer(out_dir: str | Path, vocab_size: int, model_max_length: int = 32768) -> None:
+    out = Path(out_dir)
+    train_tokenizer(vocab_size).save(str(out / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
+           "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": model_max_length,
+           "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+# ---- cache ---------------------------------------------------------------------------------------
+def cache_root() -> Path:
+    env = os.environ.get("MOEPIPE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "moepipe"
+
+
+def ensure_cached_preset(name: str) -> Path:
+    """<cache>/<name>-v1, written once; concurrent callers each build a temp dir and one rename wins."""
+    config = preset_config(name)
+    final = cache_root() / f"{name}-{CACHE_VERSION}"
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write_checkpoint(tmp, config)
+        try:
+            os.rename(tmp, final)  # atomic; fails if another process already renamed its copy
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def add_make_checkpoint_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("make-checkpoint", help="write a random-weight Qwen3-MoE checkpoint (HF layout)")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out", required=True, help="output folder (must be absent or empty unless --force)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="weight dtype (default: the preset's torch_dtype; written into config.json)")
+    p.add_argument("--fused-experts", action="store_true", help="write mlp.experts.gate_up_proj/down_proj")
+    p.add_argument("--yarn", action="store_true", help="apply Qwen's YaRN override (factor 4, 131072 positions)")
+    p.add_argument("--device", default="cpu", help="where to generate values, e.g. cuda (default cpu)")
+    p.add_argument("--shard-gb", type=float, default=2.0, help="max shard size in GiB (default 2)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    p.set_defaults(func=run_make_checkpoint)
+    return p
+
+
+def _progress_printer(every: int = 4 * 2**30) -> ProgressFn:
+    start, state = time.monotonic(), {"next": every}
+
+    def report(done: int, total: int) -> None:
+        if done >= state["next"] or done == total:
+            state["next"] = done + every
+            dt = max(time.monotonic() - start, 1e-9)
+            unit, scale = ("GB", 1e9) if total >= 1e9 else ("MB", 1e6)
+            print(f"wrote {done / scale:.1f}/{total / scale:.1f} {unit} in {dt:.1f}s ({done / 1e9 / dt:.2f} GB/s)",
+                  file=sys.stderr, flush=True)
+    return report
+
+
+def run_make_checkpoint(args: argparse.Namespace) -> int:
+    try:
+        out = Path(args.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+            raise ValueError(f"{out} exists and is not empty (use --force to overwrite)")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda given but CUDA is not available")
+        config = preset_config(args.preset)
+        if args.yarn:
+            config = yarn_config(config)
+        if args.dtype:
+            config["torch_dtype"] = args.dtype
+        write_checkpoint(out, config, seed=args.seed, dtype=args.dtype, fused_experts=args.fused_experts,
+                         shard_bytes=int(args.shard_gb * 2**30), device=args.device, progress=_progress_printer())
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0

@@ -1,0 +1,235 @@
+"""Triton paged attention (model/attention_triton.py) against the torch reference (model/attention.py).
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 on small shapes (set here, before triton is
+imported); with CUDA the same small cases run compiled, plus the @pytest.mark.gpu cases at the
+real shapes. Skipped when triton is not installed.
+
+Tolerances, relative Frobenius error ||o - ref|| / ||ref|| with ref computed in fp32 from the
+same (upcast) inputs: fp32 inputs < 1e-4 (IEEE dots), bf16 inputs < 1e-2 (the kernels round P to
+bf16 before P @ V and the output to bf16; the bf16 torch reference itself is ~4e-3 off).
+Every call writes into a NaN-filled `out`; the cache's unused slots, the table's padding entries
+and the spare blocks of the pool are NaN too, so a read outside a sequence's context, or a row
+left unwritten, shows up as NaN.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+if not _CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import (and the kernels' jit)
+pytest.importorskip("triton")
+
+from model import attention_triton as at  # noqa: E402
+from model.attention import attention_ref, gather_kv  # noqa: E402
+
+if not _CUDA and not at._interpreted():  # imported earlier in this process without the env var
+    at = importlib.reload(at)
+
+DEV = torch.device("cuda" if _CUDA else "cpu")
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_case(qlens: list[int], ctxs: list[int], N: int, K: int, D: int, S: int,
+              dtype: torch.dtype, spare_blocks: int = 3, pad_cols: int = 2, seed: int | None = None):
+    """Random q, a NaN-poisoned pool with shuffled block tables, and the metadata tensors."""
+    seed = seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+    print(f"make_case seed={seed}")  # shown by pytest on failure: pass it back to reproduce
+    g = torch.Generator().manual_seed(seed)
+    nblk = [(c + S - 1) // S for c in ctxs]
+    M = max(nblk) + pad_cols
+    P = sum(nblk) + spare_blocks
+    perm = torch.randperm(P, generator=g)
+    k_cache = torch.full((P, S, K, D), float("nan"), dtype=dtype, device=DEV)
+    v_cache = torch.full((P, S, K, D), float("nan"), dtype=dtype, device=DEV)
+    spare = perm[sum(nblk):]
+    tables = torch.empty(len(ctxs), M, dtype=torch.int32)
+    used = 0
+    for b, (n, c) in enumerate(zip(nblk, ctxs)):
+        ids = perm[used:used + n]
+        used += n
+        tables[b, :n] = ids.to(torch.int32)
+        pad = spare[torch.randint(len(spare), (M - n,), generator=g)] if len(spare) else ids[:1]
+        tables[b, n:] = pad.to(torch.int32)  # NaN blocks: reading past the table's end shows
+        for cache in (k_cache, v_cache):  # real values for the first c slots only
+            vals = torch.randn(n * S, K, D, generator=g).to(dtype)
+            vals[c:] = float("nan")
+            cache[ids.to(DEV)] = vals.view(n, S, K, D).to(DEV)
+    q = torch.randn(sum(qlens), N, D, generator=g).to(dtype).to(DEV)
+    qs = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    return q, k_cache, v_cache, tables.to(DEV), qs, torch.tensor(ctxs, dtype=torch.int32, device=DEV)
+
+
+def ref_fp32(q, k_cache, v_cache, tables, qlens, ctxs, scale, chunk: int = 512) -> torch.Tensor:
+    """attention_ref in fp32 (so its P cast is a no-op), one sequence and `chunk` queries at a time."""
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    N = q.shape[1]
+    start = 0
+    for b, (qlen, ctx) in enumerate(zip(qlens, ctxs)):
+        K = k_cache.shape[2]
+        k = gather_kv(k_cache, tables[b], ctx).float().transpose(0, 1).repeat_interleave(N // K, 0)
+        v = gather_kv(v_cache, tables[b], ctx).float().transpose(0, 1).repeat_interleave(N // K, 0)
+        for i in range(0, qlen, chunk):
+            n = min(chunk, qlen - i)
+            qq = q[start + i:start + i + n].float().transpose(0, 1)  # [N, n, D]
+            s = torch.matmul(qq, k.transpose(1, 2)) * scale  # [N, n, ctx]
+            qpos = torch.arange(ctx - qlen + i, ctx - qlen + i + n, device=q.device)[:, None]
+            s.masked_fill_(torch.arange(ctx, device=q.device)[None, :] > qpos, float("-inf"))
+            out[start + i:start + i + n] = torch.matmul(torch.softmax(s, -1), v).transpose(0, 1)
+            del s
+        start += qlen
+    return out
+
+
+def check(o: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> float:
+    assert not torch.isnan(o).any(), f"{what}: NaN in output (row not written or bad read)"
+    err = ((o.float() - ref).norm() / ref.norm()).item()
+    print(f"{what}: rel err {err:.2e}")
+    assert err < TOL[dtype], f"{what}: rel err {err:.2e} >= {TOL[dtype]:.0e}"
+    return err
+
+
+def nan_like(q: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(q, float("nan"))
+
+
+def run_prefill(qlens, ctxs, N, K, D, S, dtype, **cfg):
+    q, kc, vc, bt, qs, cl = make_case(qlens, ctxs, N, K, D, S, dtype)
+    out = nan_like(q)
+    o = at.paged_prefill(q, kc, vc, bt, qs, cl, D ** -0.5, max(qlens), out=out, config=cfg or None)
+    assert o is out
+    ref = ref_fp32(q, kc, vc, bt, qlens, ctxs, D ** -0.5)
+    return check(o, ref, dtype, f"prefill N{N} K{K} D{D} S{S} {dtype} q{qlens[:6]} ctx{ctxs[:6]}")
+
+
+def run_decode(ctxs, N, K, D, S, dtype, num_splits=None):
+    q, kc, vc, bt, _, cl = make_case([1] * len(ctxs), ctxs, N, K, D, S, dtype)
+    out = nan_like(q)
+    o = at.paged_decode(q, kc, vc, bt, cl, D ** -0.5, max_context=max(ctxs), num_splits=num_splits,
+                        out=out)
+    assert o is out
+    ref = ref_fp32(q, kc, vc, bt, [1] * len(ctxs), ctxs, D ** -0.5)
+    return check(o, ref, dtype, f"decode N{N} K{K} D{D} S{S} {dtype} splits={num_splits} "
+                                f"ctx{ctxs[:6]}")
+
+
+# ----------------------------------------------------------------------------- small (CPU or GPU)
+
+
+def test_ref_fp32_matches_attention_ref():
+    """The chunked fp32 reference used below is attention_ref's maths (pure torch)."""
+    qlens, ctxs = [3, 1, 20], [40, 9, 20]
+    q, kc, vc, bt, _, _ = make_case(qlens, ctxs, 4, 2, 16, 8, torch.float32)
+    a = attention_ref(q, kc, vc, bt, qlens, ctxs, 0.25)
+    b = ref_fp32(q, kc, vc, bt, qlens, ctxs, 0.25, chunk=7)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K,D,S,qlens,ctxs", [
+    (12, 2, 32, 16, [1, 37, 5, 1, 70], [50, 37, 100, 17, 140]),  # G=6, mixed, chunked prefill
+    (4, 2, 16, 8, [33, 1, 9], [33, 3, 90]),                        # G=2, fresh + chunk mid-block
+])
+def test_prefill_small(N, K, D, S, qlens, ctxs, dtype):
+    run_prefill(qlens, ctxs, N, K, D, S, dtype)
+
+
+def test_prefill_small_tiles_and_big_block():
+    """Several query tiles and key tiles per sequence (BLOCK_M=16), block size 256."""
+    run_prefill([40, 3], [300, 260], 4, 2, 16, 256, torch.float32, BLOCK_M=16, BLOCK_N=16)
+    run_prefill([50, 1, 19], [77, 64, 19], 6, 1, 16, 8, torch.float32, BLOCK_M=16, BLOCK_N=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [None, 1, 5, 16])  # 16: most splits empty for short seqs
+def test_decode_small(dtype, num_splits):
+    run_decode([1, 17, 64, 200, 333], 12, 2, 32, 16, dtype, num_splits)
+
+
+def test_decode_group2_block8():
+    run_decode([9, 130, 8], 4, 2, 16, 8, torch.float32, num_splits=3)
+
+
+def test_paged_attention_dispatch_and_strides():
+    """All-decode batch: decode == prefill; q a strided view of a qkv buffer, caches one layer of
+    a bigger [L, 2, P, S, K, D] pool (the engine's layout may differ: only strides matter)."""
+    N, K, D, S, ctxs = 8, 2, 16, 16, [5, 40, 77]
+    q, kc, vc, bt, qs, cl = make_case([1] * 3, ctxs, N, K, D, S, torch.float32)
+    pool = torch.randn(2, 2, *kc.shape, device=DEV)
+    pool[1, 0], pool[1, 1] = kc, vc
+    qkv = torch.randn(3, (N + 2 * K) * D, device=DEV)
+    qkv[:, :N * D] = q.reshape(3, N * D)
+    qv = qkv[:, :N * D].view(3, N, D)  # row stride (N + 2K) * D
+    dec = at.paged_attention(qv, pool[1, 0], pool[1, 1], bt, qs, cl, D ** -0.5, 1, max(ctxs),
+                             out=nan_like(q))
+    pre = at.paged_prefill(qv, pool[1, 0], pool[1, 1], bt, qs, cl, D ** -0.5, 1, out=nan_like(q))
+    ref = ref_fp32(q, kc, vc, bt, [1] * 3, ctxs, D ** -0.5)
+    check(dec, ref, torch.float32, "dispatch decode")
+    check(pre, ref, torch.float32, "dispatch prefill")
+
+
+def test_choose_num_splits():
+    cpu = torch.device("cpu")  # assumes 132 SMs
+    assert at.choose_num_splits(1, 4, 92160, cpu) == 128
+    assert at.choose_num_splits(1, 4, 100, cpu) == 1
+    assert at.choose_num_splits(64, 4, 8192, cpu) == 3
+    assert at.choose_num_splits(512, 4, 8192, cpu) == 1
+
+
+# ----------------------------------------------------------------------------- real shapes (GPU)
+
+BF16 = torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+def test_gpu_decode_90k():
+    run_decode([92160], 32, 4, 128, 16, BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+def test_gpu_decode_b16_mixed():
+    ctxs = [1, 7, 16, 17, 100, 513, 1024, 2000, 3001, 4096, 5000, 6100, 7000, 7777, 8191, 8192]
+    run_decode(ctxs, 32, 4, 128, 16, BF16)
+    run_decode(ctxs, 32, 4, 128, 16, BF16, num_splits=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+def test_gpu_prefill_chunk_at_86k():
+    run_prefill([4096], [92160], 32, 4, 128, 16, BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+def test_gpu_prefill_fresh_8k():
+    run_prefill([8192], [8192], 32, 4, 128, 16, BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+def test_gpu_mixed_batch():
+    run_prefill([1, 1, 512, 1000, 1, 77], [3000, 17, 4000, 1000, 8192, 77], 32, 4, 128, 16, BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("N,K,S", [(64, 4, 16), (48, 8, 16), (32, 4, 8), (32, 4, 64), (32, 4, 256)])
+def test_gpu_other_shapes(N, K, S):
+    run_decode([1, 300, 5000, 20000], N, K, 128, S, BF16)
+    run_prefill([1, 700, 2048], [4000, 700, 6000], N, K, 128, S, BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+def test_gpu_fp32():
+    run_decode([1, 3000, 20000], 32, 4, 128, 16, torch.float32)
+    run_prefill([1, 700, 1500], [4000, 700, 3000], 32, 4, 128, 16, torch.float32)
