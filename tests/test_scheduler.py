@@ -1,0 +1,117 @@
+"""Block manager and scheduler: admission, growth, chunked prefill, micro-batches in flight,
+preemption and recompute, finish, refusal. Plain Python, no model."""
+import pytest
+
+from engine.block_manager import BlockManager
+from engine.params import SamplingParams
+from engine.scheduler import RequestRefused, Scheduler
+from engine.sequence import Sequence, Status
+
+
+def seq(i, n, max_tokens=4, stop=()):
+    return Sequence(i, list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens, temperature=0), stop)
+
+
+def run_to_end(s: Scheduler, token=7, limit=10_000):
+    """Drive the scheduler as the engine does (one micro-batch in flight), return the schedule."""
+    log = []
+    while s.has_work and limit:
+        mb = s.schedule()
+        assert mb is not None, "work left but nothing schedulable"
+        log.append([(c.seq.seq_id, c.start, c.length, c.sample) for c in mb.chunks])
+        s.complete(mb, [token] * len(mb.sampled))
+        limit -= 1
+    return log
+
+
+def test_block_manager_grow_and_release():
+    bm = BlockManager(4, 8)
+    a = seq(0, 3)
+    assert bm.grow(a, 17) and len(a.block_table) == 3 and bm.num_free == 1
+    assert not bm.grow(a, 40) and len(a.block_table) == 3  # nothing taken on failure
+    assert bm.grow(a, 24) and len(a.block_table) == 3
+    bm.release(a)
+    assert bm.num_free == 4 and a.block_table == []
+
+
+def test_chunked_prefill_under_token_budget_then_decode():
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=10, max_model_len=1000)
+    a = seq(0, 25, max_tokens=3)
+    s.add(a)
+    log = run_to_end(s)
+    assert log[:3] == [[(0, 0, 10, False)], [(0, 10, 10, False)], [(0, 20, 5, True)]]
+    assert log[3:] == [[(0, 25, 1, True)], [(0, 26, 1, True)]]
+    assert a.status == Status.FINISHED and a.finish_reason == "length" and a.output_ids == [7, 7, 7]
+    assert s.blocks.num_free == 64
+
+
+def test_decode_mixed_with_prefill_and_stop_token():
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=8, max_model_len=1000)
+    a, b = seq(0, 3, max_tokens=5, stop=(7,)), seq(1, 12, max_tokens=2)
+    s.add(a)
+    s.add(b)
+    mb = s.schedule()
+    assert [(c.seq.seq_id, c.length) for c in mb.chunks] == [(0, 3), (1, 5)]
+    s.complete(mb, [9])  # a samples 9; b's chunk did not sample
+    mb = s.schedule()
+    assert [(c.seq.seq_id, c.start, c.length) for c in mb.chunks] == [(0, 3, 1), (1, 5, 7)]
+    s.complete(mb, [7, 9])  # a hits its stop token
+    assert a.finish_reason == "stop" and a.status == Status.FINISHED and a.block_table == []
+
+
+def test_micro_batches_in_flight_split_decodes_and_pipeline_prefill_chunks():
+    s = Scheduler(BlockManager(256, 4), max_num_seqs=16, max_num_batched_tokens=8, max_model_len=1000, num_stages=2)
+    long = seq(0, 20)
+    s.add(long)
+    m1, m2 = s.schedule(), s.schedule()  # chunk k+1 scheduled while chunk k is in flight
+    assert (m1.chunks[0].start, m2.chunks[0].start) == (0, 8) and not m1.chunks[0].sample
+    m3 = s.schedule()
+    assert m3.chunks[0].sample and m3.chunks[0].end == 20
+    assert s.schedule() is None  # waiting for its sample
+    for m in (m1, m2):
+        s.complete(m, [])
+    s.complete(m3, [5])
+    # four decoding sequences spread over the two micro-batches in flight
+    s2 = Scheduler(BlockManager(256, 4), max_num_seqs=16, max_num_batched_tokens=64, max_model_len=1000, num_stages=2)
+    seqs = [seq(i, 3, max_tokens=10) for i in range(4)]
+    for q in seqs:
+        s2.add(q)
+    s2.complete(s2.schedule(), [1] * 4)
+    a, b = s2.schedule(), s2.schedule()
+    assert len(a.chunks) == 2 and len(b.chunks) == 2
+    assert {c.seq.seq_id for c in a.chunks}.isdisjoint({c.seq.seq_id for c in b.chunks})
+
+
+def test_preempts_youngest_and_recomputes_it():
+    s = Scheduler(BlockManager(6, 4), max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1000)
+    old, young = seq(0, 8, max_tokens=8), seq(1, 8, max_tokens=8)
+    s.add(old)
+    s.add(young)
+    log = run_to_end(s)
+    assert young.num_preemptions >= 1 and old.num_preemptions == 0
+    assert old.output_ids == [7] * 8 and young.output_ids == [7] * 8
+    # the preempted sequence is recomputed from token 0: prompt plus what it had generated
+    recompute = [c for step in log for c in step if c[0] == 1 and c[1] == 0]
+    assert len(recompute) >= 2 and max(c[2] for c in recompute) > 8
+    assert s.blocks.num_free == 6
+
+
+def test_refuses_requests_that_never_fit_and_others_go_on():
+    s = Scheduler(BlockManager(8, 4), max_num_seqs=8, max_num_batched_tokens=64, max_model_len=100)
+    s.add(seq(0, 5))
+    with pytest.raises(RequestRefused, match="model's context of 100"):
+        s.add(seq(1, 98, max_tokens=4))
+    with pytest.raises(RequestRefused, match="whole KV cache of 32 tokens"):
+        s.add(seq(2, 30, max_tokens=4))
+    with pytest.raises(RequestRefused, match="empty prompt"):
+        s.add(seq(3, 0))
+    run_to_end(s)
+    assert s.blocks.num_free == 8
+
+
+def test_max_num_seqs_limits_admission():
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=2, max_num_batched_tokens=64, max_model_len=1000)
+    for i in range(3):
+        s.add(seq(i, 4))
+    mb = s.schedule()
+    assert [c.seq.seq_id for c in mb.chunks] == [0, 1] and len(s.waiting) == 1
