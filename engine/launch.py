@@ -143,6 +143,8 @@ def spawned_main(rank: int, args: EngineArgs, port: int, req_q, out_q, status_q)
             dist.destroy_process_group()
     except BaseException as e:  # report, then die: the parent ends the other stages
         status_q.put(("error", rank, f"{type(e).__name__}: {e}"))
+        status_q.close()
+        status_q.join_thread()  # os._exit would drop a message still in the feeder thread
         sys.stderr.flush()
         os._exit(1)
 

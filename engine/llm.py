@@ -105,16 +105,25 @@ class LLM:
         return msg
 
     def _check_alive(self) -> None:
-        for rank, p in enumerate(self._procs):
-            if not p.is_alive():
-                try:  # the stage may have said why before dying
-                    msg = self._status_q.get(timeout=1.0)
-                    why = f": {msg[2]}" if msg[0] == "error" else ""
-                except queue.Empty:
-                    why = ""
-                code = p.exitcode
-                self.close()
-                raise StageDied(f"stage {rank} (pid {p.pid}) died with exit code {code}{why}")
+        """Raise StageDied naming the stage that died first-hand: one ended by a signal or without
+        reporting beats one that reported an error (often just its peer's broken link)."""
+        if all(p.is_alive() for p in self._procs):
+            return
+        time.sleep(0.3)  # let a peer's broken-link failure land, then pick the culprit
+        said = {}
+        while True:
+            try:
+                msg = self._status_q.get(timeout=0.2)
+            except queue.Empty:
+                break
+            if msg[0] == "error":
+                said[msg[1]] = msg[2]
+        dead = [(r, p) for r, p in enumerate(self._procs) if not p.is_alive()]
+        rank, p = min(dead, key=lambda rp: (rp[0] in said, (rp[1].exitcode or 0) >= 0, rp[0]))
+        why = f": {said[rank]}" if rank in said else ""
+        code = p.exitcode
+        self.close()
+        raise StageDied(f"stage {rank} (pid {p.pid}) died with exit code {code}{why}")
 
     def close(self) -> None:
         procs, self._procs = self._procs, []

@@ -22,14 +22,14 @@ def _download(repo_id: str, filename: str, revision: str | None, required: bool)
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except EntryNotFoundError:
-        if required:
-            raise CheckpointError(f"hub model {repo_id}: file {filename} not found in the repository") from None
-        return None
-    except LocalEntryNotFoundError as e:
+    except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: must come first
         if required:
             raise CheckpointError(f"hub model {repo_id}: {filename} is not in the local cache and the hub "
                                   f"cannot be reached (HF_HUB_OFFLINE or no network): {e}") from None
+        return None
+    except EntryNotFoundError:
+        if required:
+            raise CheckpointError(f"hub model {repo_id}: file {filename} not found in the repository") from None
         return None
     except RepositoryNotFoundError:
         raise CheckpointError(f"hub model {repo_id}: repository not found (or private)") from None

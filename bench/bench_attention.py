@@ -1,0 +1,182 @@
+"""Time the Triton paged attention kernels (model/attention_triton.py) at Qwen3-30B-A3B's shape.
+
+N=32 query heads, K=4 kv heads, D=128, bf16, block size 16, shuffled block tables. Median of
+triton.testing.do_bench. Decode reports GB/s of KV read (sum(ctx) * K * D * 2 tensors * 2 bytes);
+prefill reports TFLOP/s counting only the causal work (4 * N * D per visible (query, key) pair).
+Peer: torch scaled_dot_product_attention on contiguous tensors (GQA via enable_gqa) where it
+computes the same thing: fresh causal prefill and decode (one query, no mask).
+
+    python bench/bench_attention.py [--out bench/results/attention_kernels.json] [--sweep]
+
+--sweep also times a few tile configurations (prefill) and block_n / num_splits (decode).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import attention_triton as at  # noqa: E402
+
+N, K, D, S = 32, 4, 128, 16
+DT = torch.bfloat16
+DEV = torch.device("cuda")
+SCALE = D ** -0.5
+
+
+CASES = [  # (kind, name, a, b)
+    ("decode", "decode B=1 ctx=2k", 2048, 1),
+    ("decode", "decode B=1 ctx=32k", 32768, 1),
+    ("decode", "decode B=1 ctx=90k", 92160, 1),
+    ("decode", "decode B=1 ctx=128k", 131072, 1),
+    ("decode", "decode B=16 ctx=4k", 4096, 16),
+    ("prefill", "prefill 8k fresh", 8192, 8192),
+    ("prefill", "prefill 4k at 86k", 4096, 92160),
+]
+
+
+def make(qlens: list[int], ctxs: list[int], seed: int = 0):
+    """q [T, N, D], caches [P, S, K, D] with a shuffled block table per sequence, metadata."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    nblk = [triton.cdiv(c, S) for c in ctxs]
+    P = sum(nblk)
+    k_cache = torch.randn(P, S, K, D, device=DEV, dtype=DT, generator=g)
+    v_cache = torch.randn(P, S, K, D, device=DEV, dtype=DT, generator=g)
+    perm = torch.randperm(P, device=DEV, generator=g).to(torch.int32)
+    M = max(nblk)
+    tables = torch.zeros(len(ctxs), M, dtype=torch.int32, device=DEV)
+    used = 0
+    for b, n in enumerate(nblk):
+        tables[b, :n] = perm[used:used + n]
+        used += n
+    q = torch.randn(sum(qlens), N, D, device=DEV, dtype=DT, generator=g)
+    qs = torch.tensor([0] + torch.tensor(qlens).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    cl = torch.tensor(ctxs, dtype=torch.int32, device=DEV)
+    return q, k_cache, v_cache, tables, qs, cl
+
+
+def contiguous_kv(k_cache, v_cache, table_M, ctx):
+    """[1, K, ctx, D] contiguous copies of one sequence's K and V (the SDPA peer's inputs)."""
+    def one(c):
+        return c[table_M[:triton.cdiv(ctx, S)].long()].reshape(-1, K, D)[:ctx].transpose(0, 1)[None]
+    return one(k_cache).contiguous(), one(v_cache).contiguous()
+
+
+def sdpa(q, k, v, causal):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=SCALE,
+                                                            enable_gqa=True)
+
+
+def bench(fn) -> float:
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")  # ms
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def decode_case(name, ctxs, rows, sweep):
+    B = len(ctxs)
+    q, kc, vc, bt, _, cl = make([1] * B, ctxs)
+    gbytes = sum(ctxs) * K * D * 2 * 2 / 1e9
+    splits = at.choose_num_splits(B, K, max(ctxs), DEV)
+    variants = [dict(num_splits=None)]
+    if sweep:
+        variants += [dict(num_splits=s, block_n=bn) for s in sorted({1, max(1, splits // 2), splits,
+                     min(256, splits * 2)}) for bn in (32, 64, 128)]
+    out = torch.empty_like(q)
+    for kw in variants:
+        fn = lambda: at.paged_decode(q, kc, vc, bt, cl, SCALE, max_context=max(ctxs), out=out, **kw)  # noqa: E731
+        ms = bench(fn)
+        tag = "auto" if kw["num_splits"] is None else f"splits={kw['num_splits']} block_n={kw['block_n']}"
+        rows.append(dict(case=name, impl="triton", variant=tag, ms=ms, GBps=gbytes / ms * 1e3,
+                         num_splits=kw["num_splits"] or splits))
+    if len(set(ctxs)) == 1:  # peer: SDPA on contiguous [B, K, ctx, D] K/V, one query, no mask
+        kvs = [contiguous_kv(kc, vc, bt[b], ctxs[b]) for b in range(B)]
+        k1, v1 = torch.cat([x[0] for x in kvs]), torch.cat([x[1] for x in kvs])
+        qq = q[:, :, None, :]  # [B, N, 1, D]
+        try:
+            err = rel_err(out, sdpa(qq, k1, v1, False)[:, :, 0])  # out: the last variant's result
+            ms = bench(lambda: sdpa(qq, k1, v1, False))
+            rows.append(dict(case=name, impl="sdpa (contiguous)", variant="", ms=ms,
+                             GBps=gbytes / ms * 1e3, rel_err_triton_vs_sdpa=err))
+        except RuntimeError as e:  # e.g. no kernel for this layout: note it, go on
+            rows.append(dict(case=name, impl="sdpa (contiguous)", variant="", error=str(e)[:200]))
+        del kvs, k1, v1
+
+
+def prefill_case(name, qlen, ctx, rows, sweep):
+    q, kc, vc, bt, qs, cl = make([qlen], [ctx])
+    tflop = 4 * N * D * sum(ctx - qlen + i + 1 for i in range(qlen)) / 1e12
+    configs = [None]
+    if sweep:
+        configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+                    for m, n, w, st in [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 4, 3),
+                                        (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2)]]
+    out = torch.empty_like(q)
+    for cfg in configs:
+        fn = lambda: at.paged_prefill(q, kc, vc, bt, qs, cl, SCALE, qlen, out=out, config=cfg)  # noqa: E731
+        try:
+            ms = bench(fn)
+        except Exception as e:  # a sweep config may not fit shared memory on this card
+            rows.append(dict(case=name, impl="triton", variant=str(cfg), error=repr(e)[:200]))
+            continue
+        tag = "default" if cfg is None else "M{BLOCK_M} N{BLOCK_N} warps{num_warps} stages{num_stages}".format(**cfg)
+        rows.append(dict(case=name, impl="triton", variant=tag,
+                         ms=ms, TFLOPs=tflop / ms * 1e3))
+    if qlen == ctx:  # fresh prefill: SDPA causal on contiguous tensors is the same maths
+        k1, v1 = contiguous_kv(kc, vc, bt[0], ctx)
+        qq = q.transpose(0, 1)[None].contiguous()  # [1, N, T, D]
+        ref = sdpa(qq, k1, v1, True)
+        err = rel_err(at.paged_prefill(q, kc, vc, bt, qs, cl, SCALE, qlen), ref[0].transpose(0, 1))
+        ms = bench(lambda: sdpa(qq, k1, v1, True))
+        rows.append(dict(case=name, impl="sdpa (contiguous, is_causal)", variant="", ms=ms,
+                         TFLOPs=tflop / ms * 1e3, rel_err_triton_vs_sdpa=err))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results/attention_kernels.json")
+    ap.add_argument("--sweep", action="store_true", help="also time other tile configs / splits")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    rows: list[dict] = []
+    for kind, name, a, b in CASES:
+        print(f"... {name}", flush=True)
+        if kind == "decode":
+            decode_case(name, [a] * b, rows, args.sweep)  # a: context, b: batch
+        else:
+            prefill_case(name, a, b, rows, args.sweep)  # a: chunk length, b: context after it
+        torch.cuda.empty_cache()
+
+    print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"{'case':<22} {'impl':<30} {'variant':<44} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:<22} {r['impl']:<30} {r['variant'][:44]:<44} error: {r['error'][:60]}")
+            continue
+        gb = f"{r['GBps']:.0f}" if "GBps" in r else ""
+        tf = f"{r['TFLOPs']:.1f}" if "TFLOPs" in r else ""
+        extra = f"  (rel err vs sdpa {r['rel_err_triton_vs_sdpa']:.1e})" if "rel_err_triton_vs_sdpa" in r else ""
+        print(f"{r['case']:<22} {r['impl']:<30} {r['variant'][:44]:<44} {r['ms']:>9.4f} {gb:>8} {tf:>8}{extra}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(
+        card=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
+        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+        torch=torch.__version__, triton=triton.__version__,
+        shape=dict(N=N, K=K, D=D, block_size=S, dtype="bfloat16"), results=rows), indent=1))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Failure and multi-process behaviour on CPU: a stage dying mid-generate, a stage failing to load,
+Ctrl-C in the CLI, and two torchrun "hosts" on 127.0.0.1."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams, StageDied
+from loader.presets import preset_config
+from loader.writer import write_checkpoint
+
+pytestmark = pytest.mark.slow
+LONG = SamplingParams(max_tokens=4000, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    write_checkpoint(d, preset_config("tiny"), seed=5, shard_bytes=200_000)
+    return d
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_dead_stage_ends_generate_within_30s(tiny, victim):
+    llm = LLM(str(tiny), stages=2, verbose=False)
+    pids = [p.pid for p in llm._procs]
+    stream = llm.stream([[5, 6, 7]], LONG)
+    for _ in range(3):
+        next(stream)
+    t0 = time.monotonic()
+    os.kill(pids[victim], signal.SIGKILL)
+    with pytest.raises(StageDied, match=f"stage {victim}"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - t0 < 30
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in pids), "a stage process outlived the failure"
+
+
+def test_stage_load_error_names_the_file(tiny, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    last = sorted(bad.glob("model-*.safetensors"))[-1]  # holds the last stage's tensors
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(StageDied, match=f"stage 1 failed: .*{last.name}.*truncated|stage 1 failed: .*truncated.*{last.name}"):
+        LLM(str(bad), stages=2, verbose=False)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_ctrl_c_in_cli_ends_every_stage(tiny):
+    cmd = [sys.executable, "-m", "engine", "generate", "--model", str(tiny), "--stages", "2",
+           "--prompt-ids", "5,6,7", "--max-tokens", "4000", "--ignore-eos", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.read(20)  # tokens are streaming: the stages are up
+    kids = _children(proc.pid)
+    stage_pids = [k for k in kids if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text()]
+    assert len(stage_pids) == 2
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0
+    assert "error: interrupted" in proc.stderr.read()
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in stage_pids)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_hosts_match_spawned_engine(tiny):
+    port = _port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    args = ["-m", "engine", "generate", "--model", str(tiny), "--prompt-ids", "5,6,7,8", "--max-tokens", "6",
+            "--ignore-eos", "--quiet"]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *common, "--node-rank", str(r), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in (0, 1)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    with LLM(str(tiny), stages=2, verbose=False) as llm:
+        want = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0].text
+    assert outs[0][0].rstrip("\n") == want
+    assert "new tokens: 6" in outs[0][1]
