@@ -79,7 +79,13 @@ class StageWorker:
         return sample(logits, rows, self.generator) if rows else torch.empty(0, dtype=torch.int64, device=self.device)
 
     def stats(self, reset: bool) -> dict:
-        return {"rank": self.rank, "layers": [self.stage.start, self.stage.end], **self.timer.collect(reset)}
+        out = {"rank": self.rank, "layers": [self.stage.start, self.stage.end], **self.timer.collect(reset)}
+        if self.device.type == "cuda":
+            out["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            out["kv_gib"] = self.stage.kv_cache.numel() * self.stage.kv_cache.element_size() / 2**30
+            if reset:
+                torch.cuda.reset_peak_memory_stats(self.device)
+        return out
 
     def serve(self) -> None:
         """Ranks > 0: receive from the previous stage until STOP; forward or sample and return."""

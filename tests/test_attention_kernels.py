@@ -148,7 +148,7 @@ def test_prefill_small_tiles_and_big_block():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_splits", [None, 1, 5, 16])  # 16: most splits empty for short seqs
+@pytest.mark.parametrize("num_splits", [None, 1, 16])  # 16: most splits empty for short seqs
 def test_decode_small(dtype, num_splits):
     run_decode([1, 17, 64, 200, 333], 12, 2, 32, 16, dtype, num_splits)
 

@@ -1,0 +1,177 @@
+"""End-to-end benchmark on a GPU machine: moepipe on N stages beside the transformers+accelerate peer
+(../shared/bench/hf_peer.py), same machine, same call, random weights of a real shape.
+
+    python bench/bench_e2e.py --ckpt /tmp/q30 --stages 2 --peer .shared/hf_peer.py
+
+Writes the checkpoint once (YaRN config: factor 4 over 32768, 131072 positions, so one checkpoint
+serves the 2k..32k figures and the 90k/128k long-context runs), runs the peer in a subprocess, then
+moepipe: load time, decode ms/step at batch 1 and 16 (prompt 128, 64 steps, measured as the peer
+does: (t(65 tokens) - t(1 token)) / 64), prefill tokens/s, long-context TTFT, decode ms/step at that
+context and peak memory per stage. Prints a table last; JSON goes to --out."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def run_peer(script: str, prefill: str, timeout: int) -> list[dict]:
+    cmd = [sys.executable, script, "--preset", "qwen3-30b-a3b", "--prefill", prefill, "--decode", "64",
+           "--batch", "1,16", "--prompt", "128"]
+    print("peer:", " ".join(cmd), flush=True)
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = p.stdout
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        print(f"peer timed out after {timeout} s", flush=True)
+    rows = [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    for r in rows:
+        print("peer", r, flush=True)
+    print(f"peer wall {time.perf_counter() - t:.0f} s", flush=True)
+    return rows
+
+
+def timed(llm, prompts, n):
+    from engine import SamplingParams
+    sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    dt = time.perf_counter() - t
+    assert all(len(o.token_ids) == n for o in outs)
+    return dt
+
+
+def stream_times(llm, prompt, n):
+    """(ttft, decode ms/step) for one prompt, from the arrival times of its tokens."""
+    from engine import SamplingParams
+    t0, times = time.perf_counter(), []
+    for _ in llm.stream([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)):
+        times.append(time.perf_counter() - t0)
+    return times[0], (times[-1] - times[0]) / (len(times) - 1) * 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", default="/tmp/moepipe-q30")
+    ap.add_argument("--preset", default="qwen3-30b-a3b")
+    ap.add_argument("--layers-override", type=int, default=None, help="fewer layers (smoke test)")
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--prefill", default="2048,8192,32768")
+    ap.add_argument("--long", default="90000,128000")
+    ap.add_argument("--peer", default=None, help="path to hf_peer.py; omit to skip the peer")
+    ap.add_argument("--peer-prefill", default="2048,8192,32768,90000")
+    ap.add_argument("--peer-timeout", type=int, default=300)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--attention", default=None)
+    a = ap.parse_args()
+
+    import torch
+    from engine import LLM
+    from loader.presets import preset_config, yarn_config
+    from loader.writer import write_checkpoint
+
+    card = torch.cuda.get_device_name(0)
+    result = {"date": datetime.date.today().isoformat(), "card": card, "gpus": torch.cuda.device_count(),
+              "torch": torch.__version__, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+              "preset": a.preset, "stages": a.stages}
+    ckpt = Path(a.ckpt)
+    if not (ckpt / "config.json").exists():
+        cfg = yarn_config(preset_config(a.preset))
+        if a.layers_override:
+            cfg["num_hidden_layers"] = cfg["max_window_layers"] = a.layers_override
+        t = time.perf_counter()
+        write_checkpoint(ckpt, cfg, seed=0, device="cuda")
+        result["write_s"] = round(time.perf_counter() - t, 1)
+        print(f"wrote {ckpt} in {result['write_s']} s", flush=True)
+
+    if a.peer:
+        result["peer"] = run_peer(a.peer, a.peer_prefill, a.peer_timeout)
+
+    t = time.perf_counter()
+    llm = LLM(str(ckpt), stages=a.stages, attention=a.attention, verbose=True)
+    result["load_s"] = round(time.perf_counter() - t, 1)
+    result["stage_info"] = llm.stage_info
+    V = llm.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(0, V, (n,), generator=g).tolist()
+    timed(llm, [rand(128)], 4)  # warm-up
+    rows = []
+    for B in (1, 16):
+        prompts = [rand(128) for _ in range(B)]
+        timed(llm, prompts, 2)
+        t1, t65 = timed(llm, prompts, 1), timed(llm, prompts, 65)
+        ms = (t65 - t1) / 64 * 1e3
+        rows.append({"what": "decode", "batch": B, "prompt": 128, "ms_per_step": round(ms, 3),
+                     "tok_per_s": round(B / ms * 1e3, 1), "ttft_s": round(t1, 4)})
+        print(rows[-1], flush=True)
+    for i, L in enumerate(ints(a.prefill)):
+        p = rand(L)
+        for _ in range(2 if i == 0 else 1):
+            llm.stats(reset=True)
+            dt = timed(llm, [p], 1)
+        st = llm.stats(reset=True)
+        rows.append({"what": "prefill", "tokens": L, "s": round(dt, 4), "tok_per_s": round(L / dt, 1),
+                     "busy_s": [round(s["busy_ms"] / 1e3, 3) for s in st],
+                     "peak_gib": [round(s.get("peak_gib", 0), 2) for s in st]})
+        print(rows[-1], flush=True)
+    for L in ints(a.long):
+        if L + 33 > llm.max_model_len:
+            print(f"skip long {L}: past max_model_len {llm.max_model_len}")
+            continue
+        llm.stats(reset=True)
+        ttft, ms = stream_times(llm, rand(L), 33)
+        st = llm.stats(reset=True)
+        rows.append({"what": "long", "tokens": L, "ttft_s": round(ttft, 3), "decode_ms_per_step": round(ms, 3),
+                     "prefill_tok_per_s": round(L / ttft, 1),
+                     "peak_gib": [round(s.get("peak_gib", 0), 2) for s in st],
+                     "kv_pool_gib": [round(s.get("kv_gib", 0), 2) for s in st]})
+        print(rows[-1], flush=True)
+    llm.close()
+    result["moepipe"] = rows
+    out = Path(a.out or f"bench/results/e2e_{card.replace(' ', '-')}_{result['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], out.name).write_text(json.dumps(result, indent=1))
+    print_table(result)
+    return 0
+
+
+def print_table(r: dict) -> None:
+    peer = {(x.get("what"), x.get("batch"), x.get("tokens")): x for x in r.get("peer", [])}
+    print(f"\n== {r['card']} x{r['gpus']}, {r['preset']}, {r['stages']} stages, {r['date']} ==")
+    print(f"load: moepipe {r['load_s']} s")
+    print(f"{'measure':28s} {'moepipe':>12s} {'peer':>12s} {'ratio':>8s}")
+    for x in r["moepipe"]:
+        if x["what"] == "decode":
+            p = peer.get(("decode", x["batch"], None))
+            pv = p["ms_per_step"] if p else None
+            print(f"{'decode ms/step b=' + str(x['batch']):28s} {x['ms_per_step']:12.2f} {pv or float('nan'):12.2f} "
+                  f"{(pv / x['ms_per_step']) if pv else float('nan'):8.2f}x")
+        elif x["what"] == "prefill":
+            p = peer.get(("prefill", None, x["tokens"]))
+            pv = p.get("tok_per_s") if p else None
+            print(f"{'prefill tok/s ' + str(x['tokens']):28s} {x['tok_per_s']:12.0f} {pv or float('nan'):12.0f} "
+                  f"{(x['tok_per_s'] / pv) if pv else float('nan'):8.2f}x")
+        else:
+            p = peer.get(("prefill", None, x["tokens"]))
+            pv = p.get("s") if p else None
+            print(f"{'long ' + str(x['tokens']) + ' ttft s':28s} {x['ttft_s']:12.2f} {pv or float('nan'):12.2f}"
+                  f"   decode {x['decode_ms_per_step']:.2f} ms/step, peak GiB {x['peak_gib']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
