@@ -74,6 +74,7 @@ class PipelineEngine:
     def stats(self, reset: bool = False) -> list[dict]:
         """Busy time of every stage since the last reset (drains the pipeline first)."""
         own = self.worker.stats(reset)
+        own["preemptions"] = self.scheduler.num_preemptions
         if self.num_stages == 1:
             return [own]
         self.worker.fwd.send(1, STATS, 0, None, {"stats": [own], "reset": reset})

@@ -231,7 +231,8 @@ def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     )
     _decode_merge_kernel[(B, N)](
         o_part, lse_part, out, out.stride(0), out.stride(1), num_splits,
-        N=N, D=D, BLOCK_SPLITS=triton.next_power_of_2(num_splits), num_warps=4,
+        N=N, D=D, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+        num_warps=8 if num_splits > 32 else 4,
     )
     return out
 

@@ -134,7 +134,7 @@ def test_ref_fp32_matches_attention_ref():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,K,D,S,qlens,ctxs", [
-    (12, 2, 32, 16, [1, 37, 5, 1, 70], [50, 37, 100, 17, 140]),  # G=6, mixed, chunked prefill
+    (6, 1, 32, 16, [1, 37, 5, 1, 70], [50, 37, 100, 17, 140]),   # G=6, mixed, chunked prefill
     (4, 2, 16, 8, [33, 1, 9], [33, 3, 90]),                        # G=2, fresh + chunk mid-block
 ])
 def test_prefill_small(N, K, D, S, qlens, ctxs, dtype):
@@ -143,14 +143,14 @@ def test_prefill_small(N, K, D, S, qlens, ctxs, dtype):
 
 def test_prefill_small_tiles_and_big_block():
     """Several query tiles and key tiles per sequence (BLOCK_M=16), block size 256."""
-    run_prefill([40, 3], [300, 260], 4, 2, 16, 256, torch.float32, BLOCK_M=16, BLOCK_N=16)
+    run_prefill([40, 3], [300, 260], 4, 2, 16, 256, torch.float32, BLOCK_M=16, BLOCK_N=32)
     run_prefill([50, 1, 19], [77, 64, 19], 6, 1, 16, 8, torch.float32, BLOCK_M=16, BLOCK_N=32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_splits", [None, 1, 16])  # 16: most splits empty for short seqs
 def test_decode_small(dtype, num_splits):
-    run_decode([1, 17, 64, 200, 333], 12, 2, 32, 16, dtype, num_splits)
+    run_decode([1, 17, 64, 200, 333], 6, 1, 32, 16, dtype, num_splits)  # G=6
 
 
 def test_decode_group2_block8():
