@@ -94,7 +94,8 @@ def decode_case(name, ctxs, rows, sweep):
                      min(256, splits * 2)}) for bn in (32, 64, 128)]
     out = torch.empty_like(q)
     for kw in variants:
-        fn = lambda: at.paged_decode(q, kc, vc, bt, cl, SCALE, max_context=max(ctxs), out=out, **kw)  # noqa: E731
+        def fn(kw=kw):
+            return at.paged_decode(q, kc, vc, bt, cl, SCALE, max_context=max(ctxs), out=out, **kw)
         ms = bench(fn)
         tag = "auto" if kw["num_splits"] is None else f"splits={kw['num_splits']} block_n={kw['block_n']}"
         rows.append(dict(case=name, impl="triton", variant=tag, ms=ms, GBps=gbytes / ms * 1e3,
@@ -123,13 +124,15 @@ def prefill_case(name, qlen, ctx, rows, sweep):
                                         (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2)]]
     out = torch.empty_like(q)
     for cfg in configs:
-        fn = lambda: at.paged_prefill(q, kc, vc, bt, qs, cl, SCALE, qlen, out=out, config=cfg)  # noqa: E731
+        def fn(cfg=cfg):
+            return at.paged_prefill(q, kc, vc, bt, qs, cl, SCALE, qlen, out=out, config=cfg)
         try:
             ms = bench(fn)
         except Exception as e:  # a sweep config may not fit shared memory on this card
             rows.append(dict(case=name, impl="triton", variant=str(cfg), error=repr(e)[:200]))
             continue
-        tag = "default" if cfg is None else "M{BLOCK_M} N{BLOCK_N} warps{num_warps} stages{num_stages}".format(**cfg)
+        tag = "default" if cfg is None else \
+            "M{BLOCK_M} N{BLOCK_N} warps{num_warps} stages{num_stages}".format(**cfg)
         rows.append(dict(case=name, impl="triton", variant=tag,
                          ms=ms, TFLOPs=tflop / ms * 1e3))
     if qlen == ctx:  # fresh prefill: SDPA causal on contiguous tensors is the same maths
@@ -165,8 +168,10 @@ def main() -> None:
             continue
         gb = f"{r['GBps']:.0f}" if "GBps" in r else ""
         tf = f"{r['TFLOPs']:.1f}" if "TFLOPs" in r else ""
-        extra = f"  (rel err vs sdpa {r['rel_err_triton_vs_sdpa']:.1e})" if "rel_err_triton_vs_sdpa" in r else ""
-        print(f"{r['case']:<22} {r['impl']:<30} {r['variant'][:44]:<44} {r['ms']:>9.4f} {gb:>8} {tf:>8}{extra}")
+        err = r.get("rel_err_triton_vs_sdpa")
+        extra = f"  (rel err vs sdpa {err:.1e})" if err is not None else ""
+        print(f"{r['case']:<22} {r['impl']:<30} {r['variant'][:44]:<44} {r['ms']:>9.4f} {gb:>8} {tf:>8}"
+              + extra)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
