@@ -37,7 +37,8 @@ def add_engine_options(p) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget (prefill chunk) per step")
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--attention", choices=["ref", "triton"], default=None)
+    p.add_argument("--attention", choices=["ref", "triton", "sdpa"], default=None)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     p.add_argument("--quiet", action="store_true", help="no load progress")
 
 
@@ -46,7 +47,8 @@ def engine_kwargs(a) -> dict:
     return dict(device=a.device, dtype=a.dtype, layers=parse_layout(a.layers) if a.layers else None,
                 block_size=a.block_size, kv_cache_gib=a.kv_cache_gib, gpu_memory_utilization=a.gpu_memory_utilization,
                 max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                max_model_len=a.max_model_len, attention=a.attention, verbose=not a.quiet)
+                max_model_len=a.max_model_len, attention=a.attention, verbose=not a.quiet,
+                enforce_eager=a.enforce_eager)
 
 
 def default_model() -> str:

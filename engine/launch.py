@@ -44,6 +44,7 @@ class EngineArgs:
     revision: str | None = None
     stop_ids: tuple[int, ...] = field(default_factory=tuple)
     verbose: bool = True
+    enforce_eager: bool = False  # no CUDA graphs for decode
 
 
 @dataclass
@@ -86,6 +87,12 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
         raise RuntimeError(f"stage {rank}: no memory left for the KV cache after loading "
                            f"(gpu_memory_utilization={args.gpu_memory_utilization}); lower it or use more stages")
     worker.allocate(blocks)
+    if device.type == "cuda" and not args.enforce_eager:
+        t1 = time.perf_counter()
+        worker.capture_graphs(max_len, min(args.max_num_seqs, 256))
+        if log:
+            log(f"stage {rank}: captured decode graphs for batch sizes {worker.graphs.buckets} "
+                f"in {time.perf_counter() - t1:.1f} s")
     info = {"num_blocks": blocks, "block_size": args.block_size, "max_model_len": max_len, "load_s": load_s,
             "layers": [spec.start, spec.end], "device": str(device),
             "kv_gib": blocks * stage.kv_bytes_per_block(args.block_size) / 2**30}

@@ -36,7 +36,8 @@ class LLM:
                  layers: list[int] | None = None, block_size: int = 16, kv_cache_gib: float | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
                  max_model_len: int | None = None, attention: str | None = None, seed: int = 0,
-                 revision: str | None = None, verbose: bool = True, load_timeout_s: float = 3600):
+                 revision: str | None = None, verbose: bool = True, enforce_eager: bool = False,
+                 load_timeout_s: float = 3600):
         self._procs: list = []
         folder, hub_repo = resolve_model(model, revision)
         self.config = ModelConfig.from_file(folder)
@@ -63,7 +64,8 @@ class LLM:
         self.stop_ids = stop_token_ids(folder)
         self.args = EngineArgs(str(folder), stages, device, str(dt).removeprefix("torch."), layers, block_size,
                                kv_cache_gib, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
-                               max_model_len, attention, seed, hub_repo, revision, self.stop_ids, verbose)
+                               max_model_len, attention, seed, hub_repo, revision, self.stop_ids, verbose,
+                               enforce_eager)
         self._next_id = 0
         self._start(load_timeout_s)
 

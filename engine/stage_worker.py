@@ -11,6 +11,7 @@ from model.batch import AttnBatch
 from model.sampler import RowParams, sample
 from model.stage import Stage
 
+from .decode_graphs import DecodeGraphs
 from .p2p import BATCH, STATS, STOP, Link
 
 
@@ -59,6 +60,7 @@ class StageWorker:
         self.fwd = Link(fwd_group, self.device) if num_stages > 1 else None
         self.ret = Link(ret_group, self.device) if num_stages > 1 else None
         self.timer = StageTimer(self.device)
+        self.graphs: DecodeGraphs | None = None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
@@ -67,11 +69,16 @@ class StageWorker:
         return self.rank == self.num_stages - 1
 
     def forward(self, x: torch.Tensor, meta: dict) -> torch.Tensor:
-        batch = AttnBatch.build(meta["query_lens"], meta["context_lens"], meta["block_tables"], self.block_size,
-                                meta["sample"], self.device)
+        """Run the stage on one micro-batch: a captured graph for pure decode, else eager."""
         t = self.timer.start()
-        out = self.stage(x, batch)
-        self.timer.stop(t, batch.num_tokens)
+        ql = meta["query_lens"]
+        if self.graphs is not None and len(ql) <= self.graphs.max_batch and max(ql) == 1:
+            out = self.graphs.run(x, meta["context_lens"], meta["block_tables"])
+        else:
+            batch = AttnBatch.build(ql, meta["context_lens"], meta["block_tables"], self.block_size,
+                                    meta["sample"], self.device)
+            out = self.stage(x, batch)
+        self.timer.stop(t, sum(ql))
         return out
 
     def sample(self, logits: torch.Tensor, meta: dict) -> torch.Tensor:
@@ -142,7 +149,13 @@ class StageWorker:
         self.timer.collect(reset=True)
 
     def allocate(self, num_blocks: int) -> None:
-        self.stage.allocate_kv(num_blocks, self.block_size)
+        """The pool plus one scratch block (id num_blocks) that padded graph rows write into."""
+        self.stage.allocate_kv(num_blocks + 1, self.block_size)
+        self.scratch_block = num_blocks
+
+    def capture_graphs(self, max_model_len: int, max_batch: int) -> None:
+        self.graphs = DecodeGraphs(self.stage, self.block_size, max_model_len, max_batch, self.scratch_block)
+        self.timer.collect(reset=True)
 
 
 def agree_min(value: int, device: torch.device) -> int:

@@ -25,7 +25,7 @@ def run_torchrun_generate(a, model: str, prompt, params: SamplingParams) -> int:
     args = EngineArgs(str(folder), world, device, str(dtype).removeprefix("torch."), kw["layers"], kw["block_size"],
                       kw["kv_cache_gib"], kw["gpu_memory_utilization"], kw["max_num_seqs"],
                       kw["max_num_batched_tokens"], kw["max_model_len"], kw["attention"], 0, hub, None,
-                      stop_token_ids(folder), kw["verbose"])
+                      stop_token_ids(folder), kw["verbose"], kw["enforce_eager"])
     init_distributed(rank, world, device)
     r = build_rank(args, rank, local_rank)
     if rank != 0:

@@ -54,7 +54,10 @@ def experts_grouped(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Te
     order = torch.argsort(flat_ids, stable=True)  # rows grouped by expert
     xs = x_NH[order // k]  # [N*k, H]
     if _grouped_mm_ok(x_NH):
-        offs = torch.cumsum(torch.bincount(flat_ids, minlength=E), 0).to(torch.int32)
+        # counts by scatter_add (bincount syncs with the host to size its output: no CUDA graphs)
+        counts = torch.zeros(E, dtype=torch.int32, device=x_NH.device)
+        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
         h = torch._grouped_mm(xs, w13_E2IH.transpose(1, 2), offs=offs)
         gate, up = h.chunk(2, dim=-1)
         ys = torch._grouped_mm(F.silu(gate) * up, w2_EHI.transpose(1, 2), offs=offs)

@@ -26,14 +26,27 @@ def triton_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.
                            scale, batch.max_query_len, batch.max_context)
 
 
+def sdpa_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
+    """Decode-only micro-batches: the Triton split-K decode kernel; prefill: fused SDPA."""
+    from .attention_sdpa import prefill_sdpa
+    from .attention_triton import paged_decode
+    if batch.max_query_len == 1:
+        return paged_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens_t, scale, batch.max_context)
+    return prefill_sdpa(q, k_cache, v_cache, batch, scale, paged_decode)
+
+
+_BACKENDS = {"ref": reference_attend, "triton": triton_attend, "sdpa": sdpa_attend}
+
+
 def pick_attention(device: torch.device, name: str | None = None) -> Callable:
-    """'ref' (torch, any device) or 'triton' (CUDA); default triton on CUDA."""
-    name = name or ("triton" if device.type == "cuda" else "ref")
-    if name not in ("ref", "triton"):
-        raise ValueError(f"attention backend {name!r}: expected 'ref' or 'triton'")
-    if name == "triton" and device.type != "cuda":
-        raise ValueError("attention backend 'triton' needs a CUDA device")
-    return triton_attend if name == "triton" else reference_attend
+    """'ref' (torch, any device), 'triton' (all Triton) or 'sdpa' (Triton decode + SDPA prefill,
+    the CUDA default)."""
+    name = name or ("sdpa" if device.type == "cuda" else "ref")
+    if name not in _BACKENDS:
+        raise ValueError(f"attention backend {name!r}: expected one of {', '.join(_BACKENDS)}")
+    if name != "ref" and device.type != "cuda":
+        raise ValueError(f"attention backend {name!r} needs a CUDA device")
+    return _BACKENDS[name]
 
 
 class Stage(nn.Module):

@@ -96,3 +96,28 @@ def test_concurrent_requests_equal_one_at_a_time_and_survive_preemption(tiny):
         squeezed = [o.token_ids for o in llm.generate(prompts, sp)]
         assert llm.stats()[0]["preemptions"] > 0
     assert squeezed == alone
+
+
+def test_sdpa_prefill_path_matches_reference_on_mixed_batch():
+    """The CUDA prefill path (gathered K/V + SDPA lower-right causal, single-query rows through a
+    decode function) computes attention_ref's function; on CPU SDPA runs its math kernel."""
+    from model.attention_sdpa import prefill_sdpa
+
+    def ref_decode(q, kc, vc, tables, ctx_t, scale, max_ctx):
+        return attention_ref(q, kc, vc, tables, [1] * q.shape[0], ctx_t.tolist(), scale)
+
+    torch.manual_seed(1)
+    N, K, D, S = 6, 2, 16, 8
+    qlens, ctxs = [5, 1, 40, 1, 13], [37, 20, 40, 9, 100]
+    P = sum(-(-c // S) for c in ctxs) + 3
+    kc, vc = torch.randn(P, S, K, D), torch.randn(P, S, K, D)
+    perm, tables = torch.randperm(P).tolist(), []
+    for c in ctxs:
+        n = -(-c // S)
+        tables.append(perm[:n])
+        perm = perm[n:]
+    batch = AttnBatch.build(qlens, ctxs, tables, S, [True] * len(qlens), "cpu")
+    q = torch.randn(sum(qlens), N, D)
+    want = attention_ref(q, kc, vc, batch.block_tables, qlens, ctxs, D ** -0.5)
+    got = prefill_sdpa(q, kc, vc, batch, D ** -0.5, ref_decode)
+    assert torch.allclose(got, want, atol=1e-5)

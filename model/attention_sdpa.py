@@ -1,0 +1,40 @@
+"""Prefill over the paged cache through torch's fused SDPA (flash on CUDA): each sequence's cached
+K/V is gathered contiguous and attended with a lower-right causal mask, so a chunk that starts deep
+in the context sees its whole prefix. Rows with a single query go to a paged decode function."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from .attention import gather_kv
+from .batch import AttnBatch
+
+
+def prefill_sdpa(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttnBatch,
+                 scale: float, decode: Callable) -> torch.Tensor:
+    """decode(q_BND, k_cache, v_cache, block_tables, context_lens_t, scale, max_context) handles the
+    single-query rows (decodes mixed into a prefill micro-batch) in one call."""
+    out = torch.empty_like(q_TND)
+    single, start = [], 0
+    for b, (ql, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)):
+        if ql == 1:
+            single.append((b, start))
+        else:
+            k = gather_kv(k_cache, batch.block_tables[b], ctx).transpose(0, 1)[None]  # [1, K, ctx, D]
+            v = gather_kv(v_cache, batch.block_tables[b], ctx).transpose(0, 1)[None]
+            q = q_TND[start:start + ql].transpose(0, 1)[None]  # [1, N, ql, D]
+            mask = None if ql == ctx else causal_lower_right(ql, ctx)
+            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                               is_causal=ql == ctx, scale=scale, enable_gqa=True)
+            out[start:start + ql] = o[0].transpose(0, 1)
+        start += ql
+    if single:
+        seqs = torch.tensor([b for b, _ in single], device=q_TND.device)
+        rows = torch.tensor([r for _, r in single], device=q_TND.device)
+        out[rows] = decode(q_TND[rows], k_cache, v_cache, batch.block_tables[seqs].contiguous(),
+                           batch.context_lens_t[seqs].contiguous(), scale,
+                           max(batch.context_lens[b] for b, _ in single))
+    return out
