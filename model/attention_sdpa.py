@@ -13,6 +13,16 @@ from .attention import gather_kv
 from .batch import AttnBatch
 
 
+def _heads(kv_ctxKD: torch.Tensor, q_1NqD: torch.Tensor) -> torch.Tensor:
+    """[ctx, K, D] -> [1, K or N, ctx, D]. On CUDA the kv heads are repeated up to the query
+    heads: the lower-right causal mask reaches the flash kernel only without GQA (measured on
+    H200: the GQA path fell back to a kernel at half the rate), and the copy costs far less."""
+    kv = kv_ctxKD.to(q_1NqD.dtype).transpose(0, 1)
+    if q_1NqD.is_cuda:
+        kv = kv.repeat_interleave(q_1NqD.shape[1] // kv.shape[0], dim=0)
+    return kv[None]
+
+
 def prefill_sdpa(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttnBatch,
                  scale: float, decode: Callable) -> torch.Tensor:
     """decode(q_BND, k_cache, v_cache, block_tables, context_lens_t, scale, max_context) handles the
@@ -23,12 +33,11 @@ def prefill_sdpa(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if ql == 1:
             single.append((b, start))
         else:
-            k = gather_kv(k_cache, batch.block_tables[b], ctx).transpose(0, 1)[None]  # [1, K, ctx, D]
-            v = gather_kv(v_cache, batch.block_tables[b], ctx).transpose(0, 1)[None]
             q = q_TND[start:start + ql].transpose(0, 1)[None]  # [1, N, ql, D]
+            k, v = (_heads(gather_kv(c, batch.block_tables[b], ctx), q) for c in (k_cache, v_cache))
             mask = None if ql == ctx else causal_lower_right(ql, ctx)
-            o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                               is_causal=ql == ctx, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=ql == ctx, scale=scale,
+                                               enable_gqa=not q.is_cuda)
             out[start:start + ql] = o[0].transpose(0, 1)
         start += ql
     if single:
