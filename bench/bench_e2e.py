@@ -76,6 +76,7 @@ def main() -> int:
     ap.add_argument("--peer-timeout", type=int, default=300)
     ap.add_argument("--out", default=None)
     ap.add_argument("--attention", default=None)
+    ap.add_argument("--mixed", action="store_true", help="also 32 concurrent requests, one of 90k tokens")
     a = ap.parse_args()
 
     import torch
@@ -139,6 +140,21 @@ def main() -> int:
                      "peak_gib": [round(s.get("peak_gib", 0), 2) for s in st],
                      "kv_pool_gib": [round(s.get("kv_gib", 0), 2) for s in st]})
         print(rows[-1], flush=True)
+    if a.mixed:
+        # many requests of mixed lengths at once, one of them 90k tokens: served without OOM
+        lens = [90000] + [int(x) for x in torch.randint(100, 8000, (31,), generator=g)]
+        prompts = [rand(n) for n in lens]
+        llm.stats(reset=True)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, __import__("engine").SamplingParams(max_tokens=64, temperature=0,
+                                                                                      ignore_eos=True))
+        dt = time.perf_counter() - t
+        st = llm.stats(reset=True)
+        rows.append({"what": "mixed", "requests": len(lens), "prompt_tokens": sum(lens),
+                     "new_tokens": sum(len(o.token_ids) for o in outs), "s": round(dt, 2),
+                     "preemptions": st[0].get("preemptions"),
+                     "peak_gib": [round(s.get("peak_gib", 0), 2) for s in st]})
+        print(rows[-1], flush=True)
     llm.close()
     result["moepipe"] = rows
     out = Path(a.out or f"bench/results/e2e_{card.replace(' ', '-')}_{result['date']}.json")
@@ -166,6 +182,9 @@ def print_table(r: dict) -> None:
             pv = p.get("tok_per_s") if p else None
             print(f"{'prefill tok/s ' + str(x['tokens']):28s} {x['tok_per_s']:12.0f} {pv or float('nan'):12.0f} "
                   f"{(x['tok_per_s'] / pv) if pv else float('nan'):8.2f}x")
+        elif x["what"] == "mixed":
+            print(f"mixed: {x['requests']} requests, {x['prompt_tokens']} prompt + {x['new_tokens']} new tokens "
+                  f"in {x['s']} s, peak GiB {x['peak_gib']}, preemptions {x['preemptions']}")
         else:
             p = peer.get(("prefill", None, x["tokens"]))
             pv = p.get("s") if p else None
