@@ -14,13 +14,10 @@ from .batch import AttnBatch
 
 
 def _heads(kv_ctxKD: torch.Tensor, q_1NqD: torch.Tensor) -> torch.Tensor:
-    """[ctx, K, D] -> [1, K or N, ctx, D]. On CUDA the kv heads are repeated up to the query
-    heads: the lower-right causal mask reaches the flash kernel only without GQA (measured on
-    H200: the GQA path fell back to a kernel at half the rate), and the copy costs far less."""
-    kv = kv_ctxKD.to(q_1NqD.dtype).transpose(0, 1)
-    if q_1NqD.is_cuda:
-        kv = kv.repeat_interleave(q_1NqD.shape[1] // kv.shape[0], dim=0)
-    return kv[None]
+    """[ctx, K, D] -> [1, K, ctx, D]; SDPA's enable_gqa maps query head h to kv head h // (N/K).
+    (Repeating the kv heads up to N, so the lower-right mask could take the flash kernel, measured
+    no faster on H200: 86 ms vs 80 ms for 4 layers of a 4096-token chunk at 86k.)"""
+    return kv_ctxKD.to(q_1NqD.dtype).transpose(0, 1)[None]
 
 
 def prefill_sdpa(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttnBatch,
@@ -37,7 +34,7 @@ def prefill_sdpa(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             k, v = (_heads(gather_kv(c, batch.block_tables[b], ctx), q) for c in (k_cache, v_cache))
             mask = None if ql == ctx else causal_lower_right(ql, ctx)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=ql == ctx, scale=scale,
-                                               enable_gqa=not q.is_cuda)
+                                               enable_gqa=True)
             out[start:start + ql] = o[0].transpose(0, 1)
         start += ql
     if single:
