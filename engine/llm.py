@@ -54,6 +54,9 @@ class LLM:
             raise ValueError(f"stages={stages} needs {stages} GPUs, only {torch.cuda.device_count()} visible")
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
+        if max_model_len is not None and not 0 < max_model_len <= self.config.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} must be in [1, {self.config.max_position_embeddings}] "
+                             f"(max_position_embeddings of {self.config.source})")
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         dt = parse_dtype(dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)

@@ -101,8 +101,12 @@ def load_stage(folder: str | Path, cfg: ModelConfig, spec: StageSpec, device: to
                     now = time.perf_counter() - t0
                     if log and (now - last > 5 or done == total):
                         last = now
-                        log(f"stage {spec.rank}: loaded {done / 1e9:.2f}/{total / 1e9:.2f} GB in {now:.1f} s")
+                        log(f"stage {spec.rank}: loaded {_size(done)} of {_size(total)} in {now:.1f} s")
     return stage
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _nbytes(index: CheckpointIndex, name: str) -> int:

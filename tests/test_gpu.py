@@ -75,6 +75,7 @@ def test_cuda_graph_decode_matches_eager(tmp_path):
 def test_sdpa_prefill_matches_reference_real_shape():
     """The default CUDA prefill path on a mixed micro-batch at the 30B head layout: a 2048-token
     chunk 20k deep into its context, a fresh 1000-token prompt and two decode rows."""
+    from cache_util import scattered_cache
     from model.attention import attention_ref
     from model.attention_sdpa import prefill_sdpa
     from model.attention_triton import paged_decode
@@ -82,14 +83,7 @@ def test_sdpa_prefill_matches_reference_real_shape():
     torch.manual_seed(7)
     N, K, D, S = 32, 4, 128, 16
     qlens, ctxs = [2048, 1, 1000, 1], [22048, 3000, 1000, 77]
-    P = sum(-(-c // S) for c in ctxs) + 8
-    kc = torch.randn(P, S, K, D, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn(P, S, K, D, device="cuda", dtype=torch.bfloat16)
-    perm, tables = torch.randperm(P).tolist(), []
-    for c in ctxs:
-        n = -(-c // S)
-        tables.append(perm[:n])
-        perm = perm[n:]
+    kc, vc, tables = scattered_cache(ctxs, S, K, D, spare=8, device="cuda", dtype=torch.bfloat16)
     batch = AttnBatch.build(qlens, ctxs, tables, S, [True] * 4, "cuda")
     q = torch.randn(sum(qlens), N, D, device="cuda", dtype=torch.bfloat16)
     got = prefill_sdpa(q, kc, vc, batch, D ** -0.5, paged_decode).float()

@@ -4,6 +4,7 @@ the same greedy tokens as one at a time; preemption under a small pool changes n
 import pytest
 import torch
 
+from cache_util import scattered_cache
 from engine import LLM, SamplingParams
 from hf_ref import load_hf
 from loader.load import load_stage
@@ -55,13 +56,7 @@ def test_reference_attention_mixed_batch_against_naive_maths():
     torch.manual_seed(0)
     N, K, D, S = 6, 2, 16, 8
     qlens, ctxs = [5, 1, 12], [37, 20, 12]
-    P = sum(-(-c // S) for c in ctxs) + 4
-    kc, vc = torch.randn(P, S, K, D), torch.randn(P, S, K, D)
-    perm, tables = torch.randperm(P).tolist(), []
-    for c in ctxs:
-        n = -(-c // S)
-        tables.append(perm[:n])
-        perm = perm[n:]
+    kc, vc, tables = scattered_cache(ctxs, S, K, D)
     M = max(map(len, tables))
     bt = torch.tensor([t + [0] * (M - len(t)) for t in tables], dtype=torch.int32)
     q = torch.randn(sum(qlens), N, D)
@@ -109,13 +104,7 @@ def test_sdpa_prefill_path_matches_reference_on_mixed_batch():
     torch.manual_seed(1)
     N, K, D, S = 6, 2, 16, 8
     qlens, ctxs = [5, 1, 40, 1, 13], [37, 20, 40, 9, 100]
-    P = sum(-(-c // S) for c in ctxs) + 3
-    kc, vc = torch.randn(P, S, K, D), torch.randn(P, S, K, D)
-    perm, tables = torch.randperm(P).tolist(), []
-    for c in ctxs:
-        n = -(-c // S)
-        tables.append(perm[:n])
-        perm = perm[n:]
+    kc, vc, tables = scattered_cache(ctxs, S, K, D)
     batch = AttnBatch.build(qlens, ctxs, tables, S, [True] * len(qlens), "cpu")
     q = torch.randn(sum(qlens), N, D)
     want = attention_ref(q, kc, vc, batch.block_tables, qlens, ctxs, D ** -0.5)
