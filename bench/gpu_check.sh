@@ -16,6 +16,11 @@ elif [ "$mode" = perf ]; then
   timeout 120 python3 bench/profile_stage.py --layers 4 --out "$OUT/profile_stage.json" 2>&1 | grep -v "^\(--\|void\|_Z\|nvjet\|cudnn\|  \)" | tail -20
   timeout 170 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests2.log" | tail -8
   python3 bench/bench_e2e.py --ckpt /tmp/q30 --stages 2 --peer .shared/hf_peer.py --mixed "${@:2}" 2>&1 | grep -v ": loaded .* of \|unbatched P2P\|^$"
+elif [ "$mode" = final ]; then
+  timeout 60 python3 -m pytest -q -m gpu tests/test_gpu.py -k fused 2>&1 | tail -3
+  timeout 150 python3 bench/profile_stage.py --layers 4 --out "$OUT/profile_stage.json" 2>&1 | grep -v "^\(--\|void\|_Z\|nvjet\|cudnn\|  \|Name\|Self\)" | tail -24
+  timeout 170 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
+  python3 bench/bench_e2e.py --ckpt /tmp/q30 --stages 2 --peer .shared/hf_peer.py --mixed "${@:2}" 2>&1 | grep -v ": loaded .* of \|unbatched P2P\|^$"
 else
   df -h /tmp | tail -1
   python3 bench/bench_e2e.py --ckpt /tmp/q30 --stages 2 --peer .shared/hf_peer.py "${@:2}" 2>&1 | grep -v ": loaded .* of "

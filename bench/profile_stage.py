@@ -61,26 +61,31 @@ def main() -> int:
         batch = AttnBatch.build([T], [start + T], [table[:-(-(start + T) // bs)]], bs, [True], dev)
         return lambda: stage(ids, batch)
 
-    for backend in ("sdpa", "triton"):
-        stage.attend = pick_attention(dev, backend)
-        for T, start in ((2048, 0), (8192, 0), (4096, 86016)):
-            ms = bench(prefill_fn(T, start), reps=5)
-            res[f"prefill {backend} {T}@{start}"] = ms
-            print(f"prefill {backend:6s} T={T:5d} at {start:5d}: {ms:8.2f} ms ({ms / L:.2f} ms/layer, "
-                  f"{T / ms * 1e3:.0f} tok/s)", flush=True)
-    stage.attend = pick_attention(dev, "sdpa")
-    graphs = DecodeGraphs(stage, bs, ctx_max, 32, nblocks)
-    for B, ctx in ((1, 128), (16, 128), (1, 90000)):
-        ids = torch.randint(0, cfg.vocab_size, (B,), device=dev)
-        tables = [table[i * 8:i * 8 + -(-ctx // bs)] if ctx < 1000 else table[:-(-ctx // bs)] for i in range(B)]
-        batch = AttnBatch.build([1] * B, [ctx] * B, tables, bs, [True] * B, dev)
-        eager = bench(lambda: stage(ids, batch))
-        graph = bench(lambda: graphs.run(ids, [ctx] * B, tables))
-        with torch.no_grad():
-            d = (stage(ids, batch) - graphs.run(ids, [ctx] * B, tables)).abs().max().item()
-        res[f"decode eager b{B} ctx{ctx}"], res[f"decode graph b{B} ctx{ctx}"] = eager, graph
-        print(f"decode b={B:2d} ctx={ctx:6d}: eager {eager:7.3f} ms, graph {graph:7.3f} ms "
-              f"({graph / L:.3f} ms/layer); max |eager - graph| logits {d:.3g}", flush=True)
+    import model.fused_triton as fused
+    for on in (False, True):
+        fused.ENABLED = on
+        tag = "fused" if on else "unfused"
+        for backend in ("sdpa", "triton") if on else ("sdpa",):
+            stage.attend = pick_attention(dev, backend)
+            for T, start in ((2048, 0), (8192, 0), (4096, 86016)):
+                ms = bench(prefill_fn(T, start), reps=5)
+                res[f"prefill {tag} {backend} {T}@{start}"] = ms
+                print(f"prefill {tag:7s} {backend:6s} T={T:5d} at {start:5d}: {ms:8.2f} ms "
+                      f"({ms / L:.2f} ms/layer, {T / ms * 1e3:.0f} tok/s)", flush=True)
+        stage.attend = pick_attention(dev, "sdpa")
+        graphs = DecodeGraphs(stage, bs, ctx_max, 32, nblocks)
+        for B, ctx in ((1, 128), (16, 128), (1, 90000)):
+            ids = torch.randint(0, cfg.vocab_size, (B,), device=dev)
+            tables = [table[i * 8:i * 8 + -(-ctx // bs)] if ctx < 1000 else table[:-(-ctx // bs)] for i in range(B)]
+            batch = AttnBatch.build([1] * B, [ctx] * B, tables, bs, [True] * B, dev)
+            eager = bench(lambda: stage(ids, batch))
+            graph = bench(lambda: graphs.run(ids, [ctx] * B, tables))
+            with torch.no_grad():
+                d = (stage(ids, batch) - graphs.run(ids, [ctx] * B, tables)).abs().max().item()
+            res[f"decode {tag} eager b{B} ctx{ctx}"], res[f"decode {tag} graph b{B} ctx{ctx}"] = eager, graph
+            print(f"decode {tag:7s} b={B:2d} ctx={ctx:6d}: eager {eager:7.3f} ms, graph {graph:7.3f} ms "
+                  f"({graph / L:.3f} ms/layer); max |eager - graph| logits {d:.3g}", flush=True)
+        del graphs
     E, I, H, k = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size, cfg.num_experts_per_tok
     mlp = stage.layers["0"].mlp
     for N in (1, 16, 8192):

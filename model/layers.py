@@ -13,8 +13,14 @@ from .attention import write_kv
 from .batch import AttnBatch
 from .config import ModelConfig
 from .moe import dense_mlp, experts_grouped, experts_loop, route
-from .norm import rms_norm
+from .norm import norm, rms_norm
 from .rope import apply_rope
+
+try:  # Triton is only needed (and only imported) for CUDA
+    from .fused_triton import qk_norm_rope_fused, use_fused
+except ImportError:  # pragma: no cover - CPU installs without triton
+    def use_fused(x) -> bool:
+        return False
 
 Trace = dict | None
 
@@ -50,11 +56,15 @@ class Attention(nn.Module):
         q = F.linear(x_TH, self.q_proj.weight).view(T, self.nh, self.hd)
         k = F.linear(x_TH, self.k_proj.weight).view(T, self.nkv, self.hd)
         v = F.linear(x_TH, self.v_proj.weight).view(T, self.nkv, self.hd)
-        q = rms_norm(q, self.q_norm.weight, self.eps)
-        k = rms_norm(k, self.k_norm.weight, self.eps)
-        if trace is not None:
-            trace[f"{i}.q_norm"], trace[f"{i}.k_norm"] = q, k
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if trace is None and q.is_cuda and use_fused(q):
+            q = qk_norm_rope_fused(q, self.q_norm.weight, cos, sin, self.eps)
+            k = qk_norm_rope_fused(k, self.k_norm.weight, cos, sin, self.eps)
+        else:
+            q = rms_norm(q, self.q_norm.weight, self.eps)
+            k = rms_norm(k, self.k_norm.weight, self.eps)
+            if trace is not None:
+                trace[f"{i}.q_norm"], trace[f"{i}.k_norm"] = q, k
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if trace is not None:
             trace[f"{i}.q_rope"], trace[f"{i}.k_rope"] = q, k
         write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
@@ -109,10 +119,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h_TH, cos, sin, batch, kv, attend, trace: Trace = None) -> torch.Tensor:
         i = self.index
-        a = rms_norm(h_TH, self.input_layernorm.weight, self.eps)
+        a = norm(h_TH, self.input_layernorm.weight, self.eps)
         attn = self.self_attn(a, cos, sin, batch, kv, attend, trace, i)
         h = h_TH + attn
-        m = rms_norm(h, self.post_attention_layernorm.weight, self.eps)
+        m = norm(h, self.post_attention_layernorm.weight, self.eps)
         mlp = self.mlp(m, trace, i)
         out = h + mlp
         if trace is not None:

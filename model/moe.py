@@ -69,10 +69,10 @@ def experts_grouped(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Te
             if c:
                 ys[start:start + c] = _expert(xs[start:start + c], w13_E2IH[e], w2_EHI[e])
                 start += c
-    ys = ys * w_Nk.reshape(-1)[order, None]
-    out = torch.empty(N * k, x_NH.shape[1], dtype=torch.float32, device=x_NH.device)
-    out[order] = ys.float()
-    return out.view(N, k, -1).sum(dim=1).to(x_NH.dtype)
+    # back to token order by a gather (an index_put of the fp32 rows measured 0.64 ms/layer at 8k
+    # tokens on H200), weight in dt as HF does, then one fp32 sum over the k contributions
+    y_NkH = ys[torch.argsort(order)].view(N, k, -1) * w_Nk[..., None]
+    return y_NkH.sum(dim=1, dtype=torch.float32).to(x_NH.dtype)
 
 
 def dense_mlp(x_NH: torch.Tensor, gate_IH: torch.Tensor, up_IH: torch.Tensor, down_HI: torch.Tensor) -> torch.Tensor:

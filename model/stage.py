@@ -12,7 +12,7 @@ from .attention import attention_ref
 from .batch import AttnBatch
 from .config import ModelConfig
 from .layers import DecoderLayer, Trace, Weight
-from .norm import rms_norm
+from .norm import norm
 from .rope import Rope
 
 
@@ -93,7 +93,7 @@ class Stage(nn.Module):
             h = layer(h, cos, sin, batch, (self.kv_cache[j, 0], self.kv_cache[j, 1]), self.attend, trace)
         if not self.has_head:
             return h
-        h = rms_norm(h[batch.logits_indices], self.norm.weight, self.cfg.rms_norm_eps)
+        h = norm(h[batch.logits_indices], self.norm.weight, self.cfg.rms_norm_eps)
         logits = F.linear(h, self.lm_head.weight)
         if trace is not None:
             trace["final_norm"], trace["logits"] = h, logits

@@ -1,0 +1,92 @@
+"""Fused Triton kernels for the small per-token ops that otherwise cost one launch each: RMSNorm
+(7 torch kernels -> 1) and q/k-norm + rope (12 -> 1). They round where HF's eager code rounds
+(normalised value cast to the dtype before the weight multiply; each rope product and the sum in
+the dtype), so results match the torch path to the last bit except where fp32 reduction order
+flips a rounding. Used on CUDA only, and only when `ENABLED` (env MOEPIPE_FUSED=0 turns it off)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ENABLED = os.environ.get("MOEPIPE_FUSED", "1") != "0"
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    return ENABLED and x.is_cuda
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_rows, H, stride_x, stride_o, eps,
+                     BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    mask = (rows[:, None] < n_rows) & cmask[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
+    y = (x * r[:, None]).to(o_ptr.dtype.element_ty).to(tl.float32)  # cast before the weight, as HF
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(o_ptr + rows64[:, None] * stride_o + cols[None, :], (w[None, :] * y).to(o_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF RMSNorm over the last dim of x [..., H] (last dim contiguous)."""
+    H = x.shape[-1]
+    x2 = x.reshape(-1, H)
+    out = torch.empty_like(x2)
+    n = x2.shape[0]
+    BLOCK_H = triton.next_power_of_2(H)
+    ROWS = max(1, min(16, 4096 // BLOCK_H))
+    _rms_norm_kernel[(triton.cdiv(n, ROWS),)](x2, weight, out, n, H, x2.stride(0), out.stride(0), eps,
+                                              BLOCK_H=BLOCK_H, ROWS=ROWS, num_warps=4 if BLOCK_H <= 2048 else 8)
+    return out.view(x.shape)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, o_ptr, n_rows, heads, eps,
+                         stride_xt, stride_xh, stride_ot, stride_oh, stride_c,
+                         HALF: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # row = token * heads + head
+    rmask = rows < n_rows
+    t = (rows // heads).to(tl.int64)
+    h = (rows % heads).to(tl.int64)
+    c = tl.arange(0, HALF)
+    m = rmask[:, None]
+    xb = x_ptr + (t * stride_xt + h * stride_xh)[:, None] + c[None, :]
+    x1 = tl.load(xb, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(xb + HALF, mask=m, other=0.0).to(tl.float32)
+    r = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
+    dt = o_ptr.dtype.element_ty
+    w1 = tl.load(w_ptr + c).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + c).to(tl.float32)
+    n1 = (w1[None, :] * (x1 * r[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    n2 = (w2[None, :] * (x2 * r[:, None]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+    cb = (t * stride_c)[:, None] + c[None, :]  # cos/sin = cat(f, f): both halves share one row half
+    cos = tl.load(cos_ptr + cb, mask=m, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + cb, mask=m, other=0.0).to(tl.float32)
+    # x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1); each product rounded, then the sum
+    o1 = ((n1 * cos).to(dt).to(tl.float32) + (-n2 * sin).to(dt).to(tl.float32)).to(dt)
+    o2 = ((n2 * cos).to(dt).to(tl.float32) + (n1 * sin).to(dt).to(tl.float32)).to(dt)
+    ob = o_ptr + (t * stride_ot + h * stride_oh)[:, None] + c[None, :]
+    tl.store(ob, o1, mask=m)
+    tl.store(ob + HALF, o2, mask=m)
+
+
+def qk_norm_rope_fused(x_THD: torch.Tensor, weight_D: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
+                       eps: float) -> torch.Tensor:
+    """apply_rope(rms_norm(x, weight), cos, sin) for per-head q or k [T, heads, D]."""
+    T, Hh, D = x_THD.shape
+    assert x_THD.stride(-1) == 1 and cos_TD.stride(-1) == 1 and cos_TD.stride() == sin_TD.stride()
+    out = torch.empty(T, Hh, D, dtype=x_THD.dtype, device=x_THD.device)
+    n = T * Hh
+    ROWS = 16
+    _qk_norm_rope_kernel[(triton.cdiv(n, ROWS),)](
+        x_THD, weight_D, cos_TD, sin_TD, out, n, Hh, eps,
+        x_THD.stride(0), x_THD.stride(1), out.stride(0), out.stride(1), cos_TD.stride(0),
+        HALF=D // 2, ROWS=ROWS, num_warps=4)
+    return out
