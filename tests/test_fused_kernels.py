@@ -1,0 +1,61 @@
+"""The fused Triton RMSNorm and q/k-norm+rope (model/fused_triton.py) against the torch path, bit
+for bit in bf16 and to rounding in fp32. Without CUDA they run under TRITON_INTERPRET=1 (set
+here, before triton is imported); skipped when triton is not installed."""
+import importlib
+import os
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+if not _CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from model import fused_triton as ft  # noqa: E402
+from model.config import RopeConfig  # noqa: E402
+from model.norm import rms_norm  # noqa: E402
+from model.rope import Rope, apply_rope  # noqa: E402
+
+if not _CUDA and os.environ.get("TRITON_INTERPRET") == "1":
+    ft = importlib.reload(ft)  # jit again in case it was imported before the variable was set
+DEV = "cuda" if _CUDA else "cpu"
+
+
+def assert_same_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit-equal under the interpreter; compiled on a GPU, the hardware rsqrt may differ from
+    torch's in the last fp32 bit, which can flip a bf16 rounding: at most 1% of elements, by one
+    bf16 step."""
+    if not _CUDA:
+        assert torch.equal(got, want)
+        return
+    assert (got != want).float().mean().item() <= 0.01
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("H", [96, 2048])
+def test_rms_norm_fused_matches_torch(dtype, H):
+    x = (torch.randn(37, H, device=DEV) * 3).to(dtype)
+    w = (1 + 0.1 * torch.randn(H, device=DEV)).to(dtype)
+    got, want = ft.rms_norm_fused(x, w, 1e-6), rms_norm(x, w, 1e-6)
+    if dtype == torch.bfloat16:
+        assert_same_bf16(got, want)
+    else:
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_qk_norm_rope_fused_matches_torch_on_strided_heads(dtype):
+    T, D = 29, 32
+    rope = Rope(RopeConfig(theta=1e6, rope_type="yarn", factor=4.0, original_max_position_embeddings=64), D,
+                dtype, DEV)
+    cos, sin = rope(torch.randint(0, 4096, (T,), device=DEV))
+    qkv = torch.randn(T, 10 * D, device=DEV).to(dtype)  # q = 6 heads, k = 2, v = 2 of one projection
+    for x in (qkv[:, :6 * D].view(T, 6, D), qkv[:, 6 * D:8 * D].view(T, 2, D)):
+        w = (1 + 0.1 * torch.randn(D, device=DEV)).to(dtype)
+        got, want = ft.qk_norm_rope_fused(x, w, cos, sin, 1e-6), apply_rope(rms_norm(x, w, 1e-6), cos, sin)
+        if dtype == torch.bfloat16:
+            assert_same_bf16(got, want)
+        else:
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
