@@ -14,13 +14,7 @@ from .batch import AttnBatch
 from .config import ModelConfig
 from .moe import dense_mlp, experts_grouped, experts_loop, route
 from .norm import norm, rms_norm
-from .rope import apply_rope
-
-try:  # Triton is only needed (and only imported) for CUDA
-    from .fused_triton import qk_norm_rope_fused, use_fused
-except ImportError:  # pragma: no cover - CPU installs without triton
-    def use_fused(x) -> bool:
-        return False
+from .rope import apply_rope, norm_rope
 
 Trace = dict | None
 
@@ -56,16 +50,14 @@ class Attention(nn.Module):
         q = F.linear(x_TH, self.q_proj.weight).view(T, self.nh, self.hd)
         k = F.linear(x_TH, self.k_proj.weight).view(T, self.nkv, self.hd)
         v = F.linear(x_TH, self.v_proj.weight).view(T, self.nkv, self.hd)
-        if trace is None and q.is_cuda and use_fused(q):
-            q = qk_norm_rope_fused(q, self.q_norm.weight, cos, sin, self.eps)
-            k = qk_norm_rope_fused(k, self.k_norm.weight, cos, sin, self.eps)
-        else:
+        if trace is None:
+            q = norm_rope(q, self.q_norm.weight, cos, sin, self.eps)
+            k = norm_rope(k, self.k_norm.weight, cos, sin, self.eps)
+        else:  # the parity tests look at q and k between the norm and the rope
             q = rms_norm(q, self.q_norm.weight, self.eps)
             k = rms_norm(k, self.k_norm.weight, self.eps)
-            if trace is not None:
-                trace[f"{i}.q_norm"], trace[f"{i}.k_norm"] = q, k
+            trace[f"{i}.q_norm"], trace[f"{i}.k_norm"] = q, k
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if trace is not None:
             trace[f"{i}.q_rope"], trace[f"{i}.k_rope"] = q, k
         write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
         o = attend(q, kv[0], kv[1], batch, self.scale)
