@@ -208,18 +208,13 @@ class LLM:
                 remaining -= reason is not None
 
     def _recv(self):
+        """Next message from rank 0; a stage that failed exits, so _check_alive reports it (and
+        reads its error message itself, to name the stage that failed first-hand)."""
         while True:
             try:
                 return self._out_q.get(timeout=DEAD_PEER_POLL_S)
             except queue.Empty:
                 self._check_alive()
-                try:
-                    msg = self._status_q.get_nowait()
-                    if msg[0] == "error":
-                        self.close()
-                        raise StageDied(f"stage {msg[1]} failed: {msg[2]}")
-                except queue.Empty:
-                    pass
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
