@@ -23,12 +23,10 @@ DEV = "cuda" if _CUDA else "cpu"
 
 
 def assert_same_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Bit-equal under the interpreter; compiled on a GPU, the hardware rsqrt may differ from
-    torch's in the last fp32 bit, which can flip a bf16 rounding: at most 1% of elements, by one
-    bf16 step."""
-    if not _CUDA:
-        assert torch.equal(got, want)
-        return
+    """Every rounding happens where torch's does, but the kernel's fp32 rsqrt and sum order can
+    differ from torch's in the last fp32 bit (interpreted: ~1 run in 15 had one flip; compiled: the
+    hardware rsqrt), which can flip a bf16 rounding: at most 1% of elements, by one bf16 step.
+    A missing rounding step (as a cast round trip that the compiler folds) moved ~25% of them."""
     assert (got != want).float().mean().item() <= 0.01
     assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all()
 
