@@ -13,7 +13,7 @@ from model.config import ModelConfig
 from model.stage import Stage
 
 from .checkpoint import CheckpointError, CheckpointIndex
-from .names import Placement, place, required_parts
+from .names import QKV_PARAM, Placement, place, required_parts
 from .partition import StageSpec
 
 _BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1}
@@ -24,6 +24,8 @@ def _describe(part: tuple) -> str:
     param = part[0]
     if len(part) == 1:
         return param if param == "lm_head.weight" else "model." + param
+    if param.endswith(QKV_PARAM):
+        return f"model.{param.removesuffix(QKV_PARAM)}self_attn.{part[1]}_proj.weight"
     layer = param.rsplit(".mlp.", 1)[0]
     if len(part) == 3:
         return f"model.{layer}.mlp.experts.{part[1]}.{part[2]}_proj.weight (or fused model.{param})"
@@ -76,9 +78,24 @@ def stage_placements(index: CheckpointIndex, cfg: ModelConfig, spec: StageSpec,
     return chosen
 
 
+LOAD_FORMATS = ("auto", "dummy")
+
+
 def load_stage(folder: str | Path, cfg: ModelConfig, spec: StageSpec, device: torch.device | str,
                dtype: torch.dtype, attention: str | None = None,
-               log: Callable[[str], None] | None = None) -> Stage:
+               log: Callable[[str], None] | None = None, load_format: str = "auto", seed: int = 0) -> Stage:
+    """The stage's weights from the safetensors in `folder` ("auto", strict), or seeded random
+    values made on `device` ("dummy": folder is not read; cfg may come from loader.dummy.dummy_config)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
+    if load_format == "dummy":
+        from .dummy import dummy_stage
+        t0 = time.perf_counter()
+        stage = dummy_stage(cfg, spec, device, dtype, attention, seed)
+        if log:
+            n = sum(p.numel() * p.element_size() for p in stage.parameters())
+            log(f"stage {spec.rank}: dummy weights, {_size(n)} in {time.perf_counter() - t0:.1f} s")
+        return stage
     index = CheckpointIndex(folder)
     chosen = stage_placements(index, cfg, spec)
     stage = Stage(cfg, spec.start, spec.end, spec.has_embed, spec.has_head, device, dtype, attention)

@@ -1,6 +1,7 @@
 """Checkpoint tensor names -> Stage parameters. Per-expert (`mlp.experts.E.gate_proj.weight`) and
 fused (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) layouts both map
-onto the Stage's fused expert tensors."""
+onto the Stage's fused expert tensors; q_proj, k_proj and v_proj fill row ranges of the Stage's
+`self_attn.qkv_proj.weight` [q_size + 2 * kv_size, H] (one GEMM per layer)."""
 from __future__ import annotations
 
 import re
@@ -10,8 +11,9 @@ from model.config import ModelConfig
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
-_ATTN = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-         "self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+_QKV = {"self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k", "self_attn.v_proj.weight": "v"}
+QKV_PARAM = "self_attn.qkv_proj.weight"
+_ATTN = ("self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
          "input_layernorm.weight", "post_attention_layernorm.weight")
 
 
@@ -53,6 +55,11 @@ def place(name: str, cfg: ModelConfig) -> Placement | None:
     pre = f"layers.{i}."
     if rest in _ATTN:
         return _whole(pre + rest, _layer_shapes(cfg)[rest], i)
+    if rest in _QKV:
+        which, q, kv = _QKV[rest], cfg.q_size, cfg.kv_size
+        rows = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}[which]
+        qkv = pre + QKV_PARAM
+        return Placement(qkv, (rows,), _layer_shapes(cfg)[rest], i, frozenset({(qkv, which)}))
     E, I = cfg.num_experts, cfg.moe_intermediate_size
     if cfg.is_sparse(i):
         gu, dn = pre + "mlp.experts.gate_up_proj", pre + "mlp.experts.down_proj"
@@ -85,6 +92,7 @@ def required_parts(cfg: ModelConfig, start: int, end: int, has_embed: bool, has_
     for i in range(start, end):
         pre = f"layers.{i}."
         parts |= {(pre + n,) for n in _ATTN}
+        parts |= {(pre + QKV_PARAM, w) for w in _QKV.values()}
         if cfg.is_sparse(i):
             parts.add((pre + "mlp.gate.weight",))
             parts |= {(pre + "mlp.experts.gate_up_proj", e, p) for e in range(cfg.num_experts) for p in ("gate", "up")}

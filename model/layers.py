@@ -1,20 +1,20 @@
 """Decoder layer of Qwen3-MoE: pre-norm attention (q/k norm, rope, GQA, paged KV) and MoE or dense
-MLP. Parameter names match the checkpoint under `model.layers.{i}.`. Modules hold weights; the
-maths are the functions of norm.py, rope.py, attention.py and moe.py."""
+MLP. Parameter names match the checkpoint under `model.layers.{i}.`, except q/k/v, held as one
+`self_attn.qkv_proj.weight` (loader/names.py). Modules hold weights; the maths are the functions of
+norm.py, rope.py, attention.py and moe.py, or the kernels the Backend chose."""
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import write_kv
+from .backend import Backend
 from .batch import AttnBatch
 from .config import ModelConfig
 from .moe import dense_mlp, experts_grouped, experts_loop, route
-from .norm import norm, rms_norm
-from .rope import apply_rope, norm_rope
+from .norm import add_norm, norm, rms_norm
+from .rope import apply_rope
 
 Trace = dict | None
 
@@ -36,31 +36,33 @@ class Attention(nn.Module):
         super().__init__()
         H, D = cfg.hidden_size, cfg.head_dim
         self.nh, self.nkv, self.hd, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, D, cfg.rms_norm_eps
+        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = D ** -0.5  # YaRN does not change it
-        self.q_proj = Weight(cfg.q_size, H, device=device, dtype=dtype)
-        self.k_proj = Weight(cfg.kv_size, H, device=device, dtype=dtype)
-        self.v_proj = Weight(cfg.kv_size, H, device=device, dtype=dtype)
+        self.qkv_proj = Weight(cfg.q_size + 2 * cfg.kv_size, H, device=device, dtype=dtype)  # [q | k | v] rows
         self.o_proj = Weight(H, cfg.q_size, device=device, dtype=dtype)
         self.q_norm = Weight(D, device=device, dtype=dtype)
         self.k_norm = Weight(D, device=device, dtype=dtype)
 
     def forward(self, x_TH, cos, sin, batch: AttnBatch, kv: tuple[torch.Tensor, torch.Tensor],
-                attend: Callable, trace: Trace, i: int) -> torch.Tensor:
+                be: Backend, trace: Trace, i: int) -> torch.Tensor:
         T = x_TH.shape[0]
-        q = F.linear(x_TH, self.q_proj.weight).view(T, self.nh, self.hd)
-        k = F.linear(x_TH, self.k_proj.weight).view(T, self.nkv, self.hd)
-        v = F.linear(x_TH, self.v_proj.weight).view(T, self.nkv, self.hd)
-        if trace is None:
-            q = norm_rope(q, self.q_norm.weight, cos, sin, self.eps)
-            k = norm_rope(k, self.k_norm.weight, cos, sin, self.eps)
-        else:  # the parity tests look at q and k between the norm and the rope
+        qkv = F.linear(x_TH, self.qkv_proj.weight)  # [T, q_size + 2 kv_size]
+        if be.fused_norms:
+            from .fused_triton import qkv_norm_rope_write
+            q = qkv_norm_rope_write(qkv, self.q_norm.weight, self.k_norm.weight, cos, sin, self.eps, self.nh,
+                                    self.nkv, kv[0], kv[1], batch.slot_mapping)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q, k, v = q.view(T, self.nh, self.hd), k.view(T, self.nkv, self.hd), v.view(T, self.nkv, self.hd)
             q = rms_norm(q, self.q_norm.weight, self.eps)
             k = rms_norm(k, self.k_norm.weight, self.eps)
-            trace[f"{i}.q_norm"], trace[f"{i}.k_norm"] = q, k
+            if trace is not None:  # the parity tests look at q and k between the norm and the rope
+                trace[f"{i}.q_norm"], trace[f"{i}.k_norm"] = q, k
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            trace[f"{i}.q_rope"], trace[f"{i}.k_rope"] = q, k
-        write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
-        o = attend(q, kv[0], kv[1], batch, self.scale)
+            if trace is not None:
+                trace[f"{i}.q_rope"], trace[f"{i}.k_rope"] = q, k
+            write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
+        o = be.attend(q, kv[0], kv[1], batch, self.scale)
         return F.linear(o.reshape(T, self.nh * self.hd), self.o_proj.weight)
 
 
@@ -78,14 +80,18 @@ class SparseMoe(nn.Module):
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = Weight(cfg.num_experts, cfg.hidden_size, device=device, dtype=dtype)
         self.experts = Experts(cfg, device, dtype)
-        self.grouped = True  # False: the per-expert reference loop
+        self.grouped = True  # False: the per-expert reference loop where the backend says 'torch'
 
-    def forward(self, x_TH: torch.Tensor, trace: Trace, i: int) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, be: Backend, trace: Trace, i: int) -> torch.Tensor:
+        w13, w2 = self.experts.gate_up_proj, self.experts.down_proj
+        if be.moe == "triton":
+            from .fused_moe_triton import fused_moe
+            return fused_moe(x_TH, self.gate.weight, w13, w2, self.top_k, self.norm_topk_prob, be.moe_small_max)
         logits, w, ids = route(x_TH, self.gate.weight, self.top_k, self.norm_topk_prob)
         if trace is not None:
             trace[f"{i}.router_logits"], trace[f"{i}.topk_w"], trace[f"{i}.topk_ids"] = logits, w, ids
-        run = experts_grouped if self.grouped else experts_loop
-        return run(x_TH, self.experts.gate_up_proj, self.experts.down_proj, ids, w)
+        run = experts_grouped if (be.moe == "torch" and self.grouped) else experts_loop
+        return run(x_TH, w13, w2, ids, w)
 
 
 class DenseMlp(nn.Module):
@@ -96,7 +102,7 @@ class DenseMlp(nn.Module):
         self.up_proj = Weight(I, H, device=device, dtype=dtype)
         self.down_proj = Weight(H, I, device=device, dtype=dtype)
 
-    def forward(self, x_TH: torch.Tensor, trace: Trace, i: int) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, be: Backend, trace: Trace, i: int) -> torch.Tensor:
         return dense_mlp(x_TH, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
@@ -109,15 +115,22 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, device, dtype)
         self.mlp = SparseMoe(cfg, device, dtype) if cfg.is_sparse(index) else DenseMlp(cfg, device, dtype)
 
-    def forward(self, h_TH, cos, sin, batch, kv, attend, trace: Trace = None) -> torch.Tensor:
-        i = self.index
-        a = norm(h_TH, self.input_layernorm.weight, self.eps)
-        attn = self.self_attn(a, cos, sin, batch, kv, attend, trace, i)
-        h = h_TH + attn
-        m = norm(h, self.post_attention_layernorm.weight, self.eps)
-        mlp = self.mlp(m, trace, i)
+    def forward(self, h_TH, pending, cos, sin, batch, kv, be: Backend, trace: Trace = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (h, pending): the layer's output is h + pending (pending None: h is the output).
+        With fused norms the last residual add is left to the next layer's add+norm kernel."""
+        i, fused = self.index, be.fused_norms
+        if pending is None:
+            a = norm(h_TH, self.input_layernorm.weight, self.eps, fused)
+        else:
+            a, h_TH = add_norm(pending, h_TH, self.input_layernorm.weight, self.eps, fused)
+        attn = self.self_attn(a, cos, sin, batch, kv, be, trace, i)
+        m, h = add_norm(attn, h_TH, self.post_attention_layernorm.weight, self.eps, fused)
+        mlp = self.mlp(m, be, trace, i)
+        if trace is None and fused:
+            return h, mlp
         out = h + mlp
         if trace is not None:
             trace.update({f"{i}.input_norm": a, f"{i}.attn_out": attn, f"{i}.post_norm": m,
                           f"{i}.mlp_out": mlp, f"{i}.out": out})
-        return out
+        return out, None

@@ -69,10 +69,6 @@ def apply_rope(x_THD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) 
 
 def norm_rope(x_THD: torch.Tensor, weight_D: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
               eps: float) -> torch.Tensor:
-    """apply_rope(rms_norm(x)) for per-head q or k; one fused Triton kernel on CUDA."""
-    if x_THD.is_cuda:
-        from .fused_triton import qk_norm_rope_fused, use_fused
-        if use_fused(x_THD):
-            return qk_norm_rope_fused(x_THD, weight_D, cos_TD, sin_TD, eps)
+    """apply_rope(rms_norm(x)) for per-head q or k (torch maths)."""
     from .norm import rms_norm
     return apply_rope(rms_norm(x_THD, weight_D, eps), cos_TD, sin_TD)

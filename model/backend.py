@@ -1,0 +1,83 @@
+"""The one place that chooses kernels. A Backend is picked once when a Stage is built, from its
+device and the options, and handed to every layer. Tracing (parity) uses `backend.reference()`:
+the torch maths for MoE, norms and rope, with the same attention kernel."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+
+from .attention import attention_ref
+from .batch import AttnBatch
+
+# Tokens at or below which the fused MoE runs its per-(token, expert) GEMV path; above, the tokens
+# are grouped by expert. Measured on H100 by bench/bench_decode_layer.py (bench/results/).
+MOE_SMALL_MAX_TOKENS = 16
+
+
+def reference_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
+    return attention_ref(q, k_cache, v_cache, batch.block_tables, batch.query_lens, batch.context_lens, scale)
+
+
+def triton_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
+    from .attention_triton import paged_attention
+    return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start, batch.context_lens_t,
+                           scale, batch.max_query_len, batch.max_context)
+
+
+def sdpa_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
+    """Decode-only micro-batches: the Triton split-K decode kernel; prefill: fused SDPA."""
+    from .attention_sdpa import prefill_sdpa
+    from .attention_triton import paged_decode
+    if batch.max_query_len == 1:
+        return paged_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens_t, scale, batch.max_context)
+    return prefill_sdpa(q, k_cache, v_cache, batch, scale, paged_decode)
+
+
+ATTENTION: dict[str, Callable] = {"ref": reference_attend, "triton": triton_attend, "sdpa": sdpa_attend}
+MOE_PATHS = ("loop", "torch", "triton")  # per-expert loop, sort + grouped GEMM in torch, fused Triton
+
+
+@dataclass(frozen=True)
+class Backend:
+    attention: str  # a key of ATTENTION
+    moe: str  # one of MOE_PATHS
+    fused_norms: bool  # Triton add+RMSNorm, q/k-norm+rope+KV write
+    moe_small_max: int = MOE_SMALL_MAX_TOKENS
+
+    @property
+    def attend(self) -> Callable:
+        return ATTENTION[self.attention]
+
+    def reference(self) -> "Backend":
+        """The torch maths (for traces and parity), keeping the attention kernel."""
+        return replace(self, moe="torch" if self.moe == "triton" else self.moe, fused_norms=False)
+
+
+def pick_backend(device: torch.device | str, attention: str | None = None, moe: str | None = None,
+                 fused: bool | None = None) -> Backend:
+    """CUDA: 'sdpa' attention, Triton MoE and fused norms; CPU: the torch reference paths.
+    attention: 'ref' (torch, any device), 'triton' (all Triton) or 'sdpa' (Triton decode + SDPA
+    prefill). moe: 'loop', 'torch' or 'triton'. fused: the Triton norm kernels."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    attention = attention or ("sdpa" if cuda else "ref")
+    if attention not in ATTENTION:
+        raise ValueError(f"attention backend {attention!r}: expected one of {', '.join(ATTENTION)}")
+    if attention != "ref" and not cuda:
+        raise ValueError(f"attention backend {attention!r} needs a CUDA device")
+    moe = moe or ("triton" if cuda else "torch")
+    if moe not in MOE_PATHS:
+        raise ValueError(f"moe path {moe!r}: expected one of {', '.join(MOE_PATHS)}")
+    if moe == "triton" and not cuda:
+        raise ValueError("moe path 'triton' needs a CUDA device")
+    fused = cuda if fused is None else fused
+    if fused and not cuda:
+        raise ValueError("fused norm kernels need a CUDA device")
+    return Backend(attention, moe, fused)
+
+
+def pick_attention(device: torch.device | str, name: str | None = None) -> Callable:
+    """The attention function alone (benchmarks)."""
+    return pick_backend(device, name).attend

@@ -1,0 +1,58 @@
+"""load_format="dummy": seeded random weights from a config alone, no files."""
+import json
+
+import pytest
+import torch
+
+from loader.dummy import dummy_config
+from loader.load import load_stage
+from loader.partition import partition
+from loader.presets import preset_config
+from model.batch import AttnBatch
+
+
+def _stage(cfg, spec, seed=0, dtype=torch.float32):
+    return load_stage("/nonexistent/folder", cfg, spec, "cpu", dtype, load_format="dummy", seed=seed)
+
+
+def test_dummy_from_preset_and_config_json_agree(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(preset_config("user-mini")))
+    a, b = dummy_config("user-mini"), dummy_config(tmp_path)
+    spec = partition(a.num_hidden_layers, 1)[0]
+    pa, pb = dict(_stage(a, spec).named_parameters()), dict(_stage(b, spec).named_parameters())
+    assert pa.keys() == pb.keys()
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def test_dummy_values_seeded_and_independent_of_split():
+    cfg = dummy_config("tiny")
+    whole = dict(_stage(cfg, partition(cfg.num_hidden_layers, 1)[0]).named_parameters())
+    last = dict(_stage(cfg, partition(cfg.num_hidden_layers, 2)[1]).named_parameters())
+    assert "embed_tokens.weight" not in last and "lm_head.weight" in last
+    assert all(torch.equal(whole[n], p) for n, p in last.items())
+    other = dict(_stage(cfg, partition(cfg.num_hidden_layers, 1)[0], seed=1).named_parameters())
+    assert not torch.equal(whole["layers.0.mlp.experts.down_proj"], other["layers.0.mlp.experts.down_proj"])
+    w = whole["layers.1.mlp.experts.gate_up_proj"]
+    assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
+    n = whole["layers.1.input_layernorm.weight"]
+    assert abs(n.mean().item() - 1.0) < 0.05 and 0.05 < n.std().item() < 0.2
+    qkv = whole["layers.0.self_attn.qkv_proj.weight"]
+    assert qkv.shape == (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dummy_stage_runs_a_forward_with_sane_logits(dtype):
+    cfg = dummy_config("tiny")
+    stage = _stage(cfg, partition(cfg.num_hidden_layers, 1)[0], dtype=dtype)
+    stage.allocate_kv(4, 16)
+    ids = torch.randint(0, cfg.vocab_size, (20,))
+    logits = stage(ids, AttnBatch.build([20], [20], [[2, 0]], 16, [True], "cpu"))
+    assert logits.shape == (1, cfg.vocab_size) and torch.isfinite(logits).all()
+    assert 0.01 < logits.std().item() < 10
+
+
+def test_dummy_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="load_format 'dumy'"):
+        load_stage("x", dummy_config("tiny"), partition(4, 1)[0], "cpu", torch.float32, load_format="dumy")
+    with pytest.raises(Exception, match="config.json not found"):
+        dummy_config("/nonexistent/preset-or-folder")
