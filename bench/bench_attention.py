@@ -1,12 +1,19 @@
-"""Time the Triton paged attention kernels (model/attention_triton.py) at Qwen3-30B-A3B's shape.
+"""Time the paged attention kernels at Qwen3-30B-A3B's shape and the other head layouts.
 
-N=32 query heads, K=4 kv heads, D=128, bf16, block size 16, shuffled block tables. Median of
-triton.testing.do_bench. Decode reports GB/s of KV read (sum(ctx) * K * D * 2 tensors * 2 bytes);
-prefill reports TFLOP/s counting only the causal work (4 * N * D per visible (query, key) pair).
-Peer: torch scaled_dot_product_attention on contiguous tensors (GQA via enable_gqa) where it
-computes the same thing: fresh causal prefill and decode (one query, no mask).
+N=32 query heads, K=4 kv heads, D=128, bf16, block size 16, shuffled block tables (prefill also
+at N/K = 48/8 and 64/4). Median of triton.testing.do_bench. Decode reports GB/s of KV read
+(sum(ctx) * K * D * 2 tensors * 2 bytes); prefill reports TFLOP/s counting only the causal work
+(4 * N * D per visible (query, key) pair) and that as % of the bf16 matmul rate measured in the
+same run (torch.matmul 8192^3).
+
+Prefill implementations: "fa" (model/attention_prefill_triton.py, paged flash attention with the
+group's heads packed into one tile), "triton" (model/attention_triton.py, one head per program)
+and "sdpa" (model/attention_sdpa.py, the engine's SDPA path: gather the prefix contiguous, then
+SDPA with a lower-right causal mask, gather included in the time). Peer: torch SDPA on contiguous
+tensors where it computes the same thing: fresh causal prefill and decode (one query, no mask).
 
     python bench/bench_attention.py [--out bench/results/attention_kernels.json] [--sweep]
+                                    [--only prefill|decode]
 
 --sweep also times a few tile configurations (prefill) and block_n / num_splits (decode).
 """
@@ -18,13 +25,16 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import attention_prefill_triton as fa  # noqa: E402
 from model import attention_triton as at  # noqa: E402
+from model.attention_sdpa import prefill_sdpa  # noqa: E402
 
 N, K, D, S = 32, 4, 128, 16
 DT = torch.bfloat16
@@ -39,11 +49,25 @@ CASES = [  # (kind, name, a, b)
     ("decode", "decode B=1 ctx=128k", 131072, 1),
     ("decode", "decode B=16 ctx=4k", 4096, 16),
     ("prefill", "prefill 8k fresh", 8192, 8192),
+    ("prefill", "prefill 4k at 0", 4096, 4096),
+    ("prefill", "prefill 4k at 32k", 4096, 36864),
     ("prefill", "prefill 4k at 86k", 4096, 92160),
+    ("prefill 48/8", "prefill 4k at 86k N48 K8", 4096, 92160),
+    ("prefill 64/4", "prefill 4k at 86k N64 K4", 4096, 92160),
 ]
+FA_SWEEP = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3),
+            (64, 64, 4, 3), (128, 32, 8, 4)]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 
 
-def make(qlens: list[int], ctxs: list[int], seed: int = 0):
+def matmul_tflops() -> float:
+    """Measured bf16 dense matmul rate (8192^3), the reference for attention TFLOP/s."""
+    a = torch.randn(8192, 8192, device=DEV, dtype=DT)
+    b = torch.randn(8192, 8192, device=DEV, dtype=DT)
+    ms = bench(lambda: a @ b)
+    return 2 * 8192 ** 3 / ms / 1e9
+
+
+def make(qlens: list[int], ctxs: list[int], seed: int = 0, N: int = N, K: int = K):
     """q [T, N, D], caches [P, S, K, D] with a shuffled block table per sequence, metadata."""
     g = torch.Generator(device=DEV).manual_seed(seed)
     nblk = [triton.cdiv(c, S) for c in ctxs]
@@ -63,10 +87,10 @@ def make(qlens: list[int], ctxs: list[int], seed: int = 0):
     return q, k_cache, v_cache, tables, qs, cl
 
 
-def contiguous_kv(k_cache, v_cache, table_M, ctx):
+def contiguous_kv(k_cache, v_cache, table_M, ctx, kv_heads=K):
     """[1, K, ctx, D] contiguous copies of one sequence's K and V (the SDPA peer's inputs)."""
     def one(c):
-        return c[table_M[:triton.cdiv(ctx, S)].long()].reshape(-1, K, D)[:ctx].transpose(0, 1)[None]
+        return c[table_M[:triton.cdiv(ctx, S)].long()].reshape(-1, kv_heads, D)[:ctx].transpose(0, 1)[None]
     return one(k_cache).contiguous(), one(v_cache).contiguous()
 
 
@@ -114,71 +138,89 @@ def decode_case(name, ctxs, rows, sweep):
         del kvs, k1, v1
 
 
-def prefill_case(name, qlen, ctx, rows, sweep):
-    q, kc, vc, bt, qs, cl = make([qlen], [ctx])
-    tflop = 4 * N * D * sum(ctx - qlen + i + 1 for i in range(qlen)) / 1e12
-    configs = [None]
-    if sweep:
-        configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
-                    for m, n, w, st in [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 4, 3),
-                                        (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2)]]
-    out = torch.empty_like(q)
-    for cfg in configs:
-        def fn(cfg=cfg):
-            return at.paged_prefill(q, kc, vc, bt, qs, cl, SCALE, qlen, out=out, config=cfg)
+def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=None):
+    q, kc, vc, bt, qs, cl = make([qlen], [ctx], N=n_heads, K=kv_heads)
+    tflop = 4 * n_heads * D * sum(ctx - qlen + i + 1 for i in range(qlen)) / 1e12
+    shape = f"N{n_heads} K{kv_heads}"
+
+    def add(impl, variant, fn, ref=None):
         try:
             ms = bench(fn)
         except Exception as e:  # a sweep config may not fit shared memory on this card
-            rows.append(dict(case=name, impl="triton", variant=str(cfg), error=repr(e)[:200]))
-            continue
-        tag = "default" if cfg is None else \
-            "M{BLOCK_M} N{BLOCK_N} warps{num_warps} stages{num_stages}".format(**cfg)
-        rows.append(dict(case=name, impl="triton", variant=tag,
-                         ms=ms, TFLOPs=tflop / ms * 1e3))
+            rows.append(dict(case=name, shape=shape, impl=impl, variant=variant, error=repr(e)[:200]))
+            return None
+        r = dict(case=name, shape=shape, impl=impl, variant=variant, qlen=qlen, offset=ctx - qlen,
+                 ms=ms, TFLOPs=tflop / ms * 1e3)
+        if mm_tflops:
+            r["pct_of_matmul"] = 100 * r["TFLOPs"] / mm_tflops
+        if ref is not None:
+            r["rel_err_vs_sdpa"] = rel_err(fn(), ref)
+        rows.append(r)
+        return ms
+
+    batch = SimpleNamespace(query_lens=[qlen], context_lens=[ctx], block_tables=bt, context_lens_t=cl)
+    ref = prefill_sdpa(q, kc, vc, batch, SCALE, None)
+    add("sdpa", "engine path (gather + lower-right mask)", lambda: prefill_sdpa(q, kc, vc, batch, SCALE, None))
+    out = torch.empty_like(q)
+    add("triton", "default", lambda: at.paged_prefill(q, kc, vc, bt, qs, cl, SCALE, qlen, out=out), ref)
+    configs = [None]
+    if sweep:
+        configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in FA_SWEEP]
+    for cfg in configs:
+        tag = "default" if cfg is None else "M{BLOCK_M} N{BLOCK_N} warps{num_warps} stages{num_stages}".format(**cfg)
+        add("fa", tag, lambda cfg=cfg: fa.paged_prefill_fa(q, kc, vc, bt, qs, cl, SCALE, qlen, out=out, config=cfg),
+            ref)
     if qlen == ctx:  # fresh prefill: SDPA causal on contiguous tensors is the same maths
-        k1, v1 = contiguous_kv(kc, vc, bt[0], ctx)
+        k1, v1 = contiguous_kv(kc, vc, bt[0], ctx, kv_heads)
         qq = q.transpose(0, 1)[None].contiguous()  # [1, N, T, D]
-        ref = sdpa(qq, k1, v1, True)
-        err = rel_err(at.paged_prefill(q, kc, vc, bt, qs, cl, SCALE, qlen), ref[0].transpose(0, 1))
-        ms = bench(lambda: sdpa(qq, k1, v1, True))
-        rows.append(dict(case=name, impl="sdpa (contiguous, is_causal)", variant="", ms=ms,
-                         TFLOPs=tflop / ms * 1e3, rel_err_triton_vs_sdpa=err))
+        add("sdpa (contiguous, is_causal)", "", lambda: sdpa(qq, k1, v1, True))
+
+
+SWEEP_CASES = ("prefill 4k at 86k", "prefill 4k at 0")  # the tile sweep runs on these only
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/attention_kernels.json")
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs / splits")
+    ap.add_argument("--only", choices=("prefill", "decode"), default=None)
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     rows: list[dict] = []
+    mm = matmul_tflops()
+    print(f"bf16 matmul 8192^3: {mm:.0f} TFLOP/s", flush=True)
     for kind, name, a, b in CASES:
+        if args.only and not kind.startswith(args.only):
+            continue
         print(f"... {name}", flush=True)
         if kind == "decode":
             decode_case(name, [a] * b, rows, args.sweep)  # a: context, b: batch
-        else:
-            prefill_case(name, a, b, rows, args.sweep)  # a: chunk length, b: context after it
+        else:  # a: chunk length, b: context after it; "prefill N/K" names the head layout
+            nk = kind.split()[1].split("/") if " " in kind else (N, K)
+            prefill_case(name, a, b, rows, args.sweep and name in SWEEP_CASES, int(nk[0]), int(nk[1]), mm)
         torch.cuda.empty_cache()
 
-    print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    print(f"{'case':<22} {'impl':<30} {'variant':<44} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8}")
+    print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"matmul {mm:.0f} TFLOP/s")
+    print(f"{'case':<26} {'impl':<12} {'variant':<40} {'ms':>9} {'GB/s':>6} {'TFLOP/s':>8} {'%mm':>5}")
     for r in rows:
         if "error" in r:
-            print(f"{r['case']:<22} {r['impl']:<30} {r['variant'][:44]:<44} error: {r['error'][:60]}")
+            print(f"{r['case']:<26} {r['impl'][:12]:<12} {r['variant'][:40]:<40} error: {r['error'][:60]}")
             continue
         gb = f"{r['GBps']:.0f}" if "GBps" in r else ""
         tf = f"{r['TFLOPs']:.1f}" if "TFLOPs" in r else ""
-        err = r.get("rel_err_triton_vs_sdpa")
+        pct = f"{r['pct_of_matmul']:.0f}" if "pct_of_matmul" in r else ""
+        err = r.get("rel_err_triton_vs_sdpa", r.get("rel_err_vs_sdpa"))
         extra = f"  (rel err vs sdpa {err:.1e})" if err is not None else ""
-        print(f"{r['case']:<22} {r['impl']:<30} {r['variant'][:44]:<44} {r['ms']:>9.4f} {gb:>8} {tf:>8}"
-              + extra)
+        print(f"{r['case']:<26} {r['impl'][:12]:<12} {r['variant'][:40]:<40} {r['ms']:>9.4f} {gb:>6} {tf:>8} "
+              f"{pct:>5}" + extra)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
         card=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-        torch=torch.__version__, triton=triton.__version__,
+        torch=torch.__version__, triton=triton.__version__, matmul_tflops=mm,
         shape=dict(N=N, K=K, D=D, block_size=S, dtype="bfloat16"), results=rows), indent=1))
     print(f"\nwrote {out}")
 

@@ -1,4 +1,5 @@
-"""Triton paged attention (model/attention_triton.py) against the torch reference (model/attention.py).
+"""Triton paged attention (model/attention_triton.py, model/attention_prefill_triton.py) against the
+torch reference (model/attention.py).
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 on small shapes (set here, before triton is
 imported); with CUDA the same small cases run compiled, plus the @pytest.mark.gpu cases at the
@@ -24,11 +25,15 @@ if not _CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import (and the kernels' jit)
 pytest.importorskip("triton")
 
+from model import attention_prefill_triton as fa  # noqa: E402
 from model import attention_triton as at  # noqa: E402
 from model.attention import attention_ref, gather_kv  # noqa: E402
+from model.batch import AttnBatch  # noqa: E402
 
 if not _CUDA and not at._interpreted():  # imported earlier in this process without the env var
     at = importlib.reload(at)
+if not _CUDA and not fa._interpreted():
+    fa = importlib.reload(fa)
 
 DEV = torch.device("cuda" if _CUDA else "cpu")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
@@ -109,6 +114,15 @@ def run_prefill(qlens, ctxs, N, K, D, S, dtype, **cfg):
     return check(o, ref, dtype, f"prefill N{N} K{K} D{D} S{S} {dtype} q{qlens[:6]} ctx{ctxs[:6]}")
 
 
+def run_fa(qlens, ctxs, N, K, D, S, dtype, seed=None, **cfg):
+    q, kc, vc, bt, qs, cl = make_case(qlens, ctxs, N, K, D, S, dtype, seed=seed)
+    out = nan_like(q)
+    o = fa.paged_prefill_fa(q, kc, vc, bt, qs, cl, D ** -0.5, max(qlens), out=out, config=cfg or None)
+    assert o is out
+    ref = ref_fp32(q, kc, vc, bt, qlens, ctxs, D ** -0.5)
+    return check(o, ref, dtype, f"fa N{N} K{K} D{D} S{S} {dtype} {cfg} q{qlens[:6]} ctx{ctxs[:6]}")
+
+
 def run_decode(ctxs, N, K, D, S, dtype, num_splits=None):
     q, kc, vc, bt, _, cl = make_case([1] * len(ctxs), ctxs, N, K, D, S, dtype)
     out = nan_like(q)
@@ -183,6 +197,45 @@ def test_choose_num_splits():
     assert at.choose_num_splits(512, 4, 8192, cpu) == 1
 
 
+# ----------------------------------------------------------------------------- paged flash prefill, small
+# Offsets: fresh chunks (0), chunks starting inside a block, chunks many blocks deep, single
+# queries. Tiles: S >= BLOCK_N (one block per K tile) and S < BLOCK_N (a tile spans blocks).
+
+
+@pytest.mark.parametrize("N,K,D,S,qlens,ctxs,dtype,cfg", [
+    (2, 2, 16, 16, [20, 1, 7], [20, 9, 40], torch.float32, dict(BLOCK_M=16, BLOCK_N=16)),   # G=1
+    (8, 2, 32, 32, [24, 3], [300, 35], torch.float32, dict(BLOCK_M=32, BLOCK_N=16)),        # G=4
+    (8, 1, 16, 16, [13, 5], [77, 5], torch.bfloat16, dict(BLOCK_M=32, BLOCK_N=32)),         # G=8
+    (16, 1, 16, 256, [9, 2], [400, 258], torch.float32, dict(BLOCK_M=32, BLOCK_N=32)),      # G=16
+    (12, 2, 24, 64, [21, 7], [90, 7], torch.float32, dict(BLOCK_M=32, BLOCK_N=16)),         # G=6, D pad
+    (4, 2, 16, 1, [11], [45], torch.float32, dict(BLOCK_M=16, BLOCK_N=16)),                 # S=1
+    (4, 2, 32, 128, [70, 1], [200, 130], torch.float32, {}),                                # defaults
+])
+def test_fa_prefill_small(N, K, D, S, qlens, ctxs, dtype, cfg):
+    run_fa(qlens, ctxs, N, K, D, S, dtype, seed=sum(ctxs) + S, **cfg)
+
+
+def test_fa_attend_mixed_batch():
+    """The engine entry point on an AttnBatch: two chunks (one 3 blocks deep) and two decode rows,
+    which go to the split-K decode kernel; equals attention_ref."""
+    N, K, D, S = 8, 2, 16, 16
+    qlens, ctxs = [1, 20, 1, 9], [50, 68, 7, 9]
+    q, kc, vc, bt, _, _ = make_case(qlens, ctxs, N, K, D, S, torch.float32, seed=5)
+    tables = [bt[b, :-(-c // S)].tolist() for b, c in enumerate(ctxs)]
+    batch = AttnBatch.build(qlens, ctxs, tables, S, [True] * 4, DEV)
+    got = fa.prefill_attend(q, kc, vc, batch, D ** -0.5)
+    check(got, ref_fp32(q, kc, vc, batch.block_tables, qlens, ctxs, D ** -0.5), torch.float32, "fa attend mixed")
+
+
+def test_fa_rejects_bad_input():
+    q, kc, vc, bt, qs, cl = make_case([4], [4], 4, 3, 16, 16, torch.float32, seed=0)  # 4 heads, 3 kv heads
+    with pytest.raises(ValueError, match="not a multiple"):
+        fa.paged_prefill_fa(q, kc, vc, bt, qs, cl, 0.25, 4)
+    q, kc, vc, bt, qs, cl = make_case([4], [4], 4, 2, 16, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        fa.paged_prefill_fa(q.to(torch.bfloat16), kc, vc, bt, qs, cl, 0.25, 4)
+
+
 # ----------------------------------------------------------------------------- real shapes (GPU)
 
 BF16 = torch.bfloat16
@@ -233,3 +286,28 @@ def test_gpu_other_shapes(N, K, S):
 def test_gpu_fp32():
     run_decode([1, 3000, 20000], 32, 4, 128, 16, torch.float32)
     run_prefill([1, 700, 1500], [4000, 700, 3000], 32, 4, 128, 16, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("qlen,ctx", [(4096, 92160), (4096, 4096), (4096, 36864 + 5)])
+def test_gpu_fa_chunk(qlen, ctx):
+    """4k chunks at 0, at 32k (+5: inside a block) and at 86k, GQA 32/4, block 16, bf16."""
+    run_fa([qlen], [ctx], 32, 4, 128, 16, BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("N,K,D,S", [(48, 8, 128, 16), (64, 4, 128, 16), (32, 4, 128, 64), (32, 4, 128, 256),
+                                     (32, 32, 128, 32), (64, 4, 64, 16), (32, 2, 64, 128)])
+def test_gpu_fa_shapes(N, K, D, S):
+    """Group sizes 6, 16, 8, 1 (and 16 at D=64), block sizes 16..256, a mixed batch with decode rows."""
+    run_fa([1, 700, 2048, 3], [4000, 700, 6000 + 3, 20000], N, K, D, S, BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+def test_gpu_fa_fp32_and_sweep_configs():
+    run_fa([1, 700, 1500], [4000, 700, 3000], 32, 4, 128, 16, torch.float32)
+    for m, n, w, st in ((128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4)):
+        run_fa([333, 2048], [5000, 2048], 32, 4, 128, 16, BF16, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)

@@ -1,0 +1,239 @@
+"""Paged prefill attention, Triton, FlashAttention-2 style: the CUDA prefill path for the maths of
+attention.attention_ref.
+
+Letters: T tokens in the micro-batch, B sequences, N query heads, K kv heads (G = N // K query
+heads per kv head), D head_dim (padded to DP, a power of two), P blocks in the pool, S block size.
+
+Grid (query tiles, K, B). One program owns QM = BLOCK_M // G consecutive queries of one sequence
+and all G query heads of one kv head, packed into the BLOCK_M rows of its tile (row r = query
+r // G, head r % G), so each K/V tile loaded serves the whole group. Keys are read straight from
+the pool through the block table (page = table[pos // S], slot = pos % S): a K tile may span
+several blocks (S < BLOCK_N) or lie inside one (S >= BLOCK_N, one table read per tile). Online
+softmax in fp32 (exp2 domain); P is cast to the kv dtype for P @ V; output in q's dtype.
+
+Causality: query i of a chunk of length qlen sits at position ctx - qlen + i. A program's keys
+split in two loops: tiles below its first query's position, visible to every row (no mask), then
+the one or two tiles on the diagonal (masked). Tiles above the diagonal are never visited.
+No buffer depends on the prefix length: the kernel reads the pool and writes `out` only.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b (fp32)."""
+    if UPCAST:  # TRITON_INTERPRET: its numpy dot reads bf16 as raw uint16, so go through fp32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tile(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh, n0, hi, qpos, offs_d, mask_d, qk_scale,
+          stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
+          S: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
+          MASKED: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One online-softmax step over keys [n0, n0 + BLOCK_N) (n0 a multiple of BLOCK_N).
+
+    q [BLOCK_M, DP]; m_i, l_i [BLOCK_M] (m_i in log2 units), acc [BLOCK_M, DP] fp32. MASKED (the
+    diagonal tiles): keys past each row's position qpos [BLOCK_M], or at/after hi, are dropped
+    and not loaded. Key rows: page = table[pos // S], slot = pos % S, int64 element offsets.
+    """
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    if S >= BLOCK_N:  # the tile lies inside one block: one table read
+        page = tl.load(bt_row + n0 // S).to(tl.int64)
+    elif MASKED:
+        page = tl.load(bt_row + offs_n // S, mask=offs_n < hi, other=0).to(tl.int64)
+    else:
+        page = tl.load(bt_row + offs_n // S).to(tl.int64)
+    slot = (offs_n % S).to(tl.int64)
+    k_off = page * stride_kp + slot * stride_ks + kh * stride_kk  # [BLOCK_N]
+    v_off = page * stride_vp + slot * stride_vs + kh * stride_vk
+    if MASKED:
+        mask_kv = (offs_n < hi)[:, None] & mask_d[None, :]
+        k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=mask_kv, other=0.0)
+    elif D != DP:
+        k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :])  # [BLOCK_N, DP]
+    qk = _dot(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST)
+    if MASKED:
+        qk = tl.where((offs_n[None, :] <= qpos[:, None]) & (offs_n < hi)[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # m_i starts at -1e30: never inf - inf
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=mask_kv, other=0.0)
+    elif D != DP:
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+    else:
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :])  # [BLOCK_N, DP]
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefill_fa_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qstart_ptr, ctx_ptr,
+    qk_scale,  # scale * log2(e)
+    stride_qt, stride_qn, stride_ot, stride_on,
+    stride_kp, stride_ks, stride_kk,
+    stride_vp, stride_vs, stride_vk,
+    stride_btb,
+    G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_SINGLE: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    QM: tl.constexpr = BLOCK_M // G  # queries per program
+    b = tl.program_id(2)
+    q0 = tl.load(qstart_ptr + b)
+    qlen = tl.load(qstart_ptr + b + 1) - q0
+    n_tiles = tl.cdiv(qlen, QM)
+    pid = tl.program_id(0)
+    if pid >= n_tiles:
+        return
+    if SKIP_SINGLE:  # single-query rows go to the split-K decode kernel
+        if qlen == 1:
+            return
+    mq0 = (n_tiles - 1 - pid) * QM  # the last (longest) query tiles start first
+    kh = tl.program_id(1)
+    ctx = tl.load(ctx_ptr + b)
+    pos0 = ctx - qlen  # position of the chunk's first query
+
+    r = tl.arange(0, BLOCK_M)
+    qi = mq0 + r // G  # query index within the chunk
+    heads = kh * G + r % G
+    mask_m = (r < QM * G) & (qi < qlen)
+    offs_d = tl.arange(0, DP)
+    mask_d = offs_d < D
+    rows = (q0 + qi).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qn + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, DP]
+    qpos = pos0 + qi
+
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    kh64 = kh.to(tl.int64)
+
+    # keys < pos0 + mq0 + 1 are visible to every row; hi: one past the tile's last visible key
+    full = ((pos0 + mq0 + 1) // BLOCK_N) * BLOCK_N
+    hi = pos0 + tl.minimum(mq0 + QM, qlen)
+    for n0 in range(0, full, BLOCK_N):
+        m_i, l_i, acc = _tile(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh64, n0, hi, qpos, offs_d,
+                              mask_d, qk_scale, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
+                              stride_vk, S, D, DP, BLOCK_N, False, PRECISION, UPCAST)
+    for n0 in range(full, hi, BLOCK_N):
+        m_i, l_i, acc = _tile(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh64, n0, hi, qpos, offs_d,
+                              mask_d, qk_scale, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
+                              stride_vk, S, D, DP, BLOCK_N, True, PRECISION, UPCAST)
+
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # stored rows saw key 0 at least: l_i > 0
+    tl.store(o_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_on + offs_d[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def _interpreted() -> bool:
+    """The kernel was decorated under TRITON_INTERPRET=1 (CPU tests)."""
+    return not isinstance(_prefill_fa_kernel, triton.runtime.jit.JITFunction)
+
+
+def default_config(dtype: torch.dtype, head_dim: int, group: int) -> dict:
+    """Tiles for sm_90 (H100/H200), from the sweep in bench/bench_attention.py."""
+    if dtype == torch.float32:  # twice the bytes per tile: smaller tiles to fit shared memory
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+
+
+def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
+    N, D = q.shape[1], q.shape[2]
+    P, S, K, Dk = k_cache.shape
+    if v_cache.shape != k_cache.shape or Dk != D:
+        raise ValueError(f"q {tuple(q.shape)}, k cache {tuple(k_cache.shape)}, v cache {tuple(v_cache.shape)}: "
+                         f"caches must match and share q's head_dim")
+    if N % K:
+        raise ValueError(f"query heads {N} not a multiple of kv heads {K}")
+    if S & (S - 1):
+        raise ValueError(f"block size {S} must be a power of two")
+    if not (q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1):
+        raise ValueError("last dim (head_dim) of q and the caches must be contiguous")
+    if not (k_cache.dtype == v_cache.dtype == q.dtype):
+        raise ValueError(f"dtypes differ: q {q.dtype}, k {k_cache.dtype}, v {v_cache.dtype}")
+    return N, K, D
+
+
+def paged_prefill_fa(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables_BM: torch.Tensor, query_start_B1: torch.Tensor,
+                     context_lens_B: torch.Tensor, scale: float, max_query_len: int,
+                     out: torch.Tensor | None = None, config: dict | None = None,
+                     skip_single: bool = False) -> torch.Tensor:
+    """Causal attention of a flat batch of chunks over their paged caches (chunks already written).
+
+    q_TND [T, N, D]; caches [P, S, K, D]; block_tables_BM int32 [B, M]; query_start_B1 int32
+    [B + 1] (sequence b owns rows [qs[b], qs[b+1])); context_lens_B int32 [B] (>= that sequence's
+    query length); max_query_len host int >= every query length (sizes the grid). skip_single:
+    leave the rows of single-query sequences unwritten (the caller's decode kernel does them).
+    Rows of T not owned by a sequence are left untouched.
+    """
+    T = q_TND.shape[0]
+    N, K, D = check_inputs(q_TND, k_cache, v_cache)
+    G = N // K
+    B = context_lens_B.shape[0]
+    assert query_start_B1.shape[0] == B + 1
+    assert block_tables_BM.dtype == context_lens_B.dtype == query_start_B1.dtype == torch.int32
+    assert block_tables_BM.stride(-1) == 1
+    if out is None:
+        out = torch.empty_like(q_TND, memory_format=torch.contiguous_format)
+    assert out.shape == q_TND.shape and out.stride(-1) == 1
+    if T == 0 or B == 0 or max_query_len <= 0:
+        return out
+    cfg = dict(default_config(q_TND.dtype, D, G), **(config or {}))
+    block_m = cfg["BLOCK_M"]
+    if G > block_m:
+        block_m = cfg["BLOCK_M"] = triton.next_power_of_2(G)
+    grid = (triton.cdiv(max_query_len, block_m // G), K, B)
+    _prefill_fa_kernel[grid](
+        q_TND, k_cache, v_cache, out, block_tables_BM, query_start_B1, context_lens_B,
+        scale * _LOG2E,
+        q_TND.stride(0), q_TND.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables_BM.stride(0),
+        G=G, D=D, DP=max(16, triton.next_power_of_2(D)), S=k_cache.shape[1],
+        SKIP_SINGLE=skip_single, PRECISION="ieee" if q_TND.dtype == torch.float32 else "tf32",
+        UPCAST=_interpreted(), **cfg,
+    )
+    return out
+
+
+def prefill_attend(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch,
+                   scale: float) -> torch.Tensor:
+    """The engine's attend(q, k_cache, v_cache, AttnBatch, scale) on CUDA: decode-only batches and
+    the single-query rows of a mixed batch take the split-K decode kernel, the chunks this kernel."""
+    from .attention_triton import paged_decode
+    if batch.max_query_len == 1:
+        return paged_decode(q_TND, k_cache, v_cache, batch.block_tables, batch.context_lens_t, scale,
+                            batch.max_context)
+    single = [b for b, ql in enumerate(batch.query_lens) if ql == 1]
+    out = paged_prefill_fa(q_TND, k_cache, v_cache, batch.block_tables, batch.query_start,
+                           batch.context_lens_t, scale, batch.max_query_len, skip_single=bool(single))
+    if single:
+        dev = q_TND.device
+        starts = list(itertools.accumulate(batch.query_lens, initial=0))
+        rows = torch.tensor([starts[b] for b in single], device=dev)
+        seqs = torch.tensor(single, device=dev)
+        out[rows] = paged_decode(q_TND[rows], k_cache, v_cache, batch.block_tables[seqs].contiguous(),
+                                 batch.context_lens_t[seqs].contiguous(), scale,
+                                 max(batch.context_lens[b] for b in single))
+    return out
