@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from engine import parity
 from loader.load import load_stage
 from loader.partition import partition
 from model.batch import AttnBatch
@@ -37,47 +38,10 @@ def save_hf_model(cfg: dict, out: Path, seed: int = 0, fused: bool = False) -> P
 
 
 def load_hf(path: Path, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager",
-                                                experts_implementation="eager").eval()
+    return parity.load_hf(path, dtype)
 
 
-def hf_trace(model, ids: torch.Tensor) -> dict:
-    """Run transformers on ids [T] (one sequence) and record every sub-layer's output."""
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import apply_rotary_pos_emb
-    rec: dict = {}
-    hooks = []
-
-    def save(key, fn=lambda o: o):
-        return lambda mod, inp, out: rec.__setitem__(key, fn(out))
-
-    m = model.model
-    hooks.append(m.embed_tokens.register_forward_hook(save("embed", lambda o: o[0])))
-    hooks.append(m.rotary_emb.register_forward_hook(save("cos_sin", lambda o: (o[0][0], o[1][0]))))
-    for i, layer in enumerate(m.layers):
-        hooks.append(layer.input_layernorm.register_forward_hook(save(f"{i}.input_norm", lambda o: o[0])))
-        hooks.append(layer.self_attn.q_norm.register_forward_hook(save(f"{i}.q_norm", lambda o: o[0])))
-        hooks.append(layer.self_attn.k_norm.register_forward_hook(save(f"{i}.k_norm", lambda o: o[0])))
-        hooks.append(layer.self_attn.register_forward_hook(save(f"{i}.attn_out", lambda o: o[0][0])))
-        hooks.append(layer.post_attention_layernorm.register_forward_hook(save(f"{i}.post_norm", lambda o: o[0])))
-        hooks.append(layer.mlp.register_forward_hook(save(f"{i}.mlp_out", lambda o: (o[0] if isinstance(o, tuple) else o)[0])))
-        if hasattr(layer.mlp, "gate") and hasattr(layer.mlp.gate, "top_k"):
-            hooks.append(layer.mlp.gate.register_forward_hook(save(f"{i}.router", lambda o: o)))
-        hooks.append(layer.register_forward_hook(save(f"{i}.out", lambda o: (o[0] if isinstance(o, tuple) else o)[0])))
-    hooks.append(m.norm.register_forward_hook(save("final_norm", lambda o: o[0])))
-    with torch.no_grad():
-        logits = model(input_ids=ids[None], use_cache=False).logits[0]
-    for h in hooks:
-        h.remove()
-    rec["logits"] = logits
-    cos, sin = rec.pop("cos_sin")
-    for i in range(len(m.layers)):
-        if f"{i}.router" in rec:
-            rec[f"{i}.router_logits"], rec[f"{i}.topk_w"], rec[f"{i}.topk_ids"] = rec.pop(f"{i}.router")
-        q, k = rec[f"{i}.q_norm"], rec[f"{i}.k_norm"]  # [T, heads, D]
-        qr, kr = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
-        rec[f"{i}.q_rope"], rec[f"{i}.k_rope"] = qr[0].transpose(0, 1), kr[0].transpose(0, 1)
-    return rec
+hf_trace = parity.hf_trace  # one recorder for the tests and the `parity` command
 
 
 def engine_trace(path: Path, ids: torch.Tensor, dtype=torch.float32, grouped: bool = True,
