@@ -35,7 +35,14 @@ def sdpa_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Te
     return prefill_sdpa(q, k_cache, v_cache, batch, scale, paged_decode)
 
 
-ATTENTION: dict[str, Callable] = {"ref": reference_attend, "triton": triton_attend, "sdpa": sdpa_attend}
+def fa_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
+    """Decode: the Triton split-K kernel; prefill: paged flash attention straight from the pool."""
+    from .attention_prefill_triton import prefill_attend
+    return prefill_attend(q, k_cache, v_cache, batch, scale)
+
+
+ATTENTION: dict[str, Callable] = {"ref": reference_attend, "triton": triton_attend, "sdpa": sdpa_attend,
+                                  "fa": fa_attend}
 MOE_PATHS = ("loop", "torch", "triton")  # per-expert loop, sort + grouped GEMM in torch, fused Triton
 
 
