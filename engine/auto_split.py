@@ -1,0 +1,213 @@
+"""Automatic layer split: contiguous layer counts per stage that even out the stages' busy time,
+from measured costs (each layer's, the embedding's on stage 0, head + sampling on the last stage),
+without letting any stage cut the shared KV pool short (the pool is the minimum over stages).
+
+Measurement: LayerClock puts timing hooks on a Stage's layers for a warm-up workload (CUDA events,
+resolved at collection; host clock on CPU). Test hook: MOEPIPE_SLOW_LAYERS="i:ms[,j:ms]" makes
+layer i sleep ms milliseconds in each forward (CPU only), to build an unbalanced pipeline."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+SLOW_ENV = "MOEPIPE_SLOW_LAYERS"
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Milliseconds of one workload: per layer (index = layer), the embedding (stage 0) and the head
+    with sampling (last stage)."""
+    layer_ms: list[float]
+    embed_ms: float
+    head_ms: float
+
+    def stage_ms(self, counts: list[int]) -> list[float]:
+        out, start = [], 0
+        for r, n in enumerate(counts):
+            ms = sum(self.layer_ms[start:start + n])
+            ms += self.embed_ms if r == 0 else 0.0
+            ms += self.head_ms if r == len(counts) - 1 else 0.0
+            out.append(ms)
+            start += n
+        return out
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Bytes per stage for the KV-pool constraint: usable card bytes (per stage), weights per layer,
+    embedding (stage 0), head (last stage), a fixed reserve per stage, KV bytes per token per layer."""
+    card_bytes: list[int]
+    layer_bytes: list[int]
+    embed_bytes: int
+    head_bytes: int
+    reserve_bytes: int
+    kv_bytes_per_token_layer: int
+
+    def stage_tokens(self, rank: int, start: int, end: int, num_stages: int) -> int:
+        w = sum(self.layer_bytes[start:end]) + self.reserve_bytes
+        w += self.embed_bytes if rank == 0 else 0
+        w += self.head_bytes if rank == num_stages - 1 else 0
+        free = self.card_bytes[rank] - w
+        return max(0, free) // max(1, (end - start) * self.kv_bytes_per_token_layer)
+
+    def pool_tokens(self, counts: list[int]) -> int:
+        out, start = [], 0
+        for r, n in enumerate(counts):
+            out.append(self.stage_tokens(r, start, start + n, len(counts)))
+            start += n
+        return min(out)
+
+
+def even_counts(num_layers: int, num_stages: int) -> list[int]:
+    base, extra = divmod(num_layers, num_stages)
+    return [base + (1 if r < extra else 0) for r in range(num_stages)]
+
+
+def choose_split(costs: Costs, num_stages: int, memory: MemoryModel | None = None,
+                 min_pool_tokens: int | None = None) -> list[int]:
+    """Layer counts minimising the busiest stage's time (ties: the smaller sum of squares, i.e. the
+    more even one), every stage holding at least one layer. With `memory`, every stage must leave KV
+    room for min_pool_tokens (default: the even split's pool), so balancing never shrinks the pool."""
+    L = len(costs.layer_ms)
+    if not 1 <= num_stages <= L:
+        raise ValueError(f"cannot split {L} layers over {num_stages} stages")
+    if memory is not None and min_pool_tokens is None:
+        min_pool_tokens = memory.pool_tokens(even_counts(L, num_stages))
+    prefix = [0.0]
+    for c in costs.layer_ms:
+        prefix.append(prefix[-1] + c)
+    INF = (float("inf"), float("inf"))
+
+    def cost(r: int, i: int, j: int) -> float | None:
+        if memory is not None and memory.stage_tokens(r, i, j, num_stages) < min_pool_tokens:
+            return None
+        ms = prefix[j] - prefix[i]
+        ms += costs.embed_ms if r == 0 else 0.0
+        ms += costs.head_ms if r == num_stages - 1 else 0.0
+        return ms
+
+    # best[r][j]: (max stage ms, sum of squares) of stages 0..r covering layers [0, j); back[r][j]: i
+    best = [[INF] * (L + 1) for _ in range(num_stages)]
+    back = [[-1] * (L + 1) for _ in range(num_stages)]
+    for j in range(1, L - num_stages + 2):
+        c = cost(0, 0, j)
+        if c is not None:
+            best[0][j], back[0][j] = (c, c * c), 0
+    for r in range(1, num_stages):
+        for j in range(r + 1, L - (num_stages - r - 1) + 1):
+            for i in range(r, j):
+                prev = best[r - 1][i]
+                c = cost(r, i, j) if prev != INF else None
+                if c is None:
+                    continue
+                cand = (max(prev[0], c), prev[1] + c * c)
+                if cand < best[r][j]:
+                    best[r][j], back[r][j] = cand, i
+    if best[-1][L] == INF:
+        raise ValueError(f"no split of {L} layers over {num_stages} stages keeps a KV pool of "
+                         f"{min_pool_tokens} tokens on every stage")
+    counts, j = [], L
+    for r in range(num_stages - 1, -1, -1):
+        i = back[r][j]
+        counts.append(j - i)
+        j = i
+    return counts[::-1]
+
+
+def costs_from_stats(stats: list[dict], num_layers: int) -> Costs:
+    """Costs from each stage's measured stats: 'layer_ms' {layer: ms}, 'busy_ms' (its forwards) and
+    'sample_ms' (last stage). What a stage spends outside its layers is its embedding (stage 0) or
+    its head (last stage); a middle stage's remainder is spread over its layers."""
+    layer_ms = [0.0] * num_layers
+    embed_ms = head_ms = 0.0
+    last = len(stats) - 1
+    for r, s in enumerate(stats):
+        per = {int(k): float(v) for k, v in s["layer_ms"].items()}
+        for i, ms in per.items():
+            layer_ms[i] = ms
+        rest = max(0.0, s["busy_ms"] - sum(per.values()))
+        if r == 0 and r == last:
+            head_ms = rest + s.get("sample_ms", 0.0)  # one stage: nothing to balance
+        elif r == 0:
+            embed_ms = rest
+        elif r == last:
+            head_ms = rest + s.get("sample_ms", 0.0)
+        elif per:
+            for i in per:
+                layer_ms[i] += rest / len(per)
+    return Costs(layer_ms, embed_ms, head_ms)
+
+
+class LayerClock:
+    """Per-layer time of a Stage's forwards while installed (forward pre/post hooks)."""
+
+    def __init__(self, stage):
+        self.cuda = stage.device.type == "cuda"
+        self.pending: list[tuple[int, object, object]] = []
+        self.ms: dict[int, float] = {}
+        self._open: dict[int, object] = {}
+        self._hooks = []
+        for name, layer in stage.layers.items():
+            i = int(name)
+            self._hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: self._begin(i)))
+            self._hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: self._end(i)))
+
+    def _mark(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def _begin(self, i: int) -> None:
+        self._open[i] = self._mark()
+
+    def _end(self, i: int) -> None:
+        t0, t1 = self._open.pop(i), self._mark()
+        if self.cuda:
+            self.pending.append((i, t0, t1))
+        else:
+            self.ms[i] = self.ms.get(i, 0.0) + (t1 - t0) * 1e3
+
+    def collect(self) -> dict[int, float]:
+        if self.pending:
+            self.pending[-1][2].synchronize()
+            for i, a, b in self.pending:
+                self.ms[i] = self.ms.get(i, 0.0) + a.elapsed_time(b)
+            self.pending = []
+        return dict(self.ms)
+
+    def remove(self) -> dict[int, float]:
+        out = self.collect()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        return out
+
+
+def parse_slow_layers(text: str | None) -> dict[int, float]:
+    """'1:20,3:5' -> {1: 20.0, 3: 5.0} (layer: ms of sleep per forward)."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        try:
+            i, ms = item.split(":")
+            out[int(i)] = float(ms)
+        except ValueError:
+            raise ValueError(f"{SLOW_ENV}={text!r}: expected 'layer:ms[,layer:ms]', e.g. '1:20'") from None
+    return out
+
+
+def install_slow_layers(stage, spec: str | None = None) -> None:
+    """The test hook: layers named in MOEPIPE_SLOW_LAYERS sleep in each forward (CPU stages only)."""
+    slow = parse_slow_layers(os.environ.get(SLOW_ENV) if spec is None else spec)
+    if not slow or stage.device.type != "cpu":
+        return
+    for name, layer in stage.layers.items():
+        if int(name) in slow:
+            ms = slow[int(name)]
+            layer.register_forward_pre_hook(lambda m, a, ms=ms: time.sleep(ms / 1e3))

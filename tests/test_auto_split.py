@@ -1,0 +1,89 @@
+"""Automatic split: the search against brute force (with and without the KV-pool constraint), costs
+read from stage stats, per-layer clocks and the slow-layer test hook on a real Stage."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from engine.auto_split import (Costs, LayerClock, MemoryModel, choose_split, costs_from_stats, even_counts,
+                               install_slow_layers, parse_slow_layers)
+
+
+def _splits(L: int, S: int):
+    return [list(p) for p in itertools.product(range(1, L + 1), repeat=S) if sum(p) == L]
+
+
+def test_choose_split_is_the_best_contiguous_split():
+    rng = random.Random(0)
+    for _ in range(150):
+        L, S = rng.randint(2, 8), rng.randint(1, 4)
+        S = min(S, L)
+        c = Costs([rng.random() for _ in range(L)], rng.random(), rng.random())
+        best = min(max(c.stage_ms(p)) for p in _splits(L, S))
+        got = choose_split(c, S)
+        assert sum(got) == L and min(got) >= 1 and len(got) == S
+        assert max(c.stage_ms(got)) == pytest.approx(best, abs=1e-12)
+
+
+def test_heavy_layer_and_head():
+    # layer 0 ten times the others: it gets a stage nearly to itself
+    assert choose_split(Costs([10, 1, 1, 1, 1, 1, 1, 1], 0.0, 0.0), 2) == [1, 7]
+    # 48 equal layers, an embedding of 2 layers' worth and a head of 6: stage times even out exactly
+    c = Costs([1.0] * 48, 2.0, 6.0)
+    assert choose_split(c, 4) == [12, 14, 14, 8] and c.stage_ms([12, 14, 14, 8]) == [14.0] * 4
+
+
+def test_memory_keeps_the_pool():
+    """The last stage is slow but holds the big head: moving layers onto stage 0 would be fastest,
+    yet stage 0's card is small, so the search stops where stage 0 still holds the even split's pool."""
+    L, S = 8, 2
+    mem = MemoryModel(card_bytes=[1000, 4000], layer_bytes=[50] * L, embed_bytes=100, head_bytes=2000,
+                      reserve_bytes=100, kv_bytes_per_token_layer=1)
+    c = Costs([1.0] * L, 0.0, 6.0)
+    floor = mem.pool_tokens(even_counts(L, S))
+    got = choose_split(c, S, mem)
+    assert mem.pool_tokens(got) >= floor
+    feasible = [p for p in _splits(L, S) if mem.pool_tokens(p) >= floor]
+    assert max(c.stage_ms(got)) == pytest.approx(min(max(c.stage_ms(p)) for p in feasible))
+    assert choose_split(c, S) != got  # without the constraint it would shrink the pool
+    assert mem.pool_tokens(choose_split(c, S)) < floor
+    with pytest.raises(ValueError, match="KV pool of 10000 tokens"):
+        choose_split(c, S, mem, min_pool_tokens=10000)
+
+
+def test_costs_from_stats():
+    stats = [{"layer_ms": {0: 3.0, 1: 1.0}, "busy_ms": 5.0},
+             {"layer_ms": {2: 1.0}, "busy_ms": 1.5},
+             {"layer_ms": {3: 2.0}, "busy_ms": 4.0, "sample_ms": 1.0}]
+    c = costs_from_stats(stats, 4)
+    assert c.layer_ms == [3.0, 1.0, 1.5, 2.0] and c.embed_ms == 1.0 and c.head_ms == 3.0
+    assert c.stage_ms([2, 1, 1]) == [5.0, 1.5, 5.0]
+
+
+def test_layer_clock_sees_the_slow_layer():
+    from loader.load import load_stage
+    from loader.partition import partition
+    from loader.writer import ensure_cached_preset
+    from model.batch import AttnBatch
+    from model.config import ModelConfig
+    path = ensure_cached_preset("tiny")
+    cfg = ModelConfig.from_file(path)
+    stage = load_stage(path, cfg, partition(cfg.num_hidden_layers, 2)[1], "cpu", torch.float32)
+    install_slow_layers(stage, "3:30")
+    clock = LayerClock(stage)
+    stage.allocate_kv(2, 16)
+    batch = AttnBatch.build([8], [8], [[0]], 16, [True], "cpu")
+    stage(torch.randn(8, cfg.hidden_size), batch)
+    ms = clock.remove()
+    assert set(ms) == {2, 3} and ms[3] >= 30 and ms[2] < ms[3] - 25
+    stage(torch.randn(8, cfg.hidden_size), batch)  # hooks gone: nothing more recorded
+    assert clock.collect() == ms
+
+
+def test_parse_slow_layers():
+    assert parse_slow_layers("1:20,3:5") == {1: 20.0, 3: 5.0} and parse_slow_layers("") == {}
+    with pytest.raises(ValueError, match="MOEPIPE_SLOW_LAYERS"):
+        parse_slow_layers("1=20")
