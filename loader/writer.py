@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from loader.presets import PRESETS, preset_config, yarn_config
+from loader.presets import PRESETS, QWEN3_CHAT_TEMPLATE, preset_config, yarn_config
 from loader.safetensors_stream import SafetensorsStreamWriter, TensorEntry
 from model.config import ModelConfig, parse_dtype
 
@@ -31,8 +31,11 @@ ProgressFn = Callable[[int, int], None]  # (bytes written so far, total bytes)
 BLOCK_ELEMS = 1 << 24  # values per generated block (64 MiB of fp32); fixed so values never depend on it
 MAX_TOKENIZER_VOCAB = 4096
 INDEX_NAME = "model.safetensors.index.json"
-CACHE_VERSION = "v1"
+CACHE_VERSION = "v2"
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
+# Added but not special (kept by decode(skip_special_tokens=True)), as in Qwen3's tokenizer; the last ids.
+ADDED_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 QWEN_PAD_ID = 151643  # <|endoftext|> of the real Qwen3 tokenizer
 
 
@@ -200,7 +203,7 @@ def _ordered_blocks(units: list[tuple[Part, int]], make: Callable[[Part, int], t
 
 # ---- writing -------------------------------------------------------------------------------------
 _OWNED_GLOBS = ("model.safetensors", "model-*-of-*.safetensors", INDEX_NAME, "config.json",
-                "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+                "generation_config.json", "tokenizer.json", "tokenizer_config.json", CHAT_TEMPLATE_FILE)
 
 
 def generation_config(config: dict) -> dict:
@@ -237,7 +240,7 @@ def write_checkpoint(out_dir: str | Path, config: dict, *, seed: int = 0, dtype:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
     vocab = ModelConfig.from_dict(config).vocab_size
-    if tokenizer and len(SPECIAL_TOKENS) + 256 <= vocab <= MAX_TOKENIZER_VOCAB:
+    if tokenizer and len(SPECIAL_TOKENS) + len(ADDED_TOKENS) + 256 <= vocab <= MAX_TOKENIZER_VOCAB:
         write_tokenizer(out, vocab, model_max_length=config.get("max_position_embeddings", 32768))
 
     dev = torch.device(device)
@@ -295,30 +298,30 @@ Hello, world! How are you today? I am fine, thank you. What time is it? It is ha
 
 
 def train_tokenizer(vocab_size: int):
-    """Byte-level BPE with <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2; <= vocab_size tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Byte-level BPE with <|endoftext|>=0, <|im_start|>=1, <|im_end|>=2 (special) and ADDED_TOKENS
+    (not special) as the last ids; <= vocab_size tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(ADDED_TOKENS), special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED_TOKENS])
     return tok
 
 
-CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
-                 " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
-                 "{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
 def write_tokenizer(out_dir: str | Path, vocab_size: int, model_max_length: int = 32768) -> None:
+    """tokenizer.json, tokenizer_config.json (special tokens as in Qwen3's) and Qwen3's chat template."""
     out = Path(out_dir)
     train_tokenizer(vocab_size).save(str(out / "tokenizer.json"))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
            "pad_token": "<|endoftext|>", "unk_token": None, "model_max_length": model_max_length,
-           "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
+           "add_bos_token": False, "clean_up_tokenization_spaces": False, "errors": "replace",
+           "split_special_tokens": False}
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / CHAT_TEMPLATE_FILE).write_text(QWEN3_CHAT_TEMPLATE)
 
 
 # ---- cache ---------------------------------------------------------------------------------------

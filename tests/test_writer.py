@@ -14,8 +14,9 @@ from safetensors import safe_open
 
 from loader import writer
 from loader.presets import preset_config
-from loader.writer import (add_make_checkpoint_parser, ensure_cached_preset, generate_tensor, generation_config,
-                           plan_checkpoint, plan_tensors, run_make_checkpoint, train_tokenizer, write_checkpoint)
+from loader.writer import (CACHE_VERSION, add_make_checkpoint_parser, ensure_cached_preset, generate_tensor,
+                           generation_config, plan_checkpoint, plan_tensors, run_make_checkpoint, train_tokenizer,
+                           write_checkpoint)
 
 TINY = preset_config("tiny")
 
@@ -341,8 +342,8 @@ def test_ensure_cached_preset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         t.start()
     for t in threads:
         t.join()
-    assert results == [tmp_path / "tiny-v1"] * 3
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny-v1"]  # no temp dirs left behind
+    assert results == [tmp_path / f"tiny-{CACHE_VERSION}"] * 3
+    assert [p.name for p in tmp_path.iterdir()] == [f"tiny-{CACHE_VERSION}"]  # no temp dirs left behind
     check_index(results[0])
     mtime = (results[0] / "config.json").stat().st_mtime_ns
     assert ensure_cached_preset("tiny") == results[0]
