@@ -1,0 +1,136 @@
+"""Timeline trace of the pipeline in Chrome's trace-event format (opens in ui.perfetto.dev and
+chrome://tracing): one process track per stage, one thread lane per kind of work.
+
+Slices ("X" complete events, ts and dur in microseconds on the host's monotonic clock):
+  lane "gpu":  "forward prefill" | "forward decode" | "forward mixed" (args: mb, tokens, rows),
+               "sample" (last stage; args: mb, rows)
+  lane "host": "wait" (blocked for the previous stage's output, or stage 0 for the last stage's
+               tokens; args: mb when known), "send" (args: mb, to), "schedule" (stage 0; args: mb,
+               tokens, rows)
+GPU slices are timed with CUDA events that are resolved only when the trace is collected, never in
+the hot path; a base event recorded with the host clock at start places them on the host timeline.
+On CPU every slice is host clock. A Tracer that is off costs one attribute test per call site."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+LANES = {"gpu": 0, "host": 1}
+NAMES = ("forward prefill", "forward decode", "forward mixed", "sample", "wait", "send", "schedule")
+
+
+def _now_us() -> float:
+    return time.monotonic_ns() / 1e3  # CLOCK_MONOTONIC: one clock for every process of the host
+
+
+def forward_kind(query_lens: list[int], context_lens: list[int]) -> str:
+    """'decode' when every row adds one token to a cached context, 'prefill' when none does."""
+    dec = [q == 1 and c > 1 for q, c in zip(query_lens, context_lens)]
+    return "decode" if all(dec) else "prefill" if not any(dec) else "mixed"
+
+
+class Tracer:
+    """Slices of one stage; `on` is False until start()."""
+
+    def __init__(self, rank: int, device: torch.device | str = "cpu", label: str | None = None):
+        self.rank, self.device = rank, torch.device(device)
+        self.label = label or f"stage {rank}"
+        self.cuda = self.device.type == "cuda"
+        self.on = False
+        self._host: list[dict] = []
+        self._gpu: list[tuple] = []  # (start event, end event, name, args)
+        self._base = None  # (CUDA event, host us) recorded together
+
+    def start(self) -> None:
+        self._host, self._gpu = [], []
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            e.synchronize()
+            self._base = (e, _now_us())
+        self.on = True
+
+    # host-clock slices
+    def host_start(self) -> float | None:
+        return _now_us() if self.on else None
+
+    def host_end(self, t0: float | None, name: str, args: dict | None = None) -> None:
+        if t0 is None or not self.on:
+            return
+        self._host.append(self._event(name, "host", t0, _now_us() - t0, args))
+
+    # device-timed slices (host clock on CPU)
+    def gpu_start(self):
+        if not self.on:
+            return None
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return _now_us()
+
+    def gpu_end(self, t0, name: str, args: dict | None = None) -> None:
+        if t0 is None or not self.on:
+            return
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self._gpu.append((t0, e, name, args))
+        else:
+            self._host.append(self._event(name, "gpu", t0, _now_us() - t0, args))
+
+    def stop(self) -> list[dict]:
+        """End recording; the stage's trace events (metadata first), CUDA events resolved here."""
+        self.on = False
+        events = list(self._host)
+        if self._gpu:
+            self._gpu[-1][1].synchronize()
+            base_e, base_us = self._base
+            for s, e, name, args in self._gpu:
+                ts = base_us + base_e.elapsed_time(s) * 1e3
+                events.append(self._event(name, "gpu", ts, s.elapsed_time(e) * 1e3, args))
+        self._host, self._gpu = [], []
+        events.sort(key=lambda ev: (ev["tid"], ev["ts"]))
+        return self.metadata() + events
+
+    def metadata(self) -> list[dict]:
+        out = [{"name": "process_name", "ph": "M", "pid": self.rank, "tid": 0, "args": {"name": self.label}},
+               {"name": "process_sort_index", "ph": "M", "pid": self.rank, "tid": 0, "args": {"sort_index": self.rank}}]
+        out += [{"name": "thread_name", "ph": "M", "pid": self.rank, "tid": tid, "args": {"name": lane}}
+                for lane, tid in LANES.items()]
+        return out
+
+    def _event(self, name: str, lane: str, ts: float, dur: float, args: dict | None) -> dict:
+        return {"name": name, "ph": "X", "pid": self.rank, "tid": LANES[lane], "ts": ts, "dur": max(0.0, dur),
+                "args": args or {}}
+
+
+def write_trace(events: list[dict], path: str | Path) -> Path:
+    """The file: {"traceEvents": [...]} with time shifted so the first slice starts at 0."""
+    slices = [e for e in events if e["ph"] == "X"]
+    t0 = min((e["ts"] for e in slices), default=0.0)
+    out = [dict(e, ts=round(e["ts"] - t0, 3), dur=round(e["dur"], 3)) if e["ph"] == "X" else e for e in events]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"traceEvents": out, "displayTimeUnit": "ms"}))
+    return path
+
+
+def bubble_fractions(events: list[dict]) -> dict[int, float]:
+    """Per stage (pid): the share of the traced window (first slice start to last slice end, over
+    every stage) in which its GPU lane ran nothing."""
+    slices = [e for e in events if e["ph"] == "X"]
+    if not slices:
+        return {}
+    start = min(e["ts"] for e in slices)
+    window = max(e["ts"] + e["dur"] for e in slices) - start
+    busy: dict[int, float] = {}
+    for e in slices:
+        busy.setdefault(e["pid"], 0.0)
+        if e["tid"] == LANES["gpu"]:
+            busy[e["pid"]] += e["dur"]
+    return {pid: (1 - b / window if window > 0 else 0.0) for pid, b in sorted(busy.items())}

@@ -1,0 +1,70 @@
+"""Timeline trace: the file is Chrome trace-event JSON (what ui.perfetto.dev and chrome://tracing
+read), with slices on every stage, time only moving forward on each lane, and the documented names."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from engine.trace import LANES, NAMES, Tracer, bubble_fractions, forward_kind, write_trace
+
+
+def check_trace(path: Path, stages: int) -> dict:
+    """Validate the file against the trace-event format; returns it parsed."""
+    d = json.loads(Path(path).read_text())
+    assert isinstance(d, dict) and isinstance(d["traceEvents"], list)
+    procs = {e["pid"]: e["args"]["name"] for e in d["traceEvents"] if e["ph"] == "M" and e["name"] == "process_name"}
+    assert sorted(procs) == list(range(stages))
+    lanes: dict[tuple[int, int], list[dict]] = {}
+    for e in d["traceEvents"]:
+        assert e["ph"] in ("X", "M"), e
+        assert isinstance(e["pid"], int) and isinstance(e["tid"], int)
+        if e["ph"] == "X":
+            assert isinstance(e["name"], str) and e["name"] in NAMES, e["name"]
+            assert isinstance(e["ts"], (int, float)) and isinstance(e["dur"], (int, float))
+            assert e["ts"] >= 0 and e["dur"] >= 0 and e["tid"] in LANES.values()
+            lanes.setdefault((e["pid"], e["tid"]), []).append(e)
+    assert {pid for pid, _ in lanes} == set(range(stages)), "a stage without slices"
+    for (pid, tid), evs in lanes.items():  # listed in time order, never overlapping on one lane
+        for a, b in zip(evs, evs[1:]):
+            assert b["ts"] >= a["ts"] + a["dur"] - 1e-3, (pid, tid, a, b)
+    return d
+
+
+def test_tracer_writes_valid_trace(tmp_path):
+    tracers = [Tracer(r, "cpu", f"stage {r} (layers {2 * r}-{2 * r + 1})") for r in range(2)]
+    off = Tracer(2)
+    assert off.host_start() is None and off.gpu_start() is None  # off: nothing recorded
+    off.gpu_end(None, "forward decode")
+    for t in tracers:
+        t.start()
+    for mb in range(3):
+        for r, t in enumerate(tracers):
+            w = t.host_start()
+            time.sleep(0.001)
+            t.host_end(w, "wait", {"mb": mb})
+            g = t.gpu_start()
+            time.sleep(0.002)
+            q, c = ([4], [4]) if mb == 0 else ([1], [4 + mb])
+            t.gpu_end(g, "forward " + forward_kind(q, c), {"mb": mb, "tokens": q[0], "rows": 1})
+            s = t.host_start()
+            t.host_end(s, "send", {"mb": mb, "to": r + 1})
+    assert [e for e in off.stop() if e["ph"] == "X"] == []
+    events = [e for t in tracers for e in t.stop()]
+    assert not tracers[0].on and tracers[0].host_start() is None
+    d = check_trace(write_trace(events, tmp_path / "t.json"), 2)
+    x = [e for e in d["traceEvents"] if e["ph"] == "X"]
+    assert min(e["ts"] for e in x) == 0
+    fw = [e for e in x if e["name"].startswith("forward")]
+    assert [e["name"] for e in fw if e["pid"] == 1] == ["forward prefill", "forward decode", "forward decode"]
+    assert [e["args"]["mb"] for e in x if e["pid"] == 0 and e["name"] == "send"] == [0, 1, 2]
+    assert all(e["dur"] >= 1500 for e in fw)  # microseconds: each forward slept 2 ms
+    b = bubble_fractions(d["traceEvents"])
+    assert set(b) == {0, 1} and all(0 < v < 1 for v in b.values())
+
+
+def test_forward_kind():
+    assert forward_kind([7], [7]) == "prefill"
+    assert forward_kind([1, 1], [9, 30]) == "decode"
+    assert forward_kind([1, 5], [9, 5]) == "mixed"
+    assert forward_kind([1], [1]) == "prefill"  # a one-token prompt
