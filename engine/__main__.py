@@ -1,36 +1,26 @@
-"""moepipe command line: generate | plan | profile | bench | make-checkpoint."""
+"""moepipe command line: one subcommand per module of engine/cli/ listed in COMMANDS."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+COMMANDS = ("generate", "plan", "profile", "make_checkpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli_generate import add_generate_parser
-    ap = argparse.ArgumentParser(prog="python -m engine", description="moepipe: pipeline-parallel Qwen3-MoE")
+    ap = argparse.ArgumentParser(prog="python -m engine", description="moepipe: pipeline-parallel Qwen3-MoE",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    add_generate_parser(sub)
-    try:
-        from loader.writer import add_make_checkpoint_parser
-        add_make_checkpoint_parser(sub)
-    except ImportError:
-        pass
-    for mod in ("plan", "profile"):
-        try:
-            m = __import__(f"engine.{mod}", fromlist=["add_parser"])
-            m.add_parser(sub)
-        except ImportError:
-            pass
+    for name in COMMANDS:
+        importlib.import_module(f"engine.cli.{name}").add_parser(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
     try:
-        if a.command == "generate":
-            from .cli_generate import run_generate
-            return run_generate(a)
-        return (getattr(a, "run", None) or a.func)(a)
+        a = build_parser().parse_args(argv)
+        return a.run(a)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

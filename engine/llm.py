@@ -1,147 +1,327 @@
-"""LLM: the importable engine. Starts one process per pipeline stage (NCCL on CUDA, gloo on CPU),
-keeps them for repeated generate calls, and ends them on close() or when one dies."""
+"""LLM: the importable engine. Starts one worker process per pipeline stage (`python -m
+engine.worker`, NCCL on CUDA, gloo on CPU), keeps them for repeated calls, and ends them on close()
+or when one dies. Requests are submitted one by one (thread-safe); a router thread reads rank 0's
+events and hands each to the stream of its request."""
 from __future__ import annotations
 
+import itertools
+import os
 import queue
-import socket
+import subprocess
+import sys
+import threading
 import time
-from typing import Iterator, Sequence as Seq
+import weakref
+from dataclasses import dataclass
+from multiprocessing.connection import Listener, wait
+from pathlib import Path
+from typing import Callable, Iterator, Sequence as Seq
 
-import torch
-import torch.multiprocessing as mp
-
-from model.config import ModelConfig, parse_dtype
-
-from .launch import EngineArgs, spawned_main
-from .model_files import load_tokenizer, resolve_model, stop_token_ids
+from .launch import AUTHKEY_ENV, resolve_engine
+from .model_files import load_tokenizer
+from .options import EngineOptions, options_from_kwargs
 from .params import RequestOutput, SamplingParams
 from .scheduler import check_request
 
 Prompt = str | list[int]
-DEAD_PEER_POLL_S = 0.5
+POLL_S = 0.25
+GATHER_FAILURES_S = 0.3  # after a first failure, wait this long for the others before picking the culprit
+_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 class StageDied(RuntimeError):
     """A stage process ended while the engine needed it."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class EngineClosed(RuntimeError):
+    """The engine was closed."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    finish_reason: str | None  # "stop" | "length" on a request's last token, else None
+
+
+class RequestStream:
+    """The tokens of one request as TokenEvents (blocking iterator). abort() or close() ends it
+    early; so does garbage collection of an unfinished stream."""
+
+    def __init__(self, llm: "LLM", request_id: str, seq_id: int):
+        self.request_id, self._seq_id = request_id, seq_id
+        self._llm = weakref.ref(llm)
+        self._queue: queue.Queue = queue.Queue()
+        self.finished = False
+
+    def __iter__(self) -> "RequestStream":
+        return self
+
+    def __next__(self) -> TokenEvent:
+        if self.finished:
+            raise StopIteration
+        while True:
+            try:
+                item = self._queue.get(timeout=POLL_S)
+                break
+            except queue.Empty:
+                continue
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finish_reason is not None:
+            self.finished = True
+        return item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            llm = self._llm()
+            if llm is not None:
+                llm._abort_seqs([self._seq_id])
+
+    close = abort
+
+    def __del__(self):
+        try:
+            self.abort()
+        except Exception:
+            pass
+
+
+@dataclass
+class _Entry:
+    request_id: str
+    deliver: Callable  # TokenEvent or an exception -> None (runs on the router thread)
 
 
 class LLM:
-    def __init__(self, model: str, stages: int = 1, device: str | None = None, dtype: str | torch.dtype | None = None,
-                 layers: list[int] | None = None, block_size: int = 16, kv_cache_gib: float | None = None,
-                 gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 max_model_len: int | None = None, attention: str | None = None, seed: int = 0,
-                 revision: str | None = None, verbose: bool = True, enforce_eager: bool = False,
-                 load_timeout_s: float = 3600):
-        self._procs: list = []
-        folder, hub_repo = resolve_model(model, revision)
-        self.config = ModelConfig.from_file(folder)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device not in ("cuda", "cpu"):
-            raise ValueError(f"device {device!r}: expected 'cuda' or 'cpu'")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available")
-        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1:
-            raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
-        if stages > self.config.num_hidden_layers:
-            raise ValueError(f"stages={stages} exceeds the model's {self.config.num_hidden_layers} layers")
-        if device == "cuda" and stages > torch.cuda.device_count():
-            raise ValueError(f"stages={stages} needs {stages} GPUs, only {torch.cuda.device_count()} visible")
-        if block_size < 1 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a power of two, got {block_size}")
-        if max_model_len is not None and not 0 < max_model_len <= self.config.max_position_embeddings:
-            raise ValueError(f"max_model_len={max_model_len} must be in [1, {self.config.max_position_embeddings}] "
-                             f"(max_position_embeddings of {self.config.source})")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        dt = parse_dtype(dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
-        if layers is not None:
-            from loader.partition import partition
-            partition(self.config.num_hidden_layers, stages, layers)  # validates
+    def __init__(self, model: str, options: EngineOptions | None = None, **kwargs):
+        self._procs: list[subprocess.Popen] = []
+        self._conns: list = []
+        self._dead: BaseException | None = None
+        self._closed = False
+        if options is not None and kwargs:
+            raise TypeError("give either options=EngineOptions(...) or keyword options, not both")
+        opts = options.validate() if options is not None else options_from_kwargs(**kwargs)
+        self.args, self.config, folder = resolve_engine(model, opts)
+        self.options = self.args.options
         self.tokenizer = load_tokenizer(folder)
-        self.stop_ids = stop_token_ids(folder)
-        self.args = EngineArgs(str(folder), stages, device, str(dt).removeprefix("torch."), layers, block_size,
-                               kv_cache_gib, gpu_memory_utilization, max_num_seqs, max_num_batched_tokens,
-                               max_model_len, attention, seed, hub_repo, revision, self.stop_ids, verbose,
-                               enforce_eager)
-        self._next_id = 0
-        self._start(load_timeout_s)
+        self.stop_ids = self.args.stop_ids
+        self._lock = threading.RLock()
+        self._send_lock = threading.RLock()
+        self._entries: dict[int, _Entry] = {}
+        self._by_request: dict[str, int] = {}
+        self._seq_ids = itertools.count()
+        self._auto_ids = itertools.count()
+        self._stats_waiters: dict[int, list] = {}
+        self._stats_tokens = itertools.count()
+        self._start()
 
     # ---- processes ---------------------------------------------------------------------------
-    def _start(self, timeout_s: float) -> None:
-        ctx = mp.get_context("spawn")
-        self._req_q, self._out_q, self._status_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
-        port = _free_port()
-        for rank in range(self.args.stages):
-            p = ctx.Process(target=spawned_main, name=f"moepipe-stage{rank}", daemon=True,
-                            args=(rank, self.args, port, self._req_q, self._out_q, self._status_q))
-            p.start()
-            self._procs.append(p)
-        infos, deadline = {}, time.monotonic() + timeout_s
+    def _start(self) -> None:
+        S, timeout_s = self.args.stages, self.options.load_timeout_s
+        key = os.urandom(16)
+        listener = Listener(("127.0.0.1", 0), authkey=key)
+        dist_port = _free_port()
+        env = dict(os.environ, **{AUTHKEY_ENV: key.hex()})
+        env["PYTHONPATH"] = os.pathsep.join([_REPO_ROOT, *filter(None, [env.get("PYTHONPATH")])])
+        host, port = listener.address
         try:
-            while len(infos) < self.args.stages:
-                msg = self._status(timeout=DEAD_PEER_POLL_S)
-                if msg is not None:
-                    infos[msg[1]] = msg[2]
-                elif time.monotonic() > deadline:
-                    raise TimeoutError(f"stages did not finish loading within {timeout_s:.0f} s")
+            for rank in range(S):
+                # own session: the terminal's Ctrl-C reaches only this process, which ends the stages
+                self._procs.append(subprocess.Popen([sys.executable, "-m", "engine.worker", host, str(port), str(rank)],
+                                                    env=env, start_new_session=True, cwd=_REPO_ROOT))
+            self._conns = [None] * S
+            accepted: queue.Queue = queue.Queue()
+
+            def accept():
+                for _ in range(S):
+                    try:
+                        accepted.put(listener.accept())
+                    except OSError:
+                        return
+            threading.Thread(target=accept, daemon=True).start()
+            deadline = time.monotonic() + timeout_s
+            ready: dict[int, dict] = {}
+            while len(ready) < S:
+                try:
+                    conn = accepted.get(timeout=0.05)
+                    _, rank, _ = conn.recv()
+                    conn.send((self.args, dist_port))
+                    self._conns[rank] = conn
+                except queue.Empty:
+                    pass
+                live = [c for c in self._conns if c is not None]
+                for c in wait(live, timeout=0.05) if live else ():
+                    rank = self._conns.index(c)
+                    try:
+                        msg = c.recv()
+                    except (EOFError, OSError):
+                        self._fail({rank: None})
+                    if msg[0] == "error":
+                        self._fail({rank: msg})
+                    ready[rank] = msg[2]
+                for rank, p in enumerate(self._procs):
+                    if p.poll() is not None and rank not in ready:
+                        self._fail({rank: None})
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"stages did not finish loading within {timeout_s:.0f} s (load_timeout_s)")
         except BaseException:
-            self.close()
+            self._kill_all()
             raise
-        self.info = infos[0]
-        self.stage_info = [infos[r] for r in range(self.args.stages)]
+        finally:
+            listener.close()
+        self.info = ready[0]
+        self.stage_info = [ready[r] for r in range(S)]
         self.max_model_len = self.info["max_model_len"]
+        self._router = threading.Thread(target=self._route, name="moepipe-router", daemon=True)
+        self._router.start()
 
-    def _status(self, timeout: float):
-        """Next 'ready' message; raises StageDied on an 'error' message or a dead process."""
-        try:
-            msg = self._status_q.get(timeout=timeout)
-        except queue.Empty:
-            self._check_alive()
-            return None
-        if msg[0] == "error":
-            self.close()
-            raise StageDied(f"stage {msg[1]} failed: {msg[2]}")
-        return msg
+    def _fail(self, first: dict) -> None:
+        """A stage failed (first: rank -> its error message, or None when it ended silently).
+        Gather what the others say for a moment, end every stage, raise StageDied naming the
+        stage that failed first-hand: one that ended silently (killed) beats one that reported an
+        error (often just its peer's broken link); among reporters, the first to report."""
+        said = {r: m for r, m in first.items() if m is not None}
+        silent = [r for r, m in first.items() if m is None]
+        order = list(first)
+        end = time.monotonic() + GATHER_FAILURES_S
+        live = [c for r, c in enumerate(self._conns) if c is not None and r not in first]
+        while live and time.monotonic() < end:
+            for c in wait(live, timeout=max(0.0, end - time.monotonic())):
+                rank = self._conns.index(c)
+                live.remove(c)
+                try:
+                    msg = c.recv()
+                except (EOFError, OSError):
+                    msg = None
+                if msg is not None and msg[0] != "error":
+                    live.append(c)
+                    continue
+                order.append(rank)
+                if msg is None:
+                    silent.append(rank)
+                else:
+                    said[rank] = msg
+        codes = {r: p.poll() for r, p in enumerate(self._procs)}
+        self._kill_all()
+        rank = silent[0] if silent else order[0]
+        p = self._procs[rank] if rank < len(self._procs) else None
+        if rank in said:
+            _, _, summary, tb = said[rank]
+            err = StageDied(f"stage {rank} failed: {summary}\n\nstage {rank} traceback:\n{tb}")
+        else:
+            err = StageDied(f"stage {rank} (pid {p.pid if p else '?'}) died with exit code {codes.get(rank)}")
+        self._dead = err
+        raise err
 
-    def _check_alive(self) -> None:
-        """Raise StageDied naming the stage that died first-hand: one ended by a signal or without
-        reporting beats one that reported an error (often just its peer's broken link)."""
-        if all(p.is_alive() for p in self._procs):
-            return
-        time.sleep(0.3)  # let a peer's broken-link failure land, then pick the culprit
-        said = {}
-        while True:
+    def _kill_all(self) -> None:
+        for p in self._procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self._procs:
             try:
-                msg = self._status_q.get(timeout=0.2)
-            except queue.Empty:
-                break
-            if msg[0] == "error":
-                said[msg[1]] = msg[2]
-        dead = [(r, p) for r, p in enumerate(self._procs) if not p.is_alive()]
-        rank, p = min(dead, key=lambda rp: (rp[0] in said, (rp[1].exitcode or 0) >= 0, rp[0]))
-        why = f": {said[rank]}" if rank in said else ""
-        code = p.exitcode
-        self.close()
-        raise StageDied(f"stage {rank} (pid {p.pid}) died with exit code {code}{why}")
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        for c in self._conns:
+            if c is not None:
+                c.close()
+        self._conns = [None] * len(self._conns)
+
+    # ---- the router thread -------------------------------------------------------------------
+    def _route(self) -> None:
+        conns = list(self._conns)
+        try:
+            while not self._closed:
+                for c in wait(conns, timeout=POLL_S):
+                    rank = conns.index(c)
+                    try:
+                        msg = c.recv()
+                    except (EOFError, OSError):
+                        if self._closed:
+                            return
+                        self._fail({rank: None})
+                    if msg[0] == "error":
+                        self._fail({rank: msg})
+                    self._handle(msg)
+                if not self._closed and any(p.poll() is not None for p in self._procs):
+                    dead = next(r for r, p in enumerate(self._procs) if p.poll() is not None)
+                    self._fail({dead: None})
+        except StageDied as e:
+            self._broadcast(e)
+        except BaseException as e:  # a bug here must not leave callers waiting forever
+            self._dead = StageDied(f"engine router failed: {type(e).__name__}: {e}")
+            self._kill_all()
+            self._broadcast(self._dead)
+
+    def _handle(self, msg) -> None:
+        kind = msg[0]
+        if kind == "events":
+            for sid, tok, reason in msg[1]:
+                with self._lock:
+                    entry = self._entries.get(sid)
+                    if entry is not None and reason is not None:
+                        self._forget(sid)
+                if entry is not None:
+                    entry.deliver(TokenEvent(tok, reason))
+        elif kind == "refused":
+            with self._lock:
+                entry = self._entries.get(msg[1])
+                self._forget(msg[1])
+            if entry is not None:
+                entry.deliver(ValueError(msg[2]))
+        elif kind == "stats":
+            with self._lock:
+                w = self._stats_waiters.get(msg[1])
+            if w is not None:
+                w[1] = msg[2]
+                w[0].set()
+
+    def _forget(self, sid: int) -> None:
+        entry = self._entries.pop(sid, None)
+        if entry is not None:
+            self._by_request.pop(entry.request_id, None)
+
+    def _broadcast(self, err: BaseException) -> None:
+        with self._lock:
+            entries, self._entries = list(self._entries.values()), {}
+            self._by_request = {}
+            waiters = list(self._stats_waiters.values())
+        for e in entries:
+            e.deliver(err)
+        for w in waiters:
+            w[0].set()
+
+    def _send(self, msg) -> None:
+        self._check_usable()
+        with self._send_lock:
+            try:
+                self._conns[0].send(msg)
+            except (OSError, AttributeError):
+                self._check_usable()
+                raise StageDied("stage 0 is gone") from None
+
+    def _check_usable(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+        if self._closed or not self._procs:
+            raise EngineClosed("the engine is closed")
 
     def close(self) -> None:
-        procs, self._procs = self._procs, []
-        if not procs:
+        if self._closed:
             return
-        if all(p.is_alive() for p in procs):
-            self._req_q.put(("shutdown",))
-            for p in procs:
-                p.join(timeout=10)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(timeout=5)
+        self._closed = True
+        if self._procs and self._dead is None and all(p.poll() is None for p in self._procs):
+            try:
+                with self._send_lock:
+                    self._conns[0].send(("shutdown",))
+                for p in self._procs:
+                    p.wait(timeout=10)
+            except (OSError, AttributeError, subprocess.TimeoutExpired):
+                pass
+        self._kill_all()
+        self._broadcast(EngineClosed("the engine was closed"))
 
     def __enter__(self) -> "LLM":
         return self
@@ -163,11 +343,64 @@ class LLM:
             ids = self.tokenizer.encode(prompt)
         else:
             ids = list(prompt)
-            if not all(isinstance(t, int) and 0 <= t < self.config.vocab_size for t in ids):
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.config.vocab_size
+                       for t in ids):
                 raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size})")
         if not ids:
             raise ValueError("empty prompt: give at least one token")
         return ids
+
+    def _check(self, ids: list[int], params: SamplingParams) -> None:
+        check_request(len(ids), params.max_tokens, self.max_model_len, self.info["num_blocks"],
+                      self.info["block_size"])
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
+               on_event: Callable | None = None) -> RequestStream:
+        """Queue one request; returns its stream. With on_event, every TokenEvent (and a final
+        exception if the engine dies) goes to on_event(event) on the router thread instead."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        ids = self._encode(prompt)
+        self._check(ids, params)
+        return self._submit([(ids, params, request_id, on_event)])[0]
+
+    def _submit(self, reqs: list) -> list[RequestStream]:
+        self._check_usable()
+        streams, adds = [], []
+        with self._lock:
+            for _, _, rid, _ in reqs:
+                if rid is not None and rid in self._by_request:
+                    raise ValueError(f"request_id {rid!r} is already running")
+            for ids, params, rid, on_event in reqs:
+                rid = rid if rid is not None else f"req-{next(self._auto_ids)}"
+                sid = next(self._seq_ids)
+                s = RequestStream(self, rid, sid)
+                self._entries[sid] = _Entry(rid, on_event if on_event is not None else s._queue.put)
+                self._by_request[rid] = sid
+                streams.append(s)
+                adds.append((sid, ids, params))
+            self._send(("add", adds))
+        return streams
+
+    def abort(self, request_ids: str | Seq[str]) -> None:
+        """Abort running or waiting requests by id; unknown or finished ids are ignored."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        with self._lock:
+            sids = [self._by_request[r] for r in request_ids if r in self._by_request]
+        self._abort_seqs(sids)
+
+    def _abort_seqs(self, sids: list[int]) -> None:
+        with self._lock:
+            sids = [s for s in sids if s in self._entries]
+            for s in sids:
+                self._forget(s)
+        if sids and self._dead is None and not self._closed:
+            try:
+                self._send(("abort", sids))
+            except (StageDied, EngineClosed):
+                pass
 
     def _prepare(self, prompts, params) -> tuple[list[list[int]], list[SamplingParams]]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
@@ -181,55 +414,88 @@ class LLM:
         ids = [self._encode(p) for p in prompts]
         for i, (x, sp) in enumerate(zip(ids, plist)):
             try:
-                check_request(len(x), sp.max_tokens, self.max_model_len, self.info["num_blocks"], self.info["block_size"])
+                self._check(x, sp)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
         return ids, plist
 
     def stream(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
                ) -> Iterator[tuple[int, int, str | None]]:
-        """Yield (prompt index, new token id, finish reason or None) as tokens arrive."""
+        """Yield (prompt index, new token id, finish reason or None) as tokens arrive. Leaving the
+        loop early (break, close(), garbage collection) aborts the call's unfinished requests."""
         ids, plist = self._prepare(prompts, params)
-        return self._stream(ids, plist)
+        self._check_usable()
+        return self._stream(ids, plist, [])
 
-    def _stream(self, ids: list[list[int]], plist: list[SamplingParams]) -> Iterator[tuple[int, int, str | None]]:
-        if not self._procs:
-            raise RuntimeError("the engine is closed")
-        base = self._next_id
-        self._next_id += len(ids)
-        self._req_q.put(("add", [(base + i, x, sp) for i, (x, sp) in enumerate(zip(ids, plist))]))
-        remaining = len(ids)
-        while remaining:
-            msg = self._recv()
-            if msg[0] == "refused":
-                raise ValueError(f"prompt {msg[1] - base}: {msg[2]}")
-            for rid, tok, reason in msg[1]:
-                yield rid - base, tok, reason
-                remaining -= reason is not None
-
-    def _recv(self):
-        """Next message from rank 0; a stage that failed exits, so _check_alive reports it (and
-        reads its error message itself, to name the stage that failed first-hand)."""
-        while True:
-            try:
-                return self._out_q.get(timeout=DEAD_PEER_POLL_S)
-            except queue.Empty:
-                self._check_alive()
+    def _stream(self, ids, plist, streams_out: list) -> Iterator[tuple[int, int, str | None]]:
+        events: queue.Queue = queue.Queue()
+        streams = self._submit([(x, sp, None, (lambda ev, i=i: events.put((i, ev))))
+                                for i, (x, sp) in enumerate(zip(ids, plist))])
+        streams_out.extend(streams)
+        remaining = len(streams)
+        try:
+            while remaining:
+                try:
+                    i, ev = events.get(timeout=POLL_S)
+                except queue.Empty:
+                    continue
+                if isinstance(ev, BaseException):
+                    raise ev if not isinstance(ev, ValueError) else ValueError(f"prompt {i}: {ev}")
+                if ev.finish_reason is not None:
+                    streams[i].finished = True
+                    remaining -= 1
+                yield i, ev.token_id, ev.finish_reason
+        finally:
+            self._abort_seqs([s._seq_id for s in streams if not s.finished])
+            for s in streams:
+                s.finished = True
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         ids, plist = self._prepare(prompts, params)
-        outs = [RequestOutput(i, x) for i, x in enumerate(ids)]
-        for i, tok, reason in self._stream(ids, plist):
-            outs[i].token_ids.append(tok)
-            outs[i].finish_reason = reason
+        self._check_usable()
+        streams: list[RequestStream] = []
+        gen = self._stream(ids, plist, streams)
+        toks: list[list[int]] = [[] for _ in ids]
+        reasons: list[str | None] = [None] * len(ids)
+        try:
+            for i, tok, reason in gen:
+                toks[i].append(tok)
+                reasons[i] = reason
+        finally:
+            gen.close()
+        outs = [RequestOutput(s.request_id, x, t, None, r) for s, x, t, r in zip(streams, ids, toks, reasons)]
         if self.tokenizer is not None:
             for o in outs:
                 o.text = self.tokenizer.decode(o.token_ids)
         return outs
 
-    def stats(self, reset: bool = False) -> list[dict]:
-        """Per stage: busy ms, steps and tokens since the last reset (call between generates)."""
-        self._req_q.put(("stats", reset))
-        msg = self._recv()
-        return msg[1]
+    # ---- stats -------------------------------------------------------------------------------
+    def stats(self, reset: bool = False, per_step: bool = False) -> dict:
+        """{"stages": [per stage: rank, layers, busy_ms, steps, tokens, peak_gib, kv_gib, ...],
+        "scheduler": {running, waiting, free_blocks, num_blocks, preemptions, prompt_tokens,
+        generation_tokens}}: a snapshot taken behind the micro-batches already in flight, without
+        draining them. per_step adds the (bounded) per-step lists."""
+        self._check_usable()
+        token = next(self._stats_tokens)
+        w = [threading.Event(), None]
+        with self._lock:
+            self._stats_waiters[token] = w
+        try:
+            self._send(("stats", token, bool(reset), bool(per_step)))
+            while not w[0].wait(POLL_S):
+                self._check_usable()
+            if w[1] is None:
+                self._check_usable()
+                raise EngineClosed("the engine was closed")
+            return w[1]
+        finally:
+            with self._lock:
+                self._stats_waiters.pop(token, None)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

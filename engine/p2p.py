@@ -1,65 +1,51 @@
-"""Point-to-point messages between stages: a fixed int64 header, then an optional tensor payload,
-then optional pickled metadata bytes. Shapes change every step, so the header goes first."""
+"""Point-to-point messages between stages, no pickle: a fixed int64 header (engine/step_plan.py)
+first, then the tensors whose sizes it gives. Sends are asynchronous; their tensors stay alive until
+the next send on the link completes them."""
 from __future__ import annotations
 
-import pickle
-from dataclasses import dataclass
-from typing import Any
-
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from .step_plan import HEADER
+
 BATCH, STATS, STOP = 0, 1, 2
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64]
-_HEADER = 6  # kind, mb_id, rows, cols, dtype code, meta bytes
 
 
-@dataclass
-class Message:
-    kind: int
-    mb_id: int
-    payload: torch.Tensor | None
-    meta: Any
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on the device: through pinned memory (torch's caching host allocator keeps the
+    block until the asynchronous copy is done) on CUDA, a private copy on CPU."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cpu":
+        return t.clone()
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class Link:
-    """Messages over one process group. Sends are asynchronous; their tensors are kept alive until
-    the next send completes them (NCCL orders them on the peer's stream anyway)."""
-
     def __init__(self, group, device: torch.device):
         self.group, self.device = group, device
         self._pending: list = []
+        self._keep: list = []
 
-    def send(self, dst: int, kind: int, mb_id: int, payload: torch.Tensor | None = None, meta: Any = None) -> None:
-        for w in self._pending:
-            w.wait()
-        raw = pickle.dumps(meta) if meta is not None else b""
-        rows, cols = (payload.shape[0], payload.shape[1] if payload.ndim == 2 else 0) if payload is not None else (0, 0)
-        code = _DTYPES.index(payload.dtype) if payload is not None else 0
-        header = torch.tensor([kind, mb_id, rows, cols, code, len(raw)], dtype=torch.int64, device=self.device)
-        tensors = [header]
-        if payload is not None and rows:
-            tensors.append(payload.contiguous())
-        if raw:
-            tensors.append(torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(self.device))
-        self._pending = [dist.isend(t, dst, group=self.group) for t in tensors]
-        self._keep = tensors
+    def send(self, dst: int, header: np.ndarray | None, tensors: list[torch.Tensor]) -> None:
+        """Send the header (None: none, the receiver knows the sizes) then the tensors, in order."""
+        self.flush()
+        out = ([to_device(header, self.device)] if header is not None else []) + \
+              [t.contiguous() for t in tensors if t.numel()]
+        self._pending = [dist.isend(t, dst, group=self.group) for t in out]
+        self._keep = out
+    def recv_header(self, src: int) -> list[int]:
+        h = torch.empty(HEADER, dtype=torch.int64, device=self.device)
+        dist.recv(h, src, group=self.group)
+        return h.tolist()
 
-    def recv(self, src: int) -> Message:
-        header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-        dist.recv(header, src, group=self.group)
-        kind, mb_id, rows, cols, code, nbytes = header.tolist()
-        payload = None
-        if rows:
-            shape = (rows, cols) if cols else (rows,)
-            payload = torch.empty(shape, dtype=_DTYPES[code], device=self.device)
-            dist.recv(payload, src, group=self.group)
-        meta = None
-        if nbytes:
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-            dist.recv(buf, src, group=self.group)
-            meta = pickle.loads(buf.cpu().numpy().tobytes())
-        return Message(kind, mb_id, payload, meta)
+    def recv(self, src: int, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.numel():
+            dist.recv(tensor, src, group=self.group)
+        return tensor
+
+    def irecv(self, src: int, tensor: torch.Tensor):
+        return dist.irecv(tensor, src, group=self.group) if tensor.numel() else None
 
     def flush(self) -> None:
         for w in self._pending:

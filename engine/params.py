@@ -11,6 +11,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0 = off
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | None = None  # None: the checkpoint's eos ids
     ignore_eos: bool = False
@@ -26,6 +27,8 @@ class SamplingParams:
             bad(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.min_p, (int, float)) or isinstance(self.min_p, bool) or not 0 <= self.min_p <= 1:
+            bad(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             bad(f"seed must be an integer or None, got {self.seed!r}")
         if self.stop_token_ids is not None:
@@ -37,7 +40,7 @@ class SamplingParams:
 
 @dataclass
 class RequestOutput:
-    request_id: int
+    request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str | None = None

@@ -64,6 +64,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._next_mb = 0
         self.num_preemptions = 0
+        self.prompt_tokens = 0  # prompt tokens of admitted requests, since the last reset
+        self.generation_tokens = 0  # tokens sampled, since the last reset
+        self.seqs: dict[int, Sequence] = {}  # every unfinished sequence by id
 
     # ---- admission ---------------------------------------------------------------------------
     def check(self, prompt_len: int, max_tokens: int) -> None:
@@ -72,6 +75,31 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.check(seq.prompt_len, seq.params.max_tokens)
         self.waiting.append(seq)
+        self.seqs[seq.seq_id] = seq
+        self.prompt_tokens += seq.prompt_len
+
+    def abort(self, seq_id: int) -> bool:
+        """Drop a waiting or running sequence. Its blocks are freed now, or, while micro-batches
+        holding it are in flight, when the last of them completes (its tokens are discarded)."""
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
+            return False
+        if seq.status == Status.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status == Status.RUNNING:
+            self.running.remove(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, "abort"
+        if seq.in_flight == 0:
+            self.blocks.release(seq)
+        return True
+
+    def snapshot(self, reset: bool = False) -> dict:
+        out = {"running": len(self.running), "waiting": len(self.waiting), "free_blocks": self.blocks.num_free,
+               "num_blocks": self.blocks.num_blocks, "preemptions": self.num_preemptions,
+               "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens}
+        if reset:
+            self.num_preemptions = self.prompt_tokens = self.generation_tokens = 0
+        return out
 
     @property
     def has_work(self) -> bool:
@@ -152,11 +180,19 @@ class Scheduler:
             raise RuntimeError(f"micro-batch {mb.mb_id}: got {len(sampled)} tokens for {len(samplers)} samples")
         for c in mb.chunks:
             c.seq.in_flight -= 1
+            if c.seq.finish_reason == "abort" and c.seq.in_flight == 0:
+                self.blocks.release(c.seq)
+        done = []
         for seq, tok in zip(samplers, sampled):
+            if seq.finish_reason == "abort":
+                continue
             seq.awaiting_sample = False
             seq.append(int(tok), self.max_model_len)
+            self.generation_tokens += 1
+            done.append(seq)
             if seq.finish_reason is not None:
                 seq.status = Status.FINISHED
                 self.blocks.release(seq)
                 self.running.remove(seq)
-        return samplers
+                self.seqs.pop(seq.seq_id, None)
+        return done

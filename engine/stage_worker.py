@@ -1,28 +1,39 @@
-"""StageWorker: everything one pipeline rank does on its device: build the micro-batch metadata,
-run its Stage, time it, sample on the last stage, and (ranks > 0) serve messages until STOP."""
+"""StageWorker: everything one pipeline rank does on its device: prepare the micro-batch's metadata
+from its plan, run its Stage, time it, sample on the last stage, and (ranks > 0) serve messages
+until STOP."""
 from __future__ import annotations
 
+import json
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from model.batch import AttnBatch
-from model.sampler import RowParams, sample
+from model.sampler import sample
 from model.stage import Stage
 
 from .decode_graphs import DecodeGraphs
 from .p2p import BATCH, STATS, STOP, Link
+from .step_plan import H_AUX0, H_AUX1, H_B, H_KIND, H_M, H_R, H_T, PlanView, eager_batch, plan_len
+
+MAX_STEP_RECORDS = 2048  # per-step timings kept for stats(per_step=True); older ones are dropped
+STATS_BYTES = 1 << 20  # a stats reply travels as a fixed-size JSON buffer (its size is known in advance)
 
 
 class StageTimer:
-    """Busy time of the stage's forwards: CUDA events (resolved lazily), else the host clock."""
+    """Busy time of the stage's forwards: CUDA events (resolved lazily), else the host clock.
+    Totals since the last reset, and the last MAX_STEP_RECORDS steps."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.pending: list = []
-        self.busy_ms: list[float] = []
-        self.tokens: list[int] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.busy_ms, self.steps, self.tokens = 0.0, 0, 0
+        self.step_ms: list[float] = []
+        self.step_tokens: list[int] = []
 
     def start(self):
         if self.cuda:
@@ -32,91 +43,130 @@ class StageTimer:
         return time.perf_counter()
 
     def stop(self, started, num_tokens: int) -> None:
-        self.tokens.append(num_tokens)
         if self.cuda:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
-            self.pending.append((started, e))
+            self.pending.append((started, e, num_tokens))
+            if len(self.pending) > 64:
+                self._resolve(done_only=True)
         else:
-            self.busy_ms.append((time.perf_counter() - started) * 1e3)
+            self._add((time.perf_counter() - started) * 1e3, num_tokens)
 
-    def collect(self, reset: bool) -> dict:
-        if self.pending:
-            self.pending[-1][1].synchronize()
-            self.busy_ms += [s.elapsed_time(e) for s, e in self.pending]
-            self.pending = []
-        out = {"busy_ms": sum(self.busy_ms), "steps": len(self.busy_ms), "tokens": sum(self.tokens),
-               "step_ms": list(self.busy_ms), "step_tokens": list(self.tokens)}
+    def _add(self, ms: float, tokens: int) -> None:
+        self.busy_ms += ms
+        self.steps += 1
+        self.tokens += tokens
+        self.step_ms.append(ms)
+        self.step_tokens.append(tokens)
+        if len(self.step_ms) > 2 * MAX_STEP_RECORDS:
+            del self.step_ms[:-MAX_STEP_RECORDS], self.step_tokens[:-MAX_STEP_RECORDS]
+
+    def _resolve(self, done_only: bool = False) -> None:
+        while self.pending:
+            s, e, n = self.pending[0]
+            if done_only and not e.query():
+                return
+            e.synchronize()
+            self._add(s.elapsed_time(e), n)
+            self.pending.pop(0)
+
+    def collect(self, reset: bool, per_step: bool = False) -> dict:
+        self._resolve()
+        out = {"busy_ms": self.busy_ms, "steps": self.steps, "tokens": self.tokens}
+        if per_step:
+            out["step_ms"] = self.step_ms[-MAX_STEP_RECORDS:]
+            out["step_tokens"] = self.step_tokens[-MAX_STEP_RECORDS:]
         if reset:
-            self.busy_ms, self.tokens = [], []
+            self.reset()
         return out
 
 
 class StageWorker:
     def __init__(self, stage: Stage, rank: int, num_stages: int, block_size: int, fwd_group=None,
-                 ret_group=None, seed: int = 0):
+                 ret_group=None):
         self.stage, self.rank, self.num_stages, self.block_size = stage, rank, num_stages, block_size
         self.device = stage.device
         self.fwd = Link(fwd_group, self.device) if num_stages > 1 else None
         self.ret = Link(ret_group, self.device) if num_stages > 1 else None
         self.timer = StageTimer(self.device)
+        self.sample_timer = StageTimer(self.device)
         self.graphs: DecodeGraphs | None = None
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
 
     @property
     def is_last(self) -> bool:
         return self.rank == self.num_stages - 1
 
-    def forward(self, x: torch.Tensor, meta: dict) -> torch.Tensor:
-        """Run the stage on one micro-batch: a captured graph for pure decode, else eager."""
+    def forward(self, x: torch.Tensor, view: PlanView) -> torch.Tensor:
+        """Run the stage on one micro-batch: a captured graph for pure decode, else eager; both
+        prepared from the plan by step_plan.fill_batch."""
         t = self.timer.start()
-        ql = meta["query_lens"]
-        if self.graphs is not None and len(ql) <= self.graphs.max_batch and max(ql) == 1:
-            out = self.graphs.run(x, meta["context_lens"], meta["block_tables"])
+        if self.graphs is not None and self.graphs.fits(view):
+            out = self.graphs.run(x, view)
         else:
-            batch = AttnBatch.build(ql, meta["context_lens"], meta["block_tables"], self.block_size,
-                                    meta["sample"], self.device)
-            out = self.stage(x, batch)
-        self.timer.stop(t, sum(ql))
+            out = self.stage(x, eager_batch(view, self.device))
+        self.timer.stop(t, view.T)
         return out
 
-    def sample(self, logits: torch.Tensor, meta: dict) -> torch.Tensor:
-        rows = [RowParams(*r) for r in meta["rows"]]
-        return sample(logits, rows, self.generator) if rows else torch.empty(0, dtype=torch.int64, device=self.device)
+    def sample(self, logits: torch.Tensor, view: PlanView) -> torch.Tensor:
+        t = self.sample_timer.start()
+        ids = sample(logits, view.rows, view.flags)
+        self.sample_timer.stop(t, view.R)
+        return ids
 
-    def stats(self, reset: bool) -> dict:
-        out = {"rank": self.rank, "layers": [self.stage.start, self.stage.end], **self.timer.collect(reset)}
+    def stats(self, reset: bool, per_step: bool = False) -> dict:
+        out = {"rank": self.rank, "layers": [self.stage.start, self.stage.end],
+               **self.timer.collect(reset, per_step)}
+        if self.is_last:
+            out["sample_ms"] = self.sample_timer.collect(reset)["busy_ms"]
+        kv = self.stage.kv_cache
+        out["kv_gib"] = kv.numel() * kv.element_size() / 2**30 if kv is not None else 0.0
         if self.device.type == "cuda":
             out["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            out["kv_gib"] = self.stage.kv_cache.numel() * self.stage.kv_cache.element_size() / 2**30
             if reset:
                 torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            import resource
+            out["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS
         return out
 
     def serve(self) -> None:
-        """Ranks > 0: receive from the previous stage until STOP; forward or sample and return."""
+        """Ranks > 0: receive from the previous stage until STOP; forward, or sample and return."""
         prev = self.rank - 1
         while True:
-            msg = self.fwd.recv(prev)
-            if msg.kind == STOP:
+            header = self.fwd.recv_header(prev)
+            kind = header[H_KIND]
+            if kind == STOP:
                 if not self.is_last:
-                    self.fwd.send(self.rank + 1, STOP, 0)
+                    self.fwd.send(self.rank + 1, np.asarray(header), [])
                     self.fwd.flush()
                 return
-            if msg.kind == STATS:
-                stats = msg.meta["stats"] + [self.stats(msg.meta["reset"])]
-                meta = {"stats": stats, "reset": msg.meta["reset"]}
-                if self.is_last:
-                    self.ret.send(0, STATS, msg.mb_id, None, meta)
-                else:
-                    self.fwd.send(self.rank + 1, STATS, msg.mb_id, None, meta)
+            if kind == STATS:
+                self._pass_stats(header, prev)
                 continue
-            out = self.forward(msg.payload, msg.meta)
+            n = plan_len(header[H_T], header[H_B], header[H_R], header[H_M])
+            view = PlanView(header, self.fwd.recv(prev, torch.empty(n, dtype=torch.int32, device=self.device)))
+            H = self.stage.cfg.hidden_size
+            x = self.fwd.recv(prev, torch.empty(view.T, H, dtype=self.stage.dtype, device=self.device))
+            out = self.forward(x, view)
             if self.is_last:
-                self.ret.send(0, BATCH, msg.mb_id, self.sample(out, msg.meta))
+                if view.R:
+                    self.ret.send(0, None, [self.sample(out, view)])
             else:
-                self.fwd.send(self.rank + 1, BATCH, msg.mb_id, out, msg.meta)
+                self.fwd.send(self.rank + 1, np.asarray(header), [view.plan, out])
+
+    def _pass_stats(self, header: list[int], prev: int) -> None:
+        """Append this stage's stats to the JSON list and pass it on (the last stage returns it)."""
+        buf = self.fwd.recv(prev, torch.empty(STATS_BYTES, dtype=torch.uint8, device=self.device))
+        n = header[H_AUX0]
+        stages = json.loads(bytes(buf[:n].cpu().numpy()).decode())
+        stages.append(self.stats(bool(header[H_AUX1] & 1), bool(header[H_AUX1] & 2)))
+        raw = stats_buffer(stages, self.device)
+        header = list(header)
+        header[H_AUX0] = len(json.dumps(stages).encode())
+        if self.is_last:
+            self.ret.send(0, None, [raw])
+        else:
+            self.fwd.send(self.rank + 1, np.asarray(header), [raw])
 
     # ---- KV pool -----------------------------------------------------------------------------
     def size_kv_pool(self, kv_cache_gib: float | None, gpu_memory_utilization: float, warmup_tokens: int) -> int:
@@ -137,16 +187,21 @@ class StageWorker:
         return max(0, int(budget // per_block))
 
     def _warmup(self, T: int) -> None:
+        from .step_plan import warmup_plan
         nblocks = -(-T // self.block_size)
         self.stage.allocate_kv(nblocks, self.block_size)
-        meta = {"query_lens": [T], "context_lens": [T], "block_tables": [list(range(nblocks))], "sample": [True]}
+        header, plan = warmup_plan(T, self.block_size)
+        view = PlanView(header.tolist(), torch.from_numpy(plan).to(self.device))
         if self.stage.has_embed:
             x = torch.randint(0, self.stage.cfg.vocab_size, (T,), device=self.device)
         else:
             x = torch.randn(T, self.stage.cfg.hidden_size, device=self.device, dtype=self.stage.dtype) * 0.1
-        self.forward(x, meta)
+        out = self.forward(x, view)
+        if self.is_last:
+            self.sample(out, view)
         self.stage.kv_cache = None
         self.timer.collect(reset=True)
+        self.sample_timer.collect(reset=True)
 
     def allocate(self, num_blocks: int) -> None:
         """The pool plus one scratch block (id num_blocks) that padded graph rows write into."""
@@ -156,6 +211,15 @@ class StageWorker:
     def capture_graphs(self, max_model_len: int, max_batch: int) -> None:
         self.graphs = DecodeGraphs(self.stage, self.block_size, max_model_len, max_batch, self.scratch_block)
         self.timer.collect(reset=True)
+
+
+def stats_buffer(stages: list[dict], device: torch.device) -> torch.Tensor:
+    raw = json.dumps(stages).encode()
+    if len(raw) > STATS_BYTES:
+        raise RuntimeError(f"stats of {len(raw)} bytes exceed the {STATS_BYTES}-byte reply buffer")
+    buf = torch.zeros(STATS_BYTES, dtype=torch.uint8)
+    buf[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return buf.to(device)
 
 
 def agree_min(value: int, device: torch.device) -> int:

@@ -1,34 +1,43 @@
 """AttnBatch: the per-micro-batch metadata every layer needs (positions, KV slots, block tables)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 
-@dataclass
 class AttnBatch:
-    positions: torch.Tensor  # [T] int64: absolute position of each token
-    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset where its k/v go
-    block_tables: torch.Tensor  # [B, M] int32, padded with 0
-    query_start: torch.Tensor  # [B+1] int32: cu_seqlens of the flat token batch
-    context_lens_t: torch.Tensor  # [B] int32: cached tokens after this step, chunk included
-    query_lens: list[int]
-    context_lens: list[int]
-    logits_indices: torch.Tensor  # [R] int64: rows whose logits are wanted (last token of a sample)
+    """positions [T] int64, slot_mapping [T] int64 (block_id * block_size + offset where k/v go),
+    block_tables [B, M] int32, query_start [B+1] int32 (cu_seqlens of the flat token batch),
+    context_lens_t [B] int32 (cached tokens after this step, chunk included), logits_indices [R]
+    int64 (rows whose logits are wanted). max_query_len / max_context are host ints (upper bounds
+    that size kernel grids). The host lists query_lens / context_lens are read from the tensors
+    on first use when not given (only the torch reference and the SDPA prefill need them)."""
+
+    def __init__(self, positions: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                 query_start: torch.Tensor, context_lens_t: torch.Tensor, logits_indices: torch.Tensor,
+                 query_lens: list[int] | None = None, context_lens: list[int] | None = None,
+                 max_query_len: int | None = None, max_context: int | None = None):
+        self.positions, self.slot_mapping, self.block_tables = positions, slot_mapping, block_tables
+        self.query_start, self.context_lens_t, self.logits_indices = query_start, context_lens_t, logits_indices
+        self._query_lens, self._context_lens = query_lens, context_lens
+        self.max_query_len = max_query_len if max_query_len is not None else max(self.query_lens)
+        self.max_context = max_context if max_context is not None else max(self.context_lens)
+
+    @property
+    def query_lens(self) -> list[int]:
+        if self._query_lens is None:
+            self._query_lens = torch.diff(self.query_start).tolist()
+        return self._query_lens
+
+    @property
+    def context_lens(self) -> list[int]:
+        if self._context_lens is None:
+            self._context_lens = self.context_lens_t.tolist()
+        return self._context_lens
 
     @property
     def num_tokens(self) -> int:
         return int(self.positions.shape[0])
-
-    @property
-    def max_query_len(self) -> int:
-        return max(self.query_lens)
-
-    @property
-    def max_context(self) -> int:
-        return max(self.context_lens)
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
@@ -54,5 +63,4 @@ class AttnBatch:
         return cls(positions=dev[o[0]:o[1]], slot_mapping=dev[o[1]:o[2]],
                    block_tables=torch.from_numpy(tables).to(device, non_blocking=True),
                    query_start=dev[o[2]:o[3]].to(torch.int32), context_lens_t=dev[o[3]:o[4]].to(torch.int32),
-                   query_lens=list(query_lens), context_lens=list(context_lens),
-                   logits_indices=dev[o[4]:])
+                   logits_indices=dev[o[4]:], query_lens=list(query_lens), context_lens=list(context_lens))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.plan import GIB, add_parser, default_reserve_gib, resolve_model, run_plan, stage_plan
+from engine.cli.plan import GIB, add_parser, default_reserve_gib, resolve_model, run_plan, stage_plan
 from loader.presets import preset_config
 from model.config import ModelConfig
 

@@ -14,9 +14,10 @@ from safetensors import safe_open
 
 from loader import writer
 from loader.presets import preset_config
-from loader.writer import (CACHE_VERSION, add_make_checkpoint_parser, ensure_cached_preset, generate_tensor,
-                           generation_config, plan_checkpoint, plan_tensors, run_make_checkpoint, train_tokenizer,
-                           write_checkpoint)
+from engine.cli.make_checkpoint import add_parser as add_make_checkpoint_parser
+from engine.cli.make_checkpoint import run as run_make_checkpoint
+from loader.writer import (CACHE_VERSION, ensure_cached_preset, generate_tensor, generation_config, plan_checkpoint,
+                           plan_tensors, train_tokenizer, write_checkpoint)
 
 TINY = preset_config("tiny")
 
@@ -315,7 +316,7 @@ def test_cli_make_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     out = tmp_path / "ck"
     args = parse(["make-checkpoint", "--preset", "tiny", "--out", str(out), "--seed", "5", "--dtype", "bfloat16",
                   "--fused-experts", "--yarn"])
-    assert args.func(args) == 0
+    assert args.run(args) == 0
     assert capsys.readouterr().out.strip() == str(out)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rope_scaling"]["rope_type"] == "yarn" and cfg["torch_dtype"] == "bfloat16"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import time
 
-from .cli_generate import add_engine_options, default_model, engine_kwargs
-from .params import SamplingParams
+from ..options import add_option_flags, options_from_args
+from ..params import SamplingParams
+from .common import default_model
 
 
 def suggest_layers(stats: list[dict], num_layers: int) -> tuple[list[int], list[float]]:
@@ -37,20 +38,19 @@ def suggest_layers(stats: list[dict], num_layers: int) -> tuple[list[int], list[
 def add_parser(sub) -> None:
     p = sub.add_parser("profile", help="per-stage busy/idle time and a balanced layer split")
     p.add_argument("--model", help="model folder or hub id (default: the embedded tiny preset)")
-    p.add_argument("--stages", type=int, default=2)
     p.add_argument("--batch", type=int, default=8, help="concurrent requests")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--steps", type=int, default=8, help="per-step rows to print")
     p.add_argument("--json", action="store_true")
-    add_engine_options(p)
+    add_option_flags(p, defaults={"stages": 2})
     p.set_defaults(run=run_profile)
 
 
 def run_profile(a) -> int:
     import torch
-    from .llm import LLM
-    with LLM(a.model or default_model(), stages=a.stages, **engine_kwargs(a)) as llm:
+    from ..llm import LLM
+    with LLM(a.model or default_model(), options=options_from_args(a)) as llm:
         g = torch.Generator().manual_seed(0)
         V = llm.config.vocab_size
         prompts = [torch.randint(0, V, (a.prompt_len,), generator=g).tolist() for _ in range(a.batch)]
@@ -60,7 +60,7 @@ def run_profile(a) -> int:
         t0 = time.perf_counter()
         llm.generate(prompts, sp)
         wall_ms = (time.perf_counter() - t0) * 1e3
-        stats = llm.stats(reset=True)
+        stats = llm.stats(reset=True, per_step=True)["stages"]
         L = llm.config.num_hidden_layers
     counts, predicted = suggest_layers(stats, L)
     report = {"wall_ms": wall_ms, "stages": stats, "suggested_layers": counts, "predicted_busy_ms": predicted}

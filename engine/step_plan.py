@@ -1,0 +1,173 @@
+"""The typed plan of one micro-batch. Stage 0 builds it once from the scheduler's chunks; it travels
+down the pipeline as a fixed int64 header (host ints every stage needs before it can receive or
+launch) plus one int32 tensor, and every stage fills its attention metadata, eager or CUDA graph,
+through the one prepare path `fill_batch`.
+
+int32 plan layout (T tokens, B sequences, R sampled rows, M block-table columns):
+  ids[T] positions[T] slots[T] query_start[B+1] context_lens[B] block_tables[B*M]
+  logits_indices[R] sampling rows[R*ROW] (model/sampler.py)"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.batch import AttnBatch
+from model.sampler import ROW, pack_rows
+
+HEADER = 12
+(H_KIND, H_MB, H_T, H_B, H_R, H_M, H_MAXQ, H_MAXCTX, H_FLAGS, H_AUX0, H_AUX1, H_AUX2) = range(HEADER)
+_SEED_MIX = 0x9E3779B97F4A7C15
+
+
+def plan_len(T: int, B: int, R: int, M: int) -> int:
+    return 3 * T + (B + 1) + B + B * M + R + R * ROW
+
+
+def offsets(T: int, B: int, R: int, M: int) -> dict[str, tuple[int, int]]:
+    sizes = [("ids", T), ("positions", T), ("slots", T), ("query_start", B + 1), ("context_lens", B),
+             ("block_tables", B * M), ("logits_indices", R), ("rows", R * ROW)]
+    out, o = {}, 0
+    for name, n in sizes:
+        out[name] = (o, o + n)
+        o += n
+    return out
+
+
+def request_seed(params_seed: int | None, engine_seed: int, seq_id: int) -> int:
+    """A request's sampling seed: its own, else one derived from the engine seed and its id."""
+    if params_seed is not None:
+        return params_seed & (2**64 - 1)
+    return (engine_seed * _SEED_MIX + seq_id * 0xBF58476D1CE4E5B9 + 1) & (2**64 - 1)
+
+
+def build_plan(kind: int, mb_id: int, chunks, block_size: int, engine_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(header int64 [HEADER], plan int32) of scheduler chunks (engine/scheduler.py Chunk)."""
+    B = len(chunks)
+    qlens = np.fromiter((c.length for c in chunks), dtype=np.int64, count=B)
+    ends = np.fromiter((c.end for c in chunks), dtype=np.int64, count=B)
+    T = int(qlens.sum())
+    nblk = -(-ends // block_size)
+    M = max(1, int(nblk.max()))
+    qs = np.zeros(B + 1, dtype=np.int64)
+    qs[1:] = np.cumsum(qlens)
+    starts = ends - qlens
+    seq_of = np.repeat(np.arange(B), qlens)
+    pos = np.arange(T, dtype=np.int64) - qs[:-1][seq_of] + starts[seq_of]
+    tables = np.zeros((B, M), dtype=np.int64)
+    ids: list[int] = []
+    rows = []
+    logits = []
+    for b, c in enumerate(chunks):
+        s = c.seq
+        tables[b, :nblk[b]] = s.block_table[:nblk[b]]
+        ids += s.token_ids[c.start:c.end]
+        if c.sample:
+            p = s.params
+            logits.append(qs[b + 1] - 1)
+            rows.append((p.temperature, p.top_k, p.top_p, p.min_p, request_seed(p.seed, engine_seed, s.seq_id),
+                         len(s.output_ids)))
+    slots = tables[seq_of, pos // block_size] * block_size + pos % block_size
+    packed, flags = pack_rows(rows)
+    R = len(rows)
+    plan = np.concatenate([np.asarray(ids, dtype=np.int64), pos, slots, qs, ends, tables.reshape(-1),
+                           np.asarray(logits, dtype=np.int64)]).astype(np.int32)
+    plan = np.concatenate([plan, packed.reshape(-1)])
+    header = np.zeros(HEADER, dtype=np.int64)
+    header[[H_KIND, H_MB, H_T, H_B, H_R, H_M, H_MAXQ, H_MAXCTX, H_FLAGS]] = [
+        kind, mb_id, T, B, R, M, int(qlens.max()), int(ends.max()), flags]
+    return header, plan
+
+
+def warmup_plan(T: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The plan of one greedy sequence of T new tokens in blocks 0, 1, ... (memory sizing)."""
+    from types import SimpleNamespace
+
+    from .params import SamplingParams
+    seq = SimpleNamespace(block_table=list(range(-(-T // block_size))), token_ids=[0] * T, seq_id=0,
+                          params=SamplingParams(temperature=0), output_ids=[])
+    return build_plan(0, 0, [SimpleNamespace(seq=seq, start=0, end=T, length=T, sample=True)], block_size, 0)
+
+
+@dataclass
+class PlanView:
+    """A received (or locally built) plan: host header ints plus the int32 plan on the device."""
+    header: list[int]
+    plan: torch.Tensor
+
+    @property
+    def T(self) -> int:
+        return self.header[H_T]
+
+    @property
+    def B(self) -> int:
+        return self.header[H_B]
+
+    @property
+    def R(self) -> int:
+        return self.header[H_R]
+
+    @property
+    def M(self) -> int:
+        return self.header[H_M]
+
+    @property
+    def flags(self) -> int:
+        return self.header[H_FLAGS]
+
+    @property
+    def decode_only(self) -> bool:
+        return self.header[H_MAXQ] == 1 and self.T == self.B
+
+    def part(self, name: str) -> torch.Tensor:
+        a, b = offsets(self.T, self.B, self.R, self.M)[name]
+        return self.plan[a:b]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.part("rows").view(self.R, ROW)
+
+
+@dataclass
+class BatchBuffers:
+    """Destination of fill_batch: the tensors an AttnBatch views (fresh per eager step, or a CUDA
+    graph's static inputs of capacity B rows / M table columns)."""
+    positions: torch.Tensor  # [B] int64
+    slots: torch.Tensor  # [B] int64
+    query_start: torch.Tensor  # [B+1] int32
+    context_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, M] int32
+    logits_indices: torch.Tensor  # [B] int64
+
+    @classmethod
+    def empty(cls, T: int, B: int, M: int, R: int, device) -> "BatchBuffers":
+        i32, i64 = torch.int32, torch.int64
+        return cls(torch.empty(T, dtype=i64, device=device), torch.empty(T, dtype=i64, device=device),
+                   torch.empty(B + 1, dtype=i32, device=device), torch.empty(B, dtype=i32, device=device),
+                   torch.empty(B, M, dtype=i32, device=device), torch.empty(R, dtype=i64, device=device))
+
+
+def fill_batch(view: PlanView, buf: BatchBuffers, pad_slot: int = 0, pad_block: int = 0) -> None:
+    """Copy the plan's metadata into buf (the one prepare path of eager and graph steps). Rows of
+    buf past the plan's (graph padding) get one token at position 0 whose k/v go to pad_slot,
+    reading block pad_block."""
+    T, B, R, M = view.T, view.B, view.R, view.M
+    buf.positions[:T].copy_(view.part("positions"))
+    buf.slots[:T].copy_(view.part("slots"))
+    buf.query_start[:B + 1].copy_(view.part("query_start"))
+    buf.context_lens[:B].copy_(view.part("context_lens"))
+    buf.block_tables[:B, :M].copy_(view.part("block_tables").view(B, M))
+    buf.logits_indices[:R].copy_(view.part("logits_indices"))
+    if buf.positions.shape[0] > T:  # graph padding (decode: one token per row, T == B)
+        buf.positions[T:].zero_()
+        buf.slots[T:].fill_(pad_slot)
+        buf.context_lens[B:].fill_(1)
+        buf.block_tables[B:, 0].fill_(pad_block)
+
+
+def eager_batch(view: PlanView, device) -> AttnBatch:
+    buf = BatchBuffers.empty(view.T, view.B, view.M, view.R, device)
+    fill_batch(view, buf)
+    return AttnBatch(buf.positions, buf.slots, buf.block_tables, buf.query_start, buf.context_lens,
+                     buf.logits_indices, max_query_len=view.header[H_MAXQ], max_context=view.header[H_MAXCTX])
