@@ -1,0 +1,297 @@
+"""Fused MoE experts in Triton (CUDA; tests run them under TRITON_INTERPRET=1). Letters as moe.py:
+N tokens, H hidden, E experts, k experts per token, I expert width, P = N * k (token, expert) pairs.
+
+Two paths, both without a host sync (capturable in the decode CUDA graph):
+- small (N <= a measured threshold): one program per (pair, column tile) streams only the chosen
+  expert's rows as a GEMV. Kernel 1: gate and up, SiLU(gate) * up in its epilogue -> act [P, I].
+  Kernel 2: down projection, scaled by the routing weight, the k contributions of each token summed
+  in fp32 -> out [N, H]. Column tiles are small so every SM streams weights at batch 1.
+- large: the pairs are grouped by expert on the device, each expert's rows padded to the tile
+  (as vLLM's moe_align_block_size), then a grouped GEMM with the same epilogues.
+
+Rounding follows the torch reference (model/moe.py): the projections rounded to the dtype,
+SiLU and the product rounded, y * w rounded, the k terms summed in fp32, rounded once.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .fused_triton import _round
+
+
+# The interpreter's tl.dot returns garbage for bf16 operands (triton 3.9): there, dot in fp32,
+# which is exact for bf16 values (products fit fp32; accumulation is fp32 either way).
+_DOT_FP32 = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _silu_mul(g, u, DT: tl.constexpr):
+    g = _round(g, DT)
+    u = _round(u, DT)
+    s = _round(g / (1.0 + tl.exp(-g)), DT)
+    return _round(s * u, DT)
+
+
+# ---- small batch: per-pair GEMV ------------------------------------------------------------------
+@triton.jit
+def _gate_up_gemv_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, H, I, stride_xt, stride_we, stride_wn, stride_at,
+                         TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    p = tl.program_id(0)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = n < I
+    t = (p // TOPK).to(tl.int64)
+    e = tl.load(ids_ptr + p).to(tl.int64)
+    wg_base = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
+    wu_base = wg_base + I * stride_wn
+    acc_g = tl.zeros([BN], dtype=tl.float32)
+    acc_u = tl.zeros([BN], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < H
+        xv = tl.load(x_ptr + t * stride_xt + kk, mask=kmask, other=0.0).to(tl.float32)
+        m2 = nmask[:, None] & kmask[None, :]
+        wg = tl.load(wg_base + kk[None, :], mask=m2, other=0.0).to(tl.float32)
+        wu = tl.load(wu_base + kk[None, :], mask=m2, other=0.0).to(tl.float32)
+        acc_g += tl.sum(wg * xv[None, :], axis=1)
+        acc_u += tl.sum(wu * xv[None, :], axis=1)
+    DT: tl.constexpr = act_ptr.dtype.element_ty
+    a = _silu_mul(acc_g, acc_u, DT)
+    tl.store(act_ptr + p.to(tl.int64) * stride_at + n, a.to(DT), mask=nmask)
+
+
+@triton.jit
+def _down_combine_gemv_kernel(act_ptr, w_ptr, ids_ptr, tw_ptr, out_ptr, H, I, stride_at, stride_we, stride_wn,
+                              stride_ot, TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = n < H
+    DT: tl.constexpr = out_ptr.dtype.element_ty
+    total = tl.zeros([BN], dtype=tl.float32)
+    for j in range(TOPK):
+        p = t * TOPK + j
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        w_base = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
+        acc = tl.zeros([BN], dtype=tl.float32)
+        for k0 in range(0, I, BK):
+            kk = k0 + tl.arange(0, BK)
+            kmask = kk < I
+            a = tl.load(act_ptr + p * stride_at + kk, mask=kmask, other=0.0).to(tl.float32)
+            w = tl.load(w_base + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * a[None, :], axis=1)
+        tw = tl.load(tw_ptr + p).to(tl.float32)
+        total += _round(_round(acc, DT) * tw, DT)
+    tl.store(out_ptr + t * stride_ot + n, _round(total, DT).to(DT), mask=nmask)
+
+
+def _gemv_tiles(N: int, cols: int) -> tuple[int, int]:
+    """(BN, BK): small column tiles at small N so that N * cols / BN programs cover the SMs."""
+    BN = 16 if N * cols >= 16 * 2048 else 8
+    return BN, 256
+
+
+def experts_small(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, ids_Nk: torch.Tensor,
+                  w_Nk: torch.Tensor, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """The per-pair GEMV path. tiles = (BN1, BK1, BN2, BK2) overrides the heuristic (benchmarks)."""
+    N, H = x_NH.shape
+    k = ids_Nk.shape[1]
+    I = w2_EHI.shape[2]
+    assert x_NH.stride(1) == 1 and w13_E2IH.is_contiguous() and w2_EHI.is_contiguous()
+    ids, tw = ids_Nk.contiguous(), w_Nk.contiguous()
+    bn1, bk1 = _gemv_tiles(N * k, I)
+    bn2, bk2 = _gemv_tiles(N, H)
+    if tiles:
+        bn1, bk1, bn2, bk2 = tiles
+    act = torch.empty(N * k, I, dtype=x_NH.dtype, device=x_NH.device)
+    _gate_up_gemv_kernel[(N * k, triton.cdiv(I, bn1))](
+        x_NH, w13_E2IH, ids, act, H, I, x_NH.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1), act.stride(0),
+        TOPK=k, BN=bn1, BK=min(bk1, triton.next_power_of_2(H)), num_warps=4)
+    out = torch.empty(N, H, dtype=x_NH.dtype, device=x_NH.device)
+    _down_combine_gemv_kernel[(N, triton.cdiv(H, bn2))](
+        act, w2_EHI, ids, tw, out, H, I, act.stride(0), w2_EHI.stride(0), w2_EHI.stride(1), out.stride(0),
+        TOPK=k, BN=bn2, BK=min(bk2, triton.next_power_of_2(I)), num_warps=4)
+    return out
+
+
+# ---- large batch: pairs grouped by expert, grouped GEMM ------------------------------------------
+def align_by_expert(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs grouped by expert, each expert's run padded to a multiple of BM, on the device with a
+    fixed-size output (no host sync). Returns sorted_pairs [nblocks * BM] (pair index, or P for
+    padding) and block_expert [nblocks] (the expert of each BM-row block, or E past the end)."""
+    flat = ids_Nk.reshape(-1)
+    P = flat.numel()
+    dev = flat.device
+    nblocks = triton.cdiv(P, BM) + min(E, P)  # each hit expert pads by less than one block
+    counts = torch.zeros(E, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + BM - 1) // BM * BM
+    pend = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)
+    sorted_e = flat[order]
+    rank = torch.arange(P, device=dev) - (torch.cumsum(counts, 0) - counts)[sorted_e]
+    dest = (pend - padded)[sorted_e] + rank
+    sorted_pairs = torch.full((nblocks * BM,), P, dtype=torch.int64, device=dev)
+    sorted_pairs.scatter_(0, dest, order)
+    starts = torch.arange(nblocks, device=dev) * BM
+    block_expert = torch.searchsorted(pend, starts, right=True)  # E past the last padded run
+    return sorted_pairs, block_expert
+
+
+@triton.jit
+def _gate_up_grouped_kernel(x_ptr, w_ptr, pairs_ptr, bexp_ptr, act_ptr, P, H, I, E, stride_xt, stride_we,
+                            stride_wn, stride_at, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    b = tl.program_id(0)
+    e = tl.load(bexp_ptr + b)
+    if e >= E:
+        return
+    e = e.to(tl.int64)
+    rows = tl.load(pairs_ptr + b * BM + tl.arange(0, BM))
+    rmask = rows < P
+    tok = rows // TOPK
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = n < I
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    wg_base = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn
+    wu_base = wg_base + I * stride_wn
+    for k0 in range(0, H, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < H
+        a = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wm = kmask[:, None] & nmask[None, :]
+        wg = tl.load(wg_base + kk[:, None], mask=wm, other=0.0)
+        wu = tl.load(wu_base + kk[:, None], mask=wm, other=0.0)
+        acc_g = _dot(a, wg, acc_g, PREC, UPCAST)
+        acc_u = _dot(a, wu, acc_u, PREC, UPCAST)
+    DT: tl.constexpr = act_ptr.dtype.element_ty
+    out = _silu_mul(acc_g, acc_u, DT)
+    tl.store(act_ptr + rows[:, None] * stride_at + n[None, :], out.to(DT), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _down_grouped_kernel(act_ptr, w_ptr, pairs_ptr, bexp_ptr, tw_ptr, y_ptr, P, H, I, E, stride_at, stride_we,
+                         stride_wn, stride_yt, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         PREC: tl.constexpr, UPCAST: tl.constexpr):
+    b = tl.program_id(0)
+    e = tl.load(bexp_ptr + b)
+    if e >= E:
+        return
+    e = e.to(tl.int64)
+    rows = tl.load(pairs_ptr + b * BM + tl.arange(0, BM))
+    rmask = rows < P
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    nmask = n < H
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    w_base = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn
+    for k0 in range(0, I, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < I
+        a = tl.load(act_ptr + rows[:, None] * stride_at + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_base + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc = _dot(a, w, acc, PREC, UPCAST)
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    tw = tl.load(tw_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+    y = _round(_round(acc, DT) * tw[:, None], DT)
+    tl.store(y_ptr + rows[:, None] * stride_yt + n[None, :], y.to(DT), mask=rmask[:, None] & nmask[None, :])
+
+
+def _grouped_tiles(P: int, E: int) -> tuple[int, int, int]:
+    per_expert = P / E
+    BM = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
+    return BM, 64, 64
+
+
+def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, ids_Nk: torch.Tensor,
+                  w_Nk: torch.Tensor) -> torch.Tensor:
+    """Pairs grouped by expert into BM-row blocks; gate/up GEMM with the SiLU * up epilogue, down GEMM
+    with the routing-weight epilogue written in pair order, then the fp32 sum over the k terms."""
+    N, H = x_NH.shape
+    k = ids_Nk.shape[1]
+    E, I = w13_E2IH.shape[0], w2_EHI.shape[2]
+    P = N * k
+    assert x_NH.stride(1) == 1 and w13_E2IH.is_contiguous() and w2_EHI.is_contiguous()
+    BM, BN, BK = _grouped_tiles(P, E)
+    prec = "ieee"  # fp32 operands exactly (no tf32); bf16 operands are unaffected
+    pairs, bexp = align_by_expert(ids_Nk, E, BM)
+    nb = bexp.numel()
+    tw = w_Nk.contiguous()
+    act = torch.empty(P, I, dtype=x_NH.dtype, device=x_NH.device)
+    _gate_up_grouped_kernel[(nb, triton.cdiv(I, BN))](
+        x_NH, w13_E2IH, pairs, bexp, act, P, H, I, E, x_NH.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1),
+        act.stride(0), TOPK=k, BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, num_warps=4, num_stages=3)
+    y = torch.empty(P, H, dtype=x_NH.dtype, device=x_NH.device)
+    _down_grouped_kernel[(nb, triton.cdiv(H, BN))](
+        act, w2_EHI, pairs, bexp, tw, y, P, H, I, E, act.stride(0), w2_EHI.stride(0), w2_EHI.stride(1),
+        y.stride(0), BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, num_warps=4, num_stages=3)
+    return y.view(N, k, H).sum(dim=1, dtype=torch.float32).to(x_NH.dtype)
+
+
+# ---- routing ------------------------------------------------------------------------------------
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, TOPK: tl.constexpr, BE: tl.constexpr,
+                         RENORM: tl.constexpr):
+    """One token per program: fp32 softmax over E, top-k (ties: the lower expert id first), renorm."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BE)
+    cmask = cols < E
+    x = tl.load(logits_ptr + t * stride_l + cols, mask=cmask, other=float("-inf")).to(tl.float32)
+    mx = tl.max(x, axis=0)
+    ex = tl.where(cmask, tl.exp(x - mx), 0.0)
+    probs = ex / tl.sum(ex, axis=0)
+    vals = tl.where(cmask, probs, -1.0)
+    picked = tl.zeros([BE], dtype=tl.int32)
+    total = 0.0
+    for j in range(TOPK):
+        m = tl.max(vals, axis=0)
+        idx = tl.min(tl.where(vals == m, cols, BE), axis=0)
+        hit = cols == idx
+        picked = tl.where(hit, j + 1, picked)  # slot + 1 of each chosen expert
+        total += m
+        vals = tl.where(hit, -2.0, vals)
+    DT: tl.constexpr = w_ptr.dtype.element_ty
+    slot = picked - 1
+    w = probs / total if RENORM else probs
+    sel = picked > 0
+    tl.store(w_ptr + t * TOPK + slot, _round(w, DT).to(DT), mask=sel)
+    tl.store(ids_ptr + t * TOPK + slot, cols.to(tl.int64), mask=sel)
+
+
+def route_fused(x_NH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, norm_topk_prob: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """route()'s (topk_w_Nk in dt, topk_ids_Nk int64) in two launches: the router GEMM and one
+    kernel for softmax, top-k and renorm. The chosen experts equal torch.topk's on the same
+    logits; where equal probabilities straddle the k-th place torch's pick is unspecified, and
+    this one takes the lower expert id."""
+    logits = torch.nn.functional.linear(x_NH, gate_EH)
+    N, E = logits.shape
+    w = torch.empty(N, top_k, dtype=x_NH.dtype, device=x_NH.device)
+    ids = torch.empty(N, top_k, dtype=torch.int64, device=x_NH.device)
+    if N:
+        _topk_softmax_kernel[(N,)](logits, w, ids, E, logits.stride(0), TOPK=top_k,
+                                   BE=triton.next_power_of_2(E), RENORM=norm_topk_prob, num_warps=1)
+    return w, ids
+
+
+# ---- dispatch ------------------------------------------------------------------------------------
+def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max: int) -> torch.Tensor:
+    if x_NH.shape[0] <= small_max:
+        return experts_small(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
+    return experts_large(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
+
+
+def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor,
+              top_k: int, norm_topk_prob: bool, small_max: int) -> torch.Tensor:
+    """Route (the reference's expert choice) then the fused experts."""
+    w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob)
+    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max)

@@ -1,0 +1,158 @@
+"""The fused MoE kernels (model/fused_moe_triton.py) against the torch reference (model/moe.py) on
+fresh seeded random inputs: routing, the small-batch GEMV path, the large-batch grouped path,
+both sides of the switch, and a batch whose every token picks the same experts. Without CUDA they
+run under TRITON_INTERPRET=1 at small shapes; @pytest.mark.gpu cases use the real shapes.
+
+The reference is experts_grouped, the torch path that traces and CPU runs use: its rounding
+steps (projections, SiLU, SiLU * up, y * w in the dtype; the k terms summed in fp32) are the
+kernels'. (experts_loop, HF's order, instead sums the k terms in a bf16 buffer, up to ~2 bf16
+steps of the row's scale away from both.) Bounds: fp32 within 2e-5 (summation order only). bf16:
+the accumulation order differs, so a projection can land one bf16 step away and travel through
+the down GEMM: each output within one bf16 step of its row's scale, |err| <= 2^-8 * max|ref row|
+(measured on CPU: 0.08 of a step)."""
+import importlib
+import os
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+if not _CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from model import fused_moe_triton as fm  # noqa: E402
+from model.moe import experts_grouped, route  # noqa: E402
+
+if not _CUDA and os.environ.get("TRITON_INTERPRET") == "1":
+    fm = importlib.reload(fm)
+DEV = "cuda" if _CUDA else "cpu"
+
+# (H, I, E, k): the tiny and user-mini presets (CPU); the real shapes (GPU)
+CPU_SHAPES = {"tiny": (64, 32, 8, 2), "user-mini": (96, 32, 16, 4)}
+GPU_SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "user-config": (6144, 1024, 128, 16),
+              "qwen3-235b-a22b": (4096, 1536, 128, 8)}
+
+
+def _weights(H, I, E, dtype, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) * 0.02).to(DEV, dtype)
+    w2 = (torch.randn(E, H, I, generator=g) * 0.02).to(DEV, dtype)
+    gate = (torch.randn(E, H, generator=g) * 0.02).to(DEV, dtype)
+    return w13, w2, gate
+
+
+def _x(N, H, dtype, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(N, H, generator=g).to(DEV, dtype)
+
+
+def assert_close(got, want, dtype):
+    assert got.shape == want.shape and got.dtype == want.dtype
+    g, w = got.float(), want.float()
+    if dtype == torch.float32:
+        assert torch.allclose(g, w, atol=2e-5, rtol=2e-5), (g - w).abs().max()
+        return
+    scale = w.abs().amax(dim=-1, keepdim=True)
+    assert ((g - w).abs() <= 2 ** -8 * scale).all(), f"max error {((g - w).abs() / scale).max():.4f} of row scale"
+
+
+def _check(N, shape, dtype, seed, same_expert=False, paths=("small", "large")):
+    H, I, E, k = shape
+    w13, w2, gate = _weights(H, I, E, dtype, seed)
+    x = _x(N, H, dtype, seed + 1)
+    _, w, ids = route(x, gate, k, True)
+    if same_expert:  # every token picks experts 0..k-1
+        ids = torch.arange(k, device=DEV).repeat(N, 1)
+    want = experts_grouped(x, w13, w2, ids, w)
+    fns = {"small": fm.experts_small, "large": fm.experts_large}
+    for name in paths:
+        assert_close(fns[name](x, w13, w2, ids, w), want, dtype)
+    return x, w13, w2, gate, want
+
+
+@pytest.mark.parametrize("shape,dtype", [("tiny", torch.float32), ("user-mini", torch.bfloat16)])
+def test_both_paths_match_reference(shape, dtype):
+    """Interpreted programs are slow: the GEMV path at 1 and 2 tokens, the grouped one at 2 and 24."""
+    _check(1, CPU_SHAPES[shape], dtype, seed=1, paths=("small",))
+    _check(2, CPU_SHAPES[shape], dtype, seed=2)
+    _check(24, CPU_SHAPES[shape], dtype, seed=24, paths=("large",))
+
+
+def test_one_expert_gets_every_token():
+    _check(40, CPU_SHAPES["user-mini"], torch.bfloat16, seed=3, same_expert=True, paths=("large",))
+    _check(3, CPU_SHAPES["user-mini"], torch.bfloat16, seed=4, same_expert=True, paths=("small",))
+
+
+def test_fused_moe_switches_paths_and_matches_reference():
+    H, I, E, k = CPU_SHAPES["user-mini"]
+    w13, w2, gate = _weights(H, I, E, torch.bfloat16, 9)
+    for N in (2, 3):  # threshold 2: 2 small, 3 large
+        x = _x(N, H, torch.bfloat16, N)
+        _, w, ids = route(x, gate, k, False)
+        want = experts_grouped(x, w13, w2, ids, w)
+        assert_close(fm.fused_moe(x, gate, w13, w2, k, False, small_max=2), want, torch.bfloat16)
+
+
+def test_align_by_expert_pads_each_expert_to_the_tile():
+    E, BM, k = 6, 4, 2
+    ids = torch.tensor([[5, 0], [0, 2], [5, 0], [2, 5], [0, 1]], device=DEV)
+    pairs, bexp = fm.align_by_expert(ids, E, BM)
+    flat = ids.reshape(-1).tolist()
+    P = len(flat)
+    seen = []
+    for b, e in enumerate(bexp.tolist()):
+        rows = pairs[b * BM:(b + 1) * BM].tolist()
+        if e >= E:
+            assert rows == [P] * BM
+            continue
+        real = [r for r in rows if r < P]
+        assert real and all(flat[r] == e for r in real) and rows == real + [P] * (BM - len(real))
+        seen += real
+    assert sorted(seen) == list(range(P))
+
+
+@pytest.mark.parametrize("dtype,norm_topk", [(torch.float32, False), (torch.bfloat16, True)])
+def test_routing_picks_the_reference_experts(dtype, norm_topk):
+    H, E, k = 96, 16, 4
+    _, _, gate = _weights(H, 32, E, dtype, 11)
+    gate[3] = gate[9]  # ties: experts 3 and 9 always have equal logits
+    gate[12] = gate[9]
+    x = _x(64, H, dtype, 12)
+    _, w_ref, ids_ref = route(x, gate, k, norm_topk)
+    w, ids = fm.route_fused(x, gate, k, norm_topk)
+    probs = torch.softmax(torch.nn.functional.linear(x, gate), -1, dtype=torch.float32)
+    kth = probs.topk(k + 1, dim=-1).values  # a tie straddles the k-th place when kth[k-1] == kth[k]
+    straddle = kth[:, k - 1] == kth[:, k]
+    clear = ~straddle
+    assert clear.sum() > 40 and (probs[:, 3] == probs[:, 9]).all()
+    tied_inside = clear & (ids_ref == 9).any(-1)
+    assert tied_inside.any()  # some rows choose all three tied experts inside the top k
+    assert torch.equal(ids[clear].sort(-1).values, ids_ref[clear].sort(-1).values)
+    assert torch.equal(probs.gather(1, ids).sort(-1).values, probs.gather(1, ids_ref).sort(-1).values)
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8
+    got_w = torch.zeros_like(probs).scatter_(1, ids, w.float())
+    ref_w = torch.zeros_like(probs).scatter_(1, ids_ref, w_ref.float())
+    assert ((got_w - ref_w)[clear].abs() <= tol * ref_w[clear].abs() + 1e-7).all()
+    assert w.dtype == dtype and ids.dtype == torch.int64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", sorted(GPU_SHAPES))
+def test_real_shapes_on_gpu(shape):
+    from model.backend import MOE_SMALL_MAX_TOKENS as S
+    for N in (1, 2, S, S + 1, 64, 256, 2048):
+        _check(N, GPU_SHAPES[shape], torch.bfloat16, seed=N)
+    _check(512, GPU_SHAPES[shape], torch.bfloat16, seed=7, same_expert=True)
+
+
+@pytest.mark.gpu
+def test_routing_on_gpu_matches_torch_topk():
+    H, E, k = 2048, 128, 8
+    _, _, gate = _weights(H, 768, E, torch.bfloat16, 1)
+    gate[7] = gate[100]
+    x = _x(4096, H, torch.bfloat16, 2)
+    _, w_ref, ids_ref = route(x, gate, k, True)
+    w, ids = fm.route_fused(x, gate, k, True)
+    assert torch.equal(ids.sort(-1).values, ids_ref.sort(-1).values)
+    assert ((w.float().sort(-1).values - w_ref.float().sort(-1).values).abs() <= 2 ** -8).all()
