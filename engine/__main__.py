@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("generate", "plan", "profile", "make_checkpoint")
+COMMANDS = ("generate", "plan", "profile", "make_checkpoint", "parity")
 
 
 def build_parser() -> argparse.ArgumentParser:
