@@ -57,3 +57,47 @@ def test_qk_norm_rope_fused_matches_torch_on_strided_heads(dtype):
             assert_same_bf16(got, want)
         else:
             assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_add_rms_norm_fused_matches_torch(dtype):
+    from model.norm import add_norm
+    x = (torch.randn(19, 96, device=DEV) * 3).to(dtype)
+    r = (torch.randn(19, 96, device=DEV) * 3).to(dtype)
+    w = (1 + 0.1 * torch.randn(96, device=DEV)).to(dtype)
+    got_n, got_h = ft.add_rms_norm_fused(x, r, w, 1e-6)
+    want_n, want_h = add_norm(x, r, w, 1e-6)
+    assert torch.equal(got_h, want_h)  # one rounded add, as torch's
+    if dtype == torch.bfloat16:
+        assert_same_bf16(got_n, want_n)
+    else:
+        assert torch.allclose(got_n, want_n, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_qkv_norm_rope_write_matches_torch(dtype):
+    """q returned, k (after norm + rope) and v written at their slots; slot -1 stores nothing."""
+    from model.attention import write_kv
+    T, NQ, NKV, D, P, S = 11, 6, 2, 32, 5, 4
+    rope = Rope(RopeConfig(theta=1e6), D, dtype, DEV)
+    cos, sin = rope(torch.randint(0, 4096, (T,), device=DEV))
+    qkv = torch.randn(T, (NQ + 2 * NKV) * D, device=DEV).to(dtype)
+    qw, kw = [(1 + 0.1 * torch.randn(D, device=DEV)).to(dtype) for _ in range(2)]
+    slots = torch.randperm(P * S, device=DEV)[:T]
+    slots[4] = -1
+    kc, vc = torch.zeros(P, S, NKV, D, device=DEV, dtype=dtype), torch.zeros(P, S, NKV, D, device=DEV, dtype=dtype)
+    q = ft.qkv_norm_rope_write(qkv, qw, kw, cos, sin, 1e-6, NQ, NKV, kc, vc, slots)
+    qr, kr, vr = qkv.split([NQ * D, NKV * D, NKV * D], dim=-1)
+    want_q = apply_rope(rms_norm(qr.view(T, NQ, D), qw, 1e-6), cos, sin)
+    want_k = apply_rope(rms_norm(kr.reshape(T, NKV, D), kw, 1e-6), cos, sin)
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    keep = slots >= 0
+    write_kv(kc2, vc2, want_k[keep], vr.reshape(T, NKV, D)[keep], slots[keep])
+    assert torch.equal(vc, vc2)
+    assert int((kc != 0).any(-1).any(-1).sum()) == T - 1  # the slot -1 token was stored nowhere
+    if dtype == torch.bfloat16:
+        assert_same_bf16(q, want_q)
+        assert_same_bf16(kc, kc2)
+    else:
+        assert torch.allclose(q, want_q, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(kc, kc2, atol=1e-5, rtol=1e-5)
