@@ -7,7 +7,7 @@ import math
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
-ATTENTION_CHOICES = ("ref", "triton", "sdpa")
+ATTENTION_CHOICES = ("ref", "triton", "sdpa", "fa", "auto")
 LOAD_FORMATS = ("auto", "dummy")
 
 
@@ -43,8 +43,10 @@ class EngineOptions:
     max_num_batched_tokens: int = _opt(8192, "token budget per step (the prefill chunk)", int)
     max_model_len: int | None = _opt(None, "context limit in tokens (default: the model's max_position_embeddings)",
                                      int)
-    attention: str | None = _opt(None, "attention backend (default: sdpa on cuda, ref on cpu)", str,
+    attention: str | None = _opt(None, "attention backend (default: auto on cuda, ref on cpu)", str,
                                  ATTENTION_CHOICES)
+    dynamic_chunks: bool = _opt(True, "full-budget prefill chunks (not sized by their prefix)",
+                                flag="--no-dynamic-chunks")
     seed: int = _opt(0, "seed of unseeded sampling", int)
     revision: str | None = _opt(None, "hub revision (branch, tag or commit) of a hub model", str)
     enforce_eager: bool = _opt(False, "no CUDA graphs for decode")
