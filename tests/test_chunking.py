@@ -1,0 +1,163 @@
+"""Dynamic prefill chunk sizes (engine/chunking.py): the cost model's inverse, the sizes it gives,
+and that a prefill chunked at those sizes gives the logits of an unchunked one (CPU, torch
+reference attention) and of transformers (GPU, the paged flash-attention kernel)."""
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from engine.chunking import H100_QWEN3_30B, ChunkCost, ChunkSizer
+from loader.load import load_stage
+from loader.partition import partition
+from loader.presets import preset_config
+from loader.writer import write_checkpoint
+from model.batch import AttnBatch
+from model.config import ModelConfig
+
+# A made-up model where attention dominates early, so short prompts already get small chunks.
+STEEP = ChunkCost(c0=0.05, a=1e-3, b=2e-5)
+
+
+def test_tokens_for_inverts_cost():
+    for cost in (STEEP, H100_QWEN3_30B, ChunkCost(0.0, 1e-3, 0.0)):
+        for p in (1, 100, 4096, 90000):
+            for t in (0.3, 2.0, 40.0):
+                n = cost.tokens_for(p, t)
+                if t <= cost.c0:
+                    assert n == 0.0
+                else:
+                    assert math.isclose(cost.ms(n, p), t, rel_tol=1e-9), (cost, p, t, n)
+
+
+def test_sizer_equal_cost_chunks():
+    s = ChunkSizer(2048, STEEP, min_tokens=128, align=64)
+    assert s(0) == 2048
+    sizes = [s(p) for p in range(0, 200_000, 997)]
+    assert all(a >= b for a, b in zip(sizes, sizes[1:])), "deeper chunks must not grow"
+    assert all(n % 64 == 0 and 128 <= n <= 2048 for n in sizes)
+    for p in range(1, 200_000, 7919):
+        n = s(p)
+        if 128 < n < 2048:  # not clamped: the largest aligned size within the budget chunk's cost
+            assert STEEP.ms(n, p) <= s.base_ms < STEEP.ms(n + 64, p), (p, n)
+    assert s(10**7) == 128  # the floor
+
+
+def test_sizer_plan_covers_prompt_and_clamps():
+    s = ChunkSizer(1000, STEEP, min_tokens=100, align=16)
+    plan = s.plan(50_000)
+    assert sum(plan) == 50_000 and plan[0] == 1000 and min(plan[:-1]) >= 100
+    assert plan[-2] < plan[0]
+    assert ChunkSizer(300, STEEP, min_tokens=512).plan(700) == [300, 300, 100]  # floor capped at budget
+    assert ChunkSizer(8, ChunkCost(0.0, 1.0, 0.0)).plan(20) == [8, 8, 4]  # no attention cost: budget
+    with pytest.raises(ValueError, match="budget"):
+        ChunkSizer(0, STEEP)
+    with pytest.raises(ValueError, match="min_tokens"):
+        ChunkSizer(10, STEEP, min_tokens=0)
+
+
+def pipeline_ttft(cost: ChunkCost, sizes: list[int], stages: int) -> float:
+    """Modeled time to first token of one prompt in chunks `sizes` through `stages` equal stages."""
+    free, pos = [0.0] * stages, 0
+    for n in sizes:
+        t, c = 0.0, cost.ms(n, pos)
+        for s in range(stages):  # a chunk enters stage s when both it and the stage are ready
+            t = max(t, free[s]) + c
+            free[s] = t
+        pos += n
+    return free[-1]
+
+
+def plan_for_target(cost: ChunkCost, L: int, target_ms: float, budget: int = 8192) -> list[int]:
+    pos, sizes = 0, []
+    while pos < L:
+        n = int(cost.tokens_for(pos, target_ms)) // 64 * 64 if pos else budget
+        sizes.append(min(L - pos, max(512, min(budget, n))))
+        pos += sizes[-1]
+    return sizes
+
+
+def test_long_prompt_target_minimises_modeled_ttft():
+    """For a long prompt on 2 stages the raised target beats both the budget-cost target (many
+    small chunks, each paying c0) and fixed full-budget chunks (stages out of step), and its
+    neighbours (half, twice)."""
+    cost, L = H100_QWEN3_30B, 90_000
+    s = ChunkSizer(8192, cost, num_stages=2)
+    assert s.target_ms(L) > s.base_ms and ChunkSizer(8192, cost, num_stages=1).target_ms(L) == s.base_ms
+    assert s.target_ms(1000) == s.base_ms  # short prompts: the budget chunk's cost
+    plan = s.plan(L)
+    assert plan == plan_for_target(cost, L, s.target_ms(L))
+    best = pipeline_ttft(cost, plan, 2)
+    fixed = [8192] * (L // 8192) + [L % 8192]
+    assert best < pipeline_ttft(cost, fixed, 2)
+    for t in (s.base_ms, s.target_ms(L) / 2, s.target_ms(L) * 2):
+        assert best < pipeline_ttft(cost, plan_for_target(cost, L, t), 2), t
+
+
+def test_fitted_coefficients_named_and_sane():
+    """The shipped model comes from a measurement (card named) and shrinks deep chunks."""
+    c = H100_QWEN3_30B
+    assert "H100" in c.source and c.a > 0 and c.b > 0 and c.c0 >= 0
+    s = ChunkSizer(8192, c)
+    assert s(0) == 8192 and s(90_000) < s(30_000) < 8192
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    write_checkpoint(d, preset_config("tiny"), seed=21)
+    return d
+
+
+def prefill_logits(stage, ids: torch.Tensor, sizes: list[int], block_size: int, seed: int = 0) -> torch.Tensor:
+    """Logits of every position, the prompt fed in chunks of `sizes` over a scattered block table."""
+    T = len(ids)
+    nblocks = -(-T // block_size)
+    stage.allocate_kv(nblocks * 2, block_size)
+    table = torch.randperm(nblocks * 2, generator=torch.Generator().manual_seed(seed))[:nblocks].tolist()
+    out, start = [], 0
+    for n in sizes:
+        end = start + n
+        batch = AttnBatch.build([n], [end], [table[:-(-end // block_size)]], block_size, [True], stage.device)
+        batch.logits_indices = torch.arange(n, device=stage.device)
+        out.append(stage(ids[start:end].to(stage.device), batch))
+        start = end
+    assert start == T
+    return torch.cat(out).cpu()
+
+
+def test_dynamic_chunks_equal_unchunked_cpu(tiny):
+    cfg = ModelConfig.from_file(tiny)
+    stage = load_stage(tiny, cfg, partition(cfg.num_hidden_layers, 1)[0], "cpu", torch.float32)
+    ids = torch.randint(3, 500, (700,), generator=torch.Generator().manual_seed(5))
+    sizes = ChunkSizer(256, STEEP, min_tokens=32, align=16).plan(len(ids))
+    assert len(set(sizes)) >= 3, sizes  # really several different sizes
+    whole = prefill_logits(stage, ids, [len(ids)], 16)
+    chunked = prefill_logits(stage, ids, sizes, 16, seed=1)
+    assert (chunked - whole).abs().max().item() <= 1e-4
+    assert torch.equal(chunked.argmax(-1), whole.argmax(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_gpu_fa_dynamic_chunked_prefill_equals_transformers(tiny, block_size):
+    """test_paged's 4200-token parity, on the GPU with the paged flash-attention kernel ('fa') and
+    dynamic chunk sizes: logits equal transformers' (fp32, CPU) and the torch reference path's."""
+    from hf_ref import load_hf
+    ids = torch.randint(3, 500, (4200,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = load_hf(tiny)(input_ids=ids[None], use_cache=False).logits[0]
+    cfg = ModelConfig.from_file(tiny)
+    spec = partition(cfg.num_hidden_layers, 1)[0]
+    sizes = ChunkSizer(1500, STEEP, min_tokens=64, align=16).plan(len(ids))
+    got = {}
+    for attn in ("fa", "ref"):
+        stage = load_stage(tiny, cfg, spec, "cuda", torch.float32, attention=attn)
+        stage.backend = replace(stage.backend, moe="torch", fused_norms=False)  # only attention differs
+        got[attn] = prefill_logits(stage, ids, sizes, block_size)
+    assert (got["fa"] - got["ref"]).abs().max().item() <= 1e-4
+    assert (got["fa"] - ref).abs().max().item() <= 2e-4
