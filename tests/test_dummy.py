@@ -56,3 +56,19 @@ def test_dummy_bad_inputs_are_named():
         load_stage("x", dummy_config("tiny"), partition(4, 1)[0], "cpu", torch.float32, load_format="dumy")
     with pytest.raises(Exception, match="config.json not found"):
         dummy_config("/nonexistent/preset-or-folder")
+
+
+def test_precompile_covers_both_moe_paths_and_leaves_results_unchanged():
+    from model.warmup import precompile, warm_shapes
+    shapes = warm_shapes(40, 20, 64, small_max=16)
+    tokens = {sum(q) for q, _ in shapes}
+    assert {1, 16, 17, 40}.issubset(tokens) and any(len(q) == 20 for q, _ in shapes)
+    assert any(c[0] > q[0] > 1 for q, c in shapes)  # a chunk behind cached tokens
+    cfg = dummy_config("tiny")
+    stage = _stage(cfg, partition(cfg.num_hidden_layers, 1)[0])
+    stage.allocate_kv(8, 16)
+    ids = torch.randint(0, cfg.vocab_size, (20,))
+    batch = AttnBatch.build([20], [20], [[3, 5]], 16, [True], "cpu")
+    before = stage(ids, batch)
+    assert precompile(stage, 6, 2, 32) > 0
+    assert torch.equal(stage(ids, batch), before)

@@ -1,0 +1,67 @@
+"""Compile every Triton kernel variant the engine will launch before the first request. Triton
+compiles per constexpr tile choice (the kernels pick tiles from the token count) and per integer
+argument class (== 1, divisible by 16, other), so a forward is run at each class of token count,
+each side of the MoE path switch, fresh prefills and chunks behind a cached context, and decode
+batches at short and long contexts. Outputs are thrown away; the k/v written land in blocks the
+pool hands out later, whose contents are always written before they are read."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .batch import AttnBatch
+from .stage import Stage
+
+
+def _ladder(limit: int) -> list[int]:
+    """1, 2, 3 and each power of two up to limit with its +1 neighbour (another divisibility class)."""
+    out = {1, 2, 3, limit}
+    p = 4
+    while p <= limit:
+        out |= {p, min(p + 1, limit)}
+        p *= 2
+    return sorted(n for n in out if 1 <= n <= limit)
+
+
+def warm_shapes(max_tokens: int, max_batch: int, max_context: int, small_max: int) -> list[tuple[list[int], list[int]]]:
+    """(query_lens, context_lens) of each warm-up micro-batch."""
+    shapes: list[tuple[list[int], list[int]]] = []
+    tokens = sorted(set(_ladder(max_tokens)) | {t for t in (small_max, small_max + 1) if t <= max_tokens})
+    for T in tokens:
+        shapes.append(([T], [T]))  # fresh prefill
+        if 2 * T <= max_context and T > 1:
+            shapes.append(([T], [2 * T]))  # a chunk behind cached tokens
+    T = min(max_tokens, 512)
+    if max_context > 2 * T:
+        shapes.append(([T], [max_context]))  # a chunk deep in a long context
+    contexts = sorted({c for c in (16, 2048, max_context) if c <= max_context})
+    for b in sorted(set(_ladder(max_batch)) | {t for t in (small_max, small_max + 1) if t <= max_batch}):
+        for c in contexts if b <= 3 else contexts[:2]:  # long contexts at few rows: cost, not classes
+            shapes.append(([1] * b, [c] * b))  # decode
+    if max_batch > 1 and max_tokens > 1:
+        shapes.append(([min(max_tokens - 1, 64), 1], [min(max_tokens - 1, 64), 16]))  # prefill + decode mixed
+    return shapes
+
+
+@torch.inference_mode()
+def precompile(stage: Stage, max_tokens: int, max_batch: int, max_context: int | None = None) -> float:
+    """Run the stage once at every shape class the engine will use (after allocate_kv; the KV pool
+    is reused as scratch). max_tokens: the largest micro-batch in tokens; max_batch: the most
+    sequences decoding at once; max_context: the longest context (default: the model's limit).
+    Returns the seconds it took."""
+    assert stage.kv_cache is not None, "allocate_kv() before precompile()"
+    t0 = time.perf_counter()
+    num_blocks, S = stage.kv_cache.shape[2], stage.kv_cache.shape[3]
+    max_context = min(max_context or stage.cfg.max_position_embeddings, stage.cfg.max_position_embeddings)
+    dev, H = stage.device, stage.cfg.hidden_size
+    for qlens, ctxs in warm_shapes(max_tokens, max_batch, max_context, stage.backend.moe_small_max):
+        tables = [[(j + 7 * i) % num_blocks for j in range(-(-c // S))] for i, c in enumerate(ctxs)]
+        batch = AttnBatch.build(qlens, ctxs, tables, S, [True] * len(qlens), dev)
+        T = sum(qlens)
+        x = (torch.randint(0, stage.cfg.vocab_size, (T,), device=dev) if stage.has_embed
+             else torch.randn(T, H, device=dev, dtype=stage.dtype))
+        stage(x, batch)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t0
