@@ -211,3 +211,21 @@ def install_slow_layers(stage, spec: str | None = None) -> None:
         if int(name) in slow:
             ms = slow[int(name)]
             layer.register_forward_pre_hook(lambda m, a, ms=ms: time.sleep(ms / 1e3))
+
+
+def warmup_workload(vocab_size: int, num_stages: int, max_len: int, seed: int = 0) -> tuple[list[list[int]], int]:
+    """The built-in workload: 2 x stages requests of mixed prompt lengths (64..512 tokens, capped by
+    max_len) and 16 new tokens each, so both prefill chunks and decode steps are in the measurement.
+    Returns (prompts, new tokens per request)."""
+    g = torch.Generator().manual_seed(seed)
+    new = 16
+    lengths = [min(64 << (i % 4), max(1, max_len - new - 1)) for i in range(2 * num_stages)]
+    return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths], new
+
+
+def describe(counts: list[int], costs: Costs, before: list[int]) -> str:
+    """'layers 1,3 (predicted busy ms 30.2, 31.0; the split 2,2 measured 60.1, 2.5)'."""
+    now = ", ".join(f"{x:.1f}" for x in costs.stage_ms(counts))
+    was = ", ".join(f"{x:.1f}" for x in costs.stage_ms(before))
+    return (f"layers {','.join(map(str, counts))} (predicted busy ms per stage {now}; "
+            f"the split {','.join(map(str, before))} measured {was})")

@@ -2,7 +2,8 @@
 chrome://tracing): one process track per stage, one thread lane per kind of work.
 
 Slices ("X" complete events, ts and dur in microseconds on the host's monotonic clock):
-  lane "gpu":  "forward prefill" | "forward decode" | "forward mixed" (args: mb, tokens, rows),
+  lane "gpu":  "forward prefill" | "forward decode" (decode: every row adds one token; args: mb,
+               tokens, rows),
                "sample" (last stage; args: mb, rows)
   lane "host": "wait" (blocked for the previous stage's output, or stage 0 for the last stage's
                tokens; args: mb when known), "send" (args: mb, to), "schedule" (stage 0; args: mb,
@@ -19,23 +20,22 @@ from pathlib import Path
 import torch
 
 LANES = {"gpu": 0, "host": 1}
-NAMES = ("forward prefill", "forward decode", "forward mixed", "sample", "wait", "send", "schedule")
+NAMES = ("forward prefill", "forward decode", "sample", "wait", "send", "schedule")
 
 
 def _now_us() -> float:
     return time.monotonic_ns() / 1e3  # CLOCK_MONOTONIC: one clock for every process of the host
 
 
-def forward_kind(query_lens: list[int], context_lens: list[int]) -> str:
-    """'decode' when every row adds one token to a cached context, 'prefill' when none does."""
-    dec = [q == 1 and c > 1 for q, c in zip(query_lens, context_lens)]
-    return "decode" if all(dec) else "prefill" if not any(dec) else "mixed"
+def forward_name(max_query_len: int) -> str:
+    return "forward decode" if max_query_len == 1 else "forward prefill"
 
 
 class Tracer:
     """Slices of one stage; `on` is False until start()."""
 
     def __init__(self, rank: int, device: torch.device | str = "cpu", label: str | None = None):
+        """label: the stage's track name, e.g. 'stage 0 (layers 0-23)'."""
         self.rank, self.device = rank, torch.device(device)
         self.label = label or f"stage {rank}"
         self.cuda = self.device.type == "cuda"
@@ -134,3 +134,47 @@ def bubble_fractions(events: list[dict]) -> dict[int, float]:
         if e["tid"] == LANES["gpu"]:
             busy[e["pid"]] += e["dur"]
     return {pid: (1 - b / window if window > 0 else 0.0) for pid, b in sorted(busy.items())}
+
+
+class StageProfiler:
+    """A stage's side of LLM.start_profile / stop_profile: its Tracer and, on request, per-layer
+    clocks (for the automatic split). Commands arrive with a stats request:
+    {"op": "start", "trace": bool, "layers": bool} or {"op": "stop", "dir": folder}; stop writes the
+    stage's slices to <dir>/stage<rank>.json and returns what goes into its stats entry."""
+
+    def __init__(self, stage, rank: int):
+        self.stage, self.rank = stage, rank
+        label = f"stage {rank} (layers {stage.start}-{stage.end - 1})"
+        self.tracer = Tracer(rank, stage.device, label)
+        self.clock = None
+
+    def apply(self, cmd: dict | None) -> dict:
+        if not cmd:
+            return {}
+        if cmd["op"] == "start":
+            if cmd.get("layers"):
+                from .auto_split import LayerClock
+                self.clock = LayerClock(self.stage)
+            if cmd.get("trace", True):
+                self.tracer.start()
+            return {}
+        out: dict = {}
+        if self.clock is not None:
+            out["layer_ms"] = {str(k): v for k, v in self.clock.remove().items()}
+            self.clock = None
+        if self.tracer.on and cmd.get("dir"):
+            path = Path(cmd["dir"]) / f"stage{self.rank}.json"
+            path.write_text(json.dumps(self.tracer.stop()))
+            out["trace_file"] = str(path)
+        elif self.tracer.on:
+            self.tracer.stop()
+        return out
+
+
+def merge_stage_files(files: list[str], path: str | Path) -> list[dict]:
+    """The stages' slice files as one trace at `path`; returns its events."""
+    events: list[dict] = []
+    for f in files:
+        events += json.loads(Path(f).read_text())
+    write_trace(events, path)
+    return events

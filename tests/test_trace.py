@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from engine.trace import LANES, NAMES, Tracer, bubble_fractions, forward_kind, write_trace
+from engine.trace import LANES, NAMES, Tracer, bubble_fractions, forward_name, write_trace
 
 
 def check_trace(path: Path, stages: int) -> dict:
@@ -45,8 +45,8 @@ def test_tracer_writes_valid_trace(tmp_path):
             t.host_end(w, "wait", {"mb": mb})
             g = t.gpu_start()
             time.sleep(0.002)
-            q, c = ([4], [4]) if mb == 0 else ([1], [4 + mb])
-            t.gpu_end(g, "forward " + forward_kind(q, c), {"mb": mb, "tokens": q[0], "rows": 1})
+            q = 4 if mb == 0 else 1
+            t.gpu_end(g, forward_name(q), {"mb": mb, "tokens": q, "rows": 1})
             s = t.host_start()
             t.host_end(s, "send", {"mb": mb, "to": r + 1})
     assert [e for e in off.stop() if e["ph"] == "X"] == []
@@ -63,8 +63,3 @@ def test_tracer_writes_valid_trace(tmp_path):
     assert set(b) == {0, 1} and all(0 < v < 1 for v in b.values())
 
 
-def test_forward_kind():
-    assert forward_kind([7], [7]) == "prefill"
-    assert forward_kind([1, 1], [9, 30]) == "decode"
-    assert forward_kind([1, 5], [9, 5]) == "mixed"
-    assert forward_kind([1], [1]) == "prefill"  # a one-token prompt
