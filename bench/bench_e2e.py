@@ -44,6 +44,11 @@ def run_peer(script: str, prefill: str, timeout: int) -> list[dict]:
     return rows
 
 
+def stage_stats(st) -> list[dict]:
+    """Per-stage dicts from llm.stats(): {"stages": [...], "scheduler": {...}} (or an older list)."""
+    return st["stages"] if isinstance(st, dict) else st
+
+
 def timed(llm, prompts, n):
     from engine import SamplingParams
     sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
@@ -123,7 +128,7 @@ def main() -> int:
         for _ in range(2 if i == 0 else 1):
             llm.stats(reset=True)
             dt = timed(llm, [p], 1)
-        st = llm.stats(reset=True)
+        st = stage_stats(llm.stats(reset=True))
         rows.append({"what": "prefill", "tokens": L, "s": round(dt, 4), "tok_per_s": round(L / dt, 1),
                      "busy_s": [round(s["busy_ms"] / 1e3, 3) for s in st],
                      "peak_gib": [round(s.get("peak_gib", 0), 2) for s in st]})
@@ -132,12 +137,24 @@ def main() -> int:
         if L + 33 > llm.max_model_len:
             print(f"skip long {L}: past max_model_len {llm.max_model_len}")
             continue
+        # resting memory (weights, pool, graphs) from a 16-token request; then the prompt alone
+        # (max_tokens=1): its time to first token, each stage's busy share of it, peak beyond rest
         llm.stats(reset=True)
-        ttft, ms = stream_times(llm, rand(L), 33)
-        st = llm.stats(reset=True)
-        rows.append({"what": "long", "tokens": L, "ttft_s": round(ttft, 3), "decode_ms_per_step": round(ms, 3),
-                     "prefill_tok_per_s": round(L / ttft, 1),
-                     "peak_gib": [round(s.get("peak_gib", 0), 2) for s in st],
+        timed(llm, [rand(16)], 1)
+        rest = stage_stats(llm.stats(reset=True))
+        prompt = rand(L)
+        ttft1 = timed(llm, [prompt], 1)
+        st = stage_stats(llm.stats(reset=True))
+        ttft, ms = stream_times(llm, prompt, 33)
+        st2 = stage_stats(llm.stats(reset=True))
+        rows.append({"what": "long", "tokens": L, "ttft_s": round(ttft1, 3), "ttft_stream_s": round(ttft, 3),
+                     "decode_ms_per_step": round(ms, 3), "prefill_tok_per_s": round(L / ttft1, 1),
+                     "busy_frac": [round(s["busy_ms"] / 1e3 / ttft1, 3) for s in st],
+                     "prefill_steps": [s.get("steps") for s in st],
+                     "peak_beyond_rest_gib": [round(s.get("peak_gib", 0) - r.get("peak_gib", 0), 3)
+                                              for s, r in zip(st, rest)],
+                     "peak_gib": [round(max(s.get("peak_gib", 0), s2.get("peak_gib", 0)), 2)
+                                  for s, s2 in zip(st, st2)],
                      "kv_pool_gib": [round(s.get("kv_gib", 0), 2) for s in st]})
         print(rows[-1], flush=True)
     if a.mixed:
@@ -149,10 +166,12 @@ def main() -> int:
         outs = llm.generate(prompts, __import__("engine").SamplingParams(max_tokens=64, temperature=0,
                                                                                       ignore_eos=True))
         dt = time.perf_counter() - t
-        st = llm.stats(reset=True)
+        raw = llm.stats(reset=True)
+        st = stage_stats(raw)
         rows.append({"what": "mixed", "requests": len(lens), "prompt_tokens": sum(lens),
                      "new_tokens": sum(len(o.token_ids) for o in outs), "s": round(dt, 2),
-                     "preemptions": st[0].get("preemptions"),
+                     "preemptions": raw["scheduler"].get("preemptions") if isinstance(raw, dict)
+                     else st[0].get("preemptions"),
                      "peak_gib": [round(s.get("peak_gib", 0), 2) for s in st]})
         print(rows[-1], flush=True)
     llm.close()
@@ -189,7 +208,8 @@ def print_table(r: dict) -> None:
             p = peer.get(("prefill", None, x["tokens"]))
             pv = p.get("s") if p else None
             print(f"{'long ' + str(x['tokens']) + ' ttft s':28s} {x['ttft_s']:12.2f} {pv or float('nan'):12.2f}"
-                  f"   decode {x['decode_ms_per_step']:.2f} ms/step, peak GiB {x['peak_gib']}")
+                  f"   decode {x['decode_ms_per_step']:.2f} ms/step, busy {x.get('busy_frac')}, "
+                  f"peak GiB {x['peak_gib']} ({x.get('peak_beyond_rest_gib')} beyond rest)")
 
 
 if __name__ == "__main__":
