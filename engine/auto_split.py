@@ -229,3 +229,48 @@ def describe(counts: list[int], costs: Costs, before: list[int]) -> str:
     was = ", ".join(f"{x:.1f}" for x in costs.stage_ms(before))
     return (f"layers {','.join(map(str, counts))} (predicted busy ms per stage {now}; "
             f"the split {','.join(map(str, before))} measured {was})")
+
+
+def memory_model(cfg, num_stages: int, dtype: torch.dtype, card_bytes: list[int],
+                 reserve_gib: float | None = None) -> MemoryModel:
+    """The plan's arithmetic (engine/plan.py) as a MemoryModel: weights as the engine allocates
+    them, the plan's runtime + activation reserve per stage."""
+    from .plan import GIB, _layer_params, default_reserve_gib
+    esz = torch.empty((), dtype=dtype).element_size()
+    vh = cfg.vocab_size * cfg.hidden_size
+    reserve = default_reserve_gib(cfg) if reserve_gib is None else reserve_gib
+    return MemoryModel(card_bytes=list(card_bytes),
+                       layer_bytes=[_layer_params(cfg, i)[0] * esz for i in range(cfg.num_hidden_layers)],
+                       embed_bytes=vh * esz, head_bytes=(vh + cfg.hidden_size) * esz,
+                       reserve_bytes=int(reserve * GIB),
+                       kv_bytes_per_token_layer=cfg.kv_bytes_per_token_per_layer(dtype))
+
+
+def measure_costs(llm) -> tuple[Costs, list[dict]]:
+    """Run the built-in warm-up workload on a started LLM with per-layer clocks on every stage;
+    the costs and the stages' stats entries."""
+    from .params import SamplingParams
+    llm.stats(reset=True, profile={"op": "start", "trace": False, "layers": True})
+    prompts, new = warmup_workload(llm.config.vocab_size, llm.args.stages, llm.max_model_len)
+    llm.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+    stats = llm.stats(reset=True, profile={"op": "stop"})
+    return costs_from_stats(stats["stages"], llm.config.num_hidden_layers), stats["stages"]
+
+
+def auto_layers(llm) -> tuple[list[int], dict]:
+    """The measured split for a started LLM (see choose_split) and a report of it: the KV-pool
+    floor applies on CUDA when the pool is sized from free memory (on CPU, or with kv_cache_gib,
+    every stage gets the same fixed KV budget, so there is no pool to protect by moving layers)."""
+    from model.config import parse_dtype
+    o = llm.options
+    before = [s["layers"][1] - s["layers"][0] for s in llm.stage_info]
+    costs, stages = measure_costs(llm)
+    memory = None
+    if o.device == "cuda" and o.kv_cache_gib is None:
+        cards = [int(s["card_bytes"] * o.gpu_memory_utilization) for s in stages]
+        memory = memory_model(llm.config, llm.args.stages, parse_dtype(o.dtype), cards)
+    counts = choose_split(costs, llm.args.stages, memory)
+    report = {"before": before, "before_ms": costs.stage_ms(before), "after": counts,
+              "predicted_ms": costs.stage_ms(counts), "layer_ms": costs.layer_ms, "embed_ms": costs.embed_ms,
+              "head_ms": costs.head_ms, "summary": describe(counts, costs, before)}
+    return counts, report

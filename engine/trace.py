@@ -162,6 +162,8 @@ class StageProfiler:
         if self.clock is not None:
             out["layer_ms"] = {str(k): v for k, v in self.clock.remove().items()}
             self.clock = None
+            if self.stage.device.type == "cuda":
+                out["card_bytes"] = torch.cuda.get_device_properties(self.stage.device).total_memory
         if self.tracer.on and cmd.get("dir"):
             path = Path(cmd["dir"]) / f"stage{self.rank}.json"
             path.write_text(json.dumps(self.tracer.stop()))
@@ -171,10 +173,26 @@ class StageProfiler:
         return out
 
 
-def merge_stage_files(files: list[str], path: str | Path) -> list[dict]:
-    """The stages' slice files as one trace at `path`; returns its events."""
-    events: list[dict] = []
-    for f in files:
-        events += json.loads(Path(f).read_text())
-    write_trace(events, path)
-    return events
+def start_profile(llm, layers: bool = False) -> None:
+    """LLM.start_profile: every stage starts recording (behind the micro-batches in flight)."""
+    llm.stats(profile={"op": "start", "trace": True, "layers": layers})
+
+
+def stop_profile(llm, path: str | Path | None = None) -> dict:
+    """LLM.stop_profile: every stage stops and writes its slices; they are merged into `path` (none:
+    not kept). Returns {"path", "bubble": {stage: fraction}, "stages": the stats entries}."""
+    import shutil
+    import tempfile
+    tmp = tempfile.mkdtemp(prefix="moepipe-trace-")
+    try:
+        stats = llm.stats(profile={"op": "stop", "dir": tmp})
+        files = [s["trace_file"] for s in stats["stages"] if "trace_file" in s]
+        events = []
+        for f in files:
+            events += json.loads(Path(f).read_text())
+        if path is not None:
+            write_trace(events, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"path": None if path is None else str(path), "bubble": bubble_fractions(events),
+            "stages": stats["stages"]}
