@@ -54,6 +54,7 @@ CASES = [  # (kind, name, a, b)
     ("prefill", "prefill 4k at 86k", 4096, 92160),
     ("prefill 48/8", "prefill 4k at 86k N48 K8", 4096, 92160),
     ("prefill 64/4", "prefill 4k at 86k N64 K4", 4096, 92160),
+    ("prefill 32/4/128", "prefill 4k at 86k block 128", 4096, 92160),
 ]
 FA_SWEEP = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3),
             (64, 64, 4, 3), (128, 32, 8, 4)]  # BLOCK_M, BLOCK_N, num_warps, num_stages
@@ -67,7 +68,7 @@ def matmul_tflops() -> float:
     return 2 * 8192 ** 3 / ms / 1e9
 
 
-def make(qlens: list[int], ctxs: list[int], seed: int = 0, N: int = N, K: int = K):
+def make(qlens: list[int], ctxs: list[int], seed: int = 0, N: int = N, K: int = K, S: int = S):
     """q [T, N, D], caches [P, S, K, D] with a shuffled block table per sequence, metadata."""
     g = torch.Generator(device=DEV).manual_seed(seed)
     nblk = [triton.cdiv(c, S) for c in ctxs]
@@ -87,10 +88,10 @@ def make(qlens: list[int], ctxs: list[int], seed: int = 0, N: int = N, K: int = 
     return q, k_cache, v_cache, tables, qs, cl
 
 
-def contiguous_kv(k_cache, v_cache, table_M, ctx, kv_heads=K):
+def contiguous_kv(k_cache, v_cache, table_M, ctx, kv_heads=K, block=S):
     """[1, K, ctx, D] contiguous copies of one sequence's K and V (the SDPA peer's inputs)."""
     def one(c):
-        return c[table_M[:triton.cdiv(ctx, S)].long()].reshape(-1, kv_heads, D)[:ctx].transpose(0, 1)[None]
+        return c[table_M[:triton.cdiv(ctx, block)].long()].reshape(-1, kv_heads, D)[:ctx].transpose(0, 1)[None]
     return one(k_cache).contiguous(), one(v_cache).contiguous()
 
 
@@ -138,10 +139,10 @@ def decode_case(name, ctxs, rows, sweep):
         del kvs, k1, v1
 
 
-def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=None):
-    q, kc, vc, bt, qs, cl = make([qlen], [ctx], N=n_heads, K=kv_heads)
+def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=None, block=S):
+    q, kc, vc, bt, qs, cl = make([qlen], [ctx], N=n_heads, K=kv_heads, S=block)
     tflop = 4 * n_heads * D * sum(ctx - qlen + i + 1 for i in range(qlen)) / 1e12
-    shape = f"N{n_heads} K{kv_heads}"
+    shape = f"N{n_heads} K{kv_heads} S{block}"
 
     def add(impl, variant, fn, ref=None):
         try:
@@ -171,7 +172,7 @@ def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=
         add("fa", tag, lambda cfg=cfg: fa.paged_prefill_fa(q, kc, vc, bt, qs, cl, SCALE, qlen, out=out, config=cfg),
             ref)
     if qlen == ctx:  # fresh prefill: SDPA causal on contiguous tensors is the same maths
-        k1, v1 = contiguous_kv(kc, vc, bt[0], ctx, kv_heads)
+        k1, v1 = contiguous_kv(kc, vc, bt[0], ctx, kv_heads, block)
         qq = q.transpose(0, 1)[None].contiguous()  # [1, N, T, D]
         add("sdpa (contiguous, is_causal)", "", lambda: sdpa(qq, k1, v1, True))
 
@@ -184,20 +185,28 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/attention_kernels.json")
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs / splits")
     ap.add_argument("--only", choices=("prefill", "decode"), default=None)
+    ap.add_argument("--cases", default=None, help="comma-separated case names to run")
+    ap.add_argument("--configs", default=None,
+                    help="sweep these fa tiles instead, e.g. '256,64,16,2;128,128,8,3' (M,N,warps,stages)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
+    if args.configs:
+        FA_SWEEP[:] = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
     rows: list[dict] = []
     mm = matmul_tflops()
     print(f"bf16 matmul 8192^3: {mm:.0f} TFLOP/s", flush=True)
     for kind, name, a, b in CASES:
         if args.only and not kind.startswith(args.only):
             continue
+        if args.cases and name not in [c.strip() for c in args.cases.split(",")]:
+            continue
         print(f"... {name}", flush=True)
         if kind == "decode":
             decode_case(name, [a] * b, rows, args.sweep)  # a: context, b: batch
-        else:  # a: chunk length, b: context after it; "prefill N/K" names the head layout
-            nk = kind.split()[1].split("/") if " " in kind else (N, K)
-            prefill_case(name, a, b, rows, args.sweep and name in SWEEP_CASES, int(nk[0]), int(nk[1]), mm)
+        else:  # a: chunk length, b: context after it; "prefill N/K[/S]" names heads and block size
+            nks = [int(x) for x in kind.split()[1].split("/")] if " " in kind else [N, K]
+            prefill_case(name, a, b, rows, args.sweep and name in SWEEP_CASES, nks[0], nks[1], mm,
+                         nks[2] if len(nks) > 2 else S)
         torch.cuda.empty_cache()
 
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
