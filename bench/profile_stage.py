@@ -19,7 +19,8 @@ from loader.presets import preset_config, yarn_config  # noqa: E402
 from model.batch import AttnBatch  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.moe import experts_grouped, experts_loop, route  # noqa: E402
-from model.stage import Stage, pick_attention  # noqa: E402
+from model.backend import Backend  # noqa: E402
+from model.stage import Stage  # noqa: E402
 
 
 def bench(fn, reps=10):
@@ -61,18 +62,16 @@ def main() -> int:
         batch = AttnBatch.build([T], [start + T], [table[:-(-(start + T) // bs)]], bs, [True], dev)
         return lambda: stage(ids, batch)
 
-    import model.fused_triton as fused
     for on in (False, True):
-        fused.ENABLED = on
         tag = "fused" if on else "unfused"
         for backend in ("sdpa", "triton") if on else ("sdpa",):
-            stage.attend = pick_attention(dev, backend)
+            stage.backend = Backend(backend, "triton" if on else "torch", on)
             for T, start in ((2048, 0), (8192, 0), (4096, 86016)):
                 ms = bench(prefill_fn(T, start), reps=5)
                 res[f"prefill {tag} {backend} {T}@{start}"] = ms
                 print(f"prefill {tag:7s} {backend:6s} T={T:5d} at {start:5d}: {ms:8.2f} ms "
                       f"({ms / L:.2f} ms/layer, {T / ms * 1e3:.0f} tok/s)", flush=True)
-        stage.attend = pick_attention(dev, "sdpa")
+        stage.backend = Backend("sdpa", "triton" if on else "torch", on)
         graphs = DecodeGraphs(stage, bs, ctx_max, 32, nblocks)
         for B, ctx in ((1, 128), (16, 128), (1, 90000)):
             ids = torch.randint(0, cfg.vocab_size, (B,), device=dev)
