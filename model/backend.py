@@ -14,6 +14,8 @@ from .batch import AttnBatch
 # Tokens at or below which the fused MoE runs its per-(token, expert) GEMV path; above, the tokens
 # are grouped by expert. Measured on H100 by bench/bench_decode_layer.py (bench/results/).
 MOE_SMALL_MAX_TOKENS = 16
+# Tokens from which torch._grouped_mm (cuBLAS) beats the Triton grouped kernel (same source).
+MOE_TORCH_MIN_TOKENS = 1 << 30
 
 
 def reference_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
@@ -63,6 +65,7 @@ class Backend:
     moe: str  # one of MOE_PATHS
     fused_norms: bool  # Triton add+RMSNorm, q/k-norm+rope+KV write
     moe_small_max: int = MOE_SMALL_MAX_TOKENS
+    moe_torch_min: int = MOE_TORCH_MIN_TOKENS
 
     @property
     def attend(self) -> Callable:

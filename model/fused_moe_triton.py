@@ -284,14 +284,19 @@ def route_fused(x_NH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, norm_topk
 
 
 # ---- dispatch ------------------------------------------------------------------------------------
-def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max: int) -> torch.Tensor:
-    if x_NH.shape[0] <= small_max:
+def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max: int, torch_min: int = 1 << 30) -> torch.Tensor:
+    """The path measured fastest for N tokens (thresholds: model.backend)."""
+    N = x_NH.shape[0]
+    if N <= small_max:
         return experts_small(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
+    if N >= torch_min:
+        from .moe import experts_grouped
+        return experts_grouped(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
     return experts_large(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
 
 
 def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor,
-              top_k: int, norm_topk_prob: bool, small_max: int) -> torch.Tensor:
+              top_k: int, norm_topk_prob: bool, small_max: int, torch_min: int = 1 << 30) -> torch.Tensor:
     """Route (the reference's expert choice) then the fused experts."""
     w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob)
-    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max)
+    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max, torch_min)
