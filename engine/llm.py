@@ -43,9 +43,12 @@ class TokenEvent:
     finish_reason: str | None  # "stop" | "length" on a request's last token, else None
 
 
+_ABORTED = object()  # ends the iteration of a stream aborted through LLM.abort
+
+
 class RequestStream:
     """The tokens of one request as TokenEvents (blocking iterator). abort() or close() ends it
-    early; so does garbage collection of an unfinished stream."""
+    early; so does garbage collection of an unfinished stream, and LLM.abort of its id."""
 
     def __init__(self, llm: "LLM", request_id: str, seq_id: int):
         self.request_id, self._seq_id = request_id, seq_id
@@ -65,6 +68,9 @@ class RequestStream:
                 break
             except queue.Empty:
                 continue
+        if item is _ABORTED:
+            self.finished = True
+            raise StopIteration
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -92,6 +98,7 @@ class RequestStream:
 class _Entry:
     request_id: str
     deliver: Callable  # TokenEvent or an exception -> None (runs on the router thread)
+    own_queue: bool  # deliver feeds the stream's own queue (not a caller's on_event)
 
 
 class LLM:
@@ -106,6 +113,8 @@ class LLM:
         self.args, self.config, folder = resolve_engine(model, opts)
         self.options = self.args.options
         self.tokenizer = load_tokenizer(folder)
+        self.folder = folder
+        self._chat_template = None
         self.stop_ids = self.args.stop_ids
         self._lock = threading.RLock()
         self._send_lock = threading.RLock()
@@ -376,7 +385,7 @@ class LLM:
                 rid = rid if rid is not None else f"req-{next(self._auto_ids)}"
                 sid = next(self._seq_ids)
                 s = RequestStream(self, rid, sid)
-                self._entries[sid] = _Entry(rid, on_event if on_event is not None else s._queue.put)
+                self._entries[sid] = _Entry(rid, on_event if on_event is not None else s._queue.put, on_event is None)
                 self._by_request[rid] = sid
                 streams.append(s)
                 adds.append((sid, ids, params))
@@ -393,9 +402,13 @@ class LLM:
 
     def _abort_seqs(self, sids: list[int]) -> None:
         with self._lock:
-            sids = [s for s in sids if s in self._entries]
+            entries = [(s, self._entries[s]) for s in sids if s in self._entries]
+            sids = [s for s, _ in entries]
             for s in sids:
                 self._forget(s)
+        for _, e in entries:
+            if e.own_queue:
+                e.deliver(_ABORTED)
         if sids and self._dead is None and not self._closed:
             try:
                 self._send(("abort", sids))
@@ -469,6 +482,22 @@ class LLM:
             for o in outs:
                 o.text = self.tokenizer.decode(o.token_ids)
         return outs
+
+    def chat(self, messages: list[dict] | Seq[list[dict]], params: SamplingParams | Seq[SamplingParams] | None = None,
+             chat_template_kwargs: dict | None = None, add_generation_prompt: bool = True,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """generate() over conversations rendered with the checkpoint's chat template, as transformers'
+        apply_chat_template renders them (chat_template_kwargs, e.g. {"enable_thinking": False},
+        reach the template). One conversation or a list of them; one output each."""
+        from .chat_template import ChatTemplate, ChatTemplateError
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate.from_folder(self.folder)
+            if self._chat_template is None:
+                raise ChatTemplateError(f"{self.folder}: the checkpoint has no chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        texts = [self._chat_template.render(c, add_generation_prompt, tools, chat_template_kwargs=chat_template_kwargs)
+                 for c in convs]
+        return self.generate(texts, params)
 
     # ---- stats -------------------------------------------------------------------------------
     def stats(self, reset: bool = False, per_step: bool = False) -> dict:
