@@ -118,14 +118,18 @@ def choose_split(costs: Costs, num_stages: int, memory: MemoryModel | None = Non
 
 
 def costs_from_stats(stats: list[dict], num_layers: int) -> Costs:
-    """Costs from each stage's measured stats: 'layer_ms' {layer: ms}, 'busy_ms' (its forwards) and
-    'sample_ms' (last stage). What a stage spends outside its layers is its embedding (stage 0) or
-    its head (last stage); a middle stage's remainder is spread over its layers."""
+    """Costs from each stage's measured stats: 'layer_ms' {layer: ms} and 'eager_ms' (the forwards
+    the clocks saw), 'busy_ms' (all its forwards) and 'sample_ms' (last stage). CUDA-graph decode
+    steps run no hooks, so a stage's clocked times are scaled by busy_ms / eager_ms. What a stage
+    spends outside its layers is its embedding (stage 0) or head (last stage); a middle stage's
+    remainder is spread over its layers."""
     layer_ms = [0.0] * num_layers
     embed_ms = head_ms = 0.0
     last = len(stats) - 1
     for r, s in enumerate(stats):
-        per = {int(k): float(v) for k, v in s["layer_ms"].items()}
+        eager = float(s.get("eager_ms") or s["busy_ms"])
+        scale = s["busy_ms"] / eager if eager > 0 else 1.0
+        per = {int(k): float(v) * scale for k, v in s["layer_ms"].items()}
         for i, ms in per.items():
             layer_ms[i] = ms
         rest = max(0.0, s["busy_ms"] - sum(per.values()))
@@ -142,7 +146,8 @@ def costs_from_stats(stats: list[dict], num_layers: int) -> Costs:
 
 
 class LayerClock:
-    """Per-layer time of a Stage's forwards while installed (forward pre/post hooks)."""
+    """Per-layer time of a Stage's eager forwards while installed (forward pre/post hooks), and the
+    whole forwards' under key -1 (CUDA-graph replays run no hooks and are not seen)."""
 
     def __init__(self, stage):
         self.cuda = stage.device.type == "cuda"
@@ -150,10 +155,9 @@ class LayerClock:
         self.ms: dict[int, float] = {}
         self._open: dict[int, object] = {}
         self._hooks = []
-        for name, layer in stage.layers.items():
-            i = int(name)
-            self._hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: self._begin(i)))
-            self._hooks.append(layer.register_forward_hook(lambda m, a, o, i=i: self._end(i)))
+        for i, mod in [(-1, stage)] + [(int(n), layer) for n, layer in stage.layers.items()]:
+            self._hooks.append(mod.register_forward_pre_hook(lambda m, a, i=i: self._begin(i)))
+            self._hooks.append(mod.register_forward_hook(lambda m, a, o, i=i: self._end(i)))
 
     def _mark(self):
         if self.cuda:

@@ -160,7 +160,9 @@ class StageProfiler:
             return {}
         out: dict = {}
         if self.clock is not None:
-            out["layer_ms"] = {str(k): v for k, v in self.clock.remove().items()}
+            ms = self.clock.remove()
+            out["eager_ms"] = ms.pop(-1, 0.0)
+            out["layer_ms"] = {str(k): v for k, v in ms.items()}
             self.clock = None
             if self.stage.device.type == "cuda":
                 out["card_bytes"] = torch.cuda.get_device_properties(self.stage.device).total_memory
