@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("generate", "plan", "profile", "make_checkpoint", "parity")
+COMMANDS = ("generate", "plan", "profile", "make_checkpoint", "parity", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

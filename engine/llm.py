@@ -115,6 +115,8 @@ class LLM:
         self.tokenizer = load_tokenizer(folder)
         self.folder = folder
         self._chat_template = None
+        self.folder = folder
+        self._chat_template = None
         self.stop_ids = self.args.stop_ids
         self._lock = threading.RLock()
         self._send_lock = threading.RLock()
@@ -482,6 +484,22 @@ class LLM:
             for o in outs:
                 o.text = self.tokenizer.decode(o.token_ids)
         return outs
+
+    def chat(self, messages: list[dict] | Seq[list[dict]], params: SamplingParams | Seq[SamplingParams] | None = None,
+             chat_template_kwargs: dict | None = None, add_generation_prompt: bool = True,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """generate() over conversations rendered with the checkpoint's chat template, as transformers'
+        apply_chat_template renders them (chat_template_kwargs, e.g. {"enable_thinking": False},
+        reach the template). One conversation or a list of them; one output each."""
+        from .chat_template import ChatTemplate, ChatTemplateError
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate.from_folder(self.folder)
+            if self._chat_template is None:
+                raise ChatTemplateError(f"{self.folder}: the checkpoint has no chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        texts = [self._chat_template.render(c, add_generation_prompt, tools, chat_template_kwargs=chat_template_kwargs)
+                 for c in convs]
+        return self.generate(texts, params)
 
     def chat(self, messages: list[dict] | Seq[list[dict]], params: SamplingParams | Seq[SamplingParams] | None = None,
              chat_template_kwargs: dict | None = None, add_generation_prompt: bool = True,

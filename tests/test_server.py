@@ -1,0 +1,386 @@
+"""The OpenAI-compatible server on the tiny preset (CPU, 2 stages, 127.0.0.1, a free port), driven
+by the official `openai` client and raw HTTP: completions and chat, streamed and not; greedy text
+equal to LLM.generate of the same rendered prompt; 32 concurrent clients served together; a client
+that leaves mid-stream frees its KV blocks; bad requests get 400s; SIGTERM drains. One server
+process for the module; the SIGTERM test, last, ends it."""
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from engine.server.detokenize import IncrementalDetokenizer, StopStrings
+from loader.presets import preset_config
+from loader.writer import write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_NAME = "tiny-test"
+STARTUP_S = 180
+
+
+# ---- pieces without a server ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("tiny_serve"), preset_config("tiny"), seed=7)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    from engine.model_files import load_tokenizer
+    return load_tokenizer(tiny)
+
+
+def test_incremental_detokenizer_never_emits_partial_utf8(tokenizer):
+    text = "Hello, 日本語 wörld! 🙂 The river ran <think>quietly</think> past 42 mills."
+    ids = tokenizer.encode(text)
+    rng = random.Random(0)
+    ids = ids + [rng.randrange(3, 500) for _ in range(200)]  # random ids decode to broken byte runs too
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.add(t) for t in ids]
+    deltas.append(detok.flush())
+    assert "".join(deltas) == tokenizer.decode(ids)
+    clean = IncrementalDetokenizer(tokenizer)
+    got = [clean.add(t) for t in tokenizer.encode(text)]
+    assert "".join(got) == text and not any("\ufffd" in d for d in got)
+    assert sum(1 for d in got if d) < len(got)  # multi-byte characters were held back until complete
+
+
+@pytest.mark.parametrize("stops,want,hit", [
+    (["wor"], "hello ", "wor"),
+    (["xyz"], "hello world, hello moon", None),
+    (["lo m", "ld,"], "hello wor", "ld,"),
+    (["o"], "hell", "o"),
+])
+def test_stop_strings_across_chunk_boundaries(stops, want, hit):
+    text = "hello world, hello moon"
+    for sizes in ([1], [2, 3], [len(text)]):
+        s, out, i, k = StopStrings(stops), [], 0, 0
+        stopped = False
+        while i < len(text) and not stopped:
+            n = sizes[k % len(sizes)]
+            piece, stopped = s.push(text[i:i + n])
+            out.append(piece)
+            i, k = i + n, k + 1
+            # nothing sent may be a prefix of a stop string that the next chunk could complete
+            assert not any(t in "".join(out) for t in stops)
+        if not stopped:
+            out.append(s.flush())
+        assert "".join(out) == want and s.hit == hit
+
+
+# ---- one server for the module -------------------------------------------------------------------
+class Server:
+    def __init__(self, proc: subprocess.Popen, log: Path):
+        self.proc, self.log, self.url, self._client = proc, log, None, None
+
+    def wait_ready(self) -> "Server":
+        deadline = time.monotonic() + STARTUP_S
+        while self.url is None:
+            text = self.log.read_text(errors="replace") if self.log.exists() else ""
+            m = re.search(r"serving \S+ on (http://[\d.]+:\d+)", text)
+            if m:
+                self.url = m.group(1)
+            elif self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start (exit code {self.proc.poll()}):\n{text[-3000:]}")
+            else:
+                time.sleep(0.1)
+        return self
+
+    def client(self):
+        import openai
+        if self._client is None:
+            self._client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        return self._client
+
+    def post(self, path: str, body, timeout: float = 60):
+        import httpx
+        data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+        return httpx.post(self.url + path, content=data, headers={"content-type": "application/json"},
+                          timeout=timeout)
+
+    def metrics(self) -> dict[str, float]:
+        import httpx
+        out = {}
+        for line in httpx.get(self.url + "/metrics", timeout=30).text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+
+@pytest.fixture(scope="module")
+def server_proc(tiny, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve_log") / "server.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--model", str(tiny), "--stages", "2",
+                                 "--host", "127.0.0.1", "--port", "0", "--served-model-name", MODEL_NAME, "--quiet",
+                                 "--max-model-len", "256", "--drain-timeout", "60", "--log-level", "warning"],
+                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    s = Server(proc, log)
+    yield s
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def ref_llm(tiny, server_proc):
+    """The reference engine (1 stage: greedy tokens equal across stage counts), loaded while the
+    server process loads its own."""
+    from engine import LLM
+    with LLM(str(tiny), stages=1, verbose=False, max_model_len=256) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def server(server_proc) -> Server:
+    return server_proc.wait_ready()
+
+
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "The river ran past the mill?"}]
+
+
+def test_openai_client_completions_equal_llm_generate(server, ref_llm):
+    from engine import SamplingParams
+    prompt = "The miller's daughter watched the water"
+    want = ref_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    c = server.client()
+    r = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0,
+                             extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(want.prompt_token_ids), 12)
+    chunks = list(c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want.text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert all(ch.usage is None for ch in chunks[:-1])
+    # token-id prompts and max_tokens as the only limit; seeded sampling repeats
+    ids = want.prompt_token_ids
+    r2 = c.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=12, temperature=0,
+                              extra_body={"ignore_eos": True})
+    assert r2.choices[0].text == want.text
+    kw = dict(model=MODEL_NAME, prompt=prompt, max_tokens=10, temperature=1.0, top_p=0.9,
+              extra_body={"top_k": 50, "ignore_eos": True})
+    assert c.completions.create(seed=3, **kw).choices[0].text == c.completions.create(seed=3, **kw).choices[0].text
+
+
+def test_openai_client_chat_equals_llm_generate_of_rendered_prompt(server, ref_llm, tiny):
+    from engine import SamplingParams
+    from engine.chat_template import render_chat
+    c = server.client()
+    for kwargs in ({}, {"enable_thinking": False}):
+        rendered = render_chat(tiny, CHAT, chat_template_kwargs=kwargs)
+        want = ref_llm.generate([rendered], SamplingParams(max_tokens=10, temperature=0))[0]
+        via_chat = ref_llm.chat(CHAT, SamplingParams(max_tokens=10, temperature=0), chat_template_kwargs=kwargs)[0]
+        assert via_chat.prompt_token_ids == want.prompt_token_ids and via_chat.token_ids == want.token_ids
+        extra = {"chat_template_kwargs": kwargs} if kwargs else {}
+        r = c.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_completion_tokens=10, temperature=0,
+                                      extra_body=extra)
+        m = r.choices[0]
+        assert m.message.role == "assistant" and m.message.content == want.text
+        assert m.finish_reason == want.finish_reason
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(want.prompt_token_ids), len(want.token_ids))
+        chunks = list(c.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=10, temperature=0,
+                                                stream=True, extra_body=extra))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want.text
+        assert chunks[-1].choices[0].finish_reason == want.finish_reason
+
+
+def test_stop_strings_cut_out_streamed_and_not(server):
+    c = server.client()
+    kw = dict(model=MODEL_NAME, prompt="Hello, world! How are", max_tokens=24, temperature=0,
+              extra_body={"ignore_eos": True})
+    free = c.completions.create(**kw).choices[0].text
+    stop = free[len(free) // 2:len(free) // 2 + 3]
+    want = free[:free.index(stop)]
+    r = c.completions.create(stop=[stop, "never-there"], **kw)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    got = "".join(ch.choices[0].text for ch in c.completions.create(stop=stop, stream=True, **kw))
+    assert got == want
+
+
+def test_32_concurrent_clients_are_batched(server):
+    import httpx
+    before = server.metrics()
+    running_seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            running_seen.append(server.metrics().get("moepipe_num_requests_running", 0))
+            time.sleep(0.5)
+
+    def one(http: httpx.Client, i: int):
+        body = {"model": MODEL_NAME, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        if i % 2:
+            r = http.post("/v1/completions", json={**body, "prompt": f"Request {i}: the river"}).json()
+            return r["choices"][0]["finish_reason"], r["usage"]["completion_tokens"], r["choices"][0]["text"]
+        body = {**body, "messages": [{"role": "user", "content": f"Hi {i}"}], "stream": True,
+                "stream_options": {"include_usage": True}}
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            events = [x[6:] for x in r.iter_lines() if x.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(x) for x in events[:-1]]
+        return (chunks[-2]["choices"][0]["finish_reason"], chunks[-1]["usage"]["completion_tokens"],
+                "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"]))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=64)) as http, \
+                ThreadPoolExecutor(32) as pool:
+            results = list(pool.map(lambda i: one(http, i), range(32)))
+    finally:
+        stop.set()
+        watcher.join()
+    assert all(r[:2] == ("length", 8) for r in results), results
+    after = server.metrics()
+    steps = after['moepipe_stage_steps_total{stage="1"}'] - before['moepipe_stage_steps_total{stage="1"}']
+    generated = after["moepipe_generation_tokens_total"] - before["moepipe_generation_tokens_total"]
+    assert generated >= 32 * 8
+    # one request at a time would take >= 8 steps each (256); served together, a few steps carry all 32
+    assert steps < 32 * 8 / 4, (steps, generated)
+    assert max(running_seen) > 1
+
+
+def _wait_idle(server, num_blocks: float, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        if m["moepipe_num_requests_running"] == 0 and m["moepipe_kv_blocks_free"] == num_blocks:
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"KV pool not free again: {m}")
+        time.sleep(0.1)
+
+
+def test_client_disconnect_aborts_and_frees_blocks(server):
+    import httpx
+    before = server.metrics()
+    total = before["moepipe_kv_blocks_total"]
+    assert before["moepipe_kv_blocks_free"] == total
+    body = {"model": MODEL_NAME, "prompt": "The traveller told them about distant cities", "max_tokens": 200,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(x.startswith("data: {") for x in got)
+        mid = server.metrics()
+        assert mid["moepipe_num_requests_running"] == 1 and mid["moepipe_kv_blocks_free"] < total
+    # a non-streamed request whose client gives up is aborted too
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=1.5)
+    after = _wait_idle(server, total)
+    assert after["moepipe_generation_tokens_total"] - before["moepipe_generation_tokens_total"] < 2 * 200
+    assert after['moepipe_request_success_total{finished_reason="abort"}'] >= 2
+
+
+BAD = [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ({"model": MODEL_NAME}, "prompt: a required field is missing"),
+    ({"model": "gpt-4", "prompt": "hi"}, "model 'gpt-4' is not served"),
+    ({"model": MODEL_NAME, "prompt": "hi", "temperature": 5}, "temperature"),
+    ({"model": MODEL_NAME, "prompt": "hi", "top_p": 0}, "top_p"),
+    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": -3}, "max_tokens"),
+    ({"model": MODEL_NAME, "prompt": "hi", "top_k": -5}, "top_k"),
+    ({"model": MODEL_NAME, "prompt": "hi", "n": 3}, "n=3"),
+    ({"model": MODEL_NAME, "prompt": "hi", "stop": [""]}, "stop"),
+    ({"model": MODEL_NAME, "prompt": [99999]}, "token ids must be integers in [0, 512)"),
+    ({"model": MODEL_NAME, "prompt": ""}, "empty"),
+    ({"model": MODEL_NAME, "prompt": list(range(3, 303))}, "300 tokens: the context limit (max_model_len) is 256"),
+    ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1000}, "exceeds the context limit (max_model_len) of 256"),
+]
+BAD_CHAT = [
+    ({"model": MODEL_NAME, "messages": []}, "messages"),
+    ({"model": MODEL_NAME, "messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ({"model": MODEL_NAME, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text"),
+    ({"model": MODEL_NAME, "messages": [{"role": "user", "content": "x" * 2000}]}, "context limit (max_model_len)"),
+    ({"model": MODEL_NAME, "messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
+]
+
+
+def test_bad_requests_get_400_and_disturb_nothing(server):
+    import openai
+    c = server.client()
+    # a long request runs through all the bad ones and must finish untouched
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(c.completions.create, model=MODEL_NAME, prompt="The wheel turned", max_tokens=40,
+                           temperature=0, extra_body={"ignore_eos": True})
+        for path, cases in (("/v1/completions", BAD), ("/v1/chat/completions", BAD_CHAT)):
+            for body, needle in cases:
+                r = server.post(path, body)
+                assert r.status_code == 400, (body, r.text)
+                err = r.json()["error"]
+                assert needle in err["message"] and err["type"] == "invalid_request_error", (body, err)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=MODEL_NAME, prompt="hi", temperature=-1)
+        assert "temperature" in e.value.message
+        with pytest.raises(openai.BadRequestError, match="max_model_len"):
+            c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "y" * 3000}])
+        assert long.result().usage.completion_tokens == 40
+    r = server.post("/v1/nope", {})
+    assert r.status_code == 404 and "error" in r.json()
+    import httpx
+    assert httpx.get(server.url + "/health").status_code == 200
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+
+
+def test_metrics_text(server):
+    import httpx
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("num_requests_running", "num_requests_waiting", "kv_blocks_used", "kv_blocks_free",
+                 "prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_bucket",
+                 "time_per_output_token_seconds_count", "stage_busy_fraction"):
+        assert f"moepipe_{name}" in text, name
+    m = server.metrics()
+    assert m["moepipe_time_to_first_token_seconds_count"] > 0 and m['moepipe_stage_busy_fraction{stage="0"}'] >= 0
+    assert m['moepipe_time_to_first_token_seconds_bucket{le="+Inf"}'] == m["moepipe_time_to_first_token_seconds_count"]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        f = task / "children"
+        if f.exists():
+            out += [int(x) for x in f.read_text().split()]
+    return out
+
+
+def test_sigterm_drains_in_flight_then_ends_every_stage(server):
+    """Last in the module: it ends the server."""
+    import httpx
+    stages = _children(server.proc.pid)
+    assert len(stages) == 2
+    c = server.client()
+    stream = c.completions.create(model=MODEL_NAME, prompt="Every morning she carried bread", max_tokens=32,
+                                  temperature=0, stream=True, stream_options={"include_usage": True},
+                                  extra_body={"ignore_eos": True})
+    first = next(iter(stream))
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(httpx.TransportError):  # no longer taking requests
+        httpx.post(server.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "x"}, timeout=5)
+    rest = list(stream)
+    assert rest[-1].usage.completion_tokens == 32  # the in-flight request finished in full
+    assert [ch.choices[0].finish_reason for ch in [first, *rest] if ch.choices][-1] == "length"
+    assert server.proc.wait(timeout=60) == 0
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in stages) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{p}").exists() for p in stages)
