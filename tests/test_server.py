@@ -4,7 +4,6 @@ equal to LLM.generate of the same rendered prompt; 32 concurrent clients served 
 that leaves mid-stream frees its KV blocks; bad requests get 400s; SIGTERM drains. One server
 process for the module; the SIGTERM test, last, ends it."""
 import json
-import os
 import random
 import re
 import signal

@@ -1,0 +1,274 @@
+"""Serving benchmark in the style of vLLM's benchmark_serving: streamed /v1/completions requests of
+random token-id prompts of a fixed length (ignore_eos, so every answer is exactly --output-len
+tokens), at each client concurrency of a sweep. Per level: request throughput, output and total
+tok/s, TTFT, TPOT and inter-token latency (mean, p50, p99), and each stage's busy fraction from
+/metrics. Starts the server itself (python -m engine serve) unless --url is given.
+
+    python bench/bench_serving.py --model /tmp/q30 --stages 2 --serve-args "--load-format dummy" \\
+        --concurrency 1,8,64,256 --input-len 1024 --output-len 256 --out bench/results/serving.json
+    python bench/bench_serving.py --num-prompts 8 --input-len 16 --output-len 8 --concurrency 1,4   # tiny, CPU
+
+JSON goes to --out; the table is printed last."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import random
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    prompt_len: int
+    output_tokens: int = 0
+    ttft_s: float = 0.0
+    latency_s: float = 0.0
+    itl_s: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+# ---- the server --------------------------------------------------------------------------------
+def start_server(a) -> tuple[subprocess.Popen, str, Path]:
+    log = Path(tempfile.mkdtemp(prefix="bench_serving_")) / "server.log"
+    cmd = [sys.executable, "-m", "engine", "serve", "--host", "127.0.0.1", "--port", "0", "--quiet",
+           "--served-model-name", a.served_model_name, "--log-level", "warning"]
+    if a.model:
+        cmd += ["--model", a.model]
+    if a.stages:
+        cmd += ["--stages", str(a.stages)]
+    cmd += shlex.split(a.serve_args)
+    print("server:", " ".join(cmd), flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + a.startup_timeout
+    while True:
+        text = log.read_text(errors="replace")
+        m = re.search(r"serving \S+ on (http://[\w.:]+:\d+)", text)
+        if m:
+            print(text.strip().splitlines()[-1], flush=True)
+            return proc, m.group(1), log
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit(f"error: the server did not start (exit {proc.poll()}); log {log}:\n{text[-4000:]}")
+        time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def metrics(client, url: str) -> dict[str, float]:
+    out = {}
+    for line in client.get(url + "/metrics", timeout=60).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+# ---- the clients -------------------------------------------------------------------------------
+async def one_request(client, url: str, body: dict) -> RequestResult:
+    res = RequestResult(False, len(body["prompt"]))
+    start = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:300]}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    res.error = obj["error"].get("message", "error event")
+                    return res
+                now = time.perf_counter()
+                if obj.get("choices"):
+                    if last is None:
+                        res.ttft_s = now - start
+                    else:
+                        res.itl_s.append(now - last)
+                    last = now
+                if obj.get("usage"):
+                    res.output_tokens = obj["usage"]["completion_tokens"]
+        res.latency_s = time.perf_counter() - start
+        res.ok = res.output_tokens > 0 and last is not None
+        if not res.ok:
+            res.error = "no tokens"
+    except Exception as e:  # a failed request is counted, not fatal
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+async def run_level(url: str, a, concurrency: int, prompts: list[list[int]]) -> tuple[list[RequestResult], float]:
+    import httpx
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(a.request_timeout), limits=limits) as client:
+        async def limited(p):
+            async with sem:
+                body = {"model": a.served_model_name, "prompt": p, "max_tokens": a.output_len, "temperature": 0.0,
+                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                return await one_request(client, url, body)
+        t = time.perf_counter()
+        results = await asyncio.gather(*(limited(p) for p in prompts))
+        return list(results), time.perf_counter() - t
+
+
+def summarize(concurrency: int, results: list[RequestResult], duration: float, m0: dict, m1: dict) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_len for r in ok)
+    ttft = [r.ttft_s * 1e3 for r in ok]
+    tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) * 1e3 for r in ok if r.output_tokens > 1]
+    itl = [x * 1e3 for r in ok for x in r.itl_s]
+    row = {"concurrency": concurrency, "num_prompts": len(results), "completed": len(ok),
+           "failed": len(results) - len(ok), "duration_s": duration,
+           "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+           "total_token_throughput": (in_tokens + out_tokens) / duration,
+           "total_input_tokens": in_tokens, "total_output_tokens": out_tokens}
+    for name, xs in (("ttft_ms", ttft), ("tpot_ms", tpot), ("itl_ms", itl)):
+        row[f"mean_{name}"] = statistics.fmean(xs) if xs else float("nan")
+        row[f"median_{name}"] = pct(xs, 50)
+        row[f"p99_{name}"] = pct(xs, 99)
+    busy = {}
+    for k, v in m1.items():
+        s = re.fullmatch(r'moepipe_stage_busy_seconds_total\{stage="(\d+)"\}', k)
+        if s:
+            busy[int(s.group(1))] = (v - m0.get(k, 0.0)) / duration
+    row["stage_busy_fraction"] = [busy[r] for r in sorted(busy)]
+    row["preemptions"] = m1.get("moepipe_num_preemptions_total", 0) - m0.get("moepipe_num_preemptions_total", 0)
+    errors = sorted({r.error for r in results if not r.ok})
+    if errors:
+        row["errors"] = errors[:5]
+    return row
+
+
+def vocab_size(a) -> int:
+    if a.vocab_size:
+        return a.vocab_size
+    if a.model and (Path(a.model) / "config.json").exists():
+        return json.loads((Path(a.model) / "config.json").read_text())["vocab_size"]
+    if not a.model and not a.url:
+        return 512  # the embedded tiny preset
+    raise SystemExit("error: give --vocab-size (the model's vocabulary, for random prompt ids)")
+
+
+def gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.strip().splitlines()
+        return f"{len(out)} x {out[0]}" if out else "cpu"
+    except (OSError, subprocess.TimeoutExpired):
+        return "cpu"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="a running server (default: start python -m engine serve)")
+    ap.add_argument("--model", help="model folder or hub id for the server (default: the tiny preset)")
+    ap.add_argument("--stages", type=int, default=None)
+    ap.add_argument("--serve-args", default="", help="more flags for engine serve, e.g. '--load-format dummy'")
+    ap.add_argument("--served-model-name", default="bench")
+    ap.add_argument("--concurrency", type=ints, default=[1, 8, 64, 256])
+    ap.add_argument("--num-prompts", type=int, default=None, help="per level (default: max(8, 2 x concurrency))")
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--vocab-size", type=int, default=None, help="prompt ids are drawn from [10, vocab - 10)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--request-timeout", type=float, default=1800)
+    ap.add_argument("--startup-timeout", type=float, default=1800)
+    ap.add_argument("--out", help="JSON results file")
+    a = ap.parse_args()
+    if a.url and (a.model or a.serve_args or a.stages):
+        raise SystemExit("error: --url connects to a running server; --model/--stages/--serve-args start one")
+    vocab = vocab_size(a)
+    import httpx
+
+    proc = None
+    if a.url:
+        url = a.url.rstrip("/")
+    else:
+        proc, url, _ = start_server(a)
+    rows = []
+    try:
+        sync = httpx.Client()
+        served = sync.get(url + "/v1/models", timeout=60).json()["data"][0]
+        if a.url:
+            a.served_model_name = served["id"]
+        if a.input_len + a.output_len > served.get("max_model_len", 1 << 30):
+            raise SystemExit(f"error: input {a.input_len} + output {a.output_len} exceeds the server's "
+                             f"max_model_len {served['max_model_len']}")
+        rng = random.Random(a.seed)
+        warm = [[rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(2)]
+        asyncio.run(run_level(url, a, 2, warm))  # first-call costs (allocator, kernels) out of the figures
+        for c in a.concurrency:
+            n = a.num_prompts or max(8, 2 * c)
+            prompts = [[rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(n)]
+            m0 = metrics(sync, url)
+            results, dt = asyncio.run(run_level(url, a, c, prompts))
+            row = summarize(c, results, dt, m0, metrics(sync, url))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": gpu_name(), "command": " ".join(shlex.quote(x) for x in sys.argv),
+              "model": a.model or a.url or "tiny preset", "stages": a.stages, "serve_args": a.serve_args,
+              "input_len": a.input_len, "output_len": a.output_len, "results": rows}
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(record, indent=2) + "\n")
+    hdr = (f"{'conc':>5} {'reqs':>5} {'ok':>4} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
+           f"{'TPOT p50':>9} {'TPOT p99':>9} {'busy':>12}")
+    print(f"\nserving: {record['model']}, {record['device']}, in {a.input_len} / out {a.output_len} tokens "
+          f"(ms for TTFT/TPOT)")
+    print(hdr)
+    for r in rows:
+        busy = "/".join(f"{b:.2f}" for b in r["stage_busy_fraction"])
+        print(f"{r['concurrency']:>5} {r['num_prompts']:>5} {r['completed']:>4} {r['request_throughput']:>7.2f} "
+              f"{r['output_throughput']:>10.1f} {r['median_ttft_ms']:>9.1f} {r['p99_ttft_ms']:>9.1f} "
+              f"{r['median_tpot_ms']:>9.2f} {r['p99_tpot_ms']:>9.2f} {busy:>12}")
+    return 0 if all(r["failed"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
