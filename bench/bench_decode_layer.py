@@ -29,10 +29,18 @@ from model.moe import experts_grouped, route  # noqa: E402
 from model.stage import Stage  # noqa: E402
 
 
-def timed(fn, reps=20) -> float:
-    """Median ms of fn() over reps, by CUDA events."""
+def timed(fn, reps=20, graph=True) -> float:
+    """Median ms of fn() over reps, by CUDA events; captured in a CUDA graph first (graph=True), so
+    host launch cost is left out as in the decode graph."""
     fn()
     torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
+        fn()
+        torch.cuda.synchronize()
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     ts = []
     for _ in range(reps):
@@ -48,7 +56,7 @@ def copy_bandwidth() -> float:
     """Bytes/s of a 1 GiB device-to-device copy (read + write counted)."""
     a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    ms = timed(lambda: b.copy_(a), reps=10)
+    ms = timed(lambda: b.copy_(a), reps=10, graph=False)
     return 2 * a.numel() / (ms / 1e3)
 
 
@@ -63,44 +71,65 @@ def layer_bytes(cfg, B: int, ctx: int) -> float:
     return 2 * (attn + experts + kv)
 
 
-def decode_table(cfg, layers: int, bw: float, batches, contexts, out: dict) -> None:
+def decode_table(cfg, layers: int, bw: float, batches, contexts, out: dict, profile: bool = False) -> None:
     dev, dt, bs = torch.device("cuda:0"), torch.bfloat16, 16
     stage = fill_dummy(Stage(cfg, 0, layers, False, False, dev, dt))
-    max_ctx = max(contexts)
-    nblocks = -(-max_ctx // bs) + 1
-    stage.allocate_kv(nblocks + 1, bs)
+    per_seq = -(-max(contexts) // bs)
+    pool = max(batches) * per_seq + 1
+    if pool * stage.kv_bytes_per_block(bs) > 40 * 2**30:  # then sequences share blocks (L2 may help)
+        pool = int(40 * 2**30 // stage.kv_bytes_per_block(bs))
+    stage.allocate_kv(pool, bs)
     stage.kv_cache.normal_(0, 1)
     fused = pick_backend(dev)
     before = Backend("sdpa", "torch", False)
     for B in batches:
         x = torch.randn(B, cfg.hidden_size, device=dev, dtype=dt)
         for ctx in contexts:
-            # every sequence reads the same blocks: the KV bytes are real, the pool stays small
-            table = list(range(-(-ctx // bs)))
-            batch = AttnBatch.build([1] * B, [ctx] * B, [table] * B, bs, [True] * B, dev)
+            n = -(-ctx // bs)
+            tables = [[(i * n + j) % pool for j in range(n)] for i in range(B)]  # distinct blocks
+            batch = AttnBatch.build([1] * B, [ctx] * B, tables, bs, [True] * B, dev)
             row = {}
             for name, be in (("before", before), ("after", fused)):
                 stage.backend = be
                 with torch.inference_mode():
-                    stage(x, batch)
-                    torch.cuda.synchronize()
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g):
-                        stage(x, batch)
-                ms = timed(g.replay)
+                    ms = timed(lambda: stage(x, batch))
                 us = ms * 1e3 / layers
                 row[name] = {"us_per_layer": us, "pct_hbm": 100 * layer_bytes(cfg, B, ctx) / (us / 1e6) / bw}
-                del g
             key = f"b{B} ctx{ctx}"
             out[key] = row
             print(f"decode {key:14s} before {row['before']['us_per_layer']:8.1f} us/layer "
                   f"({row['before']['pct_hbm']:5.1f}% HBM)  after {row['after']['us_per_layer']:8.1f} us/layer "
                   f"({row['after']['pct_hbm']:5.1f}% HBM)", flush=True)
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof_ctx
+        B = 1
+        x = torch.randn(B, cfg.hidden_size, device=dev, dtype=dt)
+        batch = AttnBatch.build([1], [128], [list(range(8))], bs, [True], dev)
+        stage.backend = fused
+        with torch.inference_mode():
+            stage(x, batch)
+            torch.cuda.synchronize()
+            with prof_ctx(activities=[ProfilerActivity.CUDA]) as p:
+                stage(x, batch)
+                torch.cuda.synchronize()
+        rows = sorted(((e.key, e.device_time_total / e.count / layers, e.count // layers) for e in p.key_averages()
+                       if e.device_time_total > 0), key=lambda r: -r[1] * r[2])
+        out["kernels_b1_after_us_per_layer"] = {k: us * n for k, us, n in rows}
+        print("kernels of one b=1 decode step, after (us per layer):")
+        for k, us, n in rows[:14]:
+            print(f"  {us * n:7.1f}  x{n}  {k[:90]}")
     del stage
     torch.cuda.empty_cache()
 
 
-def moe_paths(cfg, counts, out: dict, bw: float) -> None:
+SMALL_TILES = ((8, 512, 4, 4, 512, 4), (4, 512, 4, 4, 512, 4), (8, 256, 4, 8, 256, 4), (16, 256, 4, 8, 256, 4),
+               (8, 1024, 8, 4, 512, 4), (4, 1024, 4, 2, 1024, 4), (16, 512, 8, 8, 512, 8), (8, 512, 2, 4, 256, 2),
+               (4, 256, 2, 2, 512, 2), (2, 1024, 4, 2, 256, 1))
+LARGE_TILES = ((16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3),
+               (64, 64, 128, 4, 4))
+
+
+def moe_paths(cfg, counts, out: dict, bw: float, sweep: bool = True) -> None:
     dev, dt = torch.device("cuda:0"), torch.bfloat16
     H, E, k, I = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
     w13 = torch.randn(E, 2 * I, H, device=dev, dtype=dt) * 0.02
@@ -109,7 +138,7 @@ def moe_paths(cfg, counts, out: dict, bw: float) -> None:
     for N in counts:
         x = torch.randn(N, H, device=dev, dtype=dt)
         _, w, ids = route(x, gate, k, True)
-        row = {"torch": timed(lambda: experts_grouped(x, w13, w2, ids, w)),
+        row = {"torch": timed(lambda: experts_grouped(x, w13, w2, ids, w)),  # graph-timed, all capturable
                "large": timed(lambda: fm.experts_large(x, w13, w2, ids, w))}
         if N <= 256:
             row["small"] = timed(lambda: fm.experts_small(x, w13, w2, ids, w))
@@ -120,14 +149,22 @@ def moe_paths(cfg, counts, out: dict, bw: float) -> None:
         out[f"N{N}"] = row
         print(f"moe N={N:5d} (hit {hit:3d}): " + "  ".join(f"{p} {v * 1e3:8.1f} us" for p, v in row.items()
                                                         if p != "pct_hbm_best") + f"  best {row['pct_hbm_best']:.0f}% HBM", flush=True)
-    x = torch.randn(1, H, device=dev, dtype=dt)
-    _, w, ids = route(x, gate, k, True)
-    sweep = {}
-    for t in ((8, 256, 8, 256), (16, 256, 16, 256), (8, 128, 8, 128), (16, 128, 8, 512), (4, 512, 4, 256),
-              (32, 128, 16, 128), (8, 512, 4, 512)):
-        sweep[str(t)] = timed(lambda: fm.experts_small(x, w13, w2, ids, w, tiles=t)) * 1e3
-    out["small_tiles_N1_us"] = sweep
-    print("small path tiles at N=1 (BN1, BK1, BN2, BK2): " + ", ".join(f"{t} {v:.1f} us" for t, v in sweep.items()))
+    if not sweep:
+        return
+    for N, configs in ((1, SMALL_TILES), (8, SMALL_TILES[:5])):
+        x = torch.randn(N, H, device=dev, dtype=dt)
+        _, w, ids = route(x, gate, k, True)
+        res = {str(t): timed(lambda: fm.experts_small(x, w13, w2, ids, w, tiles=t)) * 1e3 for t in configs}
+        out[f"small_tiles_N{N}_us"] = res
+        print(f"small path at N={N} (BN1, BK1, warps1, BN2, BK2, warps2): "
+              + ", ".join(f"{t} {v:.1f}" for t, v in res.items()), flush=True)
+    for N in (256, 2048, 8192):
+        x = torch.randn(N, H, device=dev, dtype=dt)
+        _, w, ids = route(x, gate, k, True)
+        res = {str(t): timed(lambda: fm.experts_large(x, w13, w2, ids, w, tiles=t)) * 1e3 for t in LARGE_TILES}
+        out[f"large_tiles_N{N}_us"] = res
+        print(f"large path at N={N} (BM, BN, BK, warps, stages): " + ", ".join(f"{t} {v:.1f}" for t, v in res.items()),
+              flush=True)
 
 
 def first_request(preset: str, layers: int, warm: bool) -> dict:
@@ -140,7 +177,7 @@ def first_request(preset: str, layers: int, warm: bool) -> dict:
     stage.allocate_kv(4096, 16)
     res = {}
     if warm:
-        res["precompile_s"] = precompile(stage, 2048, 64, 8192)
+        res["precompile_s"] = precompile(stage, 1024, 64, 2048)
     t0 = time.perf_counter()
     with torch.inference_mode():
         ids = torch.randint(0, cfg.vocab_size, (1024,), device=dev)
@@ -161,7 +198,8 @@ def first_request(preset: str, layers: int, warm: bool) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen3-30b-a3b", help="preset name or config.json path")
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--sweep", action="store_true", help="also sweep the MoE kernels' tiles")
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--contexts", default="128,32768")
     ap.add_argument("--moe-counts", default="1,2,4,8,12,16,24,32,48,64,128,256,512,2048,8192")
@@ -179,13 +217,16 @@ def main() -> int:
     print(f"{card}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     res: dict = {"card": card, "date": datetime.date.today().isoformat(), "preset": a.preset, "layers": a.layers,
                  "copy_GBps": bw / 1e9, "torch": torch.__version__, "decode": {}, "moe": {}, "shapes_b1": {}}
-    moe_paths(cfg, [int(n) for n in a.moe_counts.split(",")], res["moe"], bw)
+    moe_paths(cfg, [int(n) for n in a.moe_counts.split(",")], res["moe"], bw, sweep=a.sweep)
     decode_table(cfg, a.layers, bw, [int(b) for b in a.batches.split(",")], [int(c) for c in a.contexts.split(",")],
-                 res["decode"])
+                 res["decode"], profile=True)
     for shape in filter(None, a.extra_shapes.split(",")):
         sub: dict = {}
         print(f"-- {shape}")
-        decode_table(dummy_config(shape), 2, bw, [1], [128], sub)
+        decode_table(dummy_config(shape), 2, bw, [1, 8], [128], sub)
+        if a.sweep:
+            res["moe_" + shape] = {}
+            moe_paths(dummy_config(shape), [1, 8], res["moe_" + shape], bw, sweep=False)
         res["shapes_b1"][shape] = sub
     if not a.skip_first_request:
         for mode in ("cold", "warm"):

@@ -94,32 +94,31 @@ def _down_combine_gemv_kernel(act_ptr, w_ptr, ids_ptr, tw_ptr, out_ptr, H, I, st
     tl.store(out_ptr + t * stride_ot + n, _round(total, DT).to(DT), mask=nmask)
 
 
-def _gemv_tiles(N: int, cols: int) -> tuple[int, int]:
-    """(BN, BK): small column tiles at small N so that N * cols / BN programs cover the SMs."""
-    BN = 16 if N * cols >= 16 * 2048 else 8
-    return BN, 256
+def small_tiles(N: int, H: int, I: int, k: int) -> tuple[int, int, int, int, int, int]:
+    """(BN1, BK1, warps1, BN2, BK2, warps2) of the GEMV path: narrow column tiles at small N so
+    that the programs cover every SM several times over at batch 1."""
+    if N * k <= 16:
+        return 8, 512, 4, 4, 512, 4
+    return 16, 256, 4, 8, 256, 4
 
 
 def experts_small(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, ids_Nk: torch.Tensor,
-                  w_Nk: torch.Tensor, tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
-    """The per-pair GEMV path. tiles = (BN1, BK1, BN2, BK2) overrides the heuristic (benchmarks)."""
+                  w_Nk: torch.Tensor, tiles: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The per-pair GEMV path. tiles = (BN1, BK1, warps1, BN2, BK2, warps2) overrides small_tiles."""
     N, H = x_NH.shape
     k = ids_Nk.shape[1]
     I = w2_EHI.shape[2]
     assert x_NH.stride(1) == 1 and w13_E2IH.is_contiguous() and w2_EHI.is_contiguous()
     ids, tw = ids_Nk.contiguous(), w_Nk.contiguous()
-    bn1, bk1 = _gemv_tiles(N * k, I)
-    bn2, bk2 = _gemv_tiles(N, H)
-    if tiles:
-        bn1, bk1, bn2, bk2 = tiles
+    bn1, bk1, nw1, bn2, bk2, nw2 = tiles or small_tiles(N, H, I, k)
     act = torch.empty(N * k, I, dtype=x_NH.dtype, device=x_NH.device)
     _gate_up_gemv_kernel[(N * k, triton.cdiv(I, bn1))](
         x_NH, w13_E2IH, ids, act, H, I, x_NH.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1), act.stride(0),
-        TOPK=k, BN=bn1, BK=min(bk1, triton.next_power_of_2(H)), num_warps=4)
+        TOPK=k, BN=bn1, BK=min(bk1, triton.next_power_of_2(H)), num_warps=nw1)
     out = torch.empty(N, H, dtype=x_NH.dtype, device=x_NH.device)
     _down_combine_gemv_kernel[(N, triton.cdiv(H, bn2))](
         act, w2_EHI, ids, tw, out, H, I, act.stride(0), w2_EHI.stride(0), w2_EHI.stride(1), out.stride(0),
-        TOPK=k, BN=bn2, BK=min(bk2, triton.next_power_of_2(I)), num_warps=4)
+        TOPK=k, BN=bn2, BK=min(bk2, triton.next_power_of_2(I)), num_warps=nw2)
     return out
 
 
@@ -206,14 +205,15 @@ def _down_grouped_kernel(act_ptr, w_ptr, pairs_ptr, bexp_ptr, tw_ptr, y_ptr, P, 
     tl.store(y_ptr + rows[:, None] * stride_yt + n[None, :], y.to(DT), mask=rmask[:, None] & nmask[None, :])
 
 
-def _grouped_tiles(P: int, E: int) -> tuple[int, int, int]:
+def grouped_tiles(P: int, E: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, warps, stages): BM near the rows per expert."""
     per_expert = P / E
     BM = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
-    return BM, 64, 64
+    return BM, 64, 64, 4, 3
 
 
 def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, ids_Nk: torch.Tensor,
-                  w_Nk: torch.Tensor) -> torch.Tensor:
+                  w_Nk: torch.Tensor, tiles: tuple[int, ...] | None = None) -> torch.Tensor:
     """Pairs grouped by expert into BM-row blocks; gate/up GEMM with the SiLU * up epilogue, down GEMM
     with the routing-weight epilogue written in pair order, then the fp32 sum over the k terms."""
     N, H = x_NH.shape
@@ -221,7 +221,7 @@ def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
     E, I = w13_E2IH.shape[0], w2_EHI.shape[2]
     P = N * k
     assert x_NH.stride(1) == 1 and w13_E2IH.is_contiguous() and w2_EHI.is_contiguous()
-    BM, BN, BK = _grouped_tiles(P, E)
+    BM, BN, BK, nw, ns = tiles or grouped_tiles(P, E)
     prec = "ieee"  # fp32 operands exactly (no tf32); bf16 operands are unaffected
     pairs, bexp = align_by_expert(ids_Nk, E, BM)
     nb = bexp.numel()
@@ -229,11 +229,11 @@ def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
     act = torch.empty(P, I, dtype=x_NH.dtype, device=x_NH.device)
     _gate_up_grouped_kernel[(nb, triton.cdiv(I, BN))](
         x_NH, w13_E2IH, pairs, bexp, act, P, H, I, E, x_NH.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1),
-        act.stride(0), TOPK=k, BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, num_warps=4, num_stages=3)
+        act.stride(0), TOPK=k, BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, num_warps=nw, num_stages=ns)
     y = torch.empty(P, H, dtype=x_NH.dtype, device=x_NH.device)
     _down_grouped_kernel[(nb, triton.cdiv(H, BN))](
         act, w2_EHI, pairs, bexp, tw, y, P, H, I, E, act.stride(0), w2_EHI.stride(0), w2_EHI.stride(1),
-        y.stride(0), BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, num_warps=4, num_stages=3)
+        y.stride(0), BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, num_warps=nw, num_stages=ns)
     return y.view(N, k, H).sum(dim=1, dtype=torch.float32).to(x_NH.dtype)
 
 

@@ -130,7 +130,7 @@ def test_routing_picks_the_reference_experts(dtype, norm_topk):
     assert tied_inside.any()  # some rows choose all three tied experts inside the top k
     assert torch.equal(ids[clear].sort(-1).values, ids_ref[clear].sort(-1).values)
     assert torch.equal(probs.gather(1, ids).sort(-1).values, probs.gather(1, ids_ref).sort(-1).values)
-    tol = 1e-6 if dtype == torch.float32 else 2 ** -8
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -7  # one bf16 step: the renorm sums in another order
     got_w = torch.zeros_like(probs).scatter_(1, ids, w.float())
     ref_w = torch.zeros_like(probs).scatter_(1, ids_ref, w_ref.float())
     assert ((got_w - ref_w)[clear].abs() <= tol * ref_w[clear].abs() + 1e-7).all()
