@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
+from .chunking import ChunkSizer
 from .sequence import Sequence, Status
 
 
@@ -56,8 +57,11 @@ def check_request(prompt_len: int, max_tokens: int, max_model_len: int, num_bloc
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, num_stages: int = 1):
+                 max_model_len: int, num_stages: int = 1, dynamic_chunks: bool = True):
         self.blocks = blocks
+        # several stages: a prefill chunk's tokens shrink with its prefix so chunks cost alike
+        self.chunk_sizer = ChunkSizer(max_num_batched_tokens, num_stages=num_stages) \
+            if dynamic_chunks and num_stages > 1 else None
         self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
         self.max_model_len, self.num_stages = max_model_len, num_stages
         self.waiting: deque[Sequence] = deque()
@@ -120,6 +124,8 @@ class Scheduler:
             if is_decode and n_decode >= decode_cap:
                 continue
             n = min(seq.num_unscheduled, budget)
+            if self.chunk_sizer is not None and not is_decode:
+                n = min(n, self.chunk_sizer(seq.num_scheduled, seq.prompt_len))
             if not self._grow(seq, seq.num_scheduled + n, chunks):
                 continue
             chunks.append(self._chunk(seq, n))

@@ -161,3 +161,51 @@ def test_gpu_fa_dynamic_chunked_prefill_equals_transformers(tiny, block_size):
         got[attn] = prefill_logits(stage, ids, sizes, block_size)
     assert (got["fa"] - got["ref"]).abs().max().item() <= 1e-4
     assert (got["fa"] - ref).abs().max().item() <= 2e-4
+
+
+# ----------------------------------------------------------------------------- scheduler
+
+
+def drive(sched, in_flight: int = 2) -> list[list[tuple[int, int, int]]]:
+    """Run the scheduler like the pipeline (up to `in_flight` micro-batches outstanding, a token
+    of 7 for every sample); returns each micro-batch's (seq_id, start, length) chunks."""
+    from collections import deque
+    q, seen = deque(), []
+    while sched.has_work or q:
+        while len(q) < in_flight:
+            mb = sched.schedule()
+            if mb is None:
+                break
+            q.append(mb)
+            seen.append([(c.seq.seq_id, c.start, c.length) for c in mb.chunks])
+        mb = q.popleft()
+        sched.complete(mb, [7] * len(mb.sampled))
+    return seen
+
+
+def make_sched(prompt_len: int, budget: int, stages: int, dynamic: bool, sizer: ChunkSizer | None = None):
+    from engine.block_manager import BlockManager
+    from engine.params import SamplingParams
+    from engine.scheduler import Scheduler
+    from engine.sequence import Sequence
+    s = Scheduler(BlockManager(4096, 16), 4, budget, 100_000, num_stages=stages, dynamic_chunks=dynamic)
+    if sizer is not None:
+        s.chunk_sizer = sizer
+    s.add(Sequence(0, list(range(3, 3 + prompt_len)), SamplingParams(max_tokens=2, temperature=0), (2,)))
+    return s
+
+
+def test_scheduler_sizes_prefill_chunks_and_pipelines_them():
+    """One long prompt on 2 stages: chunks follow ChunkSizer.plan, and the next chunk is scheduled
+    while the previous one is still in flight (a chunk on stage 1 while the next runs on stage 0)."""
+    L, sizer = 20_000, ChunkSizer(2048, STEEP, num_stages=2, min_tokens=128)
+    s = make_sched(L, 2048, 2, True, sizer)
+    first, second = s.schedule(), s.schedule()
+    assert [c.seq.seq_id for c in first.chunks] == [0] == [c.seq.seq_id for c in second.chunks]
+    assert second.chunks[0].start == first.chunks[0].end
+    s = make_sched(L, 2048, 2, True, sizer)
+    prefill = [c[0][2] for c in drive(s)][:len(sizer.plan(L))]
+    assert prefill == sizer.plan(L) and len(set(prefill)) > 3
+    assert s.chunk_sizer is sizer and make_sched(L, 2048, 1, True).chunk_sizer is None  # one stage: off
+    off = [c[0][2] for c in drive(make_sched(L, 2048, 2, False))]
+    assert off[:9] == [2048] * 9 and off[9] == L - 9 * 2048  # switched off: full-budget chunks
