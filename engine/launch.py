@@ -143,7 +143,7 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
     engine = None
     if rank == 0:
         sched = Scheduler(BlockManager(blocks, o.block_size), o.max_num_seqs, o.max_num_batched_tokens,
-                          max_len, o.stages)
+                          max_len, o.stages, o.dynamic_chunks)
         engine = PipelineEngine(worker, sched, args.stop_ids, o.seed)
     return Rank(rank, worker, engine, info)
 
