@@ -1,8 +1,19 @@
-"""moepipe engine: `from engine import LLM, SamplingParams`."""
-from .llm import LLM, EngineClosed, RequestStream, StageDied, TokenEvent
-from .options import EngineOptions
-from .params import RequestOutput, SamplingParams
-from .scheduler import RequestRefused
+"""moepipe engine: `from engine import LLM, SamplingParams`. Names are imported on first use, so
+`python -m engine` starts (and answers Ctrl-C) before torch is loaded."""
+from __future__ import annotations
 
-__all__ = ["LLM", "EngineOptions", "SamplingParams", "RequestOutput", "RequestRefused", "RequestStream", "TokenEvent",
-           "StageDied", "EngineClosed"]
+import importlib
+
+_EXPORTS = {
+    "LLM": ".llm", "EngineClosed": ".llm", "RequestStream": ".llm", "StageDied": ".llm", "TokenEvent": ".llm",
+    "EngineOptions": ".options",
+    "RequestOutput": ".params", "SamplingParams": ".params",
+    "RequestRefused": ".scheduler",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 
 COMMANDS = ("generate", "plan", "profile", "make_checkpoint", "parity", "serve")
@@ -17,7 +19,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _interrupted(signum, frame) -> None:
+    """Ctrl-C at any moment (even inside an import that swallows KeyboardInterrupt): one line,
+    the stage processes ended, exit 130."""
+    llm = sys.modules.get("engine.llm")
+    if llm is not None:
+        llm.kill_workers()
+    sys.stdout.flush()
+    print("error: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the command line itself, not a caller inside Python
+        signal.signal(signal.SIGINT, _interrupted)
     try:
         a = build_parser().parse_args(argv)
         return a.run(a)

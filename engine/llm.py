@@ -27,6 +27,16 @@ Prompt = str | list[int]
 POLL_S = 0.25
 GATHER_FAILURES_S = 0.3  # after a first failure, wait this long for the others before picking the culprit
 _REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+_WORKERS: "weakref.WeakSet[subprocess.Popen]" = weakref.WeakSet()  # every live worker of this process
+
+
+def kill_workers() -> None:
+    """End every stage process this process started (the CLI's Ctrl-C handler)."""
+    for p in list(_WORKERS):
+        try:
+            p.kill()
+        except OSError:
+            pass
 
 
 class StageDied(RuntimeError):
@@ -115,8 +125,6 @@ class LLM:
         self.tokenizer = load_tokenizer(folder)
         self.folder = folder
         self._chat_template = None
-        self.folder = folder
-        self._chat_template = None
         self.stop_ids = self.args.stop_ids
         self._lock = threading.RLock()
         self._send_lock = threading.RLock()
@@ -126,7 +134,10 @@ class LLM:
         self._auto_ids = itertools.count()
         self._stats_waiters: dict[int, list] = {}
         self._stats_tokens = itertools.count()
+        self.auto_split: dict | None = None  # layers='auto': the measured split and its report
         self._start()
+        if opts.layers == "auto":
+            self._auto_split(model, opts)
 
     # ---- processes ---------------------------------------------------------------------------
     def _start(self) -> None:
@@ -140,8 +151,10 @@ class LLM:
         try:
             for rank in range(S):
                 # own session: the terminal's Ctrl-C reaches only this process, which ends the stages
-                self._procs.append(subprocess.Popen([sys.executable, "-m", "engine.worker", host, str(port), str(rank)],
-                                                    env=env, start_new_session=True, cwd=_REPO_ROOT))
+                p = subprocess.Popen([sys.executable, "-m", "engine.worker", host, str(port), str(rank)],
+                                     env=env, start_new_session=True, cwd=_REPO_ROOT)
+                self._procs.append(p)
+                _WORKERS.add(p)
             self._conns = [None] * S
             accepted: queue.Queue = queue.Queue()
 
@@ -501,35 +514,20 @@ class LLM:
                  for c in convs]
         return self.generate(texts, params)
 
-    def chat(self, messages: list[dict] | Seq[list[dict]], params: SamplingParams | Seq[SamplingParams] | None = None,
-             chat_template_kwargs: dict | None = None, add_generation_prompt: bool = True,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
-        """generate() over conversations rendered with the checkpoint's chat template, as transformers'
-        apply_chat_template renders them (chat_template_kwargs, e.g. {"enable_thinking": False},
-        reach the template). One conversation or a list of them; one output each."""
-        from .chat_template import ChatTemplate, ChatTemplateError
-        if self._chat_template is None:
-            self._chat_template = ChatTemplate.from_folder(self.folder)
-            if self._chat_template is None:
-                raise ChatTemplateError(f"{self.folder}: the checkpoint has no chat template")
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        texts = [self._chat_template.render(c, add_generation_prompt, tools, chat_template_kwargs=chat_template_kwargs)
-                 for c in convs]
-        return self.generate(texts, params)
-
     # ---- stats -------------------------------------------------------------------------------
-    def stats(self, reset: bool = False, per_step: bool = False) -> dict:
+    def stats(self, reset: bool = False, per_step: bool = False, profile: dict | None = None) -> dict:
         """{"stages": [per stage: rank, layers, busy_ms, steps, tokens, peak_gib, kv_gib, ...],
         "scheduler": {running, waiting, free_blocks, num_blocks, preemptions, prompt_tokens,
         generation_tokens}}: a snapshot taken behind the micro-batches already in flight, without
-        draining them. per_step adds the (bounded) per-step lists."""
+        draining them. per_step adds the (bounded) per-step lists. profile: a command for the
+        stages' profilers (engine/trace.py StageProfiler), carried by this request."""
         self._check_usable()
         token = next(self._stats_tokens)
         w = [threading.Event(), None]
         with self._lock:
             self._stats_waiters[token] = w
         try:
-            self._send(("stats", token, bool(reset), bool(per_step)))
+            self._send(("stats", token, bool(reset), bool(per_step), profile))
             while not w[0].wait(POLL_S):
                 self._check_usable()
             if w[1] is None:
@@ -539,6 +537,29 @@ class LLM:
         finally:
             with self._lock:
                 self._stats_waiters.pop(token, None)
+
+    def start_profile(self) -> None:
+        """Record a timeline on every stage from here on (behind the work already in flight)."""
+        from .trace import start_profile
+        start_profile(self)
+
+    def stop_profile(self, path: str | Path | None = None) -> dict:
+        """Stop recording and write a Chrome trace-event file to `path` (ui.perfetto.dev,
+        chrome://tracing). Returns {"path", "bubble": {stage: idle fraction}, "stages": stats}."""
+        from .trace import stop_profile
+        return stop_profile(self, path)
+
+    def _auto_split(self, model: str, opts: EngineOptions) -> None:
+        """layers='auto': measure on the even split, restart on the balanced split if it differs."""
+        from .auto_split import auto_layers
+        counts, report = auto_layers(self)
+        if self.options.verbose:
+            print(f"[moepipe] auto split: {report['summary']}", file=sys.stderr, flush=True)
+        if counts != report["before"]:
+            self.close()
+            self._router.join(timeout=10)
+            self.__init__(model, options=opts.with_(layers=counts))
+        self.auto_split = report
 
 
 def _free_port() -> int:

@@ -64,7 +64,7 @@ def serve_requests(engine, inbox: queue.Queue, send) -> None:
             elif kind == "abort":
                 engine.abort(msg[1])
             elif kind == "stats":
-                engine.request_stats(msg[1], msg[2], msg[3])
+                engine.request_stats(*msg[1:])  # token, reset, per_step[, profiler command]
             elif kind == "shutdown":
                 engine.shutdown()
                 return
@@ -83,9 +83,12 @@ def serve_requests(engine, inbox: queue.Queue, send) -> None:
 def main(host: str, port: int, rank: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is LLM's to handle; it ends us
     _exit_with_parent()
-    conn = Client((host, port), authkey=bytes.fromhex(os.environ.pop(AUTHKEY_ENV)))
-    conn.send(("hello", rank, os.getpid()))
-    args, dist_port = conn.recv()
+    try:
+        conn = Client((host, port), authkey=bytes.fromhex(os.environ.pop(AUTHKEY_ENV)))
+        conn.send(("hello", rank, os.getpid()))
+        args, dist_port = conn.recv()
+    except (OSError, EOFError):  # LLM is gone already (interrupted or failed while we started)
+        os._exit(3)
     lock = threading.Lock()
 
     def send(msg) -> None:

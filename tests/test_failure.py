@@ -53,14 +53,23 @@ def test_dead_stage_ends_generate_within_30s(tiny, victim):
     assert not any(_alive(p) for p in pids), "a stage process outlived the failure"
 
 
-def test_stage_load_error_names_the_file(tiny, tmp_path):
+@pytest.mark.parametrize("bad_rank", [1, 0])
+def test_stage_load_error_names_the_file_and_ends_every_stage(tiny, tmp_path, bad_rank):
+    """A truncated shard: StageDied names the stage and the file, carries the stage's traceback,
+    and no stage outlives it (the healthy stage is waiting for its peer in a collective)."""
     import shutil
     bad = tmp_path / "bad"
     shutil.copytree(tiny, bad)
-    last = sorted(bad.glob("model-*.safetensors"))[-1]  # holds the last stage's tensors
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    with pytest.raises(StageDied, match=f"stage 1 failed: .*{last.name}.*truncated|stage 1 failed: .*truncated.*{last.name}"):
+    shards = sorted(bad.glob("model-*.safetensors"))
+    victim = shards[-1] if bad_rank == 1 else shards[0]  # the last shard holds the last stage's tensors
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    before = set(_children(os.getpid()))
+    with pytest.raises(StageDied) as e:
         LLM(str(bad), stages=2, verbose=False)
+    first = str(e.value).splitlines()[0]
+    assert f"stage {bad_rank} failed" in first and victim.name in first and "truncated" in first, first
+    assert "Traceback (most recent call last)" in str(e.value) and "load.py" in str(e.value)
+    assert not [p for p in set(_children(os.getpid())) - before if _alive(p)], "a stage outlived the failure"
 
 
 def _children(pid: int) -> list[int]:
@@ -81,12 +90,13 @@ def test_ctrl_c_in_cli_ends_every_stage(tiny):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.read(20)  # tokens are streaming: the stages are up
     kids = _children(proc.pid)
-    stage_pids = [k for k in kids if "spawn_main" in Path(f"/proc/{k}/cmdline").read_text()]
+    stage_pids = [k for k in kids if "engine.worker" in Path(f"/proc/{k}/cmdline").read_text()]
     assert len(stage_pids) == 2
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
     assert proc.returncode != 0
-    assert "error: interrupted" in proc.stderr.read()
+    err = proc.stderr.read().strip().splitlines()
+    assert err == ["error: interrupted"], err
     time.sleep(0.5)
     assert not any(_alive(p) for p in stage_pids)
 
@@ -111,3 +121,18 @@ def test_two_torchrun_hosts_match_spawned_engine(tiny):
         want = llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0].text
     assert outs[0][0].rstrip("\n") == want
     assert "new tokens: 6" in outs[0][1]
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.5])
+def test_ctrl_c_while_starting_prints_one_line(tiny, delay):
+    cmd = [sys.executable, "-m", "engine", "generate", "--model", str(tiny), "--stages", "2",
+           "--prompt-ids", "5,6,7", "--max-tokens", "4000", "--ignore-eos", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    kids = _children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert err.strip().splitlines() == ["error: interrupted"], err
+    time.sleep(0.5)
+    assert not any(_alive(p) for p in kids + _children(proc.pid))
