@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_template import ChatTemplate, ChatTemplateError
 from ..params import SamplingParams
-from .generation import EngineError, Submitted
+from .generation import EngineError, EventPump, Submitted
 from .metrics import ServerMetrics
 from .protocol import BadRequest, ChatCompletionRequest, CompletionRequest
 
@@ -54,6 +54,7 @@ class ServerState:
         self.defaults = generation_defaults
         self.metrics = ServerMetrics()
         self.draining = False
+        self.pump: EventPump | None = None
         self.created = int(time.time())
         info = getattr(llm, "info", {}) or {}
         self.max_model_len = llm.max_model_len
@@ -87,8 +88,10 @@ class ServerState:
             raise BadRequest(str(e).removeprefix("SamplingParams: ")) from None
 
     def submit(self, ids: list[int], params: SamplingParams, stops: list[str], rid: str, arrival: float) -> Submitted:
+        if self.pump is None:
+            self.pump = EventPump(asyncio.get_running_loop())
         try:
-            return Submitted(self.llm, ids, params, stops, rid, self.metrics, arrival)
+            return Submitted(self.llm, ids, params, stops, rid, self.metrics, arrival, self.pump)
         except ValueError as e:
             raise BadRequest(str(e), None, "context_length_exceeded" if "exceeds" in str(e) else None) from None
         except RuntimeError as e:  # StageDied / EngineClosed

@@ -46,7 +46,6 @@ class ServerMetrics:
         self.e2e = Histogram(E2E_BUCKETS)
         self.finished: dict[str, int] = {}
         self.rejected = 0
-        self.in_flight = 0
         self._last_busy: tuple[float, dict[int, float]] | None = None
 
     def first_token(self, seconds: float) -> None:
@@ -89,7 +88,6 @@ class ServerMetrics:
             metric("request_success_total", "counter", "Finished requests by finish reason",
                    [(f'{{finished_reason="{k}"}}', v) for k, v in sorted(self.finished.items())])
             metric("request_rejected_total", "counter", "Requests refused with a 4xx", [("", self.rejected)])
-            metric("http_requests_in_flight", "gauge", "Generation requests being served", [("", self.in_flight)])
         if stats is not None:
             sch = stats.get("scheduler", {})
             num, free = sch.get("num_blocks"), sch.get("free_blocks")
@@ -118,5 +116,6 @@ class ServerMetrics:
                                     ("tokens", "stage_tokens_total", "Tokens each stage processed")):
                 if all(key in s for _, s in per) and per:
                     metric(name, "counter", help, [(lab, s[key]) for lab, s in per])
-        metric("model_info", "gauge", "The served model", [(f'{{model="{model}"}}', 1)])
+        label = model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        metric("model_info", "gauge", "The served model", [(f'{{model="{label}"}}', 1)])
         return "\n".join(lines) + "\n"
