@@ -156,7 +156,8 @@ class LayerClock:
         self._open: dict[int, object] = {}
         self._hooks = []
         for i, mod in [(-1, stage)] + [(int(n), layer) for n, layer in stage.layers.items()]:
-            self._hooks.append(mod.register_forward_pre_hook(lambda m, a, i=i: self._begin(i)))
+            # outermost: the clock also sees what other hooks on the module do (the slow-layer hook)
+            self._hooks.append(mod.register_forward_pre_hook(lambda m, a, i=i: self._begin(i), prepend=True))
             self._hooks.append(mod.register_forward_hook(lambda m, a, o, i=i: self._end(i)))
 
     def _mark(self):
@@ -217,13 +218,14 @@ def install_slow_layers(stage, spec: str | None = None) -> None:
             layer.register_forward_pre_hook(lambda m, a, ms=ms: time.sleep(ms / 1e3))
 
 
-def warmup_workload(vocab_size: int, num_stages: int, max_len: int, seed: int = 0) -> tuple[list[list[int]], int]:
-    """The built-in workload: 2 x stages requests of mixed prompt lengths (64..512 tokens, capped by
-    max_len) and 16 new tokens each, so both prefill chunks and decode steps are in the measurement.
-    Returns (prompts, new tokens per request)."""
+def warmup_workload(vocab_size: int, num_stages: int, max_len: int, device: str = "cuda",
+                    seed: int = 0) -> tuple[list[list[int]], int]:
+    """The built-in workload: 2 x stages requests of mixed prompt lengths (64..512 tokens on CUDA,
+    16..128 on CPU, capped by max_len) and 16 (CPU: 8) new tokens each, so both prefill chunks and
+    decode steps are in the measurement. Returns (prompts, new tokens per request)."""
     g = torch.Generator().manual_seed(seed)
-    new = 16
-    lengths = [min(64 << (i % 4), max(1, max_len - new - 1)) for i in range(2 * num_stages)]
+    base, new = (64, 16) if device == "cuda" else (16, 8)
+    lengths = [min(base << (i % 4), max(1, max_len - new - 1)) for i in range(2 * num_stages)]
     return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths], new
 
 
@@ -255,7 +257,7 @@ def measure_costs(llm) -> tuple[Costs, list[dict]]:
     the costs and the stages' stats entries."""
     from .params import SamplingParams
     llm.stats(reset=True, profile={"op": "start", "trace": False, "layers": True})
-    prompts, new = warmup_workload(llm.config.vocab_size, llm.args.stages, llm.max_model_len)
+    prompts, new = warmup_workload(llm.config.vocab_size, llm.args.stages, llm.max_model_len, llm.options.device)
     llm.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
     stats = llm.stats(reset=True, profile={"op": "stop"})
     return costs_from_stats(stats["stages"], llm.config.num_hidden_layers), stats["stages"]

@@ -72,10 +72,15 @@ class PipelineEngine:
 
     def step(self) -> list[Event]:
         """Fill the pipeline, then take the oldest micro-batch's tokens (or stats reply)."""
+        tr = self.worker.tracer
         while sum(1 for e in self.inflight if isinstance(e[0], MicroBatch)) < self.num_stages:
+            t = tr.host_start()
             mb = self.scheduler.schedule()
             if mb is None:
                 break
+            if t is not None:
+                tr.host_end(t, "schedule", {"mb": mb.mb_id, "tokens": sum(c.length for c in mb.chunks),
+                                            "rows": len(mb.chunks)})
             self._dispatch(mb)
         if not self.inflight:
             return []
@@ -88,7 +93,10 @@ class PipelineEngine:
                                                   "scheduler": own}))
             return []
         mb, (work, ids) = entry
+        t = tr.host_start()
         tokens = self.returns.read(work, ids).tolist() if self.returns else ids.tolist()
+        if t is not None:
+            tr.host_end(t, "wait", {"mb": mb.mb_id})
         seqs = self.scheduler.complete(mb, tokens)
         return [(s.seq_id, s.token_ids[-1], s.finish_reason) for s in seqs]
 
@@ -101,16 +109,22 @@ class PipelineEngine:
             ids = self.worker.sample(out, view) if view.R else torch.empty(0, dtype=torch.int64)
             self.inflight.append((mb, (None, ids)))
             return
+        t = self.worker.tracer.host_start()
         self.worker.fwd.send(1, header, [dev_plan, out])
+        if t is not None:
+            self.worker.tracer.host_end(t, "send", {"mb": mb.mb_id, "to": 1})
         ids = torch.empty(view.R, dtype=torch.int64, device=self.worker.device)
         self.inflight.append((mb, (self.returns.post(ids), ids)))
 
     # ---- stats -------------------------------------------------------------------------------
-    def request_stats(self, token: int, reset: bool, per_step: bool) -> None:
+    def request_stats(self, token: int, reset: bool, per_step: bool, profile: dict | None = None) -> None:
         """Queue a stats reply ("stats", token, snapshot) for take_replies(): the scheduler and
         stage 0 now, every later stage when the request reaches it behind the work in flight."""
         own = self.scheduler.snapshot(reset)
-        stage0 = self.worker.stats(reset, per_step)
+        done = self.worker.profiler.apply(profile)  # LLM.start_profile / stop_profile
+        stage0 = {**self.worker.stats(reset, per_step), **done}
+        if profile:
+            stage0["profile"] = profile  # the later stages read their command from stage 0's entry
         if self.num_stages == 1:
             self.replies.append(("stats", token, {"stages": [stage0], "scheduler": own}))
             return

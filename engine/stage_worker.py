@@ -15,7 +15,8 @@ from model.stage import Stage
 
 from .decode_graphs import DecodeGraphs
 from .p2p import BATCH, STATS, STOP, Link
-from .step_plan import H_AUX0, H_AUX1, H_B, H_KIND, H_M, H_R, H_T, PlanView, eager_batch, plan_len
+from .step_plan import H_AUX0, H_AUX1, H_B, H_KIND, H_M, H_MAXQ, H_MB, H_R, H_T, PlanView, eager_batch, plan_len
+from .trace import StageProfiler, forward_name
 
 MAX_STEP_RECORDS = 2048  # per-step timings kept for stats(per_step=True); older ones are dropped
 STATS_BYTES = 1 << 20  # a stats reply travels as a fixed-size JSON buffer (its size is known in advance)
@@ -91,6 +92,8 @@ class StageWorker:
         self.timer = StageTimer(self.device)
         self.sample_timer = StageTimer(self.device)
         self.graphs: DecodeGraphs | None = None
+        self.profiler = StageProfiler(stage, rank)
+        self.tracer = self.profiler.tracer  # off until LLM.start_profile: one attribute test per slice
 
     @property
     def is_last(self) -> bool:
@@ -100,17 +103,24 @@ class StageWorker:
         """Run the stage on one micro-batch: a captured graph for pure decode, else eager; both
         prepared from the plan by step_plan.fill_batch."""
         t = self.timer.start()
+        g = self.tracer.gpu_start()
         if self.graphs is not None and self.graphs.fits(view):
             out = self.graphs.run(x, view)
         else:
             out = self.stage(x, eager_batch(view, self.device))
         self.timer.stop(t, view.T)
+        if g is not None:
+            self.tracer.gpu_end(g, forward_name(view.header[H_MAXQ]),
+                                {"mb": view.header[H_MB], "tokens": view.T, "rows": view.B})
         return out
 
     def sample(self, logits: torch.Tensor, view: PlanView) -> torch.Tensor:
         t = self.sample_timer.start()
+        g = self.tracer.gpu_start()
         ids = sample(logits, view.rows, view.flags)
         self.sample_timer.stop(t, view.R)
+        if g is not None:
+            self.tracer.gpu_end(g, "sample", {"mb": view.header[H_MB], "rows": view.R})
         return ids
 
     def stats(self, reset: bool, per_step: bool = False) -> dict:
@@ -133,6 +143,7 @@ class StageWorker:
         """Ranks > 0: receive from the previous stage until STOP; forward, or sample and return."""
         prev = self.rank - 1
         while True:
+            w = self.tracer.host_start()
             header = self.fwd.recv_header(prev)
             kind = header[H_KIND]
             if kind == STOP:
@@ -147,19 +158,29 @@ class StageWorker:
             view = PlanView(header, self.fwd.recv(prev, torch.empty(n, dtype=torch.int32, device=self.device)))
             H = self.stage.cfg.hidden_size
             x = self.fwd.recv(prev, torch.empty(view.T, H, dtype=self.stage.dtype, device=self.device))
+            if w is not None:
+                self.tracer.host_end(w, "wait", {"mb": header[H_MB]})
             out = self.forward(x, view)
             if self.is_last:
                 if view.R:
-                    self.ret.send(0, None, [self.sample(out, view)])
+                    ids = self.sample(out, view)
+                    s = self.tracer.host_start()
+                    self.ret.send(0, None, [ids])
+                    if s is not None:
+                        self.tracer.host_end(s, "send", {"mb": header[H_MB], "to": 0})
             else:
+                s = self.tracer.host_start()
                 self.fwd.send(self.rank + 1, np.asarray(header), [view.plan, out])
+                if s is not None:
+                    self.tracer.host_end(s, "send", {"mb": header[H_MB], "to": self.rank + 1})
 
     def _pass_stats(self, header: list[int], prev: int) -> None:
         """Append this stage's stats to the JSON list and pass it on (the last stage returns it)."""
         buf = self.fwd.recv(prev, torch.empty(STATS_BYTES, dtype=torch.uint8, device=self.device))
         n = header[H_AUX0]
         stages = json.loads(bytes(buf[:n].cpu().numpy()).decode())
-        stages.append(self.stats(bool(header[H_AUX1] & 1), bool(header[H_AUX1] & 2)))
+        done = self.profiler.apply(stages[0].get("profile"))  # LLM.start_profile / stop_profile
+        stages.append({**self.stats(bool(header[H_AUX1] & 1), bool(header[H_AUX1] & 2)), **done})
         raw = stats_buffer(stages, self.device)
         header = list(header)
         header[H_AUX0] = len(json.dumps(stages).encode())

@@ -63,3 +63,31 @@ def test_tracer_writes_valid_trace(tmp_path):
     assert set(b) == {0, 1} and all(0 < v < 1 for v in b.values())
 
 
+
+
+def test_pipeline_trace(tmp_path):
+    """Three CPU stages under load: every stage has forward slices, stage 0 schedules and sends,
+    the last stage samples; the trace validates and profiling off leaves no slices behind."""
+    from engine import LLM, SamplingParams
+    from loader.writer import ensure_cached_preset
+    with LLM(str(ensure_cached_preset("tiny")), stages=3, device="cpu", verbose=False) as llm:
+        sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        llm.generate([[5, 6, 7]], sp)  # before the profile: not in the trace
+        llm.start_profile()
+        llm.generate([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11], [12] * 20], sp)
+        out = llm.stop_profile(tmp_path / "run.json")
+        llm.generate([[5, 6, 7]], sp)  # after: recording is off again
+        again = llm.stop_profile(None)
+    d = check_trace(tmp_path / "run.json", 3)
+    x = [e for e in d["traceEvents"] if e["ph"] == "X"]
+    names = {(e["pid"], e["name"]) for e in x}
+    for r in range(3):
+        assert (r, "forward prefill") in names and (r, "forward decode") in names
+    assert {(0, "schedule"), (0, "send"), (0, "wait"), (1, "wait"), (1, "send"), (2, "sample")} <= names
+    pre = [e for e in x if e["pid"] == 0 and e["name"] == "forward prefill"]
+    assert sum(e["args"]["tokens"] for e in pre) == 8 + 3 + 20  # each prompt token once
+    dec = [e for e in x if e["pid"] == 2 and e["name"] == "forward decode"]
+    assert all(e["args"]["tokens"] == e["args"]["rows"] for e in dec)
+    assert out["path"] == str(tmp_path / "run.json") and set(out["bubble"]) == {0, 1, 2}
+    assert all(0 <= b < 1 for b in out["bubble"].values())
+    assert again["bubble"] == {}  # nothing recorded while off
