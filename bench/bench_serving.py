@@ -4,7 +4,7 @@ tokens), at each client concurrency of a sweep. Per level: request throughput, o
 tok/s, TTFT, TPOT and inter-token latency (mean, p50, p99), and each stage's busy fraction from
 /metrics. Starts the server itself (python -m engine serve) unless --url is given.
 
-    python bench/bench_serving.py --model /tmp/q30 --stages 2 --serve-args "--load-format dummy" \\
+    python bench/bench_serving.py --model qwen3-30b-a3b --stages 2 --serve-args "--load-format dummy" \\
         --concurrency 1,8,64,256 --input-len 1024 --output-len 256 --out bench/results/serving.json
     python bench/bench_serving.py --num-prompts 8 --input-len 16 --output-len 8 --concurrency 1,4   # tiny, CPU
 
@@ -59,8 +59,11 @@ def start_server(a) -> tuple[subprocess.Popen, str, Path]:
     log = Path(tempfile.mkdtemp(prefix="bench_serving_")) / "server.log"
     cmd = [sys.executable, "-m", "engine", "serve", "--host", "127.0.0.1", "--port", "0", "--quiet",
            "--served-model-name", a.served_model_name, "--log-level", "warning"]
-    if a.model:
-        cmd += ["--model", a.model]
+    model = a.model
+    if model and not Path(model).exists() and "dummy" in a.serve_args:
+        model = preset_folder(model, log.parent)
+    if model:
+        cmd += ["--model", model]
     if a.stages:
         cmd += ["--stages", str(a.stages)]
     cmd += shlex.split(a.serve_args)
@@ -78,6 +81,18 @@ def start_server(a) -> tuple[subprocess.Popen, str, Path]:
             proc.kill()
             raise SystemExit(f"error: the server did not start (exit {proc.poll()}); log {log}:\n{text[-4000:]}")
         time.sleep(0.2)
+
+
+def preset_folder(name: str, where: Path) -> str:
+    """A folder holding only the preset's config.json, for --load-format dummy of a published shape."""
+    sys.path.insert(0, str(ROOT))
+    from loader.presets import PRESETS, preset_config
+    if name not in PRESETS:
+        raise SystemExit(f"error: --model {name}: no such folder or preset ({', '.join(sorted(PRESETS))})")
+    d = where / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(preset_config(name), indent=2))
+    return str(d)
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -186,6 +201,10 @@ def vocab_size(a) -> int:
         return a.vocab_size
     if a.model and (Path(a.model) / "config.json").exists():
         return json.loads((Path(a.model) / "config.json").read_text())["vocab_size"]
+    sys.path.insert(0, str(ROOT))
+    from loader.presets import PRESETS
+    if a.model in PRESETS:  # --load-format dummy of a preset shape
+        return PRESETS[a.model]["vocab_size"]
     if not a.model and not a.url:
         return 512  # the embedded tiny preset
     raise SystemExit("error: give --vocab-size (the model's vocabulary, for random prompt ids)")

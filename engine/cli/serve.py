@@ -63,23 +63,22 @@ def run(a) -> int:
         raise RuntimeError(f"serve needs the serve extra ({e.name} is missing): pip install 'moepipe[serve]'") from None
     from ..chat_template import ChatTemplate
     from ..llm import LLM
-    from ..model_files import resolve_model
 
     stages = a.stages if a.stages is not None else (1 if a.model else 2)
     opts = options_from_args(a, stages=stages)
     model = a.model or default_model()
     name = a.served_model_name or a.model or "moepipe-tiny"
+    if a.chat_template and not Path(a.chat_template).is_file():
+        raise ValueError(f"--chat-template {a.chat_template}: no such file")
     sock = _bind(a.host, a.port)
-    folder, _ = resolve_model(model, opts.revision)
-    template = ChatTemplate.from_folder(folder)
-    if a.chat_template:
-        src = Path(a.chat_template)
-        if not src.is_file():
-            raise ValueError(f"--chat-template {src}: no such file")
-        special = template.special_tokens if template is not None else {}
-        template = ChatTemplate({"default": src.read_text(encoding="utf-8")}, special, str(src))
-    defaults = generation_defaults(folder)
     with sock, LLM(model, options=opts) as llm:
+        folder = llm.folder  # None for --load-format dummy of a preset name or a bare config
+        template = ChatTemplate.from_folder(folder) if folder is not None else None
+        if a.chat_template:
+            special = template.special_tokens if template is not None else {}
+            src = Path(a.chat_template)
+            template = ChatTemplate({"default": src.read_text(encoding="utf-8")}, special, str(src))
+        defaults = generation_defaults(folder) if folder is not None else {}
         app = build_app(llm, name, template, defaults)
         state = app.state.moepipe
 
