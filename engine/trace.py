@@ -180,14 +180,15 @@ def start_profile(llm, layers: bool = False) -> None:
     llm.stats(profile={"op": "start", "trace": True, "layers": layers})
 
 
-def stop_profile(llm, path: str | Path | None = None) -> dict:
+def stop_profile(llm, path: str | Path | None = None, reset: bool = False, per_step: bool = False) -> dict:
     """LLM.stop_profile: every stage stops and writes its slices; they are merged into `path` (none:
-    not kept). Returns {"path", "bubble": {stage: fraction}, "stages": the stats entries}."""
+    not kept). Returns {"path", "bubble": {stage: fraction}, "stages": the stats entries, taken with
+    reset / per_step as LLM.stats}."""
     import shutil
     import tempfile
     tmp = tempfile.mkdtemp(prefix="moepipe-trace-")
     try:
-        stats = llm.stats(profile={"op": "stop", "dir": tmp})
+        stats = llm.stats(reset=reset, per_step=per_step, profile={"op": "stop", "dir": tmp})
         files = [s["trace_file"] for s in stats["stages"] if "trace_file" in s]
         events = []
         for f in files:

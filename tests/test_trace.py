@@ -91,3 +91,13 @@ def test_pipeline_trace(tmp_path):
     assert out["path"] == str(tmp_path / "run.json") and set(out["bubble"]) == {0, 1, 2}
     assert all(0 <= b < 1 for b in out["bubble"].values())
     assert again["bubble"] == {}  # nothing recorded while off
+
+
+def test_profile_command_writes_trace(tmp_path, capsys):
+    from engine.__main__ import main
+    path = tmp_path / "prof.json"
+    assert main(["profile", "--device", "cpu", "--batch", "2", "--prompt-len", "8", "--max-tokens", "3",
+                 "--trace", str(path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "bubble %" in out and f"timeline: {path}" in out
+    check_trace(path, 2)
