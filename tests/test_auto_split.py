@@ -108,3 +108,30 @@ def test_llm_auto_split_evens_a_heavy_stage(monkeypatch, capsys):
         out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
         assert len(out[0].token_ids) == 3
     assert "auto split: layers 1,3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_plan_weights_match_loaded_stages(tmp_path, tied):
+    """The plan's per-stage weight bytes (the split's memory model) equal the parameter bytes of
+    the stages the loader builds, for 2 and 3 stages (embedding on the first, head on the last)."""
+    from engine.auto_split import memory_model
+    from engine.plan import stage_plan
+    from loader.load import load_stage
+    from loader.partition import partition
+    from loader.presets import preset_config
+    from loader.writer import write_checkpoint
+    from model.config import ModelConfig
+    d = preset_config("tiny")
+    d["tie_word_embeddings"] = tied
+    write_checkpoint(tmp_path, d)
+    cfg = ModelConfig.from_file(tmp_path)
+    for S in (2, 3):
+        plan = stage_plan(cfg, S, 128, 1.0, torch.float32)
+        mem = memory_model(cfg, S, torch.float32, [2**30] * S, reserve_gib=0.0)
+        for spec, row in zip(partition(cfg.num_hidden_layers, S), plan.per_stage):
+            stage = load_stage(tmp_path, cfg, spec, "cpu", torch.float32)
+            loaded = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in stage.parameters()}.values())
+            assert row.weight_bytes == loaded, (S, spec.rank)
+            model_bytes = sum(mem.layer_bytes[spec.start:spec.end]) + mem.embed_bytes * spec.has_embed \
+                + mem.head_bytes * spec.has_head
+            assert model_bytes == loaded, (S, spec.rank)
