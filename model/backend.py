@@ -47,8 +47,8 @@ def auto_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Te
     """The CUDA default. Micro-batches whose chunks all start at position 0 (fresh prompts, with
     decode rows) take SDPA, whose causal flash kernel wins there; any chunk with a cached prefix
     sends the batch to the paged flash kernel, which wins there and copies no prefix. H100, 32/4
-    heads (bench/results/attention_kernels_H100_2026-11-28.json): 4k fresh SDPA 451 vs 353 TFLOP/s;
-    4k at 32k 350 vs 327+; 4k at 86k 355 vs 394 TFLOP/s."""
+    heads, TFLOP/s SDPA vs paged flash (bench/results/attention_kernels_H100_2026-11-28*.json):
+    4k fresh 451 vs 353; 4k at 32k 354 vs 404; 4k at 86k 361 vs 428."""
     if all(ql == ctx or ql == 1 for ql, ctx in zip(batch.query_lens, batch.context_lens)):
         return sdpa_attend(q, k_cache, v_cache, batch, scale)
     return fa_attend(q, k_cache, v_cache, batch, scale)
