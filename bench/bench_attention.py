@@ -56,8 +56,8 @@ CASES = [  # (kind, name, a, b)
     ("prefill 64/4", "prefill 4k at 86k N64 K4", 4096, 92160),
     ("prefill 32/4/128", "prefill 4k at 86k block 128", 4096, 92160),
 ]
-FA_SWEEP = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3),
-            (64, 64, 4, 3), (128, 32, 8, 4)]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+FA_SWEEP = [(256, 64, 16, 3), (256, 64, 16, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3),
+            (128, 64, 4, 3), (64, 64, 4, 3)]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 
 
 def matmul_tflops() -> float:

@@ -3,7 +3,7 @@
 # 4200-token chunked parity), bench_attention.py's prefill cases beside SDPA and the older Triton
 # kernel (with a tile sweep), and the chunk cost timings and fit. Results under $OUT.
 #   OUT=/tmp/out bash bench/gpu_long_prefill.sh           # everything (~2 min on H100)
-#   OUT=/tmp/out bash bench/gpu_long_prefill.sh --short   # default tiles: key tests, 3 cases, refit (~50 s)
+#   OUT=/tmp/out bash bench/gpu_long_prefill.sh --short   # key tests, 3 cases, refit (~60 s)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}
@@ -11,8 +11,8 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ "${1:-}" = "--short" ]; then
-  tests=(-k "gpu_fa_chunk or (gpu_fa_dynamic and 16) or (gpu_fa_configs and M256)")
-  bench=(--sweep --configs "256,64,16,2;256,128,16,2" --cases "prefill 4k at 32k,prefill 4k at 86k")
+  tests=(-k "gpu_fa_chunk or (gpu_fa_dynamic and 16) or (gpu_fa_shapes and 48)")
+  bench=(--cases "prefill 4k at 0,prefill 4k at 32k,prefill 4k at 86k")
   fit=(--reps 3)
 else
   tests=(-k gpu_fa)

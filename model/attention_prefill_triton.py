@@ -18,6 +18,7 @@ No buffer depends on the prefix length: the kernel reads the pool and writes `ou
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -147,15 +148,39 @@ def _interpreted() -> bool:
     return not isinstance(_prefill_fa_kernel, triton.runtime.jit.JITFunction)
 
 
-def default_config(dtype: torch.dtype, head_dim: int) -> dict:
-    """Tiles for sm_90. H100, 4k chunk at 86k, 32/4 heads, D=128 (bench_attention.py --sweep,
-    bench/results/attention_kernels_H100_2026-11-28.json): M128 N128 8 warps 3 stages 394 TFLOP/s;
-    M128 N64 4 warps 379; M64 N64 357; M128 N64 8 warps 319; M128 N32 219."""
+# bf16/fp16, head_dim > 64, sm_90. H100, 4k chunk at 86k, 32/4 heads (bench_attention.py --sweep,
+# bench/results/attention_kernels_H100_2026-11-28*.json), TFLOP/s: M256 N64 16 warps 3 stages 428
+# (2 stages 427); M128 N128 8 warps 3 stages 396 (2 stages 343); M128 N64 4 warps 379; M64 N64 357;
+# M128 N64 8 warps 319; M128 N32 219; M256 N128 16 warps 34 (spills).
+TILES_BIG = dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3)
+TILES_MID = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+TFLOPS_BIG, TFLOPS_MID = 428.0, 396.0
+
+
+def choose_tiles(max_query_len: int, group: int, kv_heads: int, batch: int, sms: int) -> dict:
+    """TILES_BIG unless its fewer, larger programs leave more of the last wave idle: modeled time
+    = waves * rows per program / measured rate (one program per SM for both)."""
+    def cost(tiles: dict, rate: float) -> float:
+        programs = -(-max_query_len // (tiles["BLOCK_M"] // group)) * kv_heads * batch
+        return -(-programs // sms) * tiles["BLOCK_M"] / rate
+    return dict(TILES_BIG if cost(TILES_BIG, TFLOPS_BIG) <= cost(TILES_MID, TFLOPS_MID) else TILES_MID)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_config(dtype: torch.dtype, head_dim: int, max_query_len: int = 0, group: int = 1,
+                   kv_heads: int = 1, batch: int = 1, device: torch.device | None = None) -> dict:
     if dtype == torch.float32:  # twice the bytes per tile: smaller tiles to fit shared memory
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
+    if device is None or device.type != "cuda" or group > TILES_BIG["BLOCK_M"] // 2:
+        return dict(TILES_MID)
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return choose_tiles(max_query_len, group, kv_heads, batch, sms)
 
 
 def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -200,7 +225,7 @@ def paged_prefill_fa(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     assert out.shape == q_TND.shape and out.stride(-1) == 1
     if T == 0 or B == 0 or max_query_len <= 0:
         return out
-    cfg = dict(default_config(q_TND.dtype, D), **(config or {}))
+    cfg = dict(default_config(q_TND.dtype, D, max_query_len, G, K, B, q_TND.device), **(config or {}))
     block_m = cfg["BLOCK_M"]
     if G > block_m:
         block_m = cfg["BLOCK_M"] = triton.next_power_of_2(G)

@@ -210,6 +210,7 @@ def test_choose_num_splits():
     (12, 2, 24, 64, [21, 7], [90, 7], torch.float32, dict(BLOCK_M=32, BLOCK_N=16)),         # G=6, D pad
     (4, 2, 16, 1, [11], [45], torch.float32, dict(BLOCK_M=16, BLOCK_N=16)),                 # S=1
     (4, 2, 32, 128, [70, 1], [200, 130], torch.float32, {}),                                # defaults
+    (8, 1, 16, 16, [40, 9], [150, 40], torch.float32, dict(BLOCK_M=256, BLOCK_N=64)),       # 32 queries/tile
 ])
 def test_fa_prefill_small(N, K, D, S, qlens, ctxs, dtype, cfg):
     run_fa(qlens, ctxs, N, K, D, S, dtype, seed=sum(ctxs) + S, **cfg)
@@ -225,6 +226,15 @@ def test_fa_attend_mixed_batch():
     batch = AttnBatch.build(qlens, ctxs, tables, S, [True] * 4, DEV)
     got = fa.prefill_attend(q, kc, vc, batch, D ** -0.5)
     check(got, ref_fp32(q, kc, vc, batch.block_tables, qlens, ctxs, D ** -0.5), torch.float32, "fa attend mixed")
+
+
+def test_fa_tile_choice_counts_waves():
+    """Bigger tiles (measured faster per row) unless they leave more of the last wave idle."""
+    big, mid = fa.TILES_BIG["BLOCK_M"], fa.TILES_MID["BLOCK_M"]
+    assert fa.choose_tiles(4096, 8, 4, 1, 132)["BLOCK_M"] == big  # 512 programs: 4 full-ish waves
+    assert fa.choose_tiles(3520, 8, 4, 1, 132)["BLOCK_M"] == mid  # 440 = 3.3 waves vs 880 = 6.7
+    assert fa.choose_tiles(1024, 6, 8, 1, 132)["BLOCK_M"] == mid
+    assert fa.choose_tiles(8192, 16, 4, 2, 132)["BLOCK_M"] == big
 
 
 def test_fa_rejects_bad_input():
@@ -311,8 +321,8 @@ def test_gpu_fa_fp32():
     run_fa([1, 700, 1500], [4000, 700, 3000], 32, 4, 128, 16, torch.float32)
 
 
-FA_CONFIGS = [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4), (256, 64, 16, 2),
-              (256, 128, 16, 2)]  # BLOCK_M, BLOCK_N, num_warps, num_stages: the bench sweep's
+FA_CONFIGS = [(256, 64, 16, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 4),
+              (256, 64, 16, 2)]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 
 
 @pytest.mark.gpu
