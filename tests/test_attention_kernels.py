@@ -204,12 +204,12 @@ def test_choose_num_splits():
 
 @pytest.mark.parametrize("N,K,D,S,qlens,ctxs,dtype,cfg", [
     (2, 2, 16, 16, [20, 1, 7], [20, 9, 40], torch.float32, dict(BLOCK_M=16, BLOCK_N=16)),   # G=1
-    (8, 2, 32, 32, [24, 3], [170, 35], torch.float32, dict(BLOCK_M=32, BLOCK_N=16)),        # G=4
+    (8, 2, 32, 32, [24, 3], [120, 35], torch.float32, dict(BLOCK_M=32, BLOCK_N=16)),        # G=4
     (8, 1, 16, 16, [13, 5], [77, 5], torch.bfloat16, dict(BLOCK_M=32, BLOCK_N=32)),         # G=8
-    (16, 1, 16, 256, [9, 2], [400, 258], torch.float32, dict(BLOCK_M=32, BLOCK_N=32)),      # G=16
-    (12, 2, 24, 64, [21, 7], [90, 7], torch.float32, dict(BLOCK_M=32, BLOCK_N=16)),         # G=6, D pad
+    (16, 1, 16, 256, [9, 2], [290, 258], torch.float32, dict(BLOCK_M=32, BLOCK_N=32)),      # G=16
+    (12, 2, 24, 64, [13, 7], [70, 7], torch.float32, dict(BLOCK_M=32, BLOCK_N=16)),         # G=6, D pad
     (4, 2, 16, 1, [11], [45], torch.float32, dict(BLOCK_M=16, BLOCK_N=16)),                 # S=1
-    (4, 2, 32, 128, [70, 1], [200, 130], torch.float32, {}),                                # defaults
+    (4, 2, 32, 128, [40, 1], [140, 100], torch.float32, {}),                                # defaults
     (8, 1, 16, 16, [40, 9], [150, 40], torch.float32, dict(BLOCK_M=256, BLOCK_N=64)),       # 32 queries/tile
 ])
 def test_fa_prefill_small(N, K, D, S, qlens, ctxs, dtype, cfg):
