@@ -241,6 +241,8 @@ def main() -> int:
     print("\n| decode per layer | before us | before %HBM | after us | after %HBM |")
     print("|---|---|---|---|---|")
     for key, row in res["decode"].items():
+        if "before" not in row:
+            continue
         print(f"| {key} | {row['before']['us_per_layer']:.1f} | {row['before']['pct_hbm']:.0f}% | "
               f"{row['after']['us_per_layer']:.1f} | {row['after']['pct_hbm']:.0f}% |")
     for shape, sub in res["shapes_b1"].items():

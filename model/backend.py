@@ -11,10 +11,14 @@ import torch
 from .attention import attention_ref
 from .batch import AttnBatch
 
-# Tokens at or below which the fused MoE runs its per-(token, expert) GEMV path; above, the tokens
-# are grouped by expert. Measured on H100 by bench/bench_decode_layer.py (bench/results/).
-MOE_SMALL_MAX_TOKENS = 16
-# Tokens from which torch._grouped_mm (cuBLAS) beats the Triton grouped kernel (same source).
+# (token, expert) pairs (tokens x top-k) up to which the fused MoE runs its per-pair GEMV path;
+# above, the pairs are grouped by expert. Measured on H100 (bench/bench_decode_layer.py,
+# bench/results/decode_layer_H100_2026-11-28_v2.json): qwen3-30b-a3b 8 tokens x 8 = 64 pairs GEMV
+# 211 us vs grouped 237 us, 16 x 8 = 128 pairs 338 vs 328 us; the user's shape (top-16) 8 x 16
+# = 128 pairs 1331 vs 1197 us; qwen3-235b-a22b 8 x 8 = 64 pairs 799 vs 802 us.
+MOE_SMALL_MAX_PAIRS = 64
+# Tokens from which torch._grouped_mm (cuBLAS) would replace the Triton grouped kernel: never, as
+# measured (30b shape: Triton 881 vs 1105 us at 2048 tokens, 2128 vs 2451 us at 8192).
 MOE_TORCH_MIN_TOKENS = 1 << 30
 
 
@@ -64,7 +68,7 @@ class Backend:
     attention: str  # a key of ATTENTION
     moe: str  # one of MOE_PATHS
     fused_norms: bool  # Triton add+RMSNorm, q/k-norm+rope+KV write
-    moe_small_max: int = MOE_SMALL_MAX_TOKENS
+    moe_small_max_pairs: int = MOE_SMALL_MAX_PAIRS
     moe_torch_min: int = MOE_TORCH_MIN_TOKENS
 
     @property

@@ -86,7 +86,7 @@ class SparseMoe(nn.Module):
         w13, w2 = self.experts.gate_up_proj, self.experts.down_proj
         if be.moe == "triton":
             from .fused_moe_triton import fused_moe
-            return fused_moe(x_TH, self.gate.weight, w13, w2, self.top_k, self.norm_topk_prob, be.moe_small_max,
+            return fused_moe(x_TH, self.gate.weight, w13, w2, self.top_k, self.norm_topk_prob, be.moe_small_max_pairs,
                              be.moe_torch_min)
         logits, w, ids = route(x_TH, self.gate.weight, self.top_k, self.norm_topk_prob)
         if trace is not None:

@@ -55,7 +55,8 @@ def precompile(stage: Stage, max_tokens: int, max_batch: int, max_context: int |
     num_blocks, S = stage.kv_cache.shape[2], stage.kv_cache.shape[3]
     max_context = min(max_context or stage.cfg.max_position_embeddings, stage.cfg.max_position_embeddings)
     dev, H = stage.device, stage.cfg.hidden_size
-    for qlens, ctxs in warm_shapes(max_tokens, max_batch, max_context, stage.backend.moe_small_max):
+    small_max = max(1, stage.backend.moe_small_max_pairs // max(1, stage.cfg.num_experts_per_tok))
+    for qlens, ctxs in warm_shapes(max_tokens, max_batch, max_context, small_max):
         tables = [[(j + 7 * i) % num_blocks for j in range(-(-c // S))] for i, c in enumerate(ctxs)]
         batch = AttnBatch.build(qlens, ctxs, tables, S, [True] * len(qlens), dev)
         T = sum(qlens)

@@ -8,8 +8,8 @@ steps (projections, SiLU, SiLU * up, y * w in the dtype; the k terms summed in f
 kernels'. (experts_loop, HF's order, instead sums the k terms in a bf16 buffer, up to ~2 bf16
 steps of the row's scale away from both.) Bounds: fp32 within 2e-5 (summation order only). bf16:
 the accumulation order differs, so a projection can land one bf16 step away and travel through
-the down GEMM: each output within one bf16 step of its row's scale, |err| <= 2^-8 * max|ref row|
-(measured on CPU: 0.08 of a step)."""
+the down GEMM: each output within two bf16 steps of its row's scale, |err| <= 2^-7 * max|ref row|
+(measured: 0.08 of a step on CPU; on H100 at the real shapes up to 1.5 steps, 0.0057 of scale)."""
 import importlib
 import os
 
@@ -54,7 +54,7 @@ def assert_close(got, want, dtype):
         assert torch.allclose(g, w, atol=2e-5, rtol=2e-5), (g - w).abs().max()
         return
     scale = w.abs().amax(dim=-1, keepdim=True)
-    assert ((g - w).abs() <= 2 ** -8 * scale).all(), f"max error {((g - w).abs() / scale).max():.4f} of row scale"
+    assert ((g - w).abs() <= 2 ** -7 * scale).all(), f"max error {((g - w).abs() / scale).max():.4f} of row scale"
 
 
 def _check(N, shape, dtype, seed, same_expert=False, paths=("small", "large")):
@@ -87,11 +87,11 @@ def test_one_expert_gets_every_token():
 def test_fused_moe_switches_paths_and_matches_reference():
     H, I, E, k = CPU_SHAPES["user-mini"]
     w13, w2, gate = _weights(H, I, E, torch.bfloat16, 9)
-    for N in (2, 3):  # threshold 2: 2 small, 3 large
+    for N in (2, 3):  # threshold 8 pairs, top-4: 2 tokens small, 3 large
         x = _x(N, H, torch.bfloat16, N)
         _, w, ids = route(x, gate, k, False)
         want = experts_grouped(x, w13, w2, ids, w)
-        assert_close(fm.fused_moe(x, gate, w13, w2, k, False, small_max=2), want, torch.bfloat16)
+        assert_close(fm.fused_moe(x, gate, w13, w2, k, False, small_max_pairs=8), want, torch.bfloat16)
 
 
 def test_align_by_expert_pads_each_expert_to_the_tile():
@@ -140,7 +140,8 @@ def test_routing_picks_the_reference_experts(dtype, norm_topk):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", sorted(GPU_SHAPES))
 def test_real_shapes_on_gpu(shape):
-    from model.backend import MOE_SMALL_MAX_TOKENS as S
+    from model.backend import MOE_SMALL_MAX_PAIRS
+    S = MOE_SMALL_MAX_PAIRS // GPU_SHAPES[shape][3]  # the last token count on the GEMV path
     for N in (1, 2, S, S + 1, 64, 256, 2048):
         _check(N, GPU_SHAPES[shape], torch.bfloat16, seed=N)
     _check(512, GPU_SHAPES[shape], torch.bfloat16, seed=7, same_expert=True)
@@ -204,7 +205,7 @@ def test_stage_with_every_fused_kernel_matches_reference_interpreted():
     cfg = dummy_config("user-mini")
     stage = fill_dummy(Stage(cfg, 0, 1, True, True, DEV, torch.bfloat16))
     outs = {}
-    for name, be in (("ref", Backend("ref", "torch", False)), ("fused", Backend("ref", "triton", True, moe_small_max=3))):
+    for name, be in (("ref", Backend("ref", "torch", False)), ("fused", Backend("ref", "triton", True, moe_small_max_pairs=12))):
         stage.backend = be
         stage.allocate_kv(8, 16)
         ids = torch.randint(0, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(0)).to(DEV)
