@@ -130,6 +130,11 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
         raise RuntimeError(f"stage {rank}: no memory left for the KV cache after loading "
                            f"(gpu_memory_utilization={o.gpu_memory_utilization}); lower it or use more stages")
     worker.allocate(blocks)
+    if device.type == "cuda":  # compile every Triton kernel shape now, not in the first request
+        from model.warmup import precompile
+        secs = precompile(stage, min(o.max_num_batched_tokens, max_len), min(o.max_num_seqs, 256), max_len)
+        if log:
+            log(f"stage {rank}: compiled kernels for every shape class in {secs:.1f} s")
     if device.type == "cuda" and not o.enforce_eager:
         t1 = time.perf_counter()
         worker.capture_graphs(max_len, min(o.max_num_seqs, 256))
