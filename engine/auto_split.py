@@ -3,8 +3,9 @@ from measured costs (each layer's, the embedding's on stage 0, head + sampling o
 without letting any stage cut the shared KV pool short (the pool is the minimum over stages).
 
 Measurement: LayerClock puts timing hooks on a Stage's layers for a warm-up workload (CUDA events,
-resolved at collection; host clock on CPU). Test hook: MOEPIPE_SLOW_LAYERS="i:ms[,j:ms]" makes
-layer i sleep ms milliseconds in each forward (CPU only), to build an unbalanced pipeline."""
+resolved at collection; on CPU the process's CPU time, which other programs on a shared machine do
+not inflate). Test hook: MOEPIPE_SLOW_LAYERS="i:ms[,j:ms]" makes layer i spin for ms milliseconds of
+CPU time in each forward (CPU stages only), to build an unbalanced pipeline."""
 from __future__ import annotations
 
 import os
@@ -119,20 +120,22 @@ def choose_split(costs: Costs, num_stages: int, memory: MemoryModel | None = Non
 
 def costs_from_stats(stats: list[dict], num_layers: int) -> Costs:
     """Costs from each stage's measured stats: 'layer_ms' {layer: ms} and 'eager_ms' (the forwards
-    the clocks saw), 'busy_ms' (all its forwards) and 'sample_ms' (last stage). CUDA-graph decode
-    steps run no hooks, so a stage's clocked times are scaled by busy_ms / eager_ms. What a stage
-    spends outside its layers is its embedding (stage 0) or head (last stage); a middle stage's
-    remainder is spread over its layers."""
+    the clocks saw), 'busy_ms' (all its forwards), 'sample_ms' (last stage) and 'clock'. On CUDA,
+    graph decode steps run no hooks, so the clocked times are scaled by busy_ms / eager_ms; on CPU
+    ('clock': 'cpu') every forward is clocked, in CPU time, and used as is. What a stage spends
+    outside its layers is its embedding (stage 0) or head (last stage); a middle stage's remainder
+    is spread over its layers."""
     layer_ms = [0.0] * num_layers
     embed_ms = head_ms = 0.0
     last = len(stats) - 1
     for r, s in enumerate(stats):
         eager = float(s.get("eager_ms") or s["busy_ms"])
-        scale = s["busy_ms"] / eager if eager > 0 else 1.0
+        total = eager if s.get("clock") == "cpu" else s["busy_ms"]
+        scale = total / eager if eager > 0 else 1.0
         per = {int(k): float(v) * scale for k, v in s["layer_ms"].items()}
         for i, ms in per.items():
             layer_ms[i] = ms
-        rest = max(0.0, s["busy_ms"] - sum(per.values()))
+        rest = max(0.0, total - sum(per.values()))
         if r == 0 and r == last:
             head_ms = rest + s.get("sample_ms", 0.0)  # one stage: nothing to balance
         elif r == 0:
@@ -147,7 +150,8 @@ def costs_from_stats(stats: list[dict], num_layers: int) -> Costs:
 
 class LayerClock:
     """Per-layer time of a Stage's eager forwards while installed (forward pre/post hooks), and the
-    whole forwards' under key -1 (CUDA-graph replays run no hooks and are not seen)."""
+    whole forwards' under key -1 (CUDA-graph replays run no hooks and are not seen): CUDA events,
+    or the process's CPU time on CPU."""
 
     def __init__(self, stage):
         self.cuda = stage.device.type == "cuda"
@@ -165,7 +169,7 @@ class LayerClock:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             return e
-        return time.perf_counter()
+        return time.process_time()
 
     def _begin(self, i: int) -> None:
         self._open[i] = self._mark()
@@ -194,7 +198,7 @@ class LayerClock:
 
 
 def parse_slow_layers(text: str | None) -> dict[int, float]:
-    """'1:20,3:5' -> {1: 20.0, 3: 5.0} (layer: ms of sleep per forward)."""
+    """'1:20,3:5' -> {1: 20.0, 3: 5.0} (layer: ms of CPU time per forward)."""
     if not text:
         return {}
     out = {}
@@ -207,15 +211,22 @@ def parse_slow_layers(text: str | None) -> dict[int, float]:
     return out
 
 
+def _spin(ms: float) -> None:
+    end = time.process_time() + ms / 1e3
+    while time.process_time() < end:
+        pass
+
+
 def install_slow_layers(stage, spec: str | None = None) -> None:
-    """The test hook: layers named in MOEPIPE_SLOW_LAYERS sleep in each forward (CPU stages only)."""
+    """The test hook: layers named in MOEPIPE_SLOW_LAYERS spin for that much CPU time in each
+    forward (CPU stages only)."""
     slow = parse_slow_layers(os.environ.get(SLOW_ENV) if spec is None else spec)
     if not slow or stage.device.type != "cpu":
         return
     for name, layer in stage.layers.items():
         if int(name) in slow:
             ms = slow[int(name)]
-            layer.register_forward_pre_hook(lambda m, a, ms=ms: time.sleep(ms / 1e3))
+            layer.register_forward_pre_hook(lambda m, a, ms=ms: _spin(ms))
 
 
 def warmup_workload(vocab_size: int, num_stages: int, max_len: int, device: str = "cuda",

