@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(x) for x in a.batches.split(",") if x.strip()]
     max_len = max(a.prompt_len, a.short_len) + a.steps + 16
     layers = None if a.layers in (None, "auto") else [int(x) for x in a.layers.split(",")]
-    card_gib = (torch.cuda.get_device_properties(0).total_memory / GIB if device == "cuda" else 80.0)
 
     folder = Path(tempfile.mkdtemp(prefix="bench4-"))  # dummy weights of this config.json, no files read
     (folder / "config.json").write_text(json.dumps(_raw_config(a.model)))
@@ -96,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
               gpu_memory_utilization=a.gpu_memory_utilization, enforce_eager=a.enforce_eager)
     load_s = time.perf_counter() - t_load
     with llm:
+        # queried once the stages hold their memory (this process's CUDA context comes after their sizing)
+        card_gib = torch.cuda.get_device_properties(0).total_memory / GIB if device == "cuda" else 80.0
         counts = [s["layers"][1] - s["layers"][0] for s in llm.stats()["stages"]]
         plan = stage_plan(cfg, a.stages, max_len, card_gib * a.gpu_memory_utilization, dtype, counts)
         g = torch.Generator().manual_seed(0)
