@@ -109,6 +109,7 @@ class _Entry:
     request_id: str
     deliver: Callable  # TokenEvent or an exception -> None (runs on the router thread)
     own_queue: bool  # deliver feeds the stream's own queue (not a caller's on_event)
+    stream: "weakref.ref[RequestStream]"
 
 
 class LLM:
@@ -400,7 +401,8 @@ class LLM:
                 rid = rid if rid is not None else f"req-{next(self._auto_ids)}"
                 sid = next(self._seq_ids)
                 s = RequestStream(self, rid, sid)
-                self._entries[sid] = _Entry(rid, on_event if on_event is not None else s._queue.put, on_event is None)
+                self._entries[sid] = _Entry(rid, on_event if on_event is not None else s._queue.put, on_event is None,
+                                            weakref.ref(s))
                 self._by_request[rid] = sid
                 streams.append(s)
                 adds.append((sid, ids, params))
@@ -422,8 +424,11 @@ class LLM:
             for s in sids:
                 self._forget(s)
         for _, e in entries:
+            stream = e.stream()
+            if stream is not None:
+                stream.finished = True  # tokens already queued are not yielded
             if e.own_queue:
-                e.deliver(_ABORTED)
+                e.deliver(_ABORTED)  # wakes an iterator blocked on the queue
         if sids and self._dead is None and not self._closed:
             try:
                 self._send(("abort", sids))

@@ -106,6 +106,8 @@ def main(host: str, port: int, rank: int) -> int:
         o = args.options
         if o.device == "cuda":
             torch.cuda.set_device(rank)
+        else:  # the stages (and LLM's process) share the cores: oversubscribed OpenMP threads spin
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // (o.stages + 1)))
         init_distributed(rank, o.stages, o.device, "127.0.0.1", dist_port)
         r = build_rank(args, rank, rank)
         send(("ready", rank, r.info))
