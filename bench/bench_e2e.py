@@ -3,11 +3,15 @@
 
     python bench/bench_e2e.py --ckpt /tmp/q30 --stages 2 --peer .shared/hf_peer.py
 
-Writes the checkpoint once (YaRN config: factor 4 over 32768, 131072 positions, so one checkpoint
-serves the 2k..32k figures and the 90k/128k long-context runs), runs the peer in a subprocess, then
-moepipe: load time, decode ms/step at batch 1 and 16 (prompt 128, 64 steps, measured as the peer
-does: (t(65 tokens) - t(1 token)) / 64), prefill tokens/s, long-context TTFT, decode ms/step at that
-context and peak memory per stage. Prints a table last; JSON goes to --out."""
+The model is the preset's shape with Qwen's YaRN override (factor 4 over 32768, 131072 positions, so
+one config serves the 2k..32k figures and the 90k/128k runs). By default its weights are dummy
+(load_format="dummy": random on each stage's device, nothing written); `--load-format auto` writes a
+checkpoint to --ckpt once and loads it. Runs the peer in a subprocess, then moepipe on --stages:
+load time, decode ms/step at batch 1 and 16 (prompt 128, 64 steps, measured as the peer does:
+(t(65 tokens) - t(1 token)) / 64), batch-1 decode at a 32k context, 256 requests x (128 -> 128)
+greedy and sampled (temperature 0.8, top-p 0.9), prefill tokens/s, long-context TTFT, decode at that
+context and peak memory per stage. With --one-gpu the same model then runs on 1 GPU for the decode
+and throughput rows, in the same call. Prints a table last; JSON goes to --out."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +63,46 @@ def timed(llm, prompts, n):
     return dt
 
 
+def throughput(llm, rand, n_req: int, prompt: int, new: int, **sampling) -> dict:
+    """n_req requests x (prompt -> new tokens) at once: output tokens/s over the whole call."""
+    from engine import SamplingParams
+    sp = SamplingParams(max_tokens=new, ignore_eos=True, **sampling)
+    prompts = [rand(prompt) for _ in range(n_req)]
+    llm.generate(prompts[:8], SamplingParams(max_tokens=4, ignore_eos=True, **sampling))  # warm-up
+    llm.stats(reset=True)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sp)
+    dt = time.perf_counter() - t
+    st = stage_stats(llm.stats(reset=True))
+    n = sum(len(o.token_ids) for o in outs)
+    return {"what": "throughput", "requests": n_req, "prompt": prompt, "new": new, "sampling": sampling or "greedy",
+            "s": round(dt, 3), "out_tok_per_s": round(n / dt, 1),
+            "busy_frac": [round(s["busy_ms"] / 1e3 / dt, 3) for s in st]}
+
+
+def decode_rows(llm, rand, long_ctx: int, n_req: int = 256) -> list[dict]:
+    """Decode ms/step at batch 1 and 16 (prompt 128), at batch 1 after a long_ctx prompt, and the
+    256 x (128 -> 128) throughput, greedy and sampled: the rows put beside one GPU."""
+    rows = []
+    for B in (1, 16):
+        prompts = [rand(128) for _ in range(B)]
+        timed(llm, prompts, 2)
+        t1, t65 = timed(llm, prompts, 1), timed(llm, prompts, 65)
+        ms = (t65 - t1) / 64 * 1e3
+        rows.append({"what": "decode", "batch": B, "prompt": 128, "ms_per_step": round(ms, 3),
+                     "tok_per_s": round(B / ms * 1e3, 1), "ttft_s": round(t1, 4)})
+        print(rows[-1], flush=True)
+    if long_ctx and long_ctx + 65 <= llm.max_model_len:
+        _, ms = stream_times(llm, rand(long_ctx), 65)
+        rows.append({"what": "decode", "batch": 1, "prompt": long_ctx, "ms_per_step": round(ms, 3),
+                     "tok_per_s": round(1e3 / ms, 1)})
+        print(rows[-1], flush=True)
+    for sampling in ({"temperature": 0.0}, {"temperature": 0.8, "top_p": 0.9}):
+        rows.append(throughput(llm, rand, n_req, 128, 128, **sampling))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def stream_times(llm, prompt, n):
     """(ttft, decode ms/step) for one prompt, from the arrival times of its tokens."""
     from engine import SamplingParams
@@ -82,6 +126,11 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--attention", default=None)
     ap.add_argument("--mixed", action="store_true", help="also 32 concurrent requests, one of 90k tokens")
+    ap.add_argument("--load-format", default="dummy", choices=["dummy", "auto"],
+                    help="dummy: random weights made on each stage (default); auto: write --ckpt once and load it")
+    ap.add_argument("--one-gpu", action="store_true", help="also the decode and throughput rows on 1 GPU")
+    ap.add_argument("--decode-ctx", type=int, default=32768, help="context of the long batch-1 decode row")
+    ap.add_argument("--requests", type=int, default=256, help="requests of the throughput rows")
     a = ap.parse_args()
 
     import torch
@@ -89,15 +138,18 @@ def main() -> int:
     from loader.presets import preset_config, yarn_config
     from loader.writer import write_checkpoint
 
-    card = torch.cuda.get_device_name(0)
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     result = {"date": datetime.date.today().isoformat(), "card": card, "gpus": torch.cuda.device_count(),
               "torch": torch.__version__, "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "preset": a.preset, "stages": a.stages}
     ckpt = Path(a.ckpt)
-    if not (ckpt / "config.json").exists():
-        cfg = yarn_config(preset_config(a.preset))
-        if a.layers_override:
-            cfg["num_hidden_layers"] = cfg["max_window_layers"] = a.layers_override
+    cfg = yarn_config(preset_config(a.preset))
+    if a.layers_override:
+        cfg["num_hidden_layers"] = cfg["max_window_layers"] = a.layers_override
+    if a.load_format == "dummy":
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+    elif not (ckpt / "config.json").exists():
         t = time.perf_counter()
         write_checkpoint(ckpt, cfg, seed=0, device="cuda")
         result["write_s"] = round(time.perf_counter() - t, 1)
@@ -107,22 +159,14 @@ def main() -> int:
         result["peer"] = run_peer(a.peer, a.peer_prefill, a.peer_timeout)
 
     t = time.perf_counter()
-    llm = LLM(str(ckpt), stages=a.stages, attention=a.attention, verbose=True)
+    llm = LLM(str(ckpt), stages=a.stages, attention=a.attention, verbose=True, load_format=a.load_format)
     result["load_s"] = round(time.perf_counter() - t, 1)
     result["stage_info"] = llm.stage_info
     V = llm.config.vocab_size
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, V, (n,), generator=g).tolist()
     timed(llm, [rand(128)], 4)  # warm-up
-    rows = []
-    for B in (1, 16):
-        prompts = [rand(128) for _ in range(B)]
-        timed(llm, prompts, 2)
-        t1, t65 = timed(llm, prompts, 1), timed(llm, prompts, 65)
-        ms = (t65 - t1) / 64 * 1e3
-        rows.append({"what": "decode", "batch": B, "prompt": 128, "ms_per_step": round(ms, 3),
-                     "tok_per_s": round(B / ms * 1e3, 1), "ttft_s": round(t1, 4)})
-        print(rows[-1], flush=True)
+    rows = decode_rows(llm, rand, a.decode_ctx, a.requests)
     for i, L in enumerate(ints(a.prefill)):
         p = rand(L)
         for _ in range(2 if i == 0 else 1):
@@ -176,6 +220,12 @@ def main() -> int:
         print(rows[-1], flush=True)
     llm.close()
     result["moepipe"] = rows
+    if a.one_gpu:
+        t = time.perf_counter()
+        with LLM(str(ckpt), stages=1, attention=a.attention, verbose=False, load_format=a.load_format) as one:
+            result["one_gpu_load_s"] = round(time.perf_counter() - t, 1)
+            timed(one, [rand(128)], 4)
+            result["one_gpu"] = decode_rows(one, rand, a.decode_ctx, a.requests)
     out = Path(a.out or f"bench/results/e2e_{card.replace(' ', '-')}_{result['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
@@ -190,12 +240,24 @@ def print_table(r: dict) -> None:
     print(f"\n== {r['card']} x{r['gpus']}, {r['preset']}, {r['stages']} stages, {r['date']} ==")
     print(f"load: moepipe {r['load_s']} s")
     print(f"{'measure':28s} {'moepipe':>12s} {'peer':>12s} {'ratio':>8s}")
+    one = {(x["what"], x.get("batch"), x.get("prompt"), str(x.get("sampling"))): x for x in r.get("one_gpu", [])}
     for x in r["moepipe"]:
-        if x["what"] == "decode":
+        o = one.get((x["what"], x.get("batch"), x.get("prompt"), str(x.get("sampling"))))
+        if x["what"] == "decode" and x["prompt"] != 128:
+            ov = o["ms_per_step"] if o else float("nan")
+            print(f"{'decode ms/step b=1 ctx ' + str(x['prompt']):28s} {x['ms_per_step']:12.2f} {'':12s} {'':8s}"
+                  f"   1 GPU {ov:.2f}")
+        elif x["what"] == "throughput":
+            ov = o["out_tok_per_s"] if o else float("nan")
+            name = f"{x['requests']}x({x['prompt']}->{x['new']}) T={x['sampling']['temperature']} tok/s"
+            print(f"{name:28s} {x['out_tok_per_s']:12.0f} {'':12s} {'':8s}   1 GPU {ov:.0f} ({x['out_tok_per_s'] / ov:.2f}x)"
+                  f", busy {x['busy_frac']}")
+        elif x["what"] == "decode":
+            ov = o["ms_per_step"] if o else float("nan")
             p = peer.get(("decode", x["batch"], None))
             pv = p["ms_per_step"] if p else None
             print(f"{'decode ms/step b=' + str(x['batch']):28s} {x['ms_per_step']:12.2f} {pv or float('nan'):12.2f} "
-                  f"{(pv / x['ms_per_step']) if pv else float('nan'):8.2f}x")
+                  f"{(pv / x['ms_per_step']) if pv else float('nan'):8.2f}x   1 GPU {ov:.2f}")
         elif x["what"] == "prefill":
             p = peer.get(("prefill", None, x["tokens"]))
             pv = p.get("tok_per_s") if p else None
