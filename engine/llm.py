@@ -123,7 +123,7 @@ class LLM:
         opts = options.validate() if options is not None else options_from_kwargs(**kwargs)
         self.args, self.config, folder = resolve_engine(model, opts)
         self.options = self.args.options
-        self.tokenizer = load_tokenizer(folder)
+        self.tokenizer = load_tokenizer(folder) if folder is not None else None
         self.folder = folder
         self._chat_template = None
         self.stop_ids = self.args.stop_ids
