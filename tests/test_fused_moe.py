@@ -92,6 +92,8 @@ def test_fused_moe_switches_paths_and_matches_reference():
         _, w, ids = route(x, gate, k, False)
         want = experts_grouped(x, w13, w2, ids, w)
         assert_close(fm.fused_moe(x, gate, w13, w2, k, False, small_max_pairs=8), want, torch.bfloat16)
+        if N == 3:  # from torch_min tokens on, torch._grouped_mm's path (the CPU loop here)
+            assert_close(fm.fused_moe(x, gate, w13, w2, k, False, 8, torch_min=3), want, torch.bfloat16)
 
 
 def test_align_by_expert_pads_each_expert_to_the_tile():
