@@ -99,7 +99,7 @@ def test_llm_auto_split_evens_a_heavy_stage(monkeypatch, capsys):
     from engine import LLM, SamplingParams
     from loader.writer import ensure_cached_preset
     monkeypatch.setenv("MOEPIPE_SLOW_LAYERS", "0:150")
-    with LLM(str(ensure_cached_preset("tiny")), stages=2, device="cpu", layers="auto") as llm:
+    with LLM(str(ensure_cached_preset("tiny")), stages=2, device="cpu", layers="auto", kv_cache_gib=0.02) as llm:
         rep = llm.auto_split
         assert rep["before"] == [2, 2] and rep["after"] == [1, 3]
         assert [s["layers"] for s in llm.stage_info] == [[0, 1], [1, 4]]

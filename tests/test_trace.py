@@ -70,7 +70,7 @@ def test_pipeline_trace(tmp_path):
     the last stage samples; the trace validates and profiling off leaves no slices behind."""
     from engine import LLM, SamplingParams
     from loader.writer import ensure_cached_preset
-    with LLM(str(ensure_cached_preset("tiny")), stages=3, device="cpu", verbose=False) as llm:
+    with LLM(str(ensure_cached_preset("tiny")), stages=3, device="cpu", verbose=False, kv_cache_gib=0.02) as llm:
         sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
         llm.generate([[5, 6, 7]], sp)  # before the profile: not in the trace
         llm.start_profile()
@@ -97,7 +97,7 @@ def test_profile_command_writes_trace(tmp_path, capsys):
     from engine.__main__ import main
     path = tmp_path / "prof.json"
     assert main(["profile", "--device", "cpu", "--batch", "2", "--prompt-len", "8", "--max-tokens", "3",
-                 "--trace", str(path), "--quiet"]) == 0
+                 "--trace", str(path), "--quiet", "--kv-cache-gib", "0.02"]) == 0
     out = capsys.readouterr().out
     assert "bubble %" in out and f"timeline: {path}" in out
     check_trace(path, 2)
