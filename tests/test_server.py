@@ -154,24 +154,24 @@ CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "conte
 def test_openai_client_completions_equal_llm_generate(server, ref_llm):
     from engine import SamplingParams
     prompt = "The miller's daughter watched the water"
-    want = ref_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    want = ref_llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
     c = server.client()
-    r = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0,
+    r = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0,
                              extra_body={"ignore_eos": True})
     assert r.choices[0].text == want.text and r.choices[0].finish_reason == "length"
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(want.prompt_token_ids), 12)
-    chunks = list(c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(want.prompt_token_ids), 8)
+    chunks = list(c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, temperature=0, stream=True,
                                        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want.text
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
     assert all(ch.usage is None for ch in chunks[:-1])
     # token-id prompts and max_tokens as the only limit; seeded sampling repeats
     ids = want.prompt_token_ids
-    r2 = c.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=12, temperature=0,
+    r2 = c.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=8, temperature=0,
                               extra_body={"ignore_eos": True})
     assert r2.choices[0].text == want.text
-    kw = dict(model=MODEL_NAME, prompt=prompt, max_tokens=10, temperature=1.0, top_p=0.9,
+    kw = dict(model=MODEL_NAME, prompt=prompt, max_tokens=6, temperature=1.0, top_p=0.9,
               extra_body={"top_k": 50, "ignore_eos": True})
     assert c.completions.create(seed=3, **kw).choices[0].text == c.completions.create(seed=3, **kw).choices[0].text
 
@@ -182,17 +182,17 @@ def test_openai_client_chat_equals_llm_generate_of_rendered_prompt(server, ref_l
     c = server.client()
     for kwargs in ({}, {"enable_thinking": False}):
         rendered = render_chat(tiny, CHAT, chat_template_kwargs=kwargs)
-        want = ref_llm.generate([rendered], SamplingParams(max_tokens=10, temperature=0))[0]
-        via_chat = ref_llm.chat(CHAT, SamplingParams(max_tokens=10, temperature=0), chat_template_kwargs=kwargs)[0]
+        want = ref_llm.generate([rendered], SamplingParams(max_tokens=8, temperature=0))[0]
+        via_chat = ref_llm.chat(CHAT, SamplingParams(max_tokens=8, temperature=0), chat_template_kwargs=kwargs)[0]
         assert via_chat.prompt_token_ids == want.prompt_token_ids and via_chat.token_ids == want.token_ids
         extra = {"chat_template_kwargs": kwargs} if kwargs else {}
-        r = c.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_completion_tokens=10, temperature=0,
+        r = c.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_completion_tokens=8, temperature=0,
                                       extra_body=extra)
         m = r.choices[0]
         assert m.message.role == "assistant" and m.message.content == want.text
         assert m.finish_reason == want.finish_reason
         assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(want.prompt_token_ids), len(want.token_ids))
-        chunks = list(c.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=10, temperature=0,
+        chunks = list(c.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=8, temperature=0,
                                                 stream=True, extra_body=extra))
         assert chunks[0].choices[0].delta.role == "assistant"
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want.text
@@ -201,7 +201,7 @@ def test_openai_client_chat_equals_llm_generate_of_rendered_prompt(server, ref_l
 
 def test_stop_strings_cut_out_streamed_and_not(server):
     c = server.client()
-    kw = dict(model=MODEL_NAME, prompt="Hello, world! How are", max_tokens=24, temperature=0,
+    kw = dict(model=MODEL_NAME, prompt="Hello, world! How are", max_tokens=16, temperature=0,
               extra_body={"ignore_eos": True})
     free = c.completions.create(**kw).choices[0].text
     stop = free[len(free) // 2:len(free) // 2 + 3]
@@ -318,7 +318,7 @@ def test_bad_requests_get_400_and_disturb_nothing(server):
     c = server.client()
     # a long request runs through all the bad ones and must finish untouched
     with ThreadPoolExecutor(1) as pool:
-        long = pool.submit(c.completions.create, model=MODEL_NAME, prompt="The wheel turned", max_tokens=40,
+        long = pool.submit(c.completions.create, model=MODEL_NAME, prompt="The wheel turned", max_tokens=24,
                            temperature=0, extra_body={"ignore_eos": True})
         for path, cases in (("/v1/completions", BAD), ("/v1/chat/completions", BAD_CHAT)):
             for body, needle in cases:
@@ -331,7 +331,7 @@ def test_bad_requests_get_400_and_disturb_nothing(server):
         assert "temperature" in e.value.message
         with pytest.raises(openai.BadRequestError, match="max_model_len"):
             c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "y" * 3000}])
-        assert long.result().usage.completion_tokens == 40
+        assert long.result().usage.completion_tokens == 24
     r = server.post("/v1/nope", {})
     assert r.status_code == 404 and "error" in r.json()
     import httpx

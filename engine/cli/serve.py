@@ -82,18 +82,26 @@ def run(a) -> int:
         app = build_app(llm, name, template, defaults)
         state = app.state.moepipe
 
+        host, port = sock.getsockname()[:2]
+        early: list[int] = []  # a SIGTERM between here and uvicorn taking the signals over
+
         class Server(uvicorn.Server):
             def handle_exit(self, sig, frame):
                 state.draining = True  # /health goes 503 and new requests are refused while in-flight ones finish
                 super().handle_exit(sig, frame)
 
+            async def startup(self, sockets=None):
+                await super().startup(sockets)
+                if early:
+                    self.handle_exit(early[0], None)
+                else:  # uvicorn's signal handlers are in place: a SIGTERM from now on drains
+                    print(f"serving {name} on http://{host}:{port} (max_model_len {llm.max_model_len})", flush=True)
+
         config = uvicorn.Config(app, log_level=a.log_level, timeout_graceful_shutdown=a.drain_timeout,
                                 lifespan="off", timeout_keep_alive=5)
         server = Server(config)
-        host, port = sock.getsockname()[:2]
-        print(f"serving {name} on http://{host}:{port} (max_model_len {llm.max_model_len})", flush=True)
         # uvicorn re-raises the signal it caught once drained; let that return here to close the stages
-        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        previous = signal.signal(signal.SIGTERM, lambda sig, _: early.append(sig))
         try:
             server.run(sockets=[sock])
         finally:
