@@ -158,9 +158,10 @@ def load_hf(path: str | Path, dtype: torch.dtype, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging
     logging.disable_progress_bar()
-    kw = {"device_map": device} if device != "cpu" else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager",
-                                                experts_implementation="eager", **kw).eval()
+    # loaded on the host, then moved: device_map would need accelerate, which the extra does not pull
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager",
+                                                 experts_implementation="eager")
+    return model.to(device).eval()
 
 
 def _sub_checkpoint(folder: Path, raw_cfg: dict, cfg: ModelConfig, layers: list[int], out: Path) -> Path:
