@@ -80,3 +80,10 @@ def test_without_transformers(monkeypatch, capsys):
 def test_bad_layers(unseen, capsys):
     assert _cli(["parity", "--model", str(unseen), "--device", "cpu", "--layers", "0,4"]) == 1
     assert "layer 4 out of range: the model has 4 layers" in capsys.readouterr().err
+
+
+def test_bad_prompt_input(unseen, capsys):
+    assert _cli(["parity", "--model", str(unseen), "--device", "cpu", "--prompt", "hello"]) == 1
+    assert "no tokenizer.json to encode --prompt; use --tokens N instead" in capsys.readouterr().err
+    assert _cli(["parity", "--model", str(unseen), "--device", "cpu", "--tokens", "0"]) == 1
+    assert "--tokens must be >= 1, got 0" in capsys.readouterr().err
