@@ -38,12 +38,12 @@ def unseen(tmp_path_factory):
 
 
 def test_tiny_preset_passes(capsys):
-    assert _cli(["parity", "--device", "cpu", "--tokens", "24"]) == 0
+    assert _cli(["parity", "--device", "cpu", "--prompt", "The quick brown fox jumps over the lazy dog"]) == 0
     out = capsys.readouterr().out
     for label in ("embedding", "input norm", "q after norm", "k after rope", "attention output", "router logits",
                   "top-k expert ids", "MoE output", "layer output", "final norm", "logits"):
         assert label in out, label
-    assert "24 tokens, layers 0,1,2,3" in out and out.rstrip().endswith("rows pass") and "FAIL" not in out
+    assert " tokens, layers 0,1,2,3;" in out and out.rstrip().endswith("rows pass") and "FAIL" not in out
 
 
 def test_unseen_config_chosen_layers_json(unseen, capsys):
