@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -215,12 +214,6 @@ def test_stop_strings_cut_out_streamed_and_not(server):
 def test_32_concurrent_clients_are_batched(server):
     import httpx
     before = server.metrics()
-    running_seen, stop = [], threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            running_seen.append(server.metrics().get("moepipe_num_requests_running", 0))
-            time.sleep(0.5)
 
     def one(http: httpx.Client, i: int):
         body = {"model": MODEL_NAME, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
@@ -236,23 +229,18 @@ def test_32_concurrent_clients_are_batched(server):
         return (chunks[-2]["choices"][0]["finish_reason"], chunks[-1]["usage"]["completion_tokens"],
                 "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"]))
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        with httpx.Client(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=64)) as http, \
-                ThreadPoolExecutor(32) as pool:
-            results = list(pool.map(lambda i: one(http, i), range(32)))
-    finally:
-        stop.set()
-        watcher.join()
+    with httpx.Client(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=64)) as http, \
+            ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda i: one(http, i), range(32)))
     assert all(r[:2] == ("length", 8) for r in results), results
     after = server.metrics()
     steps = after['moepipe_stage_steps_total{stage="1"}'] - before['moepipe_stage_steps_total{stage="1"}']
     generated = after["moepipe_generation_tokens_total"] - before["moepipe_generation_tokens_total"]
     assert generated >= 32 * 8
-    # one request at a time would take >= 8 steps each (256); served together, a few steps carry all 32
-    assert steps < 32 * 8 / 4, (steps, generated)
-    assert max(running_seen) > 1
+    # Each request's tokens after its first come from decode steps: 32 * 7 of them. Served one at a
+    # time that is 224 steps of one sequence; fewer than half as many steps in all (prefill steps
+    # included) means the decode steps carried more than 2 sequences on average.
+    assert steps < 32 * 7 / 2, (steps, generated)
 
 
 def _wait_idle(server, num_blocks: float, timeout: float = 20) -> dict:
@@ -271,7 +259,7 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
     before = server.metrics()
     total = before["moepipe_kv_blocks_total"]
     assert before["moepipe_kv_blocks_free"] == total
-    body = {"model": MODEL_NAME, "prompt": "The traveller told them about distant cities", "max_tokens": 200,
+    body = {"model": MODEL_NAME, "prompt": "The traveller told them about distant cities", "max_tokens": 240,
             "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
@@ -281,10 +269,10 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
         assert mid["moepipe_num_requests_running"] == 1 and mid["moepipe_kv_blocks_free"] < total
     # a non-streamed request whose client gives up is aborted too
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=1.5)
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
     after = _wait_idle(server, total)
-    assert after["moepipe_generation_tokens_total"] - before["moepipe_generation_tokens_total"] < 2 * 200
-    assert after['moepipe_request_success_total{finished_reason="abort"}'] >= 2
+    aborted = 'moepipe_request_success_total{finished_reason="abort"}'
+    assert after[aborted] - before.get(aborted, 0) == 2  # both ended by the server's abort, not by max_tokens
 
 
 BAD = [
@@ -372,9 +360,14 @@ def test_sigterm_drains_in_flight_then_ends_every_stage(server):
                                   extra_body={"ignore_eos": True})
     first = next(iter(stream))
     server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
-    with pytest.raises(httpx.TransportError):  # no longer taking requests
-        httpx.post(server.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "x"}, timeout=5)
+    deadline = time.monotonic() + 20
+    while True:  # /health says 503 while draining, then the port stops taking connections
+        try:
+            assert httpx.get(server.url + "/health", timeout=5).status_code in (200, 503)  # 200: not yet seen
+        except httpx.TransportError:
+            break
+        assert time.monotonic() < deadline, "still taking connections after SIGTERM"
+        time.sleep(0.1)
     rest = list(stream)
     assert rest[-1].usage.completion_tokens == 32  # the in-flight request finished in full
     assert [ch.choices[0].finish_reason for ch in [first, *rest] if ch.choices][-1] == "length"

@@ -21,7 +21,7 @@ from .generation import EngineError, EventPump, Submitted
 from .metrics import ServerMetrics
 from .protocol import BadRequest, ChatCompletionRequest, CompletionRequest
 
-DISCONNECT_POLL_S = 0.5
+DISCONNECT_POLL_S = 0.25
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "literal"}
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 
