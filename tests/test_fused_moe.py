@@ -73,14 +73,14 @@ def _check(N, shape, dtype, seed, same_expert=False, paths=("small", "large")):
 
 @pytest.mark.parametrize("shape,dtype", [("tiny", torch.float32), ("user-mini", torch.bfloat16)])
 def test_both_paths_match_reference(shape, dtype):
-    """Interpreted programs are slow: the GEMV path at 1 and 2 tokens, the grouped one at 2 and 24."""
+    """Interpreted programs are slow: the GEMV path at 1 and 2 tokens, the grouped one at 2 and 16."""
     _check(1, CPU_SHAPES[shape], dtype, seed=1, paths=("small",))
     _check(2, CPU_SHAPES[shape], dtype, seed=2)
-    _check(24, CPU_SHAPES[shape], dtype, seed=24, paths=("large",))
+    _check(16, CPU_SHAPES[shape], dtype, seed=16, paths=("large",))
 
 
 def test_one_expert_gets_every_token():
-    _check(40, CPU_SHAPES["user-mini"], torch.bfloat16, seed=3, same_expert=True, paths=("large",))
+    _check(24, CPU_SHAPES["user-mini"], torch.bfloat16, seed=3, same_expert=True, paths=("large",))
     _check(3, CPU_SHAPES["user-mini"], torch.bfloat16, seed=4, same_expert=True, paths=("small",))
 
 
@@ -120,14 +120,14 @@ def test_routing_picks_the_reference_experts(dtype, norm_topk):
     _, _, gate = _weights(H, 32, E, dtype, 11)
     gate[3] = gate[9]  # ties: experts 3 and 9 always have equal logits
     gate[12] = gate[9]
-    x = _x(64, H, dtype, 12)
+    x = _x(40, H, dtype, 12)
     _, w_ref, ids_ref = route(x, gate, k, norm_topk)
     w, ids = fm.route_fused(x, gate, k, norm_topk)
     probs = torch.softmax(torch.nn.functional.linear(x, gate), -1, dtype=torch.float32)
     kth = probs.topk(k + 1, dim=-1).values  # a tie straddles the k-th place when kth[k-1] == kth[k]
     straddle = kth[:, k - 1] == kth[:, k]
     clear = ~straddle
-    assert clear.sum() > 40 and (probs[:, 3] == probs[:, 9]).all()
+    assert clear.sum() > 25 and (probs[:, 3] == probs[:, 9]).all()
     tied_inside = clear & (ids_ref == 9).any(-1)
     assert tied_inside.any()  # some rows choose all three tied experts inside the top k
     assert torch.equal(ids[clear].sort(-1).values, ids_ref[clear].sort(-1).values)
