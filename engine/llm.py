@@ -514,7 +514,7 @@ class LLM:
             self._chat_template = ChatTemplate.from_folder(self.folder)
             if self._chat_template is None:
                 raise ChatTemplateError(f"{self.folder}: the checkpoint has no chat template")
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        convs = list(messages) if messages and isinstance(messages[0], (list, tuple)) else [messages]
         texts = [self._chat_template.render(c, add_generation_prompt, tools, chat_template_kwargs=chat_template_kwargs)
                  for c in convs]
         return self.generate(texts, params)
