@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -155,6 +156,24 @@ def main() -> int:
         result["write_s"] = round(time.perf_counter() - t, 1)
         print(f"wrote {ckpt} in {result['write_s']} s", flush=True)
 
+    out = Path(a.out or f"bench/results/e2e_{card.replace(' ', '-')}_{result['date']}.json")
+
+    def save() -> None:  # after every section: a run cut short by its time limit keeps what it measured
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != out.parent.resolve():
+            Path(os.environ["OUT"], out.name).write_text(json.dumps(result, indent=1))
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` ends us: save in the finally below
+    try:
+        return run(a, result, save, ckpt)
+    finally:
+        save()
+
+
+def run(a, result: dict, save, ckpt: Path) -> int:
+    import torch
+    from engine import LLM
     if a.peer:
         result["peer"] = run_peer(a.peer, a.peer_prefill, a.peer_timeout)
 
@@ -166,7 +185,9 @@ def main() -> int:
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(0, V, (n,), generator=g).tolist()
     timed(llm, [rand(128)], 4)  # warm-up
-    rows = decode_rows(llm, rand, a.decode_ctx, a.requests)
+    rows = result["moepipe"] = []
+    rows += decode_rows(llm, rand, a.decode_ctx, a.requests)
+    save()
     for i, L in enumerate(ints(a.prefill)):
         p = rand(L)
         for _ in range(2 if i == 0 else 1):
@@ -219,18 +240,14 @@ def main() -> int:
                      "peak_gib": [round(s.get("peak_gib", 0), 2) for s in st]})
         print(rows[-1], flush=True)
     llm.close()
-    result["moepipe"] = rows
+    save()
     if a.one_gpu:
         t = time.perf_counter()
         with LLM(str(ckpt), stages=1, attention=a.attention, verbose=False, load_format=a.load_format) as one:
             result["one_gpu_load_s"] = round(time.perf_counter() - t, 1)
             timed(one, [rand(128)], 4)
             result["one_gpu"] = decode_rows(one, rand, a.decode_ctx, a.requests)
-    out = Path(a.out or f"bench/results/e2e_{card.replace(' ', '-')}_{result['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], out.name).write_text(json.dumps(result, indent=1))
+    save()
     print_table(result)
     return 0
 
