@@ -74,6 +74,19 @@ def test_stop_strings_across_chunk_boundaries(stops, want, hit):
         assert "".join(out) == want and s.hit == hit
 
 
+def test_stage_busy_fraction_and_histogram_text():
+    from engine.server.metrics import Histogram, ServerMetrics
+    m, t0 = ServerMetrics(), time.monotonic()
+    m.busy_fractions([{"rank": 0, "busy_ms": 100.0}, {"rank": 1, "busy_ms": 40.0}], now=t0 + 1)
+    f = m.busy_fractions([{"rank": 0, "busy_ms": 600.0}, {"rank": 1, "busy_ms": 290.0}], now=t0 + 2)
+    assert f == pytest.approx({0: 0.5, 1: 0.25})
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 3.0):
+        h.observe(v)
+    assert h.lines("x") == ['x_bucket{le="0.1"} 2', 'x_bucket{le="1.0"} 3', 'x_bucket{le="+Inf"} 4',
+                            "x_sum 3.65", "x_count 4"]
+
+
 # ---- one server for the module -------------------------------------------------------------------
 class Server:
     def __init__(self, proc: subprocess.Popen, log: Path):
@@ -340,19 +353,20 @@ def test_metrics_text(server):
     assert m['moepipe_time_to_first_token_seconds_bucket{le="+Inf"}'] == m["moepipe_time_to_first_token_seconds_count"]
 
 
-def _children(pid: int) -> list[int]:
+def _stage_pids(pid: int) -> list[int]:
+    """The engine.worker children of a process."""
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         f = task / "children"
         if f.exists():
             out += [int(x) for x in f.read_text().split()]
-    return out
+    return [p for p in out if b"engine.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def test_sigterm_drains_in_flight_then_ends_every_stage(server):
     """Last in the module: it ends the server."""
     import httpx
-    stages = _children(server.proc.pid)
+    stages = _stage_pids(server.proc.pid)
     assert len(stages) == 2
     c = server.client()
     stream = c.completions.create(model=MODEL_NAME, prompt="Every morning she carried bread", max_tokens=32,

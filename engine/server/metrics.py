@@ -46,7 +46,7 @@ class ServerMetrics:
         self.e2e = Histogram(E2E_BUCKETS)
         self.finished: dict[str, int] = {}
         self.rejected = 0
-        self._last_busy: tuple[float, dict[int, float]] | None = None
+        self._last_busy: tuple[float, dict[int, float]] = (time.monotonic(), {})
 
     def first_token(self, seconds: float) -> None:
         with self._lock:
@@ -60,12 +60,13 @@ class ServerMetrics:
                 self.tpot.observe(first_to_last_s / (tokens - 1))
 
     def busy_fractions(self, stages: list[dict], now: float | None = None) -> dict[int, float]:
-        """Each stage's busy time over the wall time since the previous scrape (since start for the first)."""
+        """Each stage's busy time over the wall time since the previous scrape (since the server
+        started, for the first)."""
         now = time.monotonic() if now is None else now
         busy = {int(s.get("rank", i)): float(s.get("busy_ms", 0.0)) / 1e3 for i, s in enumerate(stages)}
         with self._lock:
             last, self._last_busy = self._last_busy, (now, busy)
-        if last is None or now <= last[0]:
+        if now <= last[0]:
             return {}
         dt = now - last[0]
         return {r: min(1.0, max(0.0, (b - last[1].get(r, 0.0)) / dt)) for r, b in busy.items()}
