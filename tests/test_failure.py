@@ -49,6 +49,12 @@ def test_dead_stage_ends_generate_within_30s(tiny, victim):
         for _ in stream:
             pass
     assert time.monotonic() - t0 < 30
+    t1 = time.monotonic()
+    with pytest.raises(StageDied, match=f"stage {victim}"):  # and every later call, at once
+        llm.stats()
+    with pytest.raises(StageDied):
+        llm.generate([[5, 6]], LONG)
+    assert time.monotonic() - t1 < 1
     time.sleep(0.5)
     assert not any(_alive(p) for p in pids), "a stage process outlived the failure"
 
