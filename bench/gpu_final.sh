@@ -11,10 +11,6 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; L=/tmp/logs; mkdir -p "$OUT" "$L"  # at most 8 files come back: logs merge at the end
 step=${1:-main}
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site
-fi
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 quiet() { grep -v ": loaded .* of \|unbatched P2P\|^$\|^\[moepipe\]"; }
@@ -44,6 +40,10 @@ if [ "$step" = main ]; then
   for f in "$L"/gpu_tests_*.log; do echo "== $f"; tail -4 "$f"; done
   cat "$L"/gpu_tests_*.log > "$OUT/gpu_tests.log"; cat "$L"/e2e.log "$L"/spine.log "$L"/decode_layer.log > "$OUT/bench.log"
 elif [ "$step" = rest ]; then
+  if [ -d .whl ]; then  # the server's stack (fastapi, uvicorn, ...): only this step needs it
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  fi
   CUDA_VISIBLE_DEVICES=2 OUT=$OUT timeout 200 bash bench/gpu_4stage.sh parity > "$L/parity.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=0,1 timeout 200 python3 bench/bench_serving.py --model qwen3-30b-a3b --stages 2 \
     --serve-args "--load-format dummy" --concurrency 1,8,64,256 --input-len 1024 --output-len 256 \
