@@ -10,7 +10,7 @@ import torch
 from model.batch import AttnBatch
 from model.stage import Stage
 
-from .step_plan import H_MAXCTX, BatchBuffers, PlanView, fill_batch
+from .step_plan import H_MAXCTX, BatchBuffers, PlanView, decode_plan, fill_batch
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -55,9 +55,13 @@ class DecodeGraphs:
     def fits(self, view: PlanView) -> bool:
         return view.decode_only and view.B <= self.max_batch and view.M <= self.max_blocks
 
-    def run(self, x: torch.Tensor, view: PlanView) -> torch.Tensor:
+    def run(self, x: torch.Tensor, view: PlanView, tables: list[list[int]] | None = None) -> torch.Tensor:
         """x: token ids [n] or hidden [n, H] of the plan's n decoding sequences; returns the stage's
-        output for those n rows (a copy: the graph's buffers are reused by the next replay)."""
+        output for those n rows (a copy: the graph's buffers are reused by the next replay).
+        (x, context_lens, tables) lists are accepted too, for benchmarks that drive a stage."""
+        if tables is not None:
+            header, plan = decode_plan(list(view), tables, self.block_size)
+            view = PlanView(header.tolist(), torch.from_numpy(plan).to(self.stage.device))
         n = view.B
         b = next(s for s in self.buckets if s >= n)
         assert view.header[H_MAXCTX] <= self.max_blocks * self.block_size

@@ -90,6 +90,17 @@ def warmup_plan(T: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     return build_plan(0, 0, [SimpleNamespace(seq=seq, start=0, end=T, length=T, sample=True)], block_size, 0)
 
 
+def decode_plan(context_lens: list[int], tables: list[list[int]], block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The plan of one greedy decode token per sequence (benchmarks that drive a stage directly)."""
+    from types import SimpleNamespace
+
+    from .params import SamplingParams
+    sp = SamplingParams(temperature=0)
+    chunks = [SimpleNamespace(seq=SimpleNamespace(block_table=t, token_ids=[0] * c, seq_id=0, params=sp, output_ids=[]),
+                              start=c - 1, end=c, length=1, sample=True) for c, t in zip(context_lens, tables)]
+    return build_plan(0, 0, chunks, block_size, 0)
+
+
 @dataclass
 class PlanView:
     """A received (or locally built) plan: host header ints plus the int32 plan on the device."""

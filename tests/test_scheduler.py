@@ -115,3 +115,50 @@ def test_max_num_seqs_limits_admission():
         s.add(seq(i, 4))
     mb = s.schedule()
     assert [c.seq.seq_id for c in mb.chunks] == [0, 1] and len(s.waiting) == 1
+
+
+def test_step_plan_matches_attn_batch_and_abort_frees_blocks():
+    """The typed plan of a mixed micro-batch (prefill chunks and decodes) carries the metadata that
+    AttnBatch.build computes from the same chunks, and its sampling rows; aborting a sequence
+    while its micro-batch is in flight frees its blocks once that micro-batch completes."""
+    import numpy as np
+    import torch
+
+    from engine.step_plan import PlanView, build_plan, eager_batch
+    from model.batch import AttnBatch
+    from model.sampler import ROW
+
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=12, max_model_len=1000)
+    seqs = [seq(0, 3, max_tokens=5), seq(1, 9, max_tokens=5), seq(2, 30, max_tokens=5)]
+    seqs[1].params = SamplingParams(max_tokens=5, temperature=0.7, top_k=3, top_p=0.8, min_p=0.1, seed=42)
+    for q in seqs:
+        s.add(q)
+    for _ in range(3):  # decodes of 0 and 1 beside chunks of 2's prompt
+        mb = s.schedule()
+        header, plan = build_plan(0, mb.mb_id, mb.chunks, 4, engine_seed=5)
+        view = PlanView(header.tolist(), torch.from_numpy(plan))
+        got = eager_batch(view, "cpu")
+        want = AttnBatch.build([c.length for c in mb.chunks], [c.end for c in mb.chunks],
+                               [c.seq.block_table[:-(-c.end // 4)] for c in mb.chunks], 4,
+                               [c.sample for c in mb.chunks], "cpu")
+        for f in ("positions", "slot_mapping", "query_start", "context_lens_t", "logits_indices", "block_tables"):
+            assert torch.equal(getattr(got, f).long(), getattr(want, f).long()), f
+        assert (got.max_query_len, got.max_context) == (max(want.query_lens), max(want.context_lens))
+        ids = [t for c in mb.chunks for t in c.seq.token_ids[c.start:c.end]]
+        assert view.part("ids").tolist() == ids
+        rows = view.rows.numpy()
+        assert rows.shape == (len(mb.sampled), ROW)
+        for r, q in zip(rows, mb.sampled):
+            p = q.params
+            assert np.float32(r[0:1].view(np.float32)[0]) == np.float32(p.temperature) and r[1] == p.top_k
+            assert r[6] == len(q.output_ids)
+            if p.seed is not None:
+                assert (int(r[4]) & 0xFFFFFFFF) | ((int(r[5]) & 0xFFFFFFFF) << 32) == p.seed
+        if _ == 2:
+            assert s.abort(2) and seqs[2].block_table  # in flight: blocks kept until it completes
+        s.complete(mb, [7] * len(mb.sampled))
+    assert seqs[2].block_table == [] and seqs[2].finish_reason == "abort"
+    assert not s.abort(2)
+    log = run_to_end(s)
+    assert all(sid != 2 for step in log for sid, *_ in step)
+    assert s.blocks.num_free == 64
