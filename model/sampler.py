@@ -58,9 +58,14 @@ def _u32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int64) & _M32
 
 
+def row_keys(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """int64 [R] of uint32 values: the hash of each row's (seed, step)."""
+    return _mix(_u32(seed_lo) ^ _mix(_u32(seed_hi) ^ _mix((_u32(step) + 0x9E3779B9) & _M32)))
+
+
 def gumbel_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
     """Standard Gumbel noise [R, V] (float32), a pure function of (seed, step, vocab index)."""
-    key = _mix(_u32(seed_lo) ^ _mix(_u32(seed_hi) ^ _mix((_u32(step) + 0x9E3779B9) & _M32)))  # [R]
+    key = row_keys(seed_lo, seed_hi, step)
     col = _mix((torch.arange(vocab, device=key.device, dtype=torch.int64) * 0x61C88647 + 0x3C6EF372) & _M32)
     bits = _mix(key[:, None] ^ col[None, :]) >> 8  # 24 random bits
     u = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
@@ -85,6 +90,25 @@ def filter_logits(x_RV: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     return torch.empty_like(x_RV).scatter_(1, order, kept)
 
 
+_FUSED_OK = [True]
+
+
+def _fused_draw(x_RV: torch.Tensor, rows_R: torch.Tensor) -> torch.Tensor | None:
+    """The same draw as the torch loop below through one fused Triton pass (no [R, V] noise);
+    None (and the torch path from then on) if the kernel cannot run here."""
+    if not _FUSED_OK[0]:
+        return None
+    try:
+        from .sampler_triton import gumbel_argmax
+        return gumbel_argmax(x_RV.contiguous(), row_keys(rows_R[:, 4], rows_R[:, 5], rows_R[:, 6]))
+    except Exception as e:  # noqa: BLE001 - a compile failure must not take sampling down
+        import sys
+        print(f"[moepipe] fused sampler unavailable ({type(e).__name__}: {e}); using the torch path",
+              file=sys.stderr)
+        _FUSED_OK[0] = False
+        return None
+
+
 def sample(logits_RV: torch.Tensor, rows_R: torch.Tensor, flags: int | None = None) -> torch.Tensor:
     """One token id per row of fp32 logits [R, V] given int32 sampling rows [R, ROW] on the same
     device; returns int64 [R]. flags (pack_rows') skips work no row needs; None: assume all."""
@@ -97,6 +121,9 @@ def sample(logits_RV: torch.Tensor, rows_R: torch.Tensor, flags: int | None = No
     x = logits_RV.float() / torch.where(sampled, temp, 1.0)[:, None]
     if flags & F_FILTERED:
         x = filter_logits(x, rows_R[:, 1], rows_R[:, 2].view(torch.float32), rows_R[:, 3].view(torch.float32))
+    drawn = _fused_draw(x, rows_R) if x.is_cuda else None
+    if drawn is not None:
+        return torch.where(sampled, drawn, greedy)
     out = torch.empty_like(greedy)
     V = x.shape[-1]
     for r0 in range(0, x.shape[0], _NOISE_ROWS):  # bounded temporaries, not a per-row loop

@@ -1,10 +1,15 @@
 """The vectorised sampler against naive torch maths: many draws on a tiny vocabulary match the
 frequencies of the truncated softmax (so ignoring top_k, top_p or min_p fails), greedy rows mixed
 with sampled rows, and a row's token independent of its neighbours and of the batch."""
+import os
+
 import pytest
 import torch
 
-from model.sampler import pack_rows, sample
+if not torch.cuda.is_available():  # the fused kernel's test runs interpreted; set before triton loads
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from model.sampler import pack_rows, sample  # noqa: E402
 
 V = 10
 N = 20000
@@ -80,3 +85,21 @@ def test_row_depends_only_on_its_logits_seed_and_step():
         assert sample(logits[i:i + 1], torch.from_numpy(r), f).item() == full[i].item()
     other, f = pack_rows([(s[0], s[1], s[2], s[3], s[4] + 1, s[5]) for s in spec])  # another seed
     assert sample(logits, torch.from_numpy(other), f).tolist() != full.tolist()
+
+
+def test_fused_gumbel_argmax_equals_torch_draw():
+    """The CUDA sampler's fused Triton pass (interpreted without CUDA) draws the torch path's token."""
+    pytest.importorskip("triton")
+    from model import sampler_triton
+    from model.sampler import gumbel_noise, row_keys
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    R, V = 5, 2500
+    x = torch.randn(R, V, generator=g)
+    x[1, ::3] = float("-inf")  # filtered tokens never win
+    lo, hi = (torch.randint(-2**31, 2**31 - 1, (R,), generator=g, dtype=torch.int32) for _ in range(2))
+    step = torch.arange(R, dtype=torch.int32) * 7
+    want = torch.argmax(x + gumbel_noise(lo, hi, step, V), -1)
+    got = sampler_triton.gumbel_argmax(x.to(dev), row_keys(lo, hi, step).to(dev))
+    assert got.cpu().tolist() == want.tolist()
+    assert got[1].item() % 3 != 0
