@@ -146,7 +146,9 @@ def main() -> int:
     ap.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--soak-kv-gib", type=float, default=1.0, help="KV pool per stage of the soak (small: preempts)")
+    ap.add_argument("--soak-kv-gib", type=float, default=0.25, help="KV pool per stage of the soak (small: preempts)")
+    ap.add_argument("--soak-prompt", type=int, default=512, help="longest soak prompt")
+    ap.add_argument("--soak-new", type=int, default=64, help="most new tokens of a soak request")
     ap.add_argument("--skip", default="", help="comma list of: sampling,balance,decode,single,soak")
     ap.add_argument("--small", action="store_true", help="tiny workloads (CPU smoke run)")
     ap.add_argument("--out", required=True)
@@ -161,22 +163,31 @@ def main() -> int:
            "command": " ".join(sys.argv), "model": model, "load_format": a.load_format, "stages": a.stages,
            "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "gpus": torch.cuda.device_count()}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section: a timeout keeps what was measured
+        Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+
     with LLM(model, stages=a.stages, **kw) as llm:
         if "sampling" not in skip:
             res["sampling"] = sampling_vs_greedy(llm, 256 // s, 128 // s, 128 // s)
+            save()
         if "balance" not in skip:
             res["balance"] = stage_balance(llm, 64 // s, 1024 // s, 64 // s)
+            save()
         if "decode" not in skip:
             res["decode_stages"] = decode_ms_per_step(llm, 256 // s)
+            save()
     if "single" not in skip and a.stages > 1:
         with LLM(model, stages=1, **kw) as llm:
             res["decode_1gpu"] = decode_ms_per_step(llm, 256 // s)
+            save()
     if "soak" not in skip:
         kv = None if a.small else a.soak_kv_gib
         with LLM(model, stages=a.stages, kv_cache_gib=kv, max_num_seqs=64, **kw) as llm:
-            res["soak"] = soak(llm, 1000 // s // (2 if a.small else 1), 10, 2000 // s, 256 // s)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+            res["soak"] = soak(llm, 1000 // s // (2 if a.small else 1), 10, a.soak_prompt // s, a.soak_new // s)
+            save()
+    save()
     print(f"\n{res['card']} x{res['gpus']}, {model} ({a.load_format}), {a.stages} stages, {res['date']}")
     print(f"{'figure':<44} {'value':>30}")
     if "sampling" in res:
