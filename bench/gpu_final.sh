@@ -19,7 +19,7 @@ if [ "$step" = main ]; then
   # fail fast: the tiny preset on 2 GPUs, greedy then sampled (plan, hops, graphs, sampler on CUDA)
   for t in 0 0.8; do
     CUDA_VISIBLE_DEVICES=0,1 timeout 150 python3 -m engine generate --model tiny --load-format dummy --stages 2 \
-      --max-tokens 24 --temperature $t --top-p 0.9 --quiet || { echo "smoke failed"; exit 1; }
+      --prompt-ids 11,12,13,14,15 --max-tokens 24 --temperature $t --top-p 0.9 --quiet || { echo "smoke failed"; exit 1; }
   done
   CUDA_VISIBLE_DEVICES=0,1 python3 .shared/ceilings.py | tee "$OUT/ceilings.jsonl"
   (  # every GPU test, split over GPUs 2 and 3 (Triton compiles per process), then the 2-GPU ones
