@@ -50,7 +50,11 @@ def resolve_engine(model: str, opts: EngineOptions) -> tuple[EngineArgs, ModelCo
         folder, hub_repo, cfg = None, None, dummy_config(model)  # a preset name or a config.json
     else:
         folder, hub_repo = resolve_model(model, opts.revision)
-        cfg = ModelConfig.from_file(folder)
+        if opts.load_format == "dummy":  # a folder of a hand-written config.json: read it as the stages will
+            from loader.dummy import dummy_config
+            cfg = dummy_config(folder)
+        else:
+            cfg = ModelConfig.from_file(folder)
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
