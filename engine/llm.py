@@ -130,7 +130,8 @@ class LLM:
         self._lock = threading.RLock()
         self._send_lock = threading.RLock()
         self._entries: dict[int, _Entry] = {}
-        self._by_request: dict[str, int] = {}
+        self._by_request: dict[str, int] = {}  # running or waiting requests
+        self._streams: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # request id -> its stream
         self._seq_ids = itertools.count()
         self._auto_ids = itertools.count()
         self._stats_waiters: dict[int, list] = {}
@@ -404,17 +405,24 @@ class LLM:
                 self._entries[sid] = _Entry(rid, on_event if on_event is not None else s._queue.put, on_event is None,
                                             weakref.ref(s))
                 self._by_request[rid] = sid
+                self._streams[rid] = s
                 streams.append(s)
                 adds.append((sid, ids, params))
             self._send(("add", adds))
         return streams
 
     def abort(self, request_ids: str | Seq[str]) -> None:
-        """Abort running or waiting requests by id; unknown or finished ids are ignored."""
+        """Abort running or waiting requests by id: they stop and free their blocks, and their
+        streams end (a request that already finished only has its stream ended); unknown ids are
+        ignored."""
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         with self._lock:
             sids = [self._by_request[r] for r in request_ids if r in self._by_request]
+            done = [self._streams.get(r) for r in request_ids if r not in self._by_request]
+        for stream in done:  # finished in the engine, tokens still queued: the stream ends here too
+            if stream is not None:
+                stream.finished = True
         self._abort_seqs(sids)
 
     def _abort_seqs(self, sids: list[int]) -> None:

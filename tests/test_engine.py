@@ -200,6 +200,20 @@ def test_submit_from_threads_abort_and_on_event(llm2, prompts):
     _idle(llm2)
 
 
+def test_abort_of_a_finished_but_unread_stream_ends_it(llm2, prompts):
+    """A request the engine has finished while its stream was not read yet: abort ends the stream
+    (its queued tokens are not yielded) and leaves the pool free."""
+    a = llm2.submit(prompts[0], GREEDY)
+    b = llm2.submit(prompts[1], GREEDY)
+    next(a)
+    assert len(list(b)) == 10  # a runs beside b, so it has finished too by now
+    _idle(llm2)
+    llm2.abort([a.request_id])
+    assert list(a) == []
+    s = _idle(llm2)
+    assert (s["running"], s["free_blocks"]) == (0, s["num_blocks"])
+
+
 def test_stats_snapshot_while_generating(llm2, prompts):
     results, errors = [], []
 
