@@ -3,6 +3,7 @@ read), with slices on every stage, time only moving forward on each lane, and th
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -100,4 +101,7 @@ def test_profile_command_writes_trace(tmp_path, capsys):
                  "--trace", str(path), "--quiet", "--kv-cache-gib", "0.02"]) == 0
     out = capsys.readouterr().out
     assert "bubble %" in out and f"timeline: {path}" in out
+    # the last stage's extra work is shown apart: final norm + lm_head, and sampling
+    m = re.search(r"final norm \+ lm_head ([0-9.]+) ms, sampling ([0-9.]+) ms", out)
+    assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
     check_trace(path, 2)

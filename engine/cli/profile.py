@@ -25,8 +25,8 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run_profile)
 
 
-def suggest(llm, stages: list[dict]) -> tuple[list[int], list[float]]:
-    """The balanced split for the measured costs, with each stage's predicted busy ms."""
+def suggest(llm, stages: list[dict]):
+    """The balanced split for the measured costs, each stage's predicted busy ms, and the costs."""
     from model.config import parse_dtype
 
     from ..auto_split import choose_split, costs_from_stats, memory_model
@@ -36,7 +36,7 @@ def suggest(llm, stages: list[dict]) -> tuple[list[int], list[float]]:
         cards = [int(s["card_bytes"] * o.gpu_memory_utilization) for s in stages]
         memory = memory_model(llm.config, len(stages), parse_dtype(o.dtype), cards)
     counts = choose_split(costs, len(stages), memory)
-    return counts, costs.stage_ms(counts)
+    return counts, costs.stage_ms(counts), costs
 
 
 def run_profile(a) -> int:
@@ -59,11 +59,15 @@ def run_profile(a) -> int:
         wall_ms = (time.perf_counter() - t0) * 1e3
         prof = stop_profile(llm, a.trace, reset=True, per_step=True)
         stats = prof["stages"]
-        counts, predicted = suggest(llm, stats)
+        counts, predicted, costs = suggest(llm, stats)
         auto = llm.auto_split
     bubble = prof["bubble"]
+    sample_ms = stats[-1].get("sample_ms") or 0.0
+    extra = {"layer_ms_median": sorted(costs.layer_ms)[len(costs.layer_ms) // 2], "embed_ms": costs.embed_ms,
+             "head_ms": max(0.0, costs.head_ms - sample_ms), "sample_ms": sample_ms}
     report = {"wall_ms": wall_ms, "stages": stats, "bubble": bubble, "trace": prof["path"],
-              "suggested_layers": counts, "predicted_busy_ms": predicted, "auto_split": auto}
+              "suggested_layers": counts, "predicted_busy_ms": predicted, "auto_split": auto,
+              "costs": extra}
     if a.json:
         print(json.dumps(report))
         return 0
@@ -83,6 +87,9 @@ def run_profile(a) -> int:
               f"{'-' if b is None else f'{100 * b:.1f}%':>9}")
     print("bubble: share of the timeline (first to last slice of any stage) in which the stage's device ran "
           "nothing (forwards and sampling)")
+    print(f"busy ms over this run: each decoder layer {extra['layer_ms_median']:.1f} ms (median); stage 0's embedding "
+          f"{extra['embed_ms']:.1f} ms; the last stage's extra work: final norm + lm_head {extra['head_ms']:.1f} ms, "
+          f"sampling {extra['sample_ms']:.1f} ms")
     print(f"per step (ms busy, tokens), first {a.steps}:")
     for i in range(min(a.steps, min(len(s["step_ms"]) for s in stats))):
         print(f"  step {i:>3}: " + "  ".join(f"s{s['rank']} {s['step_ms'][i]:7.2f} ({s['step_tokens'][i]})" for s in stats))
