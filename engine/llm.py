@@ -5,114 +5,28 @@ events and hands each to the stream of its request."""
 from __future__ import annotations
 
 import itertools
-import os
 import queue
 import subprocess
 import sys
 import threading
-import time
 import weakref
-from dataclasses import dataclass
-from multiprocessing.connection import Listener, wait
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Callable, Iterator, Sequence as Seq
 
-from .launch import AUTHKEY_ENV, resolve_engine
+from .launch import resolve_engine
 from .model_files import load_tokenizer
 from .options import EngineOptions, options_from_kwargs
 from .params import RequestOutput, SamplingParams
+from .request_stream import _ABORTED, POLL_S, RequestStream, TokenEvent, _Entry
 from .scheduler import check_request
+from .stage_processes import EngineClosed, StageDied, StageProcesses
+from .stage_processes import GATHER_FAILURES_S, kill_workers  # noqa: F401  (engine/__main__.py: engine.llm.kill_workers)
 
 Prompt = str | list[int]
-POLL_S = 0.25
-GATHER_FAILURES_S = 0.3  # after a first failure, wait this long for the others before picking the culprit
-_REPO_ROOT = str(Path(__file__).resolve().parent.parent)
-_WORKERS: "weakref.WeakSet[subprocess.Popen]" = weakref.WeakSet()  # every live worker of this process
 
 
-def kill_workers() -> None:
-    """End every stage process this process started (the CLI's Ctrl-C handler)."""
-    for p in list(_WORKERS):
-        try:
-            p.kill()
-        except OSError:
-            pass
-
-
-class StageDied(RuntimeError):
-    """A stage process ended while the engine needed it."""
-
-
-class EngineClosed(RuntimeError):
-    """The engine was closed."""
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    token_id: int
-    finish_reason: str | None  # "stop" | "length" on a request's last token, else None
-
-
-_ABORTED = object()  # ends the iteration of a stream aborted through LLM.abort
-
-
-class RequestStream:
-    """The tokens of one request as TokenEvents (blocking iterator). abort() or close() ends it
-    early; so does garbage collection of an unfinished stream, and LLM.abort of its id."""
-
-    def __init__(self, llm: "LLM", request_id: str, seq_id: int):
-        self.request_id, self._seq_id = request_id, seq_id
-        self._llm = weakref.ref(llm)
-        self._queue: queue.Queue = queue.Queue()
-        self.finished = False
-
-    def __iter__(self) -> "RequestStream":
-        return self
-
-    def __next__(self) -> TokenEvent:
-        if self.finished:
-            raise StopIteration
-        while True:
-            try:
-                item = self._queue.get(timeout=POLL_S)
-                break
-            except queue.Empty:
-                continue
-        if item is _ABORTED:
-            self.finished = True
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if item.finish_reason is not None:
-            self.finished = True
-        return item
-
-    def abort(self) -> None:
-        if not self.finished:
-            self.finished = True
-            llm = self._llm()
-            if llm is not None:
-                llm._abort_seqs([self._seq_id])
-
-    close = abort
-
-    def __del__(self):
-        try:
-            self.abort()
-        except Exception:
-            pass
-
-
-@dataclass
-class _Entry:
-    request_id: str
-    deliver: Callable  # TokenEvent or an exception -> None (runs on the router thread)
-    own_queue: bool  # deliver feeds the stream's own queue (not a caller's on_event)
-    stream: "weakref.ref[RequestStream]"
-
-
-class LLM:
+class LLM(StageProcesses):
     def __init__(self, model: str, options: EngineOptions | None = None, **kwargs):
         self._procs: list[subprocess.Popen] = []
         self._conns: list = []
@@ -138,122 +52,10 @@ class LLM:
         self._stats_tokens = itertools.count()
         self.auto_split: dict | None = None  # layers='auto': the measured split and its report
         self._start()
-        if opts.layers == "auto":
-            self._auto_split(model, opts)
-
-    # ---- processes ---------------------------------------------------------------------------
-    def _start(self) -> None:
-        S, timeout_s = self.args.stages, self.options.load_timeout_s
-        key = os.urandom(16)
-        listener = Listener(("127.0.0.1", 0), authkey=key)
-        dist_port = _free_port()
-        env = dict(os.environ, **{AUTHKEY_ENV: key.hex()})
-        env["PYTHONPATH"] = os.pathsep.join([_REPO_ROOT, *filter(None, [env.get("PYTHONPATH")])])
-        host, port = listener.address
-        try:
-            for rank in range(S):
-                # own session: the terminal's Ctrl-C reaches only this process, which ends the stages
-                p = subprocess.Popen([sys.executable, "-m", "engine.worker", host, str(port), str(rank)],
-                                     env=env, start_new_session=True, cwd=_REPO_ROOT)
-                self._procs.append(p)
-                _WORKERS.add(p)
-            self._conns = [None] * S
-            accepted: queue.Queue = queue.Queue()
-
-            def accept():
-                for _ in range(S):
-                    try:
-                        accepted.put(listener.accept())
-                    except OSError:
-                        return
-            threading.Thread(target=accept, daemon=True).start()
-            deadline = time.monotonic() + timeout_s
-            ready: dict[int, dict] = {}
-            while len(ready) < S:
-                try:
-                    conn = accepted.get(timeout=0.05)
-                    _, rank, _ = conn.recv()
-                    conn.send((self.args, dist_port))
-                    self._conns[rank] = conn
-                except queue.Empty:
-                    pass
-                live = [c for c in self._conns if c is not None]
-                for c in wait(live, timeout=0.05) if live else ():
-                    rank = self._conns.index(c)
-                    try:
-                        msg = c.recv()
-                    except (EOFError, OSError):
-                        self._fail({rank: None})
-                    if msg[0] == "error":
-                        self._fail({rank: msg})
-                    ready[rank] = msg[2]
-                for rank, p in enumerate(self._procs):
-                    if p.poll() is not None and rank not in ready:
-                        self._fail({rank: None})
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"stages did not finish loading within {timeout_s:.0f} s (load_timeout_s)")
-        except BaseException:
-            self._kill_all()
-            raise
-        finally:
-            listener.close()
-        self.info = ready[0]
-        self.stage_info = [ready[r] for r in range(S)]
-        self.max_model_len = self.info["max_model_len"]
         self._router = threading.Thread(target=self._route, name="moepipe-router", daemon=True)
         self._router.start()
-
-    def _fail(self, first: dict) -> None:
-        """A stage failed (first: rank -> its error message, or None when it ended silently).
-        Gather what the others say for a moment, end every stage, raise StageDied naming the
-        stage that failed first-hand: one that ended silently (killed) beats one that reported an
-        error (often just its peer's broken link); among reporters, the first to report."""
-        said = {r: m for r, m in first.items() if m is not None}
-        silent = [r for r, m in first.items() if m is None]
-        order = list(first)
-        end = time.monotonic() + GATHER_FAILURES_S
-        live = [c for r, c in enumerate(self._conns) if c is not None and r not in first]
-        while live and time.monotonic() < end:
-            for c in wait(live, timeout=max(0.0, end - time.monotonic())):
-                rank = self._conns.index(c)
-                live.remove(c)
-                try:
-                    msg = c.recv()
-                except (EOFError, OSError):
-                    msg = None
-                if msg is not None and msg[0] != "error":
-                    live.append(c)
-                    continue
-                order.append(rank)
-                if msg is None:
-                    silent.append(rank)
-                else:
-                    said[rank] = msg
-        codes = {r: p.poll() for r, p in enumerate(self._procs)}
-        self._kill_all()
-        rank = silent[0] if silent else order[0]
-        p = self._procs[rank] if rank < len(self._procs) else None
-        if rank in said:
-            _, _, summary, tb = said[rank]
-            err = StageDied(f"stage {rank} failed: {summary}\n\nstage {rank} traceback:\n{tb}")
-        else:
-            err = StageDied(f"stage {rank} (pid {p.pid if p else '?'}) died with exit code {codes.get(rank)}")
-        self._dead = err
-        raise err
-
-    def _kill_all(self) -> None:
-        for p in self._procs:
-            if p.poll() is None:
-                p.kill()
-        for p in self._procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        for c in self._conns:
-            if c is not None:
-                c.close()
-        self._conns = [None] * len(self._conns)
+        if opts.layers == "auto":
+            self._auto_split(model, opts)
 
     # ---- the router thread -------------------------------------------------------------------
     def _route(self) -> None:
@@ -574,9 +376,3 @@ class LLM:
             self.__init__(model, options=opts.with_(layers=counts))
         self.auto_split = report
 
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
