@@ -343,6 +343,9 @@ def test_bad_requests_get_400_and_disturb_nothing(server):
 
 def test_metrics_text(server):
     import httpx
+    r = server.client().completions.create(model=MODEL_NAME, prompt="a", max_tokens=2, temperature=0,
+                                           extra_body={"ignore_eos": True})  # so the histograms hold a request
+    assert r.usage.completion_tokens == 2
     text = httpx.get(server.url + "/metrics").text
     for name in ("num_requests_running", "num_requests_waiting", "kv_blocks_used", "kv_blocks_free",
                  "prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_bucket",
