@@ -64,7 +64,8 @@ class _Sampling(BaseModel):
             raise BadRequest("stream_options is only allowed with stream=true", "stream_options")
 
     def requested_max_tokens(self) -> int | None:
-        raise NotImplementedError
+        """The request's token limit (each request type declares max_tokens with its own default)."""
+        return self.max_tokens
 
     def sampling_kwargs(self, defaults: dict) -> dict:
         """SamplingParams keywords but max_tokens; unset values fall back to the model's defaults
@@ -117,9 +118,6 @@ class CompletionRequest(_Sampling):
             if len(x) == 0:
                 raise BadRequest(f"prompt {i} is empty", "prompt")
         return out
-
-    def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
 
 
 class ChatMessage(BaseModel):
