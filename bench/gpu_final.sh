@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The final GPU record on a 4-GPU machine, in two device calls (each fits the 10-minute limit):
+# The GPU record on a 4-GPU machine, one device call per step (each fits the 10-minute limit):
 #   bash bench/gpu_final.sh main   # GPUs 0,1: peer + moepipe 2 stages + 1 GPU (bench_e2e); GPUs 2,3
 #                                  #   meanwhile: the GPU tests (the fused-MoE ones alone on GPU 2, they
 #                                  #   compile many shapes), then bench_decode_layer
