@@ -10,7 +10,7 @@ from model.config import ModelConfig
 from .checkpoint import INDEX_NAME, SINGLE_NAME, CheckpointError, CheckpointIndex
 from .partition import StageSpec
 
-SMALL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json")
+SMALL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 def is_hub_id(name: str) -> bool:

@@ -24,7 +24,8 @@ from model.config import ConfigError, ModelConfig
 REPO = "org/tiny"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SHARD_BYTES = 300_000  # about one decoder layer per shard: the two stages of a 2-way split differ
-METADATA = ["config.json", INDEX_NAME, "generation_config.json", "tokenizer.json", "tokenizer_config.json"]
+METADATA = ["config.json", INDEX_NAME, "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja"]
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,8 @@ def test_resolve_model_fetches_small_files_only(hub, remote):
     assert ModelConfig.from_file(folder).extra == ModelConfig.from_file(remote).extra
     assert load_tokenizer(folder) is not None
     assert stop_token_ids(folder) == stop_token_ids(remote)
+    # a template kept only in chat_template.jinja reaches the snapshot, so LLM.chat and serve find it
+    assert (folder / "chat_template.jinja").read_text() == (remote / "chat_template.jinja").read_text()
 
 
 def test_revision_is_passed_through(hub):
@@ -171,7 +174,7 @@ def test_single_file_repo(remote_single, tmp_path, monkeypatch):
 
 # ---- errors --------------------------------------------------------------------------------------
 def test_optional_files_missing_upstream(hub):
-    hub.missing = {"tokenizer.json", "tokenizer_config.json", "generation_config.json"}
+    hub.missing = {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"}
     folder, _ = resolve_model(REPO)
     assert hub.requests == METADATA  # asked for, absent, tolerated
     assert load_tokenizer(folder) is None
