@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections import deque
 
+import numpy as np
 import torch
 
 from .p2p import BATCH, STATS, STOP, to_device
@@ -128,7 +129,6 @@ class PipelineEngine:
         if self.num_stages == 1:
             self.replies.append(("stats", token, {"stages": [stage0], "scheduler": own}))
             return
-        import numpy as np
         header = np.zeros(HEADER, dtype=np.int64)
         header[H_KIND] = STATS
         header[H_AUX0] = len(json.dumps([stage0]).encode())
@@ -143,7 +143,6 @@ class PipelineEngine:
 
     def shutdown(self) -> None:
         if self.num_stages > 1:
-            import numpy as np
             header = np.zeros(HEADER, dtype=np.int64)
             header[H_KIND] = STOP
             self.worker.fwd.send(1, header, [])
