@@ -17,10 +17,10 @@ from .batch import AttnBatch
 # 211 us vs grouped 237 us, 16 x 8 = 128 pairs 338 vs 328 us; the user's shape (top-16) 8 x 16
 # = 128 pairs 1331 vs 1197 us; qwen3-235b-a22b 8 x 8 = 64 pairs 799 vs 802 us.
 MOE_SMALL_MAX_PAIRS = 64
-# Tokens from which torch._grouped_mm (cuBLAS) replaces the Triton grouped kernel. H100, 30b shape
-# (same file): 2048 tokens Triton 923 us vs torch 1105; 8192 tokens 2825 vs 2451. Between the two
-# points nothing was measured.
-MOE_TORCH_MIN_TOKENS = 4096
+# Tokens from which torch._grouped_mm (cuBLAS) would replace the Triton grouped kernel: never, since
+# with the (128, 128) tile the Triton kernel won at every count measured, 2048 to 16384 tokens
+# (H100, 30b shape; model.fused_moe_triton.grouped_tiles has the figures).
+MOE_TORCH_MIN_TOKENS = 1 << 30
 
 
 def reference_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:

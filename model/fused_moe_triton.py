@@ -97,10 +97,11 @@ def _down_combine_gemv_kernel(act_ptr, w_ptr, ids_ptr, tw_ptr, out_ptr, H, I, st
 def small_tiles(N: int, H: int, I: int, k: int) -> tuple[int, int, int, int, int, int]:
     """(BN1, BK1, warps1, BN2, BK2, warps2) of the GEMV path: narrow column tiles at small N so
     that the programs cover every SM several times over at batch 1."""
-    # H100, 30b shape, 1 token: 44.1 us (16, 256, 4, 8, 256, 4: 71.0). (4, 1024, 4, 2, 1024, 4)
-    # measured 36.5 us but has not been checked on the GPU, so it is not the default.
+    # H100, 1 token, us (bench/results/moe_diag_H100_2026-11-28.json), this tile vs the one it
+    # replaced (8, 512, 4, 4, 512, 4): 30b 39.1 vs 45.6, the user's shape 213.5 vs 239.6, 235b
+    # 112.6 vs 120.1; 2 tokens 61.6 vs 67.8, 365.0 vs 401.8, 209.7 vs 218.9. Same error vs fp64.
     if N * k <= 16:
-        return 8, 512, 4, 4, 512, 4
+        return 4, 1024, 4, 2, 1024, 4
     return 16, 256, 4, 8, 256, 4
 
 
@@ -208,11 +209,13 @@ def _down_grouped_kernel(act_ptr, w_ptr, pairs_ptr, bexp_ptr, tw_ptr, y_ptr, P, 
 
 
 def grouped_tiles(P: int, E: int) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BK, warps, stages): BM near the rows per expert (the tiles checked on the GPU).
-    Measured on H100, 30b shape: 128 and 512 rows per expert (2048, 8192 tokens) ran 881 and
-    2128 us at (128, 128, 64, 8, 3) against 923 and 2825 us here; that tile is not yet checked on
-    the GPU, so above 4096 tokens torch._grouped_mm runs instead (model.backend)."""
+    """(BM, BN, BK, warps, stages): BM near the rows per expert. H100, 30b shape, us
+    (bench/results/moe_diag_H100_2026-11-28.json), (128, 128, 64, 8, 3) vs (64, 64, 64, 4, 3) vs
+    torch._grouped_mm: 2048 tokens 892 / 934 / 1119, 4096: 1280 / 1603 / 1462, 8192: 2100 / 2852 /
+    2466, 16384: 3787 / 5275 / 4496; equal to torch._grouped_mm's output at each."""
     per_expert = P / E
+    if per_expert > 96:
+        return 128, 128, 64, 8, 3
     BM = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
     return BM, 64, 64, 4, 3
 
