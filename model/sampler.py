@@ -1,8 +1,21 @@
 """Vectorised sampling of a whole batch on the logits' device: greedy rows (temperature 0) mixed
-with sampled rows (temperature, top-k, then top-p on what top-k kept, min-p relative to the most
-likely token). The draw is the Gumbel-max trick with noise from a counter-based hash of
-(seed, step, vocab index) computed on the device, so a row's token depends only on its own logits,
-seed and step: never on the batch, its neighbours or the number of stages. No per-row loop.
+with sampled rows (temperature, then top-k, min-p and top-p). The draw is the Gumbel-max trick with
+noise from a counter-based hash of (seed, step, vocab index) computed on the device, so a row's
+token depends only on its own logits, seed and step: never on the batch, its neighbours or the
+number of stages. No per-row loop.
+
+Filters, on x = logits.float() / temperature (fp32, computed in torch on every path). Each one is a
+threshold on the value, so tokens of equal value (common: the logits are bf16) are kept or dropped
+together:
+- top-k (0 < k < V): keep x >= v_k, the k-th largest value (every token tied with it stays);
+- min-p (> 0): keep x >= floor = x.amax(-1) + log(min_p) (fp32, min_p_floor; min_p 0 keeps all);
+- top-p (< 1), on what top-k and min-p kept, renormalised: a kept token stays iff the probability
+  mass of the kept tokens with a value strictly greater than its own is < top_p (the top value
+  always stays).
+Then argmax(x + gumbel) over the kept tokens (the lowest index wins an exact tie). On CUDA one
+Triton program per row finds the thresholds and draws (model/sampler_triton.py); elsewhere
+filter_logits (sort + searchsorted) is the reference. The two sum the top-p masses in different
+orders, so a row whose mass at a boundary is within fp32 rounding of top_p can differ.
 
 A sampling row is ROW int32 values: temperature (float32 bits), top_k, top_p (float32 bits),
 min_p (float32 bits), seed low 32 bits, seed high 32 bits, step, 0."""
@@ -72,35 +85,61 @@ def gumbel_noise(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: torch.Tenso
     return -torch.log(-torch.log(u))
 
 
+def min_p_floor(x_RV: torch.Tensor, min_p: torch.Tensor, max_R: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 [R]: min-p's floor max(x) + log(min_p) (-inf for min_p 0); both paths use this one.
+    max_R: x.amax(-1) if already at hand."""
+    m = x_RV.amax(-1) if max_R is None else max_R
+    return m + torch.log(min_p.to(x_RV.dtype).clamp(0, 1))
+
+
 def filter_logits(x_RV: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """-inf outside each row's kept set: top-k (0 = off), then the smallest prefix of what is left
-    whose probability reaches top_p, and tokens below min_p times the top token's probability."""
+    """-inf outside each row's kept set (the module docstring's thresholds, ties kept together):
+    the reference for the fused kernel and the path off CUDA. Sort, then each tied group's first
+    position in the sorted row (searchsorted) stands for the whole group."""
     V = x_RV.shape[-1]
     sorted_x, order = torch.sort(x_RV, dim=-1, descending=True)
-    rank = torch.arange(V, device=x_RV.device)
-    k = torch.where(top_k > 0, top_k.to(torch.int64), V).clamp(max=V)
-    drop = rank[None, :] >= k[:, None]
-    floor = sorted_x[:, :1] + torch.log(min_p.clamp(min=0))[:, None]  # log 0 = -inf: nothing dropped
-    drop |= sorted_x < floor
-    probs = torch.softmax(sorted_x.masked_fill(drop, float("-inf")), dim=-1)
-    # a token goes when the prefix before it already reached top_p (rows with top_p 1 keep all)
-    drop |= ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p < 1)[:, None]
-    drop[:, 0] = False
-    kept = sorted_x.masked_fill(drop, float("-inf"))
+    neg = -sorted_x  # ascending
+    first = torch.searchsorted(neg, neg, side="left")  # [R, V]: first position of each value's group
+    k = torch.where((top_k > 0) & (top_k < V), top_k.to(torch.int64), V)
+    keep = first < k[:, None]
+    keep &= sorted_x >= min_p_floor(x_RV, min_p)[:, None]
+    w = torch.where(keep, torch.exp(sorted_x - sorted_x[:, :1]), 0.0)
+    above = (torch.cumsum(w, -1) - w).gather(-1, first)  # kept mass strictly above the group
+    drop = (above >= top_p[:, None] * w.sum(-1, keepdim=True)) & (top_p < 1)[:, None] & (first > 0)
+    kept = sorted_x.masked_fill(~(keep & ~drop), float("-inf"))
     return torch.empty_like(x_RV).scatter_(1, order, kept)
+
+
+def gumbel_draw(x_RV: torch.Tensor, rows_R: torch.Tensor) -> torch.Tensor:
+    """argmax(x + gumbel_noise) per row in torch (int64 [R]); -inf tokens never win, even where
+    the noise is +inf (24 random bits of all ones round u to 1)."""
+    out = torch.empty(x_RV.shape[0], dtype=torch.int64, device=x_RV.device)
+    V = x_RV.shape[-1]
+    for r0 in range(0, x_RV.shape[0], _NOISE_ROWS):  # bounded temporaries, not a per-row loop
+        r1 = min(r0 + _NOISE_ROWS, x_RV.shape[0])
+        rr, x = rows_R[r0:r1], x_RV[r0:r1]
+        s = (x + gumbel_noise(rr[:, 4], rr[:, 5], rr[:, 6], V)).masked_fill(x == float("-inf"), float("-inf"))
+        out[r0:r1] = torch.argmax(s, dim=-1)
+    return out
 
 
 _FUSED_OK = [True]
 
 
-def _fused_draw(x_RV: torch.Tensor, rows_R: torch.Tensor) -> torch.Tensor | None:
-    """The same draw as the torch loop below through one fused Triton pass (no [R, V] noise);
-    None (and the torch path from then on) if the kernel cannot run here."""
+def _fused_draw(x_RV: torch.Tensor, rows_R: torch.Tensor, greedy_R: torch.Tensor, max_R: torch.Tensor,
+                filtered: bool) -> torch.Tensor | None:
+    """sample()'s tokens through one Triton program per row (filters and draw; greedy rows take
+    greedy_R; max_R = x.amax(-1)) with no [R, V] temporaries; None (and the torch path from then
+    on) if the kernel cannot run here."""
     if not _FUSED_OK[0]:
         return None
     try:
-        from .sampler_triton import gumbel_argmax
-        return gumbel_argmax(x_RV.contiguous(), row_keys(rows_R[:, 4], rows_R[:, 5], rows_R[:, 6]))
+        from .sampler_triton import filtered_gumbel_argmax
+        x = x_RV.contiguous()
+        if not filtered:
+            return filtered_gumbel_argmax(x, rows_R, greedy_R=greedy_R)[0]
+        return filtered_gumbel_argmax(x, rows_R, min_p_floor(x, rows_R[:, 3].view(torch.float32), max_R), max_R,
+                                      greedy_R)[0]
     except Exception as e:  # noqa: BLE001 - a compile failure must not take sampling down
         import sys
         print(f"[moepipe] fused sampler unavailable ({type(e).__name__}: {e}); using the torch path",
@@ -118,16 +157,15 @@ def sample(logits_RV: torch.Tensor, rows_R: torch.Tensor, flags: int | None = No
     flags = (F_SAMPLED | F_FILTERED) if flags is None else flags
     temp = rows_R[:, 0].view(torch.float32)
     sampled = temp > 0
-    x = logits_RV.float() / torch.where(sampled, temp, 1.0)[:, None]
+    t = torch.where(sampled, temp, 1.0)
+    x = logits_RV.float() / t[:, None]
+    if x.is_cuda:
+        # x.amax(-1) bitwise without a pass over x: dividing by t > 0 is monotone, so the largest
+        # quotient is the rounded quotient of the largest logit
+        m = logits_RV.gather(-1, greedy[:, None])[:, 0].float() / t
+        drawn = _fused_draw(x, rows_R.contiguous(), greedy, m, bool(flags & F_FILTERED))
+        if drawn is not None:
+            return drawn
     if flags & F_FILTERED:
         x = filter_logits(x, rows_R[:, 1], rows_R[:, 2].view(torch.float32), rows_R[:, 3].view(torch.float32))
-    drawn = _fused_draw(x, rows_R) if x.is_cuda else None
-    if drawn is not None:
-        return torch.where(sampled, drawn, greedy)
-    out = torch.empty_like(greedy)
-    V = x.shape[-1]
-    for r0 in range(0, x.shape[0], _NOISE_ROWS):  # bounded temporaries, not a per-row loop
-        r1 = min(r0 + _NOISE_ROWS, x.shape[0])
-        rr = rows_R[r0:r1]
-        out[r0:r1] = torch.argmax(x[r0:r1] + gumbel_noise(rr[:, 4], rr[:, 5], rr[:, 6], V), dim=-1)
-    return torch.where(sampled, out, greedy)
+    return torch.where(sampled, gumbel_draw(x, rows_R), greedy)

@@ -1,6 +1,7 @@
 """The vectorised sampler against naive torch maths: many draws on a tiny vocabulary match the
-frequencies of the truncated softmax (so ignoring top_k, top_p or min_p fails), greedy rows mixed
-with sampled rows, and a row's token independent of its neighbours and of the batch."""
+frequencies of the truncated softmax (so ignoring top_k, top_p or min_p fails), ties at a threshold
+kept together, greedy rows mixed with sampled rows, a row's token independent of its neighbours and
+of the batch, and the fused Triton kernels (interpreted without CUDA) against the torch path."""
 import os
 
 import pytest
@@ -16,22 +17,20 @@ N = 20000
 
 
 def truncated_softmax(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Naive reference: temperature, top-k, then top-p on the renormalised rest, min-p vs the top token."""
-    p = torch.softmax(logits.double() / temperature, -1)
-    keep = torch.ones_like(p, dtype=torch.bool)
-    order = torch.argsort(p, descending=True)
-    if top_k:
-        keep[order[top_k:]] = False
+    """Naive reference, ties kept together: a loop over the distinct values, largest first."""
+    x = logits.float() / temperature
+    p = torch.softmax(x.double(), -1)
+    keep = p >= min_p * p.max()
+    if 0 < top_k < len(x):
+        keep &= torch.tensor([int((x > v).sum()) < top_k for v in x.tolist()])
     q = torch.where(keep, p, 0.0)
     q = q / q.sum()
     mass = 0.0
-    for i in order.tolist():
-        if not keep[i]:
-            continue
-        if mass >= top_p:
-            keep[i] = False
-        mass += float(q[i])
-    keep &= p >= min_p * p.max()
+    for n, v in enumerate(sorted(set(x[keep].tolist()), reverse=True)):
+        group = keep & (x == v)
+        if n and top_p < 1 and mass >= top_p:
+            keep &= ~group
+        mass += float(q[group].sum())
     out = torch.where(keep, p, 0.0)
     return out / out.sum()
 
@@ -43,12 +42,16 @@ def draw(logits: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor
 
 
 CASES = [(1.0, 0, 1.0, 0.0), (0.7, 3, 1.0, 0.0), (1.0, 0, 0.6, 0.0), (1.3, 0, 1.0, 0.2), (0.9, 5, 0.8, 0.05)]
+# logits with exact ties: the 2nd value (1.0) is held by 3 tokens, the top-p boundary falls inside them
+TIED = torch.tensor([2.0, 1.0, 0.5, 1.0, -1.0, 1.0, 0.0, 0.5, -0.5, 2.0])
+TIE_CASES = [(1.0, 3, 1.0, 0.0), (1.0, 0, 0.7, 0.0), (0.8, 4, 0.9, 0.0), (1.0, 0, 1.0, 0.3)]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,min_p", CASES)
-def test_frequencies_match_truncated_softmax(temperature, top_k, top_p, min_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p,tied",
+                         [c + (False,) for c in CASES] + [c + (True,) for c in TIE_CASES])
+def test_frequencies_match_truncated_softmax(temperature, top_k, top_p, min_p, tied):
     g = torch.Generator().manual_seed(3)
-    logits = torch.randn(V, generator=g) * 1.5
+    logits = TIED if tied else torch.randn(V, generator=g) * 1.5
     want = truncated_softmax(logits, temperature, top_k, top_p, min_p)
     got = draw(logits, temperature, top_k, top_p, min_p)
     assert torch.all(got[want == 0] == 0), (got, want)
@@ -103,3 +106,117 @@ def test_fused_gumbel_argmax_equals_torch_draw():
     got = sampler_triton.gumbel_argmax(x.to(dev), row_keys(lo, hi, step).to(dev))
     assert got.cpu().tolist() == want.tolist()
     assert got[1].item() % 3 != 0
+    # the filtering kernel with no filters (sample()'s path on CUDA for temperature alone), the
+    # row key hashed from the packed row in the kernel; greedy rows take the given tokens
+    rows = torch.zeros(R, 8, dtype=torch.int32)
+    rows[:, 0] = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0]).view(torch.int32)
+    rows[:, 4], rows[:, 5], rows[:, 6] = lo, hi, step
+    greedy = torch.arange(R) + 100
+    got = sampler_triton.filtered_gumbel_argmax(x.to(dev), rows.to(dev), greedy_R=greedy.to(dev))[0]
+    assert got.cpu().tolist() == torch.where(rows[:, 0] != 0, want, greedy).tolist()
+
+
+def _kept_sets_agree(x: torch.Tensor, kept: torch.Tensor, want: torch.Tensor, top_k, top_p, min_p, rel=1e-5):
+    """Rows [R] where the kernel's kept set equals the torch path's, or differs only by one tied group
+    at the top-p boundary whose mass above is within rel of top_p * Z: the two sum the masses in
+    different orders, so fp32 rounding may put such a group on either side."""
+    from model.sampler import filter_logits
+    ok = (kept == want).all(-1)
+    for r in (~ok).nonzero().flatten().tolist():
+        pre = filter_logits(x[r:r + 1], top_k[r:r + 1], torch.ones(1), min_p[r:r + 1])[0] > float("-inf")
+        diff = x[r][kept[r] != want[r]]
+        w = torch.where(pre, torch.exp(x[r].double() - x[r].max()), 0.0)
+        above = w[x[r] > diff[0]].sum()
+        ok[r] = bool((diff == diff[0]).all()) and abs(above - top_p[r] * w.sum()) <= rel * w.sum()
+    return ok
+
+
+def _both_paths(logits: torch.Tensor, spec: list, dev: str):
+    """(x, rows, fields, kernel tokens, kernel kept [R, V], torch tokens, torch kept) for rows
+    spec [(temperature, top_k, top_p, min_p, seed, step)], all on the CPU; x on dev meanwhile."""
+    from model import sampler
+    from model.sampler_triton import filtered_gumbel_argmax
+    rows = torch.from_numpy(sampler.pack_rows(spec)[0]).to(dev)
+    logits = logits.to(dev)
+    temp = rows[:, 0].view(torch.float32)
+    x = logits / torch.where(temp > 0, temp, 1.0)[:, None]
+    top_k, top_p, min_p = rows[:, 1], rows[:, 2].view(torch.float32), rows[:, 3].view(torch.float32)
+    m = x.amax(-1)
+    tok, thr = filtered_gumbel_argmax(x, rows, sampler.min_p_floor(x, min_p, m), m)
+    kept = (x >= thr[:, None]) & (x > float("-inf"))
+    f = sampler.filter_logits(x, top_k, top_p, min_p)
+    want = sampler.gumbel_draw(f, rows)
+    return (x.cpu(), (top_k.cpu(), top_p.cpu(), min_p.cpu()), tok.cpu(), kept.cpu(), want.cpu(),
+            (f > float("-inf")).cpu())
+
+
+def test_filtered_kernel_equals_torch_path():
+    """The CUDA sampler's filtering kernel (interpreted without CUDA) keeps the torch reference's
+    sets and draws its tokens, on bf16-rounded logits full of ties, for every kind of row."""
+    pytest.importorskip("triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(11)
+    # (temperature, top_k, top_p, min_p): greedy, off, top-k, top-p, min-p, all three, k >= V,
+    # tiny top-p, top-1, and a row mostly -inf with fewer finite tokens than k
+    filt = [(0.0, 5, 0.5, 0.1), (1.0, 0, 1.0, 0.0), (0.8, 40, 1.0, 0.0), (0.8, 0, 0.9, 0.0), (1.2, 0, 1.0, 0.05),
+            (0.8, 60, 0.8, 0.02), (1.0, 3000, 1.0, 0.0), (0.5, 0, 0.05, 0.0), (0.8, 1, 0.9, 0.0),
+            (1.0, 2999, 0.95, 0.0)]
+    spec = [f + (int(torch.randint(0, 2**62, (1,), generator=g)), 3 * i) for i, f in enumerate(filt)]
+    R, V = len(spec), 3000
+    logits = (torch.randn(R, V, generator=g) * 2).bfloat16().float()
+    logits[9, :2000] = float("-inf")  # masked tokens
+    x, (top_k, top_p, min_p), tok, kept, want, want_kept = _both_paths(logits, spec, dev)
+    on = torch.tensor([f[0] > 0 for f in filt])
+    assert _kept_sets_agree(x, kept, want_kept, top_k, top_p, min_p)[on].all()
+    assert tok[on].tolist() == want[on].tolist()
+    n = want_kept.sum(-1)
+    assert n[1] == n[6] == V and 0 < n[3] < V and 0 < n[4] < V and 0 < n[5] <= 60 and n[7] >= 1
+    v40 = x[2][want_kept[2]].min()
+    assert n[2] >= 40 and (x[2] > v40).sum() < 40  # the 40th value's ties all kept
+    assert n[9] <= 1000
+
+
+def test_ties_at_a_threshold_are_kept_together():
+    """The k-th value held by several tokens keeps them all; a top-p boundary inside a tied group
+    keeps or drops the whole group; both paths agree."""
+    pytest.importorskip("triton")
+    probs = torch.tensor([0.3, 0.15, 0.05, 0.15, 0.15, 0.05, 0.1, 0.05])
+    logits = torch.log(probs).float().expand(4, -1).contiguous()  # equal probabilities: equal logits
+    spec = [(1.0, 2, 1.0, 0.0, 1, 0), (1.0, 6, 1.0, 0.0, 2, 0), (1.0, 0, 0.5, 0.0, 3, 0), (1.0, 0, 0.25, 0.0, 4, 0)]
+    want = [[1, 1, 0, 1, 1, 0, 0, 0],  # v_2 = 0.15, held by 3 tokens
+            [1, 1, 1, 1, 1, 1, 1, 1],  # v_6 = 0.05: every token ties with or beats it
+            [1, 1, 0, 1, 1, 0, 0, 0],  # 0.3 above the 0.15s < 0.5: all three stay (0.75 in all)
+            [1, 0, 0, 0, 0, 0, 0, 0]]  # 0.3 above them >= 0.25: all three go
+    _, _, tok, kept, want_tok, want_kept = _both_paths(logits, spec, "cuda" if torch.cuda.is_available() else "cpu")
+    assert want_kept.int().tolist() == want
+    assert kept.int().tolist() == want
+    assert tok.tolist() == want_tok.tolist()
+
+
+@pytest.mark.gpu
+def test_fused_sampler_matches_torch_path_real_vocab():
+    """sample() on CUDA (the filtering kernel) against the torch path on the same device at the real
+    vocabulary: 256 rows of bf16-rounded logits, temperature 0.8, top-p 0.9, some with top-k 50 or
+    min-p 0.05. The kernel sums top-p masses in another order than the sorted cumsum, so a tied group
+    whose mass above is within fp32 rounding (1e-5 relative) of top_p * Z may land on either side:
+    only such rows may keep another set, and only they may draw another token."""
+    from model import sampler
+    R, V = 256, 151936
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(R, V, generator=g) * 2).bfloat16().float()
+    spec = [(0.8, 50 if i % 8 == 1 else 0, 0.9, 0.05 if i % 8 == 2 else 0.0, 1000 + i, i) for i in range(R)]
+    spec[3] = (0.0, 0, 1.0, 0.0, 0, 0)  # a greedy row
+    rows, flags = sampler.pack_rows(spec)
+    got = sampler.sample(logits.cuda(), torch.from_numpy(rows).cuda(), flags).cpu()
+    assert sampler._FUSED_OK[0]
+    x, (top_k, top_p, min_p), tok, kept, want, want_kept = _both_paths(logits, spec, "cuda")
+    t = torch.tensor([s[0] if s[0] > 0 else 1.0 for s in spec]).cuda()
+    lg = logits.cuda()  # sample()'s row max without a pass: the largest logit / t, bitwise x.amax(-1)
+    assert torch.equal((lg.gather(-1, lg.argmax(-1, keepdim=True))[:, 0] / t).cpu(), x.amax(-1))
+    want[3] = logits[3].argmax()
+    same = (kept == want_kept).all(-1)
+    same[3] = True
+    assert (_kept_sets_agree(x, kept, want_kept, top_k, top_p, min_p) | same).all()
+    assert (got == want)[same].all()
+    assert (got != want).sum() <= (~same).sum()
+    assert (got == tok)[torch.arange(R) != 3].all()
