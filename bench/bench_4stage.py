@@ -112,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         long["name"] = f"prompt {a.prompt_len}, batch 1"
         long["stages"] = stage_rows(llm.stats(reset=True), long["wall_ms"])
         runs.append(long)
+        print("run:", json.dumps(long), flush=True)  # a time limit still leaves what was measured
         for B in batches:
             r = timed_stream(llm, prompts(B, a.short_len), a.steps)
             r["name"] = f"prompt {a.short_len}, batch {B}"
             r["stages"] = stage_rows(llm.stats(reset=True), r["wall_ms"])
             runs.append(r)
+            print("run:", json.dumps(r), flush=True)
         sched = llm.stats()["scheduler"]
 
     pool_tokens = sched.get("num_blocks", 0) * llm.options.block_size

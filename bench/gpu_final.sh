@@ -9,6 +9,9 @@
 #   bash bench/gpu_final.sh big    # 4 GPUs: profile --layers auto of the user's config (timeline),
 #                                  #   then qwen3-235b-a22b on 4 stages (470 GB: H200 only)
 #   bash bench/gpu_final.sh serve  # GPUs 0,1: the serving sweep (needs the wheels in .whl/)
+#   bash bench/gpu_final.sh one    # with little device time: GPU tests (GPUs 2,3) beside bench_spine and
+#                                  #   its soak (0,1), then the user's config on 4 stages, 90k prompt
+#   bash bench/gpu_final.sh tail   # a short follow-up: bench_decode_layer (GPU 0), bench_sampler (GPU 1)
 # Comparable figures (moepipe vs peer vs 1 GPU) are always taken on the same GPU pair in one call.
 # Needs .shared/hf_peer.py and .shared/ceilings.py (copies of ../shared/bench). Results under $OUT;
 # the short tables are printed last.
@@ -49,6 +52,28 @@ if [ "$step" = main ]; then
   tail -6 "$L/decode_layer.log"; tail -12 "$L/sampler.log"
   for f in "$L"/gpu_tests_*.log; do echo "== $f"; tail -4 "$f"; done
   cat "$L"/gpu_tests_*.log > "$OUT/gpu_tests.log"; cat "$L"/e2e.log "$L"/decode_layer.log "$L"/sampler.log > "$OUT/bench.log"
+elif [ "$step" = one ]; then  # everything the issues need on the final code, in one call (short budget)
+  ( CUDA_VISIBLE_DEVICES=2 timeout 290 python3 -m pytest -q -m gpu -rf tests/test_fused_moe.py tests/test_fused_kernels.py \
+      -p no:cacheprovider > "$L/gpu_tests_kernels.log" 2>&1 ) &
+  ( CUDA_VISIBLE_DEVICES=3 timeout 110 python3 -m pytest -q -m gpu -rf tests/test_attention_kernels.py tests/test_chunking.py \
+      -p no:cacheprovider > "$L/gpu_tests_attention.log" 2>&1
+    CUDA_VISIBLE_DEVICES=3,2 timeout 175 python3 -m pytest -q -m gpu -rf tests -p no:cacheprovider \
+      --ignore=tests/test_fused_moe.py --ignore=tests/test_fused_kernels.py --ignore=tests/test_dummy.py \
+      --ignore=tests/test_attention_kernels.py --ignore=tests/test_chunking.py > "$L/gpu_tests_rest.log" 2>&1 ) &
+  CUDA_VISIBLE_DEVICES=0,1 timeout 290 python3 bench/bench_spine.py --load-format dummy --preset qwen3-30b-a3b \
+    --stages 2 --out "$OUT/spine.json" 2>&1 | quiet > "$L/spine.log"
+  wait
+  timeout 215 python3 bench/bench_4stage.py --model bench/user-config.json --stages 4 --prompt-len 90000 \
+    --out "$OUT/4stage_user.json" 2>&1 | quiet > "$L/4stage.log"
+  cat "$L"/gpu_tests_*.log > "$OUT/gpu_tests.log"; cat "$L"/spine.log "$L"/4stage.log > "$OUT/bench.log"
+  for f in "$L"/gpu_tests_*.log; do echo "== $f"; tail -5 "$f"; done
+  tail -16 "$L/spine.log"; tail -22 "$L/4stage.log"
+elif [ "$step" = tail ]; then  # a short follow-up on the same warm machine: per-layer decode and the sampler
+  CUDA_VISIBLE_DEVICES=1 timeout 100 python3 bench/bench_sampler.py --out "$OUT/sampler.json" > "$L/sampler.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=0 timeout 110 python3 bench/bench_decode_layer.py --skip-first-request --out "$OUT/decode_layer.json" \
+    > "$L/decode_layer.log" 2>&1
+  wait
+  cat "$L"/decode_layer.log "$L"/sampler.log > "$OUT/tail.log"; tail -14 "$L/decode_layer.log"; tail -14 "$L/sampler.log"
 elif [ "$step" = rest ]; then
   CUDA_VISIBLE_DEVICES=2 OUT=$OUT timeout 200 bash bench/gpu_4stage.sh parity > "$L/parity.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=0,1 timeout 300 python3 bench/bench_spine.py --load-format dummy --preset qwen3-30b-a3b \
@@ -70,6 +95,6 @@ elif [ "$step" = serve ]; then
     --serve-args "--load-format dummy" --concurrency 1,8,64,256 --input-len 1024 --output-len 256 \
     --out "$OUT/serving.json" 2>&1 | quiet | tee "$L/serving.log" | tail -12
 else
-  echo "usage: bash bench/gpu_final.sh main|rest|big|serve" >&2
+  echo "usage: bash bench/gpu_final.sh main|rest|big|serve|one|tail" >&2
   exit 2
 fi
