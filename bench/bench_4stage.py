@@ -77,18 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,16", help="batch sizes of the short-prompt decode runs")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--yarn", type=float, default=None, metavar="FACTOR",
+                    help="add YaRN rope_scaling of this factor over the config's max_position_embeddings "
+                         "(as Qwen's model cards do for long contexts, e.g. 4 for the 235b preset at 90k)")
     ap.add_argument("--out", default=None, help="JSON results file")
     a = ap.parse_args(argv)
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = parse_dtype(a.dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
-    cfg = dummy_config(a.model)
+    raw = _raw_config(a.model)
+    if a.yarn:
+        orig = raw["max_position_embeddings"]
+        raw.update(rope_scaling={"rope_type": "yarn", "factor": a.yarn, "original_max_position_embeddings": orig},
+                   max_position_embeddings=int(orig * a.yarn))
+    folder = Path(tempfile.mkdtemp(prefix="bench4-"))  # dummy weights of this config.json, no files read
+    (folder / "config.json").write_text(json.dumps(raw))
+    cfg = dummy_config(str(folder))
     batches = [int(x) for x in a.batches.split(",") if x.strip()]
     max_len = max(a.prompt_len, a.short_len) + a.steps + 16
     layers = None if a.layers in (None, "auto") else [int(x) for x in a.layers.split(",")]
 
-    folder = Path(tempfile.mkdtemp(prefix="bench4-"))  # dummy weights of this config.json, no files read
-    (folder / "config.json").write_text(json.dumps(_raw_config(a.model)))
     t_load = time.perf_counter()
     llm = LLM(str(folder), stages=a.stages, device=device, dtype=str(dtype).removeprefix("torch."),
               layers="auto" if a.layers == "auto" else layers, load_format="dummy", max_model_len=max_len,
@@ -131,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                           "plan_kv_tokens": row.tokens, "kv_pool_gib": kv_pool_gib,
                           "plan_peak_gib": row.weight_bytes / GIB + kv_pool_gib + (reserve - 2.0),
                           "measured_peak_gib": peak if device == "cuda" else None})  # CPU: process RSS, not comparable
-    result = {"model": cfg.source, "device": device, "dtype": str(dtype).removeprefix("torch."),
+    result = {"model": a.model, "yarn": a.yarn, "device": device, "dtype": str(dtype).removeprefix("torch."),
               "card": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "stages": a.stages,
               "layers": counts, "load_s": load_s, "max_model_len": max_len, "pool_tokens": pool_tokens,
               "plan": {"tokens": plan.tokens, "fits": plan.fits, "verdict": plan.verdict,

@@ -132,11 +132,31 @@ def soak(llm: LLM, n: int, waves: int, max_prompt: int, max_new: int, seed: int 
     greedy = [i for i in got if reqs[i][0] == "greedy"][:20]
     alone = [llm.generate([prompts[i]], reqs[i][2])[0].token_ids for i in greedy]
     same = sum(a == got[i] for a, i in zip(alone, greedy))
+    # a mismatch is told apart from a control-plane fault (a wrong or lost event) by what it does:
+    # re-run alone again (deterministic?), and with 7 neighbours (does the batch alone change it?);
+    # each gives the first index where it departs from the first alone run
+    diverged = []
+    for a, i in zip(alone, greedy):
+        if a == got[i]:
+            continue
+        again = llm.generate([prompts[i]], reqs[i][2])[0].token_ids
+        others = [prompts[j] for j in greedy if j != i][:7]
+        batched = llm.generate([prompts[i]] + others, reqs[i][2])[0].token_ids
+        diverged.append({"request": i, "prompt_len": len(prompts[i]), "tokens": len(a),
+                         "soak_first_diff": _first_diff(a, got[i]), "alone_again_first_diff": _first_diff(a, again),
+                         "batch8_first_diff": _first_diff(a, batched)})
     return {"requests": n, "waves": waves, "wall_s": wall, "finished": len(got), "refused": refused,
             "abandoned": abandoned, "output_tokens": sum(len(t) for t in got.values()),
             "preemptions": sch["preemptions"], "free_blocks": sch["free_blocks"], "num_blocks": sch["num_blocks"],
             "pool_free_at_end": sch["free_blocks"] == sch["num_blocks"] and sch["running"] == 0,
-            "greedy_rerun_alone_identical": f"{same}/{len(greedy)}"}
+            "greedy_rerun_alone_identical": f"{same}/{len(greedy)}", "diverged": diverged}
+
+
+def _first_diff(a: list[int], b: list[int]) -> int | None:
+    """The first index where two token lists differ (None: equal)."""
+    if a == b:
+        return None
+    return next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main() -> int:
@@ -211,6 +231,10 @@ def main() -> int:
         print(f"{'  finished/refused/abandoned':<44} {r['finished']:>18}/{r['refused']}/{r['abandoned']}")
         print(f"{'  preemptions, pool free at end':<44} {r['preemptions']:>24}, {r['pool_free_at_end']}")
         print(f"{'  greedy re-run alone identical':<44} {r['greedy_rerun_alone_identical']:>30}")
+        for d in r["diverged"]:
+            print(f"    request {d['request']} ({d['prompt_len']} + {d['tokens']}): first differs at soak "
+                  f"{d['soak_first_diff']}, alone again {d['alone_again_first_diff']}, in a batch of 8 "
+                  f"{d['batch8_first_diff']}")
     return 0
 
 

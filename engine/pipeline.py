@@ -105,13 +105,17 @@ class PipelineEngine:
         header, plan = build_plan(BATCH, mb.mb_id, mb.chunks, self.scheduler.blocks.block_size, self.seed)
         dev_plan = to_device(plan, self.worker.device)
         view = PlanView(header.tolist(), dev_plan)
+        if self.num_stages > 1:
+            # header and plan go ahead of the forward: the next stage receives them, prepares its
+            # metadata and queues its launch while this stage computes; only the hidden states wait
+            self.worker.fwd.send(1, header, [dev_plan])
         out = self.worker.forward(view.part("ids"), view)
         if self.num_stages == 1:
             ids = self.worker.sample(out, view) if view.R else torch.empty(0, dtype=torch.int64)
             self.inflight.append((mb, (None, ids)))
             return
         t = self.worker.tracer.host_start()
-        self.worker.fwd.send(1, header, [dev_plan, out])
+        self.worker.fwd.send(1, None, [out])
         if t is not None:
             self.worker.tracer.host_end(t, "send", {"mb": mb.mb_id, "to": 1})
         ids = torch.empty(view.R, dtype=torch.int64, device=self.worker.device)

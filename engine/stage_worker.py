@@ -156,6 +156,8 @@ class StageWorker:
                 continue
             n = plan_len(header[H_T], header[H_B], header[H_R], header[H_M])
             view = PlanView(header, self.fwd.recv(prev, torch.empty(n, dtype=torch.int32, device=self.device)))
+            if not self.is_last:  # ahead of the hidden states, as stage 0 does (engine/pipeline.py)
+                self.fwd.send(self.rank + 1, np.asarray(header), [view.plan])
             H = self.stage.cfg.hidden_size
             x = self.fwd.recv(prev, torch.empty(view.T, H, dtype=self.stage.dtype, device=self.device))
             if w is not None:
@@ -170,7 +172,7 @@ class StageWorker:
                         self.tracer.host_end(s, "send", {"mb": header[H_MB], "to": 0})
             else:
                 s = self.tracer.host_start()
-                self.fwd.send(self.rank + 1, np.asarray(header), [view.plan, out])
+                self.fwd.send(self.rank + 1, None, [out])
                 if s is not None:
                     self.tracer.host_end(s, "send", {"mb": header[H_MB], "to": self.rank + 1})
 
