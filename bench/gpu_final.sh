@@ -12,6 +12,8 @@
 #   bash bench/gpu_final.sh one    # with little device time: GPU tests (GPUs 2,3) beside bench_spine and
 #                                  #   its soak (0,1), then the user's config on 4 stages, 90k prompt
 #   bash bench/gpu_final.sh tail   # a short follow-up: bench_decode_layer (GPU 0), bench_sampler (GPU 1)
+#   bash bench/gpu_final.sh rec1; ... rec2; ... rec3   # the whole record in three calls on one held
+#                                  #   4 x H200 machine (rec3: the 235b, 90k prompt with YaRN factor 4)
 # Comparable figures (moepipe vs peer vs 1 GPU) are always taken on the same GPU pair in one call.
 # Needs .shared/hf_peer.py and .shared/ceilings.py (copies of ../shared/bench). Results under $OUT;
 # the short tables are printed last.
@@ -68,6 +70,44 @@ elif [ "$step" = one ]; then  # everything the issues need on the final code, in
   cat "$L"/gpu_tests_*.log > "$OUT/gpu_tests.log"; cat "$L"/spine.log "$L"/4stage.log > "$OUT/bench.log"
   for f in "$L"/gpu_tests_*.log; do echo "== $f"; tail -5 "$f"; done
   tail -16 "$L/spine.log"; tail -22 "$L/4stage.log"
+elif [ "$step" = rec1 ]; then  # record 1 of 3 (~8 min): bench_e2e on 0,1; every GPU test split over 2,3
+  CUDA_VISIBLE_DEVICES=0,1 timeout 60 python3 .shared/ceilings.py > "$OUT/ceilings.jsonl"
+  pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
+  (
+    ( export CUDA_VISIBLE_DEVICES=2
+      pt 220 tests/test_fused_moe.py -k 235b > "$L/gpu_tests_moe_235b.log" 2>&1
+      pt 120 tests/test_attention_kernels.py tests/test_chunking.py > "$L/gpu_tests_attention.log" 2>&1
+      timeout 110 python3 bench/bench_decode_layer.py --skip-first-request --out "$OUT/decode_layer.json" \
+        > "$L/decode_layer.log" 2>&1 ) &
+    ( export CUDA_VISIBLE_DEVICES=3
+      pt 220 tests/test_fused_moe.py -k user-config > "$L/gpu_tests_moe_user.log" 2>&1
+      pt 120 tests/test_fused_moe.py tests/test_fused_kernels.py -k "not 235b and not user-config" \
+        > "$L/gpu_tests_moe_rest.log" 2>&1
+      timeout 80 python3 bench/bench_sampler.py --out "$OUT/sampler.json" > "$L/sampler.log" 2>&1 ) &
+    wait
+    CUDA_VISIBLE_DEVICES=3,2 pt 170 tests --ignore=tests/test_fused_moe.py --ignore=tests/test_fused_kernels.py \
+      --ignore=tests/test_dummy.py --ignore=tests/test_attention_kernels.py --ignore=tests/test_chunking.py \
+      > "$L/gpu_tests_rest.log" 2>&1
+  ) &
+  side=$!
+  CUDA_VISIBLE_DEVICES=0,1 timeout 500 python3 bench/bench_e2e.py --preset qwen3-30b-a3b --ckpt /tmp/q30 --stages 2 \
+    --peer .shared/hf_peer.py --one-gpu --mixed --out "$OUT/e2e.json" 2>&1 | quiet > "$L/e2e.log"
+  wait $side
+  for f in "$L"/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|error|FAILED" "$f" | tail -4; done
+  cat "$L"/gpu_tests_*.log > "$OUT/gpu_tests.log"; cat "$L"/e2e.log "$L"/decode_layer.log "$L"/sampler.log > "$OUT/bench.log"
+  tail -12 "$L/sampler.log"; tail -8 "$L/decode_layer.log"; tail -40 "$L/e2e.log"
+elif [ "$step" = rec2 ]; then  # record 2 of 3 (~8 min): bench_spine + soak on 0,1, parity on 2; then profile --layers auto
+  CUDA_VISIBLE_DEVICES=2 OUT=$OUT timeout 200 bash bench/gpu_4stage.sh parity > "$L/parity.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=0,1 timeout 330 python3 bench/bench_spine.py --load-format dummy --preset qwen3-30b-a3b \
+    --stages 2 --out "$OUT/spine.json" 2>&1 | quiet > "$L/spine.log"
+  wait
+  OUT=$OUT timeout 200 bash bench/gpu_4stage.sh profile 2>&1 | quiet > "$L/profile.log"
+  cat "$L"/*.log > "$OUT/rec2.log"
+  tail -8 "$L/parity.log"; tail -30 "$L/profile.log"; tail -24 "$L/spine.log"
+elif [ "$step" = rec3 ]; then  # record 3 of 3 (~6 min, 4 x H200 only): qwen3-235b-a22b on 4 stages, 90k prompt (YaRN 4)
+  timeout 540 python3 bench/bench_4stage.py --model qwen3-235b-a22b --stages 4 --prompt-len 90000 --yarn 4 \
+    --out "$OUT/4stage_235b.json" 2>&1 | quiet | tee "$L/235b.log" | tail -30
+  cp "$L/235b.log" "$OUT/"
 elif [ "$step" = tail ]; then  # a short follow-up on the same warm machine: per-layer decode and the sampler
   CUDA_VISIBLE_DEVICES=1 timeout 100 python3 bench/bench_sampler.py --out "$OUT/sampler.json" > "$L/sampler.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=0 timeout 110 python3 bench/bench_decode_layer.py --skip-first-request --out "$OUT/decode_layer.json" \
@@ -95,6 +135,6 @@ elif [ "$step" = serve ]; then
     --serve-args "--load-format dummy" --concurrency 1,8,64,256 --input-len 1024 --output-len 256 \
     --out "$OUT/serving.json" 2>&1 | quiet | tee "$L/serving.log" | tail -12
 else
-  echo "usage: bash bench/gpu_final.sh main|rest|big|serve|one|tail" >&2
+  echo "usage: bash bench/gpu_final.sh main|rest|big|serve|one|tail|rec1|rec2|rec3" >&2
   exit 2
 fi
