@@ -60,7 +60,8 @@ def sampling_vs_greedy(llm: LLM, n: int, plen: int, new: int, rounds: int = 3, t
             wall, toks, st = _timed_generate(llm, prompts, sp)
             row[name] = {"wall_s": wall, "output_tok_s": toks / wall,
                          "sample_ms": [s.get("sample_ms") for s in st["stages"] if "sample_ms" in s][0],
-                         "busy_ms": [s["busy_ms"] for s in st["stages"]]}
+                         "busy_ms": [s["busy_ms"] for s in st["stages"]],
+                         "late_compiles": [s.get("late_compiles", 0) for s in st["stages"]]}
             if traced:
                 row[name]["bubble"] = llm.stop_profile(f"{trace}.{name}.json")["bubble"]
         out["rounds"].append(row)
@@ -232,6 +233,8 @@ def main() -> int:
         print(f"{'greedy ' + r['workload']:<44} {r['greedy']['output_tok_s']:>24.0f} tok/s  (runs {walls('greedy')} s)")
         print(f"{'temp 0.8 / top-p 0.9':<44} {r['sampled']['output_tok_s']:>24.0f} tok/s  (runs {walls('sampled')} s)")
         print(f"{'sampled / greedy':<44} {r['sampled_vs_greedy']:>30.3f}")
+        late = [sum(x[k]["late_compiles"]) for x in r["rounds"] for k in ("greedy", "sampled")]
+        print(f"{'  Triton compiles inside these runs':<44} {', '.join(map(str, late)):>30}")
     if "balance" in res:
         r = res["balance"]
         busy = ", ".join(f"s{s['rank']} {s['busy_pct']:.0f}%" for s in r["stages"])

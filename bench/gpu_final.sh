@@ -14,6 +14,8 @@
 #   bash bench/gpu_final.sh tail   # a short follow-up: bench_decode_layer (GPU 0), bench_sampler (GPU 1)
 #   bash bench/gpu_final.sh rec1; ... rec2; ... rec3   # the whole record in three calls on one held
 #                                  #   4 x H200 machine (rec3: the 235b, 90k prompt with YaRN factor 4)
+#   bash bench/gpu_final.sh check2 # 2 GPUs: the smaller kernel tests, the engine's GPU tests, bench_spine
+#                                  #   without the soak (sampling in 3 alternating rounds, with timelines)
 # Comparable figures (moepipe vs peer vs 1 GPU) are always taken on the same GPU pair in one call.
 # Needs .shared/hf_peer.py and .shared/ceilings.py (copies of ../shared/bench). Results under $OUT;
 # the short tables are printed last.
@@ -108,6 +110,20 @@ elif [ "$step" = rec3 ]; then  # record 3 of 3 (~6 min, 4 x H200 only): qwen3-23
   timeout 540 python3 bench/bench_4stage.py --model qwen3-235b-a22b --stages 4 --prompt-len 90000 --yarn 4 \
     --out "$OUT/4stage_235b.json" 2>&1 | quiet | tee "$L/235b.log" | tail -30
   cp "$L/235b.log" "$OUT/"
+elif [ "$step" = check2 ]; then  # 2 GPUs (~6 min): the smaller kernel tests, the engine's GPU tests, bench_spine (no soak)
+  pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
+  CUDA_VISIBLE_DEVICES=0 pt 120 tests/test_fused_moe.py tests/test_fused_kernels.py -k "not 235b and not user-config" \
+    > "$L/gpu_tests_moe_rest.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 pt 120 tests/test_attention_kernels.py tests/test_chunking.py > "$L/gpu_tests_attention.log" 2>&1
+  wait
+  CUDA_VISIBLE_DEVICES=0,1 pt 240 tests --ignore=tests/test_fused_moe.py --ignore=tests/test_fused_kernels.py \
+    --ignore=tests/test_dummy.py --ignore=tests/test_attention_kernels.py --ignore=tests/test_chunking.py \
+    > "$L/gpu_tests_rest.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0,1 timeout 240 python3 bench/bench_spine.py --load-format dummy --preset qwen3-30b-a3b \
+    --stages 2 --skip soak --trace "$OUT/trace_spine" --out "$OUT/spine.json" 2>&1 | quiet > "$L/spine.log"
+  cat "$L"/gpu_tests_*.log > "$OUT/gpu_tests.log"; cp "$L/spine.log" "$OUT/"
+  for f in "$L"/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|error|FAILED" "$f" | tail -4; done
+  tail -14 "$L/spine.log"
 elif [ "$step" = tail ]; then  # a short follow-up on the same warm machine: per-layer decode and the sampler
   CUDA_VISIBLE_DEVICES=1 timeout 100 python3 bench/bench_sampler.py --out "$OUT/sampler.json" > "$L/sampler.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=0 timeout 110 python3 bench/bench_decode_layer.py --skip-first-request --out "$OUT/decode_layer.json" \
@@ -135,6 +151,6 @@ elif [ "$step" = serve ]; then
     --serve-args "--load-format dummy" --concurrency 1,8,64,256 --input-len 1024 --output-len 256 \
     --out "$OUT/serving.json" 2>&1 | quiet | tee "$L/serving.log" | tail -12
 else
-  echo "usage: bash bench/gpu_final.sh main|rest|big|serve|one|tail|rec1|rec2|rec3" >&2
+  echo "usage: bash bench/gpu_final.sh main|rest|big|serve|one|tail|rec1|rec2|rec3|check2" >&2
   exit 2
 fi

@@ -137,6 +137,8 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
     if device.type == "cuda":  # compile every Triton kernel shape now, not in the first request
         from model.warmup import precompile
         secs = precompile(stage, min(o.max_num_batched_tokens, max_len), min(o.max_num_seqs, 256), max_len)
+        if worker.is_last:
+            worker.warm_sampler(cfg.vocab_size)
         if log:
             log(f"stage {rank}: compiled kernels for every shape class in {secs:.1f} s")
     if device.type == "cuda" and not o.enforce_eager:
@@ -145,6 +147,8 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
         if log:
             log(f"stage {rank}: captured decode graphs for batch sizes {worker.graphs.buckets} "
                 f"in {time.perf_counter() - t1:.1f} s")
+    if device.type == "cuda":
+        worker.late.install()  # from here on, a Triton compile is a request paying JIT: counted in stats()
     info = {"num_blocks": blocks, "block_size": o.block_size, "max_model_len": max_len, "load_s": load_s,
             "layers": [spec.start, spec.end], "device": str(device),
             "kv_gib": blocks * stage.kv_bytes_per_block(o.block_size) / 2**30}

@@ -14,6 +14,7 @@ from model.sampler import sample
 from model.stage import Stage
 
 from .decode_graphs import DecodeGraphs
+from .jit_watch import LateCompiles
 from .p2p import BATCH, STATS, STOP, Link
 from .step_plan import H_AUX0, H_AUX1, H_B, H_KIND, H_M, H_MAXQ, H_MB, H_R, H_T, PlanView, eager_batch, plan_len
 from .trace import StageProfiler, forward_name
@@ -94,6 +95,7 @@ class StageWorker:
         self.graphs: DecodeGraphs | None = None
         self.profiler = StageProfiler(stage, rank)
         self.tracer = self.profiler.tracer  # off until LLM.start_profile: one attribute test per slice
+        self.late = LateCompiles(rank)  # installed once start-up is over (engine/launch.py)
 
     @property
     def is_last(self) -> bool:
@@ -129,6 +131,7 @@ class StageWorker:
         if self.is_last:
             out["sample_ms"] = self.sample_timer.collect(reset)["busy_ms"]
         kv = self.stage.kv_cache
+        out.update(self.late.stats())
         out["kv_gib"] = kv.numel() * kv.element_size() / 2**30 if kv is not None else 0.0
         if self.device.type == "cuda":
             out["peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -222,15 +225,21 @@ class StageWorker:
         out = self.forward(x, view)
         if self.is_last:
             self.sample(out, view)
-            from model.sampler import pack_rows
-            # the sampled-row kernels (no filter; top-k + top-p + min-p) compile here, not inside
-            # the first sampled request: bench_spine's first sampled run on 2 x H200 spent 1.9 s
-            # sampling, where the kernel's own timing gives ~0.2 s for that run's calls
-            for spec in ((1.0, 0, 1.0, 0.0, 0, 0), (1.0, 20, 0.9, 0.05, 0, 0)):
-                rows, flags = pack_rows([spec] * out.shape[0])
-                sample(out, torch.from_numpy(rows).to(self.device), flags)
         self.stage.kv_cache = None
         self.timer.collect(reset=True)
+        self.sample_timer.collect(reset=True)
+
+    def warm_sampler(self, vocab_size: int) -> None:
+        """Compile the sampler's kernels at each row-count class and tile choice (few rows and
+        >= 128 rows take different tiles: model/sampler_triton.py), unfiltered and with top-k +
+        top-p + min-p, so that no sampled request pays Triton's JIT."""
+        from model.sampler import pack_rows
+        g = torch.Generator(device=self.device).manual_seed(0)
+        for R in (1, 5, 128, 256):
+            logits = torch.randn(R, vocab_size, generator=g, device=self.device)
+            for spec in ((0.0, 0, 1.0, 0.0, 0, 0), (1.0, 0, 1.0, 0.0, 0, 0), (1.0, 20, 0.9, 0.05, 0, 0)):
+                rows, flags = pack_rows([spec] * R)
+                sample(logits, torch.from_numpy(rows).to(self.device), flags)
         self.sample_timer.collect(reset=True)
 
     def allocate(self, num_blocks: int) -> None:

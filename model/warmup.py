@@ -1,8 +1,8 @@
 """Compile every Triton kernel variant the engine will launch before the first request. Triton
 compiles per constexpr tile choice (the kernels pick tiles from the token count) and per integer
 argument class (== 1, divisible by 16, other), so a forward is run at each class of token count,
-each side of the MoE path switch, fresh prefills and chunks behind a cached context, and decode
-batches at short and long contexts. Outputs are thrown away; the k/v written land in blocks the
+each side of the MoE path switch, fresh prefills (one and several per micro-batch) and chunks
+behind a cached context, and decode batches at short and long contexts. Outputs are thrown away; the k/v written land in blocks the
 pool hands out later, whose contents are always written before they are read."""
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def warm_shapes(max_tokens: int, max_batch: int, max_context: int, small_max: in
         shapes.append(([T], [T]))  # fresh prefill
         if 2 * T <= max_context and T > 1:
             shapes.append(([T], [2 * T]))  # a chunk behind cached tokens
+    for b in (2, 16, 17):  # several prompts in one micro-batch (the scheduler packs short ones)
+        t = min(8, max_tokens // b)
+        if t >= 2 and b <= max_batch:
+            shapes.append(([t] * b, [t] * b))
+            if 2 * t <= max_context:
+                shapes.append(([t] * b, [2 * t] * b))
     T = min(max_tokens, 512)
     if max_context > 2 * T:
         shapes.append(([T], [max_context]))  # a chunk deep in a long context

@@ -64,6 +64,7 @@ def test_precompile_covers_both_moe_paths_and_leaves_results_unchanged():
     tokens = {sum(q) for q, _ in shapes}
     assert {1, 16, 17, 40}.issubset(tokens) and any(len(q) == 20 for q, _ in shapes)
     assert any(c[0] > q[0] > 1 for q, c in shapes)  # a chunk behind cached tokens
+    assert {2, 16, 17}.issubset({len(q) for q, _ in shapes if q[0] > 1})  # several prompts at once
     cfg = dummy_config("tiny")
     stage = _stage(cfg, partition(cfg.num_hidden_layers, 1)[0])
     stage.allocate_kv(8, 16)

@@ -142,3 +142,26 @@ def test_fused_norm_and_rope_match_torch_bf16():
     for x in (qkv[:, :4096].view(T, 32, 128), qkv[:, 4096:4608].view(T, 4, 128)):
         w = (1 + 0.1 * torch.randn(128, device="cuda")).to(dt)
         close(qk_norm_rope_fused(x, w, cos, sin, 1e-6), apply_rope(rms_norm(x, w, 1e-6), cos, sin))
+
+
+def test_no_triton_compile_after_start_up():
+    """After start-up, a workload of varied shapes (single and packed prefills, chunks behind a
+    cache, decode at many batch sizes, greedy and filtered sampling at few and >= 128 rows) makes
+    no stage compile a Triton kernel: stats() counts every late compile."""
+    stages = 2 if torch.cuda.device_count() >= 2 else 1
+    g = torch.Generator().manual_seed(5)
+    with LLM("tiny", load_format="dummy", stages=stages, device="cuda", dtype="bfloat16", verbose=False,
+             max_num_seqs=160, max_num_batched_tokens=2048) as llm:
+        assert all(s["late_compiles"] == 0 for s in llm.stats()["stages"])
+        V = llm.config.vocab_size
+        lens = [1, 2, 7, 16, 17, 100, 300, 1500, 2100]
+        llm.generate([torch.randint(3, V, (n,), generator=g).tolist() for n in lens],
+                     SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        many = [torch.randint(3, V, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (150,), generator=g)]
+        for sp in (SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+                   SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=30, min_p=0.05, ignore_eos=True),
+                   SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)):
+            llm.generate(many, sp)
+        st = llm.stats()["stages"]
+    late = {s["rank"]: s["late_kernels"] for s in st if s["late_compiles"]}
+    assert not late, f"Triton kernels compiled inside requests: {late}"
