@@ -232,14 +232,20 @@ class StageWorker:
     def warm_sampler(self, vocab_size: int) -> None:
         """Compile the sampler's kernels at each row-count class and tile choice (few rows and
         >= 128 rows take different tiles: model/sampler_triton.py), unfiltered and with top-k +
-        top-p + min-p, so that no sampled request pays Triton's JIT."""
-        from model.sampler import pack_rows
+        top-p + min-p, with the sampling rows 16-byte aligned and not (they are a view into the
+        int32 plan at any offset; Triton specializes on a pointer's alignment), so that no sampled
+        request pays Triton's JIT."""
+        from model.sampler import ROW, pack_rows
         g = torch.Generator(device=self.device).manual_seed(0)
         for R in (1, 5, 128, 256):
             logits = torch.randn(R, vocab_size, generator=g, device=self.device)
             for spec in ((0.0, 0, 1.0, 0.0, 0, 0), (1.0, 0, 1.0, 0.0, 0, 0), (1.0, 20, 0.9, 0.05, 0, 0)):
                 rows, flags = pack_rows([spec] * R)
-                sample(logits, torch.from_numpy(rows).to(self.device), flags)
+                buf = torch.zeros(R * ROW + 1, dtype=torch.int32, device=self.device)
+                for shift in (0, 1):  # aligned, then 4 bytes off
+                    view = buf[shift:shift + R * ROW].view(R, ROW)
+                    view.copy_(torch.from_numpy(rows))
+                    sample(logits, view, flags)
         self.sample_timer.collect(reset=True)
 
     def allocate(self, num_blocks: int) -> None:

@@ -24,7 +24,8 @@ def _ladder(limit: int) -> list[int]:
     return sorted(n for n in out if 1 <= n <= limit)
 
 
-def warm_shapes(max_tokens: int, max_batch: int, max_context: int, small_max: int) -> list[tuple[list[int], list[int]]]:
+def warm_shapes(max_tokens: int, max_batch: int, max_context: int, small_max: int,
+                block_size: int = 16) -> list[tuple[list[int], list[int]]]:
     """(query_lens, context_lens) of each warm-up micro-batch."""
     shapes: list[tuple[list[int], list[int]]] = []
     tokens = sorted(set(_ladder(max_tokens)) | {t for t in (small_max, small_max + 1) if t <= max_tokens})
@@ -41,12 +42,17 @@ def warm_shapes(max_tokens: int, max_batch: int, max_context: int, small_max: in
     T = min(max_tokens, 512)
     if max_context > 2 * T:
         shapes.append(([T], [max_context]))  # a chunk deep in a long context
+    S = block_size
     contexts = sorted({c for c in (16, 2048, max_context) if c <= max_context})
+    few = sorted(set(contexts) | ({3 * S} if 3 * S <= max_context else set()))  # + a table width M of 3
     for b in sorted(set(_ladder(max_batch)) | {t for t in (small_max, small_max + 1) if t <= max_batch}):
-        for c in contexts if b <= 3 else contexts[:2]:  # long contexts at few rows: cost, not classes
+        for c in few if b <= 3 else contexts[:2]:  # long contexts at few rows: cost, not classes
             shapes.append(([1] * b, [c] * b))  # decode
-    if max_batch > 1 and max_tokens > 1:
-        shapes.append(([min(max_tokens - 1, 64), 1], [min(max_tokens - 1, 64), 16]))  # prefill + decode mixed
+    if max_batch > 1 and max_tokens > 1:  # prefill + decode mixed, the prefill's context making the
+        t = min(max_tokens - 1, 64)        # block-table width M 1, 16, 17 and t's own (Triton
+        for c in sorted({t, S, 16 * S, 17 * S}):  # specializes integers == 1 and divisible by 16)
+            if c <= max_context:
+                shapes.append(([min(t, c), 1], [c, min(16, c)]))
     return shapes
 
 
@@ -62,7 +68,7 @@ def precompile(stage: Stage, max_tokens: int, max_batch: int, max_context: int |
     max_context = min(max_context or stage.cfg.max_position_embeddings, stage.cfg.max_position_embeddings)
     dev, H = stage.device, stage.cfg.hidden_size
     small_max = max(1, stage.backend.moe_small_max_pairs // max(1, stage.cfg.num_experts_per_tok))
-    for qlens, ctxs in warm_shapes(max_tokens, max_batch, max_context, small_max):
+    for qlens, ctxs in warm_shapes(max_tokens, max_batch, max_context, small_max, S):
         tables = [[(j + 7 * i) % num_blocks for j in range(-(-c // S))] for i, c in enumerate(ctxs)]
         batch = AttnBatch.build(qlens, ctxs, tables, S, [True] * len(qlens), dev)
         T = sum(qlens)
