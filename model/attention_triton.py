@@ -83,7 +83,9 @@ def _attend_tile(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh, n0, end, qpos, qk_s
 # ----------------------------------------------------------------------------- decode
 
 
-@triton.jit
+# per-step integers (block-table width, split count) are not specialized: Triton would compile a
+# variant per class (== 1, divisible by 16, other) and combination, inside requests
+@triton.jit(do_not_specialize=["stride_btb", "num_splits"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, o_part_ptr, lse_part_ptr,
     qk_scale,  # scale * log2(e)
@@ -131,7 +133,7 @@ def _decode_split_kernel(
     tl.store(lse_part_ptr + row, lse, mask=mask_g)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     o_part_ptr, lse_part_ptr, o_ptr, stride_ob, stride_on, num_splits,
     N: tl.constexpr, D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
