@@ -16,6 +16,7 @@
 #                                  #   4 x H200 machine (rec3: the 235b, 90k prompt with YaRN factor 4)
 #   bash bench/gpu_final.sh check2 # 2 GPUs: the smaller kernel tests, the engine's GPU tests, bench_spine
 #                                  #   without the soak (sampling in 3 alternating rounds, with timelines)
+#   bash bench/gpu_final.sh verify # 1 GPU: the late-compile test, the sampler and attention-kernel GPU tests
 # Comparable figures (moepipe vs peer vs 1 GPU) are always taken on the same GPU pair in one call.
 # Needs .shared/hf_peer.py and .shared/ceilings.py (copies of ../shared/bench). Results under $OUT;
 # the short tables are printed last.
@@ -124,6 +125,11 @@ elif [ "$step" = check2 ]; then  # 2 GPUs (~6 min): the smaller kernel tests, th
   cat "$L"/gpu_tests_*.log > "$OUT/gpu_tests.log"; cp "$L/spine.log" "$OUT/"
   for f in "$L"/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|error|FAILED" "$f" | tail -4; done
   tail -14 "$L/spine.log"
+elif [ "$step" = verify ]; then  # 1 GPU (~3 min): what dcc0270 changed (decode kernels' specialization)
+  pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
+  { pt 120 tests/test_attention_kernels.py; pt 120 tests/test_sampler.py tests/test_gpu.py -k "no_triton_compile or sample"; } \
+    > "$OUT/gpu_tests_verify.log" 2>&1
+  grep -E "passed|failed|FAILED|Triton compiled" "$OUT/gpu_tests_verify.log" | tail -12
 elif [ "$step" = tail ]; then  # a short follow-up on the same warm machine: per-layer decode and the sampler
   CUDA_VISIBLE_DEVICES=1 timeout 100 python3 bench/bench_sampler.py --out "$OUT/sampler.json" > "$L/sampler.log" 2>&1 &
   CUDA_VISIBLE_DEVICES=0 timeout 110 python3 bench/bench_decode_layer.py --skip-first-request --out "$OUT/decode_layer.json" \
@@ -151,6 +157,6 @@ elif [ "$step" = serve ]; then
     --serve-args "--load-format dummy" --concurrency 1,8,64,256 --input-len 1024 --output-len 256 \
     --out "$OUT/serving.json" 2>&1 | quiet | tee "$L/serving.log" | tail -12
 else
-  echo "usage: bash bench/gpu_final.sh main|rest|big|serve|one|tail|rec1|rec2|rec3|check2" >&2
+  echo "usage: bash bench/gpu_final.sh main|rest|big|serve|one|tail|rec1|rec2|rec3|check2|verify" >&2
   exit 2
 fi
