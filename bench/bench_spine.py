@@ -185,7 +185,7 @@ def main() -> int:
     ap.add_argument("--soak-kv-gib", type=float, default=0.25, help="KV pool per stage of the soak (small: preempts)")
     ap.add_argument("--soak-prompt", type=int, default=512, help="longest soak prompt")
     ap.add_argument("--soak-new", type=int, default=64, help="most new tokens of a soak request")
-    ap.add_argument("--skip", default="", help="comma list of: sampling,balance,decode,single,soak")
+    ap.add_argument("--skip", default="", help="comma list of: sampling,balance,decode,single,plain,soak")
     ap.add_argument("--small", action="store_true", help="tiny workloads (CPU smoke run)")
     ap.add_argument("--trace", default=None, help="timelines of the sampling section's second round: TRACE.greedy.json, ...")
     ap.add_argument("--out", required=True)
@@ -219,6 +219,11 @@ def main() -> int:
         with LLM(model, stages=1, **kw) as llm:
             res["decode_1gpu"] = decode_ms_per_step(llm, 256 // s)
             save()
+    if "plain" not in skip:  # the same batch-1 decode without async scheduling (the id waits on the host)
+        for n, key in ((a.stages, "decode_stages_plain"), (1, "decode_1gpu_plain")):
+            with LLM(model, stages=n, async_scheduling=False, **kw) as llm:
+                res[key] = decode_ms_per_step(llm, 256 // s)
+                save()
     if "soak" not in skip:
         kv = None if a.small else a.soak_kv_gib
         with LLM(model, stages=a.stages, kv_cache_gib=kv, max_num_seqs=64, **kw) as llm:
@@ -245,6 +250,10 @@ def main() -> int:
         d = res["decode_stages"]["ms_per_step"] - res["decode_1gpu"]["ms_per_step"] if "decode_stages" in res else 0
         print(f"{'batch-1 decode, 1 GPU':<44} {res['decode_1gpu']['ms_per_step']:>24.2f} ms/step")
         print(f"{'  hop cost per step':<44} {d:>24.2f} ms")
+    if "decode_1gpu_plain" in res:
+        p2, p1 = res["decode_stages_plain"]["ms_per_step"], res["decode_1gpu_plain"]["ms_per_step"]
+        print(f"{f'without async scheduling: {a.stages} stages / 1 GPU':<44} {p2:>13.2f} / {p1:.2f} ms/step")
+        print(f"{'  hop cost per step without it':<44} {p2 - p1:>24.2f} ms")
     if "soak" in res:
         r = res["soak"]
         print(f"{'soak ' + str(r['requests']) + ' requests':<44} {r['wall_s']:>26.1f} s")

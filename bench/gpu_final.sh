@@ -17,6 +17,9 @@
 #   bash bench/gpu_final.sh check2 # 2 GPUs: the smaller kernel tests, the engine's GPU tests, bench_spine
 #                                  #   without the soak (sampling in 3 alternating rounds, with timelines)
 #   bash bench/gpu_final.sh verify # 1 GPU: the late-compile test, the sampler and attention-kernel GPU tests
+#   bash bench/gpu_final.sh async1 # 2 GPUs: bench_spine without the soak, with and without async scheduling;
+#                                  #   then the engine's GPU tests (test_gpu.py, test_sampler.py)
+#   bash bench/gpu_final.sh async2 # 2 GPUs: the kernel GPU tests split over both; then the 1 000-request soak
 # Comparable figures (moepipe vs peer vs 1 GPU) are always taken on the same GPU pair in one call.
 # Needs .shared/hf_peer.py and .shared/ceilings.py (copies of ../shared/bench). Results under $OUT;
 # the short tables are printed last.
@@ -125,6 +128,28 @@ elif [ "$step" = check2 ]; then  # 2 GPUs (~6 min): the smaller kernel tests, th
   cat "$L"/gpu_tests_*.log > "$OUT/gpu_tests.log"; cp "$L/spine.log" "$OUT/"
   for f in "$L"/gpu_tests_*.log; do echo "== $f"; grep -E "passed|failed|error|FAILED" "$f" | tail -4; done
   tail -14 "$L/spine.log"
+elif [ "$step" = async1 ]; then  # 2 GPUs (~8 min)
+  pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
+  CUDA_VISIBLE_DEVICES=0,1 timeout 330 python3 bench/bench_spine.py --load-format dummy --preset qwen3-30b-a3b \
+    --stages 2 --skip soak --out "$OUT/spine.json" 2>&1 | quiet > "$L/spine.log"
+  CUDA_VISIBLE_DEVICES=0,1 pt 200 tests/test_gpu.py tests/test_sampler.py > "$OUT/gpu_tests_engine.log" 2>&1
+  cp "$L/spine.log" "$OUT/"
+  grep -E "passed|failed|error|FAILED|compiled" "$OUT/gpu_tests_engine.log" | tail -6
+  tail -16 "$L/spine.log"
+elif [ "$step" = async2 ]; then  # 2 GPUs (~7 min)
+  pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
+  { CUDA_VISIBLE_DEVICES=0 pt 230 tests/test_fused_moe.py -k 235b
+    CUDA_VISIBLE_DEVICES=0 pt 100 tests/test_attention_kernels.py tests/test_chunking.py; } > "$L/gpu_tests_a.log" 2>&1 &
+  { CUDA_VISIBLE_DEVICES=1 pt 230 tests/test_fused_moe.py -k user-config
+    CUDA_VISIBLE_DEVICES=1 pt 100 tests/test_fused_moe.py -k "not 235b and not user-config"
+    CUDA_VISIBLE_DEVICES=1 timeout 100 python3 -m pytest -q -rf -p no:cacheprovider tests/test_fused_kernels.py  # on CUDA when there
+  } > "$L/gpu_tests_b.log" 2>&1
+  wait
+  cat "$L"/gpu_tests_*.log > "$OUT/gpu_tests_kernels.log"
+  CUDA_VISIBLE_DEVICES=0,1 timeout 200 python3 bench/bench_spine.py --load-format dummy --preset qwen3-30b-a3b \
+    --stages 2 --skip sampling,balance,decode,single,plain --out "$OUT/soak.json" 2>&1 | quiet > "$OUT/soak.log"
+  grep -E "passed|failed|error|FAILED" "$OUT/gpu_tests_kernels.log"
+  tail -12 "$OUT/soak.log"
 elif [ "$step" = verify ]; then  # 1 GPU (~3 min): what dcc0270 changed (decode kernels' specialization)
   pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
   { pt 120 tests/test_attention_kernels.py; pt 120 tests/test_sampler.py tests/test_gpu.py -k "no_triton_compile or sample"; } \

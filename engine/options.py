@@ -50,6 +50,8 @@ class EngineOptions:
     seed: int = _opt(0, "seed of unseeded sampling", int)
     revision: str | None = _opt(None, "hub revision (branch, tag or commit) of a hub model", str)
     enforce_eager: bool = _opt(False, "no CUDA graphs for decode")
+    async_scheduling: bool = _opt(True, "no async scheduling: wait for each decode token on the host before "
+                                  "queueing that sequence's next step", flag="--no-async-scheduling")
     verbose: bool = _opt(True, "no load progress on stderr", flag="--quiet")
     load_timeout_s: float = _opt(3600.0, "seconds the stages may take to load", float)
     load_format: str = _opt("auto", "auto: read the checkpoint's weights; dummy: random weights of its config",

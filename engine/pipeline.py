@@ -20,6 +20,28 @@ from .step_plan import H_AUX0, H_AUX1, H_KIND, HEADER, PlanView, build_plan
 Event = tuple[int, int, str | None]  # (request id, new token, finish reason or None)
 
 
+class _Sampled:
+    """The ids sampled for one micro-batch in flight, on stage 0's device: the last stage's reply
+    (an irecv posted at dispatch) or, on one stage, the sampler's output. A continuation gathers
+    from them on the device; the host reads them when the micro-batch completes."""
+
+    def __init__(self, ids: torch.Tensor, work, rows: dict[int, int], local: bool = False):
+        self.ids, self.work, self.rows = ids, work, rows  # rows: seq id -> row of ids
+        self.host = self.done = None
+        if local and ids.is_cuda:  # one stage: copy now, before the next micro-batch is queued
+            self.host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            self.host.copy_(ids, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        self.waited = False
+
+    def ready_on_device(self) -> None:
+        """Make the current stream wait for the ids (NCCL: a stream wait; gloo: the host waits once)."""
+        if self.work is not None and (self.ids.is_cuda or not self.waited):
+            self.work.wait()
+            self.waited = True
+
+
 class _Returns:
     """Sampled ids coming back from the last stage: irecvs posted at dispatch, waited on a side
     stream so that reading them never waits for stage 0's own next forward."""
@@ -32,11 +54,12 @@ class _Returns:
     def post(self, tensor: torch.Tensor):
         return self.worker.ret.irecv(self.worker.num_stages - 1, tensor)
 
-    def read(self, work, tensor: torch.Tensor) -> torch.Tensor:
+    def read(self, work, tensor: torch.Tensor, waited: bool = False) -> torch.Tensor:
         if work is None:
             return tensor.cpu()
         if not self.cuda:
-            work.wait()
+            if not waited:
+                work.wait()
             return tensor
         with torch.cuda.stream(self.stream):
             work.wait()  # the side stream waits for the receive, not for stage 0's compute
@@ -49,13 +72,20 @@ class _Returns:
 
 
 class PipelineEngine:
-    def __init__(self, worker: StageWorker, scheduler: Scheduler, default_stop_ids: tuple[int, ...], seed: int = 0):
+    def __init__(self, worker: StageWorker, scheduler: Scheduler, default_stop_ids: tuple[int, ...], seed: int = 0,
+                 async_scheduling: bool = True):
         self.worker, self.scheduler = worker, scheduler
         self.num_stages = worker.num_stages
         self.default_stop_ids = default_stop_ids
         self.seed = seed
-        # (micro-batch, (work, tensor) of its returning ids) or ("stats", token, (work, buffer))
+        # Async scheduling: when the micro-batches normally schedulable do not fill the pipeline, a
+        # decode's next step is queued before its token reaches the host (Scheduler.
+        # schedule_continuation), its id gathered on the device. One stage then keeps two in flight.
+        self.async_scheduling = async_scheduling
+        self.max_in_flight = max(self.num_stages, 2) if async_scheduling else self.num_stages
+        # (micro-batch, _Sampled) or ("stats", token, scheduler snapshot, (work, buffer))
         self.inflight: deque = deque()
+        self.sampled: dict[int, _Sampled] = {}  # micro-batch id -> its sampled ids, while in flight
         self.replies: list = []
         self.returns = _Returns(worker) if self.num_stages > 1 else None
 
@@ -74,9 +104,11 @@ class PipelineEngine:
     def step(self) -> list[Event]:
         """Fill the pipeline, then take the oldest micro-batch's tokens (or stats reply)."""
         tr = self.worker.tracer
-        while sum(1 for e in self.inflight if isinstance(e[0], MicroBatch)) < self.num_stages:
+        while sum(1 for e in self.inflight if isinstance(e[0], MicroBatch)) < self.max_in_flight:
             t = tr.host_start()
             mb = self.scheduler.schedule()
+            if mb is None and self.async_scheduling:
+                mb = self.scheduler.schedule_continuation()
             if mb is None:
                 break
             if t is not None:
@@ -93,33 +125,68 @@ class PipelineEngine:
             self.replies.append(("stats", token, {"stages": json.loads(bytes(raw[:n].numpy()).decode()),
                                                   "scheduler": own}))
             return []
-        mb, (work, ids) = entry
+        mb, got = entry
+        del self.sampled[mb.mb_id]
         t = tr.host_start()
-        tokens = self.returns.read(work, ids).tolist() if self.returns else ids.tolist()
+        if self.returns:
+            tokens = self.returns.read(got.work, got.ids, got.waited).tolist()
+        elif got.done is not None:
+            got.done.synchronize()
+            tokens = got.host.tolist()
+        else:
+            tokens = got.ids.tolist()
         if t is not None:
             tr.host_end(t, "wait", {"mb": mb.mb_id})
         seqs = self.scheduler.complete(mb, tokens)
         return [(s.seq_id, s.token_ids[-1], s.finish_reason) for s in seqs]
 
     def _dispatch(self, mb: MicroBatch) -> None:
-        header, plan = build_plan(BATCH, mb.mb_id, mb.chunks, self.scheduler.blocks.block_size, self.seed)
+        sources, fed = self._sources(mb)
+        header, plan = build_plan(BATCH, mb.mb_id, mb.chunks, self.scheduler.blocks.block_size, self.seed, fed)
         dev_plan = to_device(plan, self.worker.device)
         view = PlanView(header.tolist(), dev_plan)
         if self.num_stages > 1:
             # header and plan go ahead of the forward: the next stage receives them, prepares its
             # metadata and queues its launch while this stage computes; only the hidden states wait
             self.worker.fwd.send(1, header, [dev_plan])
-        out = self.worker.forward(view.part("ids"), view)
+        x = view.part("ids")
+        if sources:  # a continuation: its ids are the returned ids of micro-batches still in flight
+            for got in sources:
+                got.ready_on_device()
+            src = sources[0].ids if len(sources) == 1 else torch.cat([g.ids for g in sources])
+            x = src.index_select(0, x)
+        out = self.worker.forward(x, view)
+        rows = {c.seq.seq_id: i for i, c in enumerate(c for c in mb.chunks if c.sample)}
         if self.num_stages == 1:
             ids = self.worker.sample(out, view) if view.R else torch.empty(0, dtype=torch.int64)
-            self.inflight.append((mb, (None, ids)))
+            self._in_flight(mb, _Sampled(ids, None, rows, local=True))
             return
         t = self.worker.tracer.host_start()
         self.worker.fwd.send(1, None, [out])
         if t is not None:
             self.worker.tracer.host_end(t, "send", {"mb": mb.mb_id, "to": 1})
         ids = torch.empty(view.R, dtype=torch.int64, device=self.worker.device)
-        self.inflight.append((mb, (self.returns.post(ids), ids)))
+        self._in_flight(mb, _Sampled(ids, self.returns.post(ids), rows))
+
+    def _in_flight(self, mb: MicroBatch, got: _Sampled) -> None:
+        self.inflight.append((mb, got))
+        self.sampled[mb.mb_id] = got
+
+    def _sources(self, mb: MicroBatch) -> tuple[list[_Sampled], list[int] | None]:
+        """A continuation's sources (the micro-batches in flight that sample its ids, in order) and,
+        per chunk, the index of its id in their concatenated ids."""
+        if not mb.chunks[0].pending:
+            return [], None
+        offset: dict[int, int] = {}
+        sources: list[_Sampled] = []
+        fed = []
+        for c in mb.chunks:
+            got = self.sampled[c.source_mb]
+            if c.source_mb not in offset:
+                offset[c.source_mb] = sum(g.ids.numel() for g in sources)
+                sources.append(got)
+            fed.append(offset[c.source_mb] + got.rows[c.seq.seq_id])
+        return sources, fed
 
     # ---- stats -------------------------------------------------------------------------------
     def request_stats(self, token: int, reset: bool, per_step: bool, profile: dict | None = None) -> None:

@@ -22,6 +22,8 @@ class Chunk:
     start: int  # first token position fed in this chunk
     length: int
     sample: bool  # the chunk ends at the sequence's last token: its next token gets sampled
+    pending: int = 0  # a continuation: 1, its one token is the one still being sampled (not yet known)
+    source_mb: int = 0  # a continuation: the micro-batch in flight that samples that token
 
     @property
     def end(self) -> int:
@@ -70,6 +72,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.prompt_tokens = 0  # prompt tokens of admitted requests, since the last reset
         self.generation_tokens = 0  # tokens sampled, since the last reset
+        self.continuations = 0  # decode steps queued before their input token was known (async), since reset
+        self.dropped_tokens = 0  # tokens sampled by such steps for sequences that had stopped meanwhile
         self.seqs: dict[int, Sequence] = {}  # every unfinished sequence by id
 
     # ---- admission ---------------------------------------------------------------------------
@@ -100,9 +104,11 @@ class Scheduler:
     def snapshot(self, reset: bool = False) -> dict:
         out = {"running": len(self.running), "waiting": len(self.waiting), "free_blocks": self.blocks.num_free,
                "num_blocks": self.blocks.num_blocks, "preemptions": self.num_preemptions,
-               "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens}
+               "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
+               "continuations": self.continuations, "dropped_tokens": self.dropped_tokens}
         if reset:
             self.num_preemptions = self.prompt_tokens = self.generation_tokens = 0
+            self.continuations = self.dropped_tokens = 0
         return out
 
     @property
@@ -146,11 +152,35 @@ class Scheduler:
         self._next_mb += 1
         return MicroBatch(self._next_mb, chunks)
 
-    def _chunk(self, seq: Sequence, n: int) -> Chunk:
-        c = Chunk(seq, seq.num_scheduled, n, seq.num_scheduled + n == len(seq))
+    def schedule_continuation(self) -> MicroBatch | None:
+        """Async scheduling: the next decode step of sequences whose current token is still being
+        sampled (Sequence.can_continue). Its input id is fed on the device from the returned ids of
+        the micro-batch that samples it (Chunk.pending; engine/pipeline.py), so the step is queued
+        before that token reaches the host. No preemption for it: only free blocks are used."""
+        chunks, budget = [], self.budget
+        for seq in self.running:
+            if budget == 0:
+                break
+            if not seq.can_continue or len(seq) + 1 >= self.max_model_len:
+                continue
+            if not self.blocks.grow(seq, len(seq) + 1):
+                continue
+            chunks.append(self._chunk(seq, 1, pending=1))
+            budget -= 1
+            self.continuations += 1
+        if not chunks:
+            return None
+        self._next_mb += 1
+        return MicroBatch(self._next_mb, chunks)
+
+    def _chunk(self, seq: Sequence, n: int, pending: int = 0) -> Chunk:
+        c = Chunk(seq, seq.num_scheduled, n, seq.num_scheduled + n == len(seq) + pending, pending,
+                  seq.sample_mb if pending else 0)
         seq.num_scheduled += n
         seq.in_flight += 1
-        seq.awaiting_sample = c.sample
+        if c.sample:
+            seq.samples_in_flight += 1
+            seq.sample_mb = self._next_mb + 1  # the id of the micro-batch being built
         return c
 
     def _grow(self, seq: Sequence, num_tokens: int, chunks: list[Chunk]) -> bool:
@@ -190,13 +220,16 @@ class Scheduler:
                 self.blocks.release(c.seq)
         done = []
         for seq, tok in zip(samplers, sampled):
-            if seq.finish_reason == "abort":
+            seq.samples_in_flight -= 1
+            if seq.status == Status.FINISHED:  # aborted, or stopped while its continuation was in flight
+                self.dropped_tokens += seq.finish_reason != "abort"
                 continue
-            seq.awaiting_sample = False
             seq.append(int(tok), self.max_model_len)
             self.generation_tokens += 1
             done.append(seq)
             if seq.finish_reason is not None:
+                # released now even with a continuation in flight: every stage runs micro-batches
+                # in order, so its stray KV write lands before a later owner of the block writes
                 seq.status = Status.FINISHED
                 self.blocks.release(seq)
                 self.running.remove(seq)

@@ -23,7 +23,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_scheduled = 0  # tokens already sent down the pipeline (their KV is or will be cached)
         self.in_flight = 0  # micro-batches in flight that hold this sequence
-        self.awaiting_sample = False  # a micro-batch that samples its next token is in flight
+        self.samples_in_flight = 0  # micro-batches in flight that sample this sequence's next tokens
+        self.sample_mb = 0  # the latest of them (a continuation's ids come from its returned ids)
         self.finish_reason: str | None = None
         self.num_preemptions = 0
 
@@ -39,8 +40,21 @@ class Sequence:
         return len(self.token_ids) - self.num_scheduled
 
     @property
+    def awaiting_sample(self) -> bool:
+        return self.samples_in_flight > 0
+
+    @property
     def schedulable(self) -> bool:
         return self.status != Status.FINISHED and not self.awaiting_sample and self.num_unscheduled > 0
+
+    @property
+    def can_continue(self) -> bool:
+        """Its next decode step may be scheduled before its pending token is known: exactly one
+        sample in flight, every known token scheduled, and that token cannot end it by length
+        (a stop token still can: the continuation's token is then dropped)."""
+        return (self.status == Status.RUNNING and self.samples_in_flight == 1
+                and self.num_scheduled == len(self.token_ids) >= self.prompt_len
+                and len(self.output_ids) + 1 < self.params.max_tokens)
 
     def append(self, token: int, max_model_len: int) -> None:
         """Record a sampled token and decide whether the sequence is finished."""

@@ -18,6 +18,7 @@ from model.sampler import ROW, pack_rows
 
 HEADER = 12
 (H_KIND, H_MB, H_T, H_B, H_R, H_M, H_MAXQ, H_MAXCTX, H_FLAGS, H_AUX0, H_AUX1, H_AUX2) = range(HEADER)
+H_FED = H_AUX2  # batch plans: 1 when the ids are indices into returned ids (async scheduling)
 _SEED_MIX = 0x9E3779B97F4A7C15
 
 
@@ -42,8 +43,12 @@ def request_seed(params_seed: int | None, engine_seed: int, seq_id: int) -> int:
     return (engine_seed * _SEED_MIX + seq_id * 0xBF58476D1CE4E5B9 + 1) & (2**64 - 1)
 
 
-def build_plan(kind: int, mb_id: int, chunks, block_size: int, engine_seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(header int64 [HEADER], plan int32) of scheduler chunks (engine/scheduler.py Chunk)."""
+def build_plan(kind: int, mb_id: int, chunks, block_size: int, engine_seed: int,
+               fed: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(header int64 [HEADER], plan int32) of scheduler chunks (engine/scheduler.py Chunk). A
+    continuation micro-batch (every chunk one token still being sampled) gives `fed`: per chunk, the
+    index of its id among the returned ids stage 0 gathers from; the plan's ids are then those
+    indices and the header's H_FED is 1."""
     B = len(chunks)
     qlens = np.fromiter((c.length for c in chunks), dtype=np.int64, count=B)
     ends = np.fromiter((c.end for c in chunks), dtype=np.int64, count=B)
@@ -62,12 +67,12 @@ def build_plan(kind: int, mb_id: int, chunks, block_size: int, engine_seed: int)
     for b, c in enumerate(chunks):
         s = c.seq
         tables[b, :nblk[b]] = s.block_table[:nblk[b]]
-        ids += s.token_ids[c.start:c.end]
+        ids += s.token_ids[c.start:c.end] if fed is None else [fed[b]]
         if c.sample:
             p = s.params
             logits.append(qs[b + 1] - 1)
             rows.append((p.temperature, p.top_k, p.top_p, p.min_p, request_seed(p.seed, engine_seed, s.seq_id),
-                         len(s.output_ids)))
+                         len(s.output_ids) + getattr(c, "pending", 0)))  # the step of the token it samples
     slots = tables[seq_of, pos // block_size] * block_size + pos % block_size
     packed, flags = pack_rows(rows)
     R = len(rows)
@@ -75,8 +80,8 @@ def build_plan(kind: int, mb_id: int, chunks, block_size: int, engine_seed: int)
                            np.asarray(logits, dtype=np.int64)]).astype(np.int32)
     plan = np.concatenate([plan, packed.reshape(-1)])
     header = np.zeros(HEADER, dtype=np.int64)
-    header[[H_KIND, H_MB, H_T, H_B, H_R, H_M, H_MAXQ, H_MAXCTX, H_FLAGS]] = [
-        kind, mb_id, T, B, R, M, int(qlens.max()), int(ends.max()), flags]
+    header[[H_KIND, H_MB, H_T, H_B, H_R, H_M, H_MAXQ, H_MAXCTX, H_FLAGS, H_FED]] = [
+        kind, mb_id, T, B, R, M, int(qlens.max()), int(ends.max()), flags, int(fed is not None)]
     return header, plan
 
 

@@ -137,6 +137,25 @@ def test_bad_engine_arguments(tmp_path):
         LLM(str(tmp_path / "nope"))
 
 
+def test_async_scheduling_same_tokens_as_without(tiny2, llm2, prompts):
+    """Async scheduling (the default: a decode's next step queued before its token reaches stage
+    0's host, its id gathered on the device) gives the tokens of the plain path: greedy and seeded,
+    alone and batched, and at a stop token, whose continuation's token is dropped."""
+    free = llm2.generate([prompts[1]], GREEDY)[0].token_ids
+    stop = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[free[4]])
+    calls = [([prompts[1]], GREEDY), ([prompts[0]], SEEDED[0]), (prompts, SEEDED), ([prompts[1]], stop)]
+    want = []
+    with LLM(str(tiny2), stages=2, verbose=False, async_scheduling=False) as plain:
+        for p, sp in calls:
+            want.append([(o.token_ids, o.finish_reason) for o in plain.generate(p, sp)])
+        assert plain.stats()["scheduler"]["continuations"] == 0
+    llm2.stats(reset=True)
+    for (p, sp), w in zip(calls, want):
+        assert [(o.token_ids, o.finish_reason) for o in llm2.generate(p, sp)] == w
+    s = _idle(llm2)
+    assert s["continuations"] >= 8 and s["dropped_tokens"] >= 1  # it ran ahead, and past the stop
+
+
 # ---- the request API ---------------------------------------------------------------------------
 LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
 

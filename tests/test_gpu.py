@@ -81,19 +81,23 @@ def test_cuda_graph_and_eager_decode_match_transformers(tmp_path):
 
 def test_seeded_sampling_same_on_one_and_two_gpus(tmp_path):
     """The device sampler: a seeded request (alone, so the kernels see the same shapes) draws the
-    same tokens on 1 and 2 GPUs, and another seed draws others."""
+    same tokens on 1 and 2 GPUs, with async scheduling (ids fed on the device, NCCL's receive
+    waited on the compute stream) and without, and another seed draws others."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     write_checkpoint(tmp_path, preset_config("tiny"), seed=6)
     prompt = list(range(10, 60))
     sps = [SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=50, seed=s, ignore_eos=True)
            for s in (1, 2, 3)]
-    got = {}
-    for stages in (1, 2):
-        with LLM(str(tmp_path), stages=stages, device="cuda", dtype="bfloat16", verbose=False) as llm:
-            got[stages] = [llm.generate([prompt], sp)[0].token_ids for sp in sps]
-    assert got[1] == got[2]
-    assert len({tuple(t) for t in got[1]}) == 3
+    got, ahead = {}, {}
+    for stages, run_ahead in ((1, True), (2, True), (2, False)):  # async scheduling on, then off
+        with LLM(str(tmp_path), stages=stages, device="cuda", dtype="bfloat16", verbose=False,
+                 async_scheduling=run_ahead) as llm:
+            got[stages, run_ahead] = [llm.generate([prompt], sp)[0].token_ids for sp in sps]
+            ahead[stages, run_ahead] = llm.stats()["scheduler"]["continuations"]
+    assert got[1, True] == got[2, True] == got[2, False]
+    assert len({tuple(t) for t in got[1, True]}) == 3
+    assert ahead[1, True] > 0 and ahead[2, True] > 0 and ahead[2, False] == 0  # ids fed on the device
 
 
 def test_sdpa_prefill_matches_reference_real_shape():

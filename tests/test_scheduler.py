@@ -162,3 +162,104 @@ def test_step_plan_matches_attn_batch_and_abort_frees_blocks():
     log = run_to_end(s)
     assert all(sid != 2 for step in log for sid, *_ in step)
     assert s.blocks.num_free == 64
+
+
+# ---- async scheduling: continuations --------------------------------------------------------
+
+def test_continuation_is_queued_before_its_token_and_feeds_from_the_sampling_micro_batch():
+    """One decoding sequence: while its sample is in flight, its next step is scheduled with the
+    pending token's position, the sampling micro-batch as source and the next step counter in its
+    sampling row; a stop token arriving meanwhile drops the continuation's token and frees the pool."""
+    import torch
+
+    from engine.step_plan import H_FED, PlanView, build_plan
+
+    s = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1000)
+    a = seq(0, 5, max_tokens=10, stop=(3,))
+    s.add(a)
+    m1 = s.schedule()
+    assert s.schedule() is None  # its first token is being sampled
+    m2 = s.schedule_continuation()
+    c = m2.chunks[0]
+    assert (c.start, c.length, c.sample, c.pending, c.source_mb) == (5, 1, True, 1, m1.mb_id)
+    assert s.schedule_continuation() is None  # one step ahead at most
+    header, plan = build_plan(0, m2.mb_id, m2.chunks, 4, 0, fed=[0])
+    view = PlanView(header.tolist(), torch.from_numpy(plan))
+    assert view.header[H_FED] == 1 and view.part("ids").tolist() == [0]
+    assert view.part("positions").tolist() == [5] and view.part("context_lens").tolist() == [6]
+    assert view.rows[0, 6].item() == 1  # it samples output token 1 (token 0 is in flight)
+    assert [q.seq_id for q in s.complete(m1, [9])] == [0] and a.output_ids == [9]
+    m3 = s.schedule_continuation()
+    assert (m3.chunks[0].start, m3.chunks[0].source_mb) == (6, m2.mb_id)
+    assert s.complete(m2, [3]) and a.finish_reason == "stop" and s.blocks.num_free == 16
+    assert s.complete(m3, [8]) == [] and a.output_ids == [9, 3]  # dropped: it had stopped
+    assert s.snapshot()["dropped_tokens"] == 1 and s.snapshot()["continuations"] == 2
+    assert not s.has_work and s.blocks.num_free == 16
+
+
+def test_no_continuation_past_max_tokens():
+    s = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64, max_model_len=100)
+    a, b = seq(0, 3, max_tokens=2), seq(1, 6, max_tokens=1)
+    s.add(a)
+    s.add(b)
+    m1 = s.schedule()
+    m2 = s.schedule_continuation()
+    assert [c.seq.seq_id for c in m2.chunks] == [0]  # b's first token is its last
+    s.complete(m1, [4, 4])
+    assert b.finish_reason == "length" and b.output_ids == [4]
+    assert s.schedule_continuation() is None  # a's second token is its last
+    s.complete(m2, [5])
+    assert a.finish_reason == "length" and a.output_ids == [4, 5] and s.blocks.num_free == 16
+
+
+def _drive(s: Scheduler, in_flight: int, use_async: bool, rng, abort_at: dict[int, int]):
+    """An engine with `in_flight` micro-batches in flight; a deterministic 'model' whose next token
+    depends on the whole history, applied when a micro-batch completes (completions are in order,
+    so a continuation's history then includes the token it was fed)."""
+    import collections
+    q = collections.deque()
+    outputs, step = {}, 0
+    while s.has_work or q:
+        while len(q) < in_flight:
+            mb = s.schedule() or (s.schedule_continuation() if use_async else None)
+            if mb is None:
+                break
+            q.append(mb)
+        mb = q.popleft()
+        toks = []
+        for c in mb.chunks:
+            if c.sample:
+                hist = c.seq.token_ids[:c.end]
+                toks.append((sum(hist) * 31 + len(hist) * 7 + c.seq.seq_id) % 23)
+        for q_ in s.complete(mb, toks):
+            if q_.finish_reason is not None:
+                outputs[q_.seq_id] = (list(q_.output_ids), q_.finish_reason)
+        step += 1
+        for sid in [k for k, v in abort_at.items() if v == step]:
+            s.abort(sid)
+    return outputs
+
+
+@pytest.mark.parametrize("stages", [1, 2, 4])
+def test_async_scheduling_gives_the_same_tokens_under_preemption_and_abort(stages):
+    """Random workloads with stop tokens, length limits, preemptions and aborts: the tokens and
+    finish reasons with continuations equal those without, and the pool ends free."""
+    import random
+    for trial in range(6):
+        results = []
+        for use_async in (False, True):
+            rng = random.Random(trial)
+            s = Scheduler(BlockManager(14, 4), max_num_seqs=6, max_num_batched_tokens=9, max_model_len=40,
+                          num_stages=stages)
+            for i in range(10):
+                s.add(seq(i, rng.randint(1, 12), max_tokens=rng.randint(1, 14), stop=(rng.randint(0, 22),)))
+            aborts = {rng.randint(0, 9): rng.randint(3, 30) for _ in range(2)}
+            out = _drive(s, max(stages, 2) if use_async else stages, use_async, rng, aborts)
+            assert s.blocks.num_free == 14 and not s.has_work
+            results.append((out, s.snapshot()))
+        (sync, snap_sync), (asy, snap_async) = results
+        done_both = sync.keys() & asy.keys()
+        assert len(done_both) >= 6
+        assert {k: sync[k] for k in done_both} == {k: asy[k] for k in done_both}, trial
+        assert snap_sync["continuations"] == 0
+    assert snap_async["continuations"] > 0

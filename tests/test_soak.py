@@ -56,8 +56,9 @@ def _one_at_a_time(model: str, reqs) -> dict[int, list[int]]:
 
 
 def _run_alone(model: str, reqs) -> dict[int, list[int]]:
+    # the plain path as reference: no async scheduling (the soak itself runs with it)
     args, _, _ = resolve_engine(model, EngineOptions(stages=1, verbose=False, block_size=BLOCK, kv_cache_gib=KV_GIB,
-                                                     device="cpu"))
+                                                     device="cpu", async_scheduling=False))
     engine = build_rank(args, 0, 0).engine
     out = {}
     for i, (kind, prompt, sp) in enumerate(reqs):
