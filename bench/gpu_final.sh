@@ -19,7 +19,8 @@
 #   bash bench/gpu_final.sh verify # 1 GPU: the late-compile test, the sampler and attention-kernel GPU tests
 #   bash bench/gpu_final.sh async1 # 2 GPUs: bench_spine without the soak, with and without async scheduling;
 #                                  #   then the engine's GPU tests (test_gpu.py, test_sampler.py)
-#   bash bench/gpu_final.sh async2 # 2 GPUs: the kernel GPU tests split over both; then the 1 000-request soak
+#   bash bench/gpu_final.sh async2 # 2 GPUs: the engine's GPU tests; then the 1 000-request soak
+#   bash bench/gpu_final.sh async3 # 2 GPUs: the kernel GPU tests split over both
 # Comparable figures (moepipe vs peer vs 1 GPU) are always taken on the same GPU pair in one call.
 # Needs .shared/hf_peer.py and .shared/ceilings.py (copies of ../shared/bench). Results under $OUT;
 # the short tables are printed last.
@@ -132,11 +133,18 @@ elif [ "$step" = async1 ]; then  # 2 GPUs (~8 min)
   pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
   CUDA_VISIBLE_DEVICES=0,1 timeout 330 python3 bench/bench_spine.py --load-format dummy --preset qwen3-30b-a3b \
     --stages 2 --skip soak --out "$OUT/spine.json" 2>&1 | quiet > "$L/spine.log"
-  CUDA_VISIBLE_DEVICES=0,1 pt 200 tests/test_gpu.py tests/test_sampler.py > "$OUT/gpu_tests_engine.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0,1 pt 330 tests/test_gpu.py tests/test_sampler.py > "$OUT/gpu_tests_engine.log" 2>&1
   cp "$L/spine.log" "$OUT/"
   grep -E "passed|failed|error|FAILED|compiled" "$OUT/gpu_tests_engine.log" | tail -6
   tail -16 "$L/spine.log"
-elif [ "$step" = async2 ]; then  # 2 GPUs (~7 min)
+elif [ "$step" = async2 ]; then  # 2 GPUs (~7 min): the engine's GPU tests, then the 1 000-request soak
+  timeout 330 python3 -m pytest -q -m gpu -rf -p no:cacheprovider tests/test_gpu.py tests/test_sampler.py \
+    > "$OUT/gpu_tests_engine.log" 2>&1
+  timeout 200 python3 bench/bench_spine.py --load-format dummy --preset qwen3-30b-a3b \
+    --stages 2 --skip sampling,balance,decode,single,plain --out "$OUT/soak.json" > "$OUT/soak.log" 2>&1
+  grep -E "passed|failed|error|FAILED|Triton compiled" "$OUT/gpu_tests_engine.log" | tail -8
+  grep "Triton compiled" "$OUT/soak.log" | head -5; tail -12 "$OUT/soak.log"
+elif [ "$step" = async3 ]; then  # 2 GPUs (~5 min): the kernel GPU tests split over both
   pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
   { CUDA_VISIBLE_DEVICES=0 pt 230 tests/test_fused_moe.py -k 235b
     CUDA_VISIBLE_DEVICES=0 pt 100 tests/test_attention_kernels.py tests/test_chunking.py; } > "$L/gpu_tests_a.log" 2>&1 &
@@ -146,10 +154,7 @@ elif [ "$step" = async2 ]; then  # 2 GPUs (~7 min)
   } > "$L/gpu_tests_b.log" 2>&1
   wait
   cat "$L"/gpu_tests_*.log > "$OUT/gpu_tests_kernels.log"
-  CUDA_VISIBLE_DEVICES=0,1 timeout 200 python3 bench/bench_spine.py --load-format dummy --preset qwen3-30b-a3b \
-    --stages 2 --skip sampling,balance,decode,single,plain --out "$OUT/soak.json" 2>&1 | quiet > "$OUT/soak.log"
   grep -E "passed|failed|error|FAILED" "$OUT/gpu_tests_kernels.log"
-  tail -12 "$OUT/soak.log"
 elif [ "$step" = verify ]; then  # 1 GPU (~3 min): what dcc0270 changed (decode kernels' specialization)
   pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
   { pt 120 tests/test_attention_kernels.py; pt 120 tests/test_sampler.py tests/test_gpu.py -k "no_triton_compile or sample"; } \
