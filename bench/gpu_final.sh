@@ -20,7 +20,7 @@
 #   bash bench/gpu_final.sh async1 # 2 GPUs: bench_spine without the soak, with and without async scheduling;
 #                                  #   then the engine's GPU tests (test_gpu.py, test_sampler.py)
 #   bash bench/gpu_final.sh async2 # 2 GPUs: the engine's GPU tests; then the 1 000-request soak
-#   bash bench/gpu_final.sh async3 # 2 GPUs: the kernel GPU tests split over both
+#   bash bench/gpu_final.sh async3 [engine] # 2 GPUs: the kernel GPU tests split over both [then the engine's]
 # Comparable figures (moepipe vs peer vs 1 GPU) are always taken on the same GPU pair in one call.
 # Needs .shared/hf_peer.py and .shared/ceilings.py (copies of ../shared/bench). Results under $OUT;
 # the short tables are printed last.
@@ -155,6 +155,9 @@ elif [ "$step" = async3 ]; then  # 2 GPUs (~5 min): the kernel GPU tests split o
   wait
   cat "$L"/gpu_tests_*.log > "$OUT/gpu_tests_kernels.log"
   grep -E "passed|failed|error|FAILED" "$OUT/gpu_tests_kernels.log"
+  [ "${2:-}" = engine ] && { timeout 300 python3 -m pytest -q -m gpu -rf -p no:cacheprovider tests/test_gpu.py \
+    tests/test_sampler.py > "$OUT/gpu_tests_engine.log" 2>&1
+    grep -E "passed|failed|error|FAILED|Triton compiled" "$OUT/gpu_tests_engine.log" | tail -8; }
 elif [ "$step" = verify ]; then  # 1 GPU (~3 min): what dcc0270 changed (decode kernels' specialization)
   pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
   { pt 120 tests/test_attention_kernels.py; pt 120 tests/test_sampler.py tests/test_gpu.py -k "no_triton_compile or sample"; } \

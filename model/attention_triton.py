@@ -172,6 +172,25 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, device: torch
     return max(1, min(want, cap, max_splits))
 
 
+def warm_decode_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                      max_splits: int = 128) -> None:
+    """Compile the split-merge kernel at every BLOCK_SPLITS it can take (the split count's power of
+    two, with its warp count): which one a step needs depends on its batch and context together
+    (choose_num_splits), more combinations than a warm-up forward can visit."""
+    n = 1
+    while True:
+        s = min(n, max_splits)
+        o_part = torch.zeros(1, num_heads, s, head_dim, device=device, dtype=torch.float32)
+        lse_part = torch.zeros(1, num_heads, s, device=device, dtype=torch.float32)
+        out = torch.empty(1, num_heads, head_dim, device=device, dtype=dtype)
+        _decode_merge_kernel[(1, num_heads)](
+            o_part, lse_part, out, out.stride(0), out.stride(1), s,
+            N=num_heads, D=head_dim, BLOCK_SPLITS=triton.next_power_of_2(s), num_warps=8 if s > 32 else 4)
+        if s == max_splits:
+            return
+        n *= 2
+
+
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
     N, D = q.shape[1], q.shape[2]
     P, S, K, Dk = k_cache.shape

@@ -76,5 +76,8 @@ def precompile(stage: Stage, max_tokens: int, max_batch: int, max_context: int |
              else torch.randn(T, H, device=dev, dtype=stage.dtype))
         stage(x, batch)
     if dev.type == "cuda":
+        from .attention_triton import warm_decode_merge
+        if len(stage.layers):  # the merge kernel at every split-count class (its choice mixes batch and context)
+            warm_decode_merge(stage.cfg.num_attention_heads, stage.cfg.head_dim, stage.dtype, dev)
         torch.cuda.synchronize(dev)
     return time.perf_counter() - t0

@@ -161,6 +161,9 @@ def test_no_triton_compile_after_start_up():
         lens = [1, 2, 7, 16, 17, 100, 300, 1500, 2100]
         llm.generate([torch.randint(3, V, (n,), generator=g).tolist() for n in lens],
                      SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        for n, b in ((560, 8), (300, 3), (900, 40)):  # decode split counts between the warm-up's contexts
+            llm.generate([torch.randint(3, V, (n,), generator=g).tolist() for _ in range(b)],
+                         SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
         many = [torch.randint(3, V, (int(n),), generator=g).tolist() for n in torch.randint(1, 40, (150,), generator=g)]
         for sp in (SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
                    SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=30, min_p=0.05, ignore_eos=True),
