@@ -239,7 +239,7 @@ def main() -> int:
         print(f"{'temp 0.8 / top-p 0.9':<44} {r['sampled']['output_tok_s']:>24.0f} tok/s  (runs {walls('sampled')} s)")
         print(f"{'sampled / greedy':<44} {r['sampled_vs_greedy']:>30.3f}")
         late = [sum(x[k]["late_compiles"]) for x in r["rounds"] for k in ("greedy", "sampled")]
-        print(f"{'  Triton compiles inside these runs':<44} {', '.join(map(str, late)):>30}")
+        print(f"{'  Triton compiles since start-up, per run':<44} {', '.join(map(str, late)):>30}")
     if "balance" in res:
         r = res["balance"]
         busy = ", ".join(f"s{s['rank']} {s['busy_pct']:.0f}%" for s in r["stages"])
