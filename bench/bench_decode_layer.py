@@ -71,7 +71,11 @@ def layer_bytes(cfg, B: int, ctx: int) -> float:
     return 2 * (attn + experts + kv)
 
 
-def decode_table(cfg, layers: int, bw: float, batches, contexts, out: dict, profile: bool = False) -> None:
+def decode_table(cfg, layers: int, bw: float, batches, contexts, out: dict, profile: bool = False,
+                 ablate: bool = False) -> None:
+    """ablate: also the default kernels without PDL, and with cuBLAS for the dense projections."""
+    from dataclasses import replace
+    from model import pdl
     dev, dt, bs = torch.device("cuda:0"), torch.bfloat16, 16
     stage = fill_dummy(Stage(cfg, 0, layers, False, False, dev, dt))
     per_seq = -(-max(contexts) // bs)
@@ -82,6 +86,10 @@ def decode_table(cfg, layers: int, bw: float, batches, contexts, out: dict, prof
     stage.kv_cache.normal_(0, 1)
     fused = pick_backend(dev)
     before = Backend("sdpa", "torch", False)
+    variants = {"before": (before, None), "after": (fused, None)}
+    if ablate:
+        variants["after, no PDL"] = (fused, False)
+        variants["after, cuBLAS dense"] = (replace(fused, linear_small_max=0), None)
     for B in batches:
         x = torch.randn(B, cfg.hidden_size, device=dev, dtype=dt)
         for ctx in contexts:
@@ -89,17 +97,21 @@ def decode_table(cfg, layers: int, bw: float, batches, contexts, out: dict, prof
             tables = [[(i * n + j) % pool for j in range(n)] for i in range(B)]  # distinct blocks
             batch = AttnBatch.build([1] * B, [ctx] * B, tables, bs, [True] * B, dev)
             row = {}
-            for name, be in (("before", before), ("after", fused)):
+            for name, (be, on) in variants.items():
                 stage.backend = be
+                pdl.set_enabled(on)
                 with torch.inference_mode():
                     ms = timed(lambda: stage(x, batch))
+                pdl.set_enabled(None)
                 us = ms * 1e3 / layers
                 row[name] = {"us_per_layer": us, "pct_hbm": 100 * layer_bytes(cfg, B, ctx) / (us / 1e6) / bw}
             key = f"b{B} ctx{ctx}"
             out[key] = row
             print(f"decode {key:14s} before {row['before']['us_per_layer']:8.1f} us/layer "
                   f"({row['before']['pct_hbm']:5.1f}% HBM)  after {row['after']['us_per_layer']:8.1f} us/layer "
-                  f"({row['after']['pct_hbm']:5.1f}% HBM)", flush=True)
+                  f"({row['after']['pct_hbm']:5.1f}% HBM)"
+                  + "".join(f"  {k} {v['us_per_layer']:.1f}" for k, v in row.items() if k not in ("before", "after")),
+                  flush=True)
     if profile:
         from torch.profiler import ProfilerActivity, profile as prof_ctx
         B = 1
@@ -206,6 +218,8 @@ def main() -> int:
     ap.add_argument("--extra-shapes", default="", help="more presets/configs for the b=1 table")
     ap.add_argument("--first-request", choices=("cold", "warm"), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--skip-first-request", action="store_true")
+    ap.add_argument("--skip-moe", action="store_true", help="leave out the MoE path sweep")
+    ap.add_argument("--ablate", action="store_true", help="also time the kernels without PDL / with cuBLAS dense")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.first_request:
@@ -217,13 +231,14 @@ def main() -> int:
     print(f"{card}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
     res: dict = {"card": card, "date": datetime.date.today().isoformat(), "preset": a.preset, "layers": a.layers,
                  "copy_GBps": bw / 1e9, "torch": torch.__version__, "decode": {}, "moe": {}, "shapes_b1": {}}
-    moe_paths(cfg, [int(n) for n in a.moe_counts.split(",")], res["moe"], bw, sweep=a.sweep)
+    if not a.skip_moe:
+        moe_paths(cfg, [int(n) for n in a.moe_counts.split(",")], res["moe"], bw, sweep=a.sweep)
     decode_table(cfg, a.layers, bw, [int(b) for b in a.batches.split(",")], [int(c) for c in a.contexts.split(",")],
-                 res["decode"], profile=True)
+                 res["decode"], profile=True, ablate=a.ablate)
     for shape in filter(None, a.extra_shapes.split(",")):
         sub: dict = {}
         print(f"-- {shape}")
-        decode_table(dummy_config(shape), 2, bw, [1, 8], [128], sub)
+        decode_table(dummy_config(shape), 2, bw, [1, 8], [128], sub, ablate=a.ablate)
         if a.sweep:
             res["moe_" + shape] = {}
             moe_paths(dummy_config(shape), [1, 8], res["moe_" + shape], bw, sweep=False)

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, pdl_enter
+
 _LOG2E = 1.4426950408889634
 
 
@@ -95,8 +97,9 @@ def _decode_split_kernel(
     stride_btb,
     num_splits,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -136,8 +139,9 @@ def _decode_split_kernel(
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     o_part_ptr, lse_part_ptr, o_ptr, stride_ob, stride_on, num_splits,
-    N: tl.constexpr, D: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    N: tl.constexpr, D: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_SPLITS)
@@ -185,7 +189,8 @@ def warm_decode_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device:
         out = torch.empty(1, num_heads, head_dim, device=device, dtype=dtype)
         _decode_merge_kernel[(1, num_heads)](
             o_part, lse_part, out, out.stride(0), out.stride(1), s,
-            N=num_heads, D=head_dim, BLOCK_SPLITS=triton.next_power_of_2(s), num_warps=8 if s > 32 else 4)
+            N=num_heads, D=head_dim, BLOCK_SPLITS=triton.next_power_of_2(s), num_warps=8 if s > 32 else 4,
+            **launch_args(device))
         if s == max_splits:
             return
         n *= 2
@@ -248,12 +253,12 @@ def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_splits,
         G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, S=k_cache.shape[1],
         BLOCK_N=block_n, PRECISION=_precision(q_BND.dtype), UPCAST=_interpreted(),
-        num_warps=4, num_stages=3,
+        num_warps=4, num_stages=3, **launch_args(q_BND.device),
     )
     _decode_merge_kernel[(B, N)](
         o_part, lse_part, out, out.stride(0), out.stride(1), num_splits,
         N=N, D=D, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-        num_warps=8 if num_splits > 32 else 4,
+        num_warps=8 if num_splits > 32 else 4, **launch_args(q_BND.device),
     )
     return out
 

@@ -21,6 +21,9 @@ MOE_SMALL_MAX_PAIRS = 64
 # with the (128, 128) tile the Triton kernel won at every count measured, 2048 to 16384 tokens
 # (H100, 30b shape; model.fused_moe_triton.grouped_tiles has the figures).
 MOE_TORCH_MIN_TOKENS = 1 << 30
+# Micro-batches of up to this many tokens run the dense projections (fused qkv, o_proj, router) as
+# the PDL-launched Triton GEMV (model/linear_triton.py) instead of cuBLAS.
+LINEAR_SMALL_MAX_TOKENS = 4
 
 
 def reference_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
@@ -71,6 +74,14 @@ class Backend:
     fused_norms: bool  # Triton add+RMSNorm, q/k-norm+rope+KV write
     moe_small_max_pairs: int = MOE_SMALL_MAX_PAIRS
     moe_torch_min: int = MOE_TORCH_MIN_TOKENS
+    linear_small_max: int = 0  # tokens up to which linear() runs the Triton GEMV (0: always torch)
+
+    def linear(self, x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+        """x @ w^T: the small-token Triton GEMV up to linear_small_max tokens, else torch."""
+        if 0 < x_TK.shape[0] <= self.linear_small_max:
+            from .linear_triton import linear_small
+            return linear_small(x_TK, w_NK)
+        return torch.nn.functional.linear(x_TK, w_NK)
 
     @property
     def attend(self) -> Callable:
@@ -78,7 +89,7 @@ class Backend:
 
     def reference(self) -> "Backend":
         """The torch maths (for traces and parity), keeping the attention kernel."""
-        return replace(self, moe="torch" if self.moe == "triton" else self.moe, fused_norms=False)
+        return replace(self, moe="torch" if self.moe == "triton" else self.moe, fused_norms=False, linear_small_max=0)
 
 
 def pick_backend(device: torch.device | str, attention: str | None = None, moe: str | None = None,
@@ -102,7 +113,7 @@ def pick_backend(device: torch.device | str, attention: str | None = None, moe: 
     fused = cuda if fused is None else fused
     if fused and not cuda:
         raise ValueError("fused norm kernels need a CUDA device")
-    return Backend(attention, moe, fused)
+    return Backend(attention, moe, fused, linear_small_max=LINEAR_SMALL_MAX_TOKENS if fused else 0)
 
 
 def pick_attention(device: torch.device | str, name: str | None = None) -> Callable:

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .fused_triton import _round
+from .pdl import launch_args, pdl_enter
 
 
 # The interpreter's tl.dot returns garbage for bf16 operands (triton 3.9): there, dot in fp32,
@@ -46,7 +47,8 @@ def _silu_mul(g, u, DT: tl.constexpr):
 # ---- small batch: per-pair GEMV ------------------------------------------------------------------
 @triton.jit
 def _gate_up_gemv_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, H, I, stride_xt, stride_we, stride_wn, stride_at,
-                         TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                         TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     p = tl.program_id(0)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < I
@@ -72,7 +74,9 @@ def _gate_up_gemv_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, H, I, stride_xt, stride
 
 @triton.jit
 def _down_combine_gemv_kernel(act_ptr, w_ptr, ids_ptr, tw_ptr, out_ptr, H, I, stride_at, stride_we, stride_wn,
-                              stride_ot, TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                              stride_ot, TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                              PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < H
@@ -117,11 +121,11 @@ def experts_small(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
     act = torch.empty(N * k, I, dtype=x_NH.dtype, device=x_NH.device)
     _gate_up_gemv_kernel[(N * k, triton.cdiv(I, bn1))](
         x_NH, w13_E2IH, ids, act, H, I, x_NH.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1), act.stride(0),
-        TOPK=k, BN=bn1, BK=min(bk1, triton.next_power_of_2(H)), num_warps=nw1)
+        TOPK=k, BN=bn1, BK=min(bk1, triton.next_power_of_2(H)), num_warps=nw1, **launch_args(x_NH.device))
     out = torch.empty(N, H, dtype=x_NH.dtype, device=x_NH.device)
     _down_combine_gemv_kernel[(N, triton.cdiv(H, bn2))](
         act, w2_EHI, ids, tw, out, H, I, act.stride(0), w2_EHI.stride(0), w2_EHI.stride(1), out.stride(0),
-        TOPK=k, BN=bn2, BK=min(bk2, triton.next_power_of_2(I)), num_warps=nw2)
+        TOPK=k, BN=bn2, BK=min(bk2, triton.next_power_of_2(I)), num_warps=nw2, **launch_args(x_NH.device))
     return out
 
 
@@ -248,8 +252,9 @@ def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
 # ---- routing ------------------------------------------------------------------------------------
 @triton.jit
 def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, TOPK: tl.constexpr, BE: tl.constexpr,
-                         RENORM: tl.constexpr):
+                         RENORM: tl.constexpr, PDL: tl.constexpr):
     """One token per program: fp32 softmax over E, top-k (ties: the lower expert id first), renorm."""
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BE)
     cmask = cols < E
@@ -275,19 +280,20 @@ def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, TOPK: tl.const
     tl.store(ids_ptr + t * TOPK + slot, cols.to(tl.int64), mask=sel)
 
 
-def route_fused(x_NH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, norm_topk_prob: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def route_fused(x_NH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, norm_topk_prob: bool,
+                linear=torch.nn.functional.linear) -> tuple[torch.Tensor, torch.Tensor]:
     """route()'s (topk_w_Nk in dt, topk_ids_Nk int64) in two launches: the router GEMM and one
     kernel for softmax, top-k and renorm. The chosen experts equal torch.topk's on the same
     logits; where equal probabilities straddle the k-th place torch's pick is unspecified, and
-    this one takes the lower expert id."""
-    logits = torch.nn.functional.linear(x_NH, gate_EH)
+    this one takes the lower expert id. linear: the router GEMM (Backend.linear in the engine)."""
+    logits = linear(x_NH, gate_EH)
     N, E = logits.shape
     w = torch.empty(N, top_k, dtype=x_NH.dtype, device=x_NH.device)
     ids = torch.empty(N, top_k, dtype=torch.int64, device=x_NH.device)
     if N:
         _topk_softmax_kernel[(N,)](logits, w, ids, E, logits.stride(0), TOPK=top_k,
-                                   BE=triton.next_power_of_2(E), RENORM=norm_topk_prob, num_warps=1)
+                                   BE=triton.next_power_of_2(E), RENORM=norm_topk_prob, num_warps=1,
+                                   **launch_args(x_NH.device))
     return w, ids
 
 
@@ -305,7 +311,8 @@ def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int, to
 
 
 def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor,
-              top_k: int, norm_topk_prob: bool, small_max_pairs: int, torch_min: int = 1 << 30) -> torch.Tensor:
+              top_k: int, norm_topk_prob: bool, small_max_pairs: int, torch_min: int = 1 << 30,
+              linear=torch.nn.functional.linear) -> torch.Tensor:
     """Route (the reference's expert choice) then the fused experts."""
-    w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob)
+    w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob, linear)
     return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, torch_min)

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, pdl_enter
+
 
 @triton.jit
 def _round(x, DT: tl.constexpr):
@@ -27,7 +29,8 @@ def _round(x, DT: tl.constexpr):
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_rows, H, stride_x, stride_o, eps,
-                     BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+                     BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < H
@@ -43,7 +46,8 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_rows, H, stride_x, stride_o, eps,
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, h_ptr, n_rows, H, stride_x, stride_r, stride_o, eps,
-                         BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+                         BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < H
@@ -71,7 +75,7 @@ def add_rms_norm_fused(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     ROWS = max(1, min(16, 4096 // BLOCK_H))
     _add_rms_norm_kernel[(triton.cdiv(n, ROWS),)](x2, r2, weight, out, h, n, H, x2.stride(0), r2.stride(0),
                                                   out.stride(0), eps, BLOCK_H=BLOCK_H, ROWS=ROWS,
-                                                  num_warps=4 if BLOCK_H <= 2048 else 8)
+                                                  num_warps=4 if BLOCK_H <= 2048 else 8, **launch_args(x.device))
     return out.view(x.shape), h.view(x.shape)
 
 
@@ -84,7 +88,8 @@ def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     BLOCK_H = triton.next_power_of_2(H)
     ROWS = max(1, min(16, 4096 // BLOCK_H))
     _rms_norm_kernel[(triton.cdiv(n, ROWS),)](x2, weight, out, n, H, x2.stride(0), out.stride(0), eps,
-                                              BLOCK_H=BLOCK_H, ROWS=ROWS, num_warps=4 if BLOCK_H <= 2048 else 8)
+                                              BLOCK_H=BLOCK_H, ROWS=ROWS, num_warps=4 if BLOCK_H <= 2048 else 8,
+                                              **launch_args(x.device))
     return out.view(x.shape)
 
 
@@ -136,10 +141,11 @@ def qk_norm_rope_fused(x_THD: torch.Tensor, weight_D: torch.Tensor, cos_TD: torc
 @triton.jit
 def _qkv_norm_rope_write_kernel(x_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
                                 n_rows, NQ, NKV, eps, stride_xt, stride_qt, stride_c,
-                                HALF: tl.constexpr, ROWS: tl.constexpr):
+                                HALF: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
     """Rows are (token, head) for the NQ q heads then the NKV k heads of one qkv row [q | k | v].
     q heads: norm + rope -> q. k heads: norm + rope -> k cache at the token's slot, and the v head
     of the same index copied to the v cache (slot < 0: not stored)."""
+    pdl_enter(PDL)
     heads = NQ + NKV
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
@@ -199,5 +205,6 @@ def qkv_norm_rope_write(qkv_TX: torch.Tensor, q_weight_D: torch.Tensor, k_weight
     ROWS = 16
     _qkv_norm_rope_write_kernel[(triton.cdiv(n, ROWS),)](
         qkv_TX, q_weight_D, k_weight_D, cos_TD, sin_TD, q, k_cache_PSKD, v_cache_PSKD, slot_mapping_T,
-        n, nq, nkv, eps, qkv_TX.stride(0), q.stride(0), cos_TD.stride(0), HALF=D // 2, ROWS=ROWS, num_warps=4)
+        n, nq, nkv, eps, qkv_TX.stride(0), q.stride(0), cos_TD.stride(0), HALF=D // 2, ROWS=ROWS, num_warps=4,
+        **launch_args(qkv_TX.device))
     return q

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attention import write_kv
 from .backend import Backend
@@ -46,7 +45,7 @@ class Attention(nn.Module):
     def forward(self, x_TH, cos, sin, batch: AttnBatch, kv: tuple[torch.Tensor, torch.Tensor],
                 be: Backend, trace: Trace, i: int) -> torch.Tensor:
         T = x_TH.shape[0]
-        qkv = F.linear(x_TH, self.qkv_proj.weight)  # [T, q_size + 2 kv_size]
+        qkv = be.linear(x_TH, self.qkv_proj.weight)  # [T, q_size + 2 kv_size]
         if be.fused_norms:
             from .fused_triton import qkv_norm_rope_write
             q = qkv_norm_rope_write(qkv, self.q_norm.weight, self.k_norm.weight, cos, sin, self.eps, self.nh,
@@ -63,7 +62,7 @@ class Attention(nn.Module):
                 trace[f"{i}.q_rope"], trace[f"{i}.k_rope"] = q, k
             write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
         o = be.attend(q, kv[0], kv[1], batch, self.scale)
-        return F.linear(o.reshape(T, self.nh * self.hd), self.o_proj.weight)
+        return be.linear(o.reshape(T, self.nh * self.hd), self.o_proj.weight)
 
 
 class Experts(nn.Module):
@@ -87,7 +86,7 @@ class SparseMoe(nn.Module):
         if be.moe == "triton":
             from .fused_moe_triton import fused_moe
             return fused_moe(x_TH, self.gate.weight, w13, w2, self.top_k, self.norm_topk_prob, be.moe_small_max_pairs,
-                             be.moe_torch_min)
+                             be.moe_torch_min, be.linear)
         logits, w, ids = route(x_TH, self.gate.weight, self.top_k, self.norm_topk_prob)
         if trace is not None:
             trace[f"{i}.router_logits"], trace[f"{i}.topk_w"], trace[f"{i}.topk_ids"] = logits, w, ids

@@ -258,7 +258,7 @@ def test_routing_tie_comparison_on_cpu():
 
 def test_stage_with_every_fused_kernel_matches_reference_interpreted():
     """One user-mini layer, bf16, prefill then decode: the fused backend (qkv norm+rope+KV write,
-    add+norm, routing, both MoE paths) against the torch backend, outputs and KV cache. Both
+    add+norm, routing, both MoE paths, the small-token GEMV for the decode's projections) against the torch backend, outputs and KV cache. Both
     round at the same steps; under the interpreter they agree to the bit."""
     from loader.dummy import dummy_config, fill_dummy
     from model.backend import Backend
@@ -267,7 +267,8 @@ def test_stage_with_every_fused_kernel_matches_reference_interpreted():
     cfg = dummy_config("user-mini")
     stage = fill_dummy(Stage(cfg, 0, 1, True, True, DEV, torch.bfloat16))
     outs = {}
-    for name, be in (("ref", Backend("ref", "torch", False)), ("fused", Backend("ref", "triton", True, moe_small_max_pairs=12))):
+    for name, be in (("ref", Backend("ref", "torch", False)), ("fused", Backend("ref", "triton", True, moe_small_max_pairs=12,
+                                                                                   linear_small_max=4))):
         stage.backend = be
         stage.allocate_kv(8, 16)
         ids = torch.randint(0, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(0)).to(DEV)
