@@ -23,7 +23,9 @@ MOE_SMALL_MAX_PAIRS = 64
 MOE_TORCH_MIN_TOKENS = 1 << 30
 # Micro-batches of up to this many tokens run the dense projections (fused qkv, o_proj, router) as
 # the PDL-launched Triton GEMV (model/linear_triton.py) instead of cuBLAS.
-LINEAR_SMALL_MAX_TOKENS = 4
+# H200 (bench/results/linear_small_H200_2026-11-28.json): at 1 token the GEMV matches cuBLAS on
+# qkv and o_proj and takes the router from 5.4 to 2.0 us; at 2 tokens and more cuBLAS wins.
+LINEAR_SMALL_MAX_TOKENS = 1
 
 
 def reference_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:

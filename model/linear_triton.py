@@ -42,6 +42,9 @@ def small_linear_tiles(T: int, N: int, K: int) -> tuple[int, int, int]:
     """(BN, BK, warps): about 4 096 products per program step (32 fp32 registers a thread at
     4 warps), narrow row tiles so that every SM streams W at batch 1."""
     BT = triton.next_power_of_2(max(1, T))
+    if BT == 1:  # H200, us (bench/results/linear_small_H200_2026-11-28.json): 30b qkv 8.9 (cuBLAS 8.6),
+        wide = K >= 4096 or N < 1024  # o_proj 8.3 (9.0), router 2.0 (5.4)
+        return (2, min(2048, triton.next_power_of_2(K)), 8) if wide else (4, min(1024, triton.next_power_of_2(K)), 4)
     BN = 4 if N >= 1024 else 2
     BK = min(triton.next_power_of_2(K), max(64, 4096 // (BT * BN)))
     return BN, BK, 4

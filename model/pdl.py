@@ -1,16 +1,17 @@
 """Programmatic dependent launch (PDL, Hopper and later). A kernel launched with it may start while
 the kernel before it in the stream is still finishing: its programs get resident, then wait in
 `gdc_wait()` until every prerequisite grid has completed and its writes are visible. Inside the
-decode CUDA graph this hides most of the launch gap between two dependent kernels (a batch-1
+decode CUDA graph this hides part of the launch gap between two dependent kernels (a batch-1
 layer is a dozen small kernels, whose gaps cost about as much as their bytes).
 
 The rule every kernel here keeps: with PDL on, `gdc_wait()` comes before the kernel's first global
-load or store (weights included), then `gdc_launch_dependents()` lets the next kernel be scheduled.
+load or store (weights included); in the EARLY mode `gdc_launch_dependents()` then lets the next
+kernel be scheduled at once, otherwise it launches as this one's programs exit.
 Because each waits for its predecessor to complete, completion stays in stream order, so a kernel
 never sees a half-written input or overwrites one still being read.
 
 Off under TRITON_INTERPRET (the interpreter has no grid-dependency ops), below compute capability
-9, and with MOEPIPE_PDL=0."""
+9, and with MOEPIPE_PDL=0 (MOEPIPE_PDL=2: the EARLY mode)."""
 from __future__ import annotations
 
 import functools
@@ -21,7 +22,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-_forced: bool | None = None  # set_enabled() (benchmarks compare both in one process)
+# PDL modes: 0 off; 1 wait for the previous kernel (the next one launches as this one exits);
+# 2 wait, then let the next kernel be scheduled at once (its programs wait resident).
+WAIT_ONLY, EARLY = 1, 2
+# H200, 30b shape, 2 decode layers in a CUDA graph at batch 1 (bench/results/decode_layer_H200_2026-11-28_v3.json):
+# off 69.5 us/layer, wait-only 68.7, early 74.0; at a 32k context 94.0, 88.6, 96.5. Early scheduling
+# puts the next kernel's waiting programs beside the weight-streaming GEMVs' last wave and slows them.
+DEFAULT_MODE = WAIT_ONLY
+_forced: int | None = None  # set_enabled() (benchmarks compare the modes in one process)
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,32 +37,34 @@ def _capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def enabled(device: torch.device) -> bool:
+def mode(device: torch.device) -> int:
+    """The PDL mode for kernels on device: MOEPIPE_PDL (0, 1 or 2; default DEFAULT_MODE) where
+    the device has it, else 0."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    if _forced is not None:
-        return _forced
-    if os.environ.get("MOEPIPE_PDL", "1") == "0":
-        return False
-    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+        return 0
+    m = _forced if _forced is not None else int(os.environ.get("MOEPIPE_PDL", DEFAULT_MODE))
+    return m if m and _capable(device.index if device.index is not None else torch.cuda.current_device()) else 0
 
 
-def set_enabled(on: bool | None) -> None:
-    """Force PDL on or off for later launches (None: the default). Kernels compile per setting."""
+def set_enabled(m: int | bool | None) -> None:
+    """Force a PDL mode (True: EARLY, False: 0) for later launches; None: the default. Kernels
+    compile per mode."""
     global _forced
-    _forced = on
+    _forced = None if m is None else int(EARLY if m is True else m)
 
 
 def launch_args(device: torch.device) -> dict:
-    """Keyword arguments for a kernel taking `PDL: tl.constexpr`: the constexpr and, when on, the
+    """Keyword arguments for a kernel taking `PDL: tl.constexpr`: the mode and, when on, the
     launch attribute."""
-    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
+    m = mode(device)
+    return {"PDL": m, "launch_pdl": True} if m else {"PDL": 0}
 
 
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
     """The first statement of a kernel launched by launch_args(): wait for the kernel before it,
     then let the one after it be scheduled."""
-    if PDL:
+    if PDL >= 1:
         gdc_wait()
+    if PDL == 2:
         gdc_launch_dependents()
