@@ -78,9 +78,14 @@ class Backend:
     moe_torch_min: int = MOE_TORCH_MIN_TOKENS
     linear_small_max: int = 0  # tokens up to which linear() runs the Triton GEMV (0: always torch)
 
+    def small(self, tokens: int) -> bool:
+        """Whether a micro-batch of this many tokens takes the small-token GEMVs (with their fused
+        epilogues: model/linear_epilogue_triton.py)."""
+        return 0 < tokens <= self.linear_small_max
+
     def linear(self, x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """x @ w^T: the small-token Triton GEMV up to linear_small_max tokens, else torch."""
-        if 0 < x_TK.shape[0] <= self.linear_small_max:
+        if self.small(x_TK.shape[0]):
             from .linear_triton import linear_small
             return linear_small(x_TK, w_NK)
         return torch.nn.functional.linear(x_TK, w_NK)

@@ -151,3 +151,84 @@ def test_pdl_changes_no_result_in_the_decode_graph():
                 pdl.set_enabled(None)
         for out, kv in got[1:]:
             assert torch.equal(out, got[0][0]) and torch.equal(kv, got[0][1]), f"batch {B}"
+
+
+def _epilogue_inputs(T, N, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=g).to(DEV, torch.bfloat16)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(DEV, torch.bfloat16)
+    res = torch.randn(T, N, generator=g).to(DEV, torch.bfloat16)
+    nw = (1 + 0.1 * torch.randn(N, generator=g)).to(DEV, torch.bfloat16)
+    return x, w, res, nw
+
+
+@pytest.mark.parametrize("T,N,K", [(1, 96, 64), (3, 40, 128), (8, 130, 72)])
+def test_linear_add_norm_matches_the_two_kernels_it_replaces(T, N, K):
+    """o_proj + residual add + RMSNorm in one launch equals the small GEMV followed by the torch
+    add+norm (same rounding steps), and the ticket counter is back at 0 for the next launch."""
+    from model import linear_epilogue_triton as le
+    from model.norm import add_norm
+    if not _CUDA:
+        le = importlib.reload(le)
+    x, w, res, nw = _epilogue_inputs(T, N, K, seed=T + N)
+    for _ in range(2):  # the second launch reuses the counter
+        m, h = le.linear_add_norm(x, w, res, nw, 1e-6)
+        m_ref, h_ref = add_norm(lt.linear_small(x, w), res, nw, 1e-6)
+        assert torch.equal(h, h_ref)
+        torch.testing.assert_close(m.float(), m_ref.float(), rtol=2 ** -7, atol=0)  # norm sum order only
+        assert le._counter(w).item() == 0
+
+
+@pytest.mark.parametrize("T,E,H,k,renorm", [(1, 16, 96, 4, True), (2, 8, 64, 2, False), (8, 128, 64, 8, True)])
+def test_route_small_matches_route(T, E, H, k, renorm):
+    """Router GEMV + softmax/top-k/renorm in one launch: the experts and weights of model.moe.route
+    on the same logits (the GEMV's: equal to the small GEMV bit for bit)."""
+    from model import fused_moe_triton as fm
+    from model import linear_epilogue_triton as le
+    if not _CUDA:
+        fm, le = importlib.reload(fm), importlib.reload(le)
+    g = torch.Generator().manual_seed(T * 7 + E)
+    x = torch.randn(T, H, generator=g).to(DEV, torch.bfloat16)
+    gate = torch.randn(E, H, generator=g).to(DEV, torch.bfloat16)
+    for _ in range(2):
+        w, ids = le.route_small(x, gate, k, renorm)
+        logits = lt.linear_small(x, gate)
+        probs = torch.softmax(logits, -1, dtype=torch.float32)
+        w_ref, ids_ref = torch.topk(probs, k, dim=-1)
+        if renorm:
+            w_ref = w_ref / w_ref.sum(-1, keepdim=True)
+        assert torch.equal(ids, ids_ref)
+        assert torch.equal(w, w_ref.to(torch.bfloat16))
+        assert le._counter(gate).item() == 0
+    with pytest.raises(ValueError, match="route_small takes 1 to"):
+        le.route_small(x[:0], gate, k, renorm)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="CUDA")
+@pytest.mark.parametrize("preset", ["qwen3-30b-a3b", "user-config"])
+def test_fused_epilogues_real_shapes_on_gpu(preset):
+    """At the real o_proj and router shapes, 1 to 8 tokens, launched repeatedly in a CUDA graph: the
+    fused epilogues equal the GEMV followed by the separate kernels (fused_triton's add+norm,
+    fused_moe_triton's top-k)."""
+    from model import linear_epilogue_triton as le
+    from model.fused_triton import add_rms_norm_fused
+    H, Q, E, k = {"qwen3-30b-a3b": (2048, 4096, 128, 8), "user-config": (6144, 6144, 128, 16)}[preset]
+    for T in (1, 2, 5, 8):
+        x, w, res, nw = _epilogue_inputs(T, H, Q, seed=T)
+        m_ref, h_ref = add_rms_norm_fused(lt.linear_small(x, w), res, nw, 1e-6)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            m, h = le.linear_add_norm(x, w, res, nw, 1e-6)
+        for _ in range(5):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(h, h_ref)
+            torch.testing.assert_close(m.float(), m_ref.float(), rtol=2 ** -7, atol=0)
+        gate = torch.randn(E, H, device="cuda", dtype=torch.bfloat16)
+        xr = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        w_ref, ids_ref = le.route_small(xr, gate, k, True)
+        logits = lt.linear_small(xr, gate)
+        probs = torch.softmax(logits.float(), -1)
+        assert torch.equal(ids_ref, torch.topk(probs, k, -1).indices)
+        assert le._counter(gate).item() == 0 and le._counter(w).item() == 0
