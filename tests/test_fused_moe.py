@@ -197,7 +197,7 @@ def _two_layer_stage(shape: str, device: str, seed: int = 0):
 
 
 def _prefill_then_decode(stage, backends: dict, device: str) -> dict:
-    """{name: [(out, moe inputs) of a 37-token prefill, of a 5-row decode step]}, each backend from
+    """{name: [(out, moe inputs) of a 37-token prefill, a 5-row decode step, a 1-row one]}, each backend from
     an empty KV pool."""
     from model.batch import AttnBatch
     from routing_ties import moe_inputs
@@ -209,7 +209,8 @@ def _prefill_then_decode(stage, backends: dict, device: str) -> dict:
         tables = [[3, 9, 4]] + [[10 + i] for i in range(4)]
         runs[name] = []
         for x, batch in ((ids, AttnBatch.build([37], [37], [[3, 9, 4]], 16, [True], device)),
-                         (ids[:5], AttnBatch.build([1] * 5, [38, 2, 5, 9, 16], tables, 16, [True] * 5, device))):
+                         (ids[:5], AttnBatch.build([1] * 5, [38, 2, 5, 9, 16], tables, 16, [True] * 5, device)),
+                         (ids[5:6], AttnBatch.build([1], [39], [[3, 9, 4]], 16, [True], device))):  # batch 1
             with moe_inputs(stage) as got:
                 out = stage(x, batch)
             runs[name].append((out, got))
@@ -220,8 +221,8 @@ def _prefill_then_decode(stage, backends: dict, device: str) -> dict:
 @pytest.mark.parametrize("shape", ["qwen3-30b-a3b", "user-config", "qwen3-235b-a22b", "tiny", "user-mini"])
 def test_stage_fused_matches_reference_on_gpu(shape):
     """Two layers with the default CUDA kernels (fused qkv write, add+norm, routing, MoE) against
-    the torch reference backend on the same dummy weights: a 37-token prefill, then a decode step
-    of 5 rows. bf16 through two layers: tokens routed alike stay within 2% of the output's scale
+    the torch reference backend on the same dummy weights: a 37-token prefill, then decode steps
+    of 5 rows and of 1 (the small-token GEMVs and their fused epilogues). bf16 through two layers: tokens routed alike stay within 2% of the output's scale
     (one bf16 step is 0.4%), and few tokens may be re-routed by rounding (tests/routing_ties.py:
     on 4 x H200 the 235b shape's 2-layer max error over all tokens was 4.2% of scale; on CPU, two
     torch rounding orders at that shape put 2.4% on one re-routed token, 0.5% on the others)."""
