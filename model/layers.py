@@ -91,7 +91,7 @@ class SparseMoe(nn.Module):
         if be.moe == "triton":
             from .fused_moe_triton import fused_moe
             return fused_moe(x_TH, self.gate.weight, w13, w2, self.top_k, self.norm_topk_prob, be.moe_small_max_pairs,
-                             be.moe_torch_min, be.small(x_TH.shape[0]))
+                             be.moe_torch_min, be.fused_epilogue(x_TH.shape[0]))
         logits, w, ids = route(x_TH, self.gate.weight, self.top_k, self.norm_topk_prob)
         if trace is not None:
             trace[f"{i}.router_logits"], trace[f"{i}.topk_w"], trace[f"{i}.topk_ids"] = logits, w, ids
@@ -129,7 +129,7 @@ class DecoderLayer(nn.Module):
             a = norm(h_TH, self.input_layernorm.weight, self.eps, fused)
         else:
             a, h_TH = add_norm(pending, h_TH, self.input_layernorm.weight, self.eps, fused)
-        if fused and trace is None and be.small(h_TH.shape[0]):  # o_proj + add + norm in one launch
+        if trace is None and be.fused_epilogue(h_TH.shape[0]):  # o_proj + add + norm in one launch
             from .linear_epilogue_triton import linear_add_norm
             o = self.self_attn.attend(a, cos, sin, batch, kv, be, trace, i)
             m, h = linear_add_norm(o, self.self_attn.o_proj.weight, h_TH, self.post_attention_layernorm.weight,

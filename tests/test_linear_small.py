@@ -211,6 +211,7 @@ def test_fused_epilogues_real_shapes_on_gpu(preset):
     """At the real o_proj and router shapes, 1 to 8 tokens, launched repeatedly in a CUDA graph: the
     fused epilogues equal the GEMV followed by the separate kernels (fused_triton's add+norm,
     fused_moe_triton's top-k)."""
+    from model import fused_moe_triton as fm
     from model import linear_epilogue_triton as le
     from model.fused_triton import add_rms_norm_fused
     H, Q, E, k = {"qwen3-30b-a3b": (2048, 4096, 128, 8), "user-config": (6144, 6144, 128, 16)}[preset]
@@ -225,10 +226,17 @@ def test_fused_epilogues_real_shapes_on_gpu(preset):
             torch.cuda.synchronize()
             assert torch.equal(h, h_ref)
             torch.testing.assert_close(m.float(), m_ref.float(), rtol=2 ** -7, atol=0)
-        gate = torch.randn(E, H, device="cuda", dtype=torch.bfloat16)
+        gate = torch.randn(E, H, device="cuda", dtype=torch.bfloat16) / H ** 0.5
         xr = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-        w_ref, ids_ref = le.route_small(xr, gate, k, True)
-        logits = lt.linear_small(xr, gate)
-        probs = torch.softmax(logits.float(), -1)
-        assert torch.equal(ids_ref, torch.topk(probs, k, -1).indices)
+        w_got, ids_got = le.route_small(xr, gate, k, True)
+        logits = lt.linear_small(xr, gate)  # the same logits, then the separate top-k kernel (same tie rule)
+        w_ref = torch.empty_like(w_got)
+        ids_ref = torch.empty_like(ids_got)
+        fm._topk_softmax_kernel[(T,)](logits, w_ref, ids_ref, E, logits.stride(0), TOPK=k, BE=E, RENORM=True, PDL=0,
+                                      num_warps=1)
+        assert torch.equal(ids_got, ids_ref) and torch.equal(w_got, w_ref)
+        probs = torch.softmax(logits.float(), -1)  # and the chosen set is torch's, where no tie straddles k
+        top = torch.topk(probs, k + 1, -1).values
+        clear = top[:, k - 1] > top[:, k]
+        assert torch.equal(ids_got[clear].sort(-1).values, torch.topk(probs, k, -1).indices[clear].sort(-1).values)
         assert le._counter(gate).item() == 0 and le._counter(w).item() == 0
