@@ -92,7 +92,6 @@ def decode_table(cfg, layers: int, bw: float, batches, contexts, out: dict, prof
         variants["after, PDL wait-only"] = (fused, pdl.WAIT_ONLY)
         variants["after, PDL early"] = (fused, pdl.EARLY)
         variants["after, PDL off, cuBLAS dense"] = (replace(fused, linear_small_max=0), 0)  # the previous default
-        variants["after, GEMV without fused epilogues"] = (replace(fused, fuse_epilogues=False), None)
         variants["after, cuBLAS dense"] = (replace(fused, linear_small_max=0), None)
     for B in batches:
         x = torch.randn(B, cfg.hidden_size, device=dev, dtype=dt)

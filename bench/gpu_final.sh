@@ -21,6 +21,7 @@
 #                                  #   then the engine's GPU tests (test_gpu.py, test_sampler.py)
 #   bash bench/gpu_final.sh async2 # 2 GPUs: the engine's GPU tests; then the 1 000-request soak
 #   bash bench/gpu_final.sh async3 [engine] # 2 GPUs: the kernel GPU tests split over both [then the engine's]
+#   bash bench/gpu_final.sh b1     # 2 GPUs: bench_spine's batch-1 decode (2 stages, 1 GPU; async and plain)
 # Comparable figures (moepipe vs peer vs 1 GPU) are always taken on the same GPU pair in one call.
 # Needs .shared/hf_peer.py and .shared/ceilings.py (copies of ../shared/bench). Results under $OUT;
 # the short tables are printed last.
@@ -147,7 +148,8 @@ elif [ "$step" = async2 ]; then  # 2 GPUs (~7 min): the engine's GPU tests, then
 elif [ "$step" = async3 ]; then  # 2 GPUs (~5 min): the kernel GPU tests split over both
   pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
   { CUDA_VISIBLE_DEVICES=0 pt 230 tests/test_fused_moe.py -k 235b
-    CUDA_VISIBLE_DEVICES=0 pt 100 tests/test_attention_kernels.py tests/test_chunking.py; } > "$L/gpu_tests_a.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=0 pt 100 tests/test_attention_kernels.py tests/test_chunking.py
+    CUDA_VISIBLE_DEVICES=0 pt 100 tests/test_linear_small.py; } > "$L/gpu_tests_a.log" 2>&1 &
   { CUDA_VISIBLE_DEVICES=1 pt 230 tests/test_fused_moe.py -k user-config
     CUDA_VISIBLE_DEVICES=1 pt 100 tests/test_fused_moe.py -k "not 235b and not user-config"
     CUDA_VISIBLE_DEVICES=1 timeout 100 python3 -m pytest -q -rf -p no:cacheprovider tests/test_fused_kernels.py  # on CUDA when there
@@ -158,6 +160,10 @@ elif [ "$step" = async3 ]; then  # 2 GPUs (~5 min): the kernel GPU tests split o
   [ "${2:-}" = engine ] && { timeout 300 python3 -m pytest -q -m gpu -rf -p no:cacheprovider tests/test_gpu.py \
     tests/test_sampler.py > "$OUT/gpu_tests_engine.log" 2>&1
     grep -E "passed|failed|error|FAILED|Triton compiled" "$OUT/gpu_tests_engine.log" | tail -8; }
+elif [ "$step" = b1 ]; then  # 2 GPUs (~3 min): bench_spine's batch-1 decode, 2 stages and 1 GPU
+  timeout 300 python3 bench/bench_spine.py --load-format dummy --preset qwen3-30b-a3b --stages 2 \
+    --skip soak,sampling,balance --out "$OUT/spine_b1.json" 2>&1 | quiet > "$OUT/spine_b1.log"
+  tail -14 "$OUT/spine_b1.log"
 elif [ "$step" = verify ]; then  # 1 GPU (~3 min): what dcc0270 changed (decode kernels' specialization)
   pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
   { pt 120 tests/test_attention_kernels.py; pt 120 tests/test_sampler.py tests/test_gpu.py -k "no_triton_compile or sample"; } \

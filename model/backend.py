@@ -77,19 +77,10 @@ class Backend:
     moe_small_max_pairs: int = MOE_SMALL_MAX_PAIRS
     moe_torch_min: int = MOE_TORCH_MIN_TOKENS
     linear_small_max: int = 0  # tokens up to which linear() runs the Triton GEMV (0: always torch)
-    fuse_epilogues: bool = True  # with it, o_proj + add + norm and router + top-k in one launch each
-
-    def small(self, tokens: int) -> bool:
-        """Whether a micro-batch of this many tokens takes the small-token GEMVs."""
-        return 0 < tokens <= self.linear_small_max
-
-    def fused_epilogue(self, tokens: int) -> bool:
-        """Whether it also takes their fused epilogues (model/linear_epilogue_triton.py)."""
-        return self.fuse_epilogues and self.fused_norms and self.small(tokens)
 
     def linear(self, x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """x @ w^T: the small-token Triton GEMV up to linear_small_max tokens, else torch."""
-        if self.small(x_TK.shape[0]):
+        if 0 < x_TK.shape[0] <= self.linear_small_max:
             from .linear_triton import linear_small
             return linear_small(x_TK, w_NK)
         return torch.nn.functional.linear(x_TK, w_NK)

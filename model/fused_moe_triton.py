@@ -259,14 +259,6 @@ def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, TOPK: tl.const
     cols = tl.arange(0, BE)
     cmask = cols < E
     x = tl.load(logits_ptr + t * stride_l + cols, mask=cmask, other=float("-inf")).to(tl.float32)
-    softmax_topk_store(x, cols, cmask, w_ptr + t * TOPK, ids_ptr + t * TOPK, TOPK, BE, RENORM)
-
-
-@triton.jit
-def softmax_topk_store(x, cols, cmask, w_row_ptr, ids_row_ptr, TOPK: tl.constexpr, BE: tl.constexpr,
-                       RENORM: tl.constexpr):
-    """From one token's logits x [BE] (fp32, -inf past E): the top-k weights (dt of w_row_ptr) and
-    expert ids (int64), in descending order."""
     mx = tl.max(x, axis=0)
     ex = tl.where(cmask, tl.exp(x - mx), 0.0)
     probs = ex / tl.sum(ex, axis=0)
@@ -280,21 +272,21 @@ def softmax_topk_store(x, cols, cmask, w_row_ptr, ids_row_ptr, TOPK: tl.constexp
         picked = tl.where(hit, j + 1, picked)  # slot + 1 of each chosen expert
         total += m
         vals = tl.where(hit, -2.0, vals)
-    DT: tl.constexpr = w_row_ptr.dtype.element_ty
+    DT: tl.constexpr = w_ptr.dtype.element_ty
     slot = picked - 1
     w = probs / total if RENORM else probs
     sel = picked > 0
-    tl.store(w_row_ptr + slot, _round(w, DT).to(DT), mask=sel)
-    tl.store(ids_row_ptr + slot, cols.to(tl.int64), mask=sel)
+    tl.store(w_ptr + t * TOPK + slot, _round(w, DT).to(DT), mask=sel)
+    tl.store(ids_ptr + t * TOPK + slot, cols.to(tl.int64), mask=sel)
 
 
-def route_fused(x_NH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, norm_topk_prob: bool
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def route_fused(x_NH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, norm_topk_prob: bool,
+                linear=torch.nn.functional.linear) -> tuple[torch.Tensor, torch.Tensor]:
     """route()'s (topk_w_Nk in dt, topk_ids_Nk int64) in two launches: the router GEMM and one
     kernel for softmax, top-k and renorm. The chosen experts equal torch.topk's on the same
     logits; where equal probabilities straddle the k-th place torch's pick is unspecified, and
-    this one takes the lower expert id."""
-    logits = torch.nn.functional.linear(x_NH, gate_EH)
+    this one takes the lower expert id. linear: the router GEMM (Backend.linear in the engine)."""
+    logits = linear(x_NH, gate_EH)
     N, E = logits.shape
     w = torch.empty(N, top_k, dtype=x_NH.dtype, device=x_NH.device)
     ids = torch.empty(N, top_k, dtype=torch.int64, device=x_NH.device)
@@ -320,12 +312,7 @@ def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int, to
 
 def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor,
               top_k: int, norm_topk_prob: bool, small_max_pairs: int, torch_min: int = 1 << 30,
-              small_route: bool = False) -> torch.Tensor:
-    """Route (the reference's expert choice) then the fused experts. small_route: the router GEMV
-    with its top-k in one launch (model/linear_epilogue_triton.route_small)."""
-    if small_route:
-        from .linear_epilogue_triton import route_small
-        w, ids = route_small(x_NH, gate_EH, top_k, norm_topk_prob)
-    else:
-        w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob)
+              linear=torch.nn.functional.linear) -> torch.Tensor:
+    """Route (the reference's expert choice) then the fused experts."""
+    w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob, linear)
     return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, torch_min)

@@ -44,11 +44,6 @@ class Attention(nn.Module):
 
     def forward(self, x_TH, cos, sin, batch: AttnBatch, kv: tuple[torch.Tensor, torch.Tensor],
                 be: Backend, trace: Trace, i: int) -> torch.Tensor:
-        return be.linear(self.attend(x_TH, cos, sin, batch, kv, be, trace, i), self.o_proj.weight)
-
-    def attend(self, x_TH, cos, sin, batch: AttnBatch, kv: tuple[torch.Tensor, torch.Tensor],
-               be: Backend, trace: Trace, i: int) -> torch.Tensor:
-        """Everything before o_proj: [T, q_size]."""
         T = x_TH.shape[0]
         qkv = be.linear(x_TH, self.qkv_proj.weight)  # [T, q_size + 2 kv_size]
         if be.fused_norms:
@@ -67,7 +62,7 @@ class Attention(nn.Module):
                 trace[f"{i}.q_rope"], trace[f"{i}.k_rope"] = q, k
             write_kv(kv[0], kv[1], k, v, batch.slot_mapping)
         o = be.attend(q, kv[0], kv[1], batch, self.scale)
-        return o.reshape(T, self.nh * self.hd)
+        return be.linear(o.reshape(T, self.nh * self.hd), self.o_proj.weight)
 
 
 class Experts(nn.Module):
@@ -91,7 +86,7 @@ class SparseMoe(nn.Module):
         if be.moe == "triton":
             from .fused_moe_triton import fused_moe
             return fused_moe(x_TH, self.gate.weight, w13, w2, self.top_k, self.norm_topk_prob, be.moe_small_max_pairs,
-                             be.moe_torch_min, be.fused_epilogue(x_TH.shape[0]))
+                             be.moe_torch_min, be.linear)
         logits, w, ids = route(x_TH, self.gate.weight, self.top_k, self.norm_topk_prob)
         if trace is not None:
             trace[f"{i}.router_logits"], trace[f"{i}.topk_w"], trace[f"{i}.topk_ids"] = logits, w, ids
@@ -129,14 +124,8 @@ class DecoderLayer(nn.Module):
             a = norm(h_TH, self.input_layernorm.weight, self.eps, fused)
         else:
             a, h_TH = add_norm(pending, h_TH, self.input_layernorm.weight, self.eps, fused)
-        if trace is None and be.fused_epilogue(h_TH.shape[0]):  # o_proj + add + norm in one launch
-            from .linear_epilogue_triton import linear_add_norm
-            o = self.self_attn.attend(a, cos, sin, batch, kv, be, trace, i)
-            m, h = linear_add_norm(o, self.self_attn.o_proj.weight, h_TH, self.post_attention_layernorm.weight,
-                                   self.eps)
-        else:
-            attn = self.self_attn(a, cos, sin, batch, kv, be, trace, i)
-            m, h = add_norm(attn, h_TH, self.post_attention_layernorm.weight, self.eps, fused)
+        attn = self.self_attn(a, cos, sin, batch, kv, be, trace, i)
+        m, h = add_norm(attn, h_TH, self.post_attention_layernorm.weight, self.eps, fused)
         mlp = self.mlp(m, be, trace, i)
         if trace is None and fused:
             return h, mlp

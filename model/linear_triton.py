@@ -25,15 +25,6 @@ def _linear_small_kernel(x_ptr, w_ptr, o_ptr, T, N, K, stride_xt, stride_wn, str
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     t = tl.arange(0, BT)
     nmask, tmask = n < N, t < T
-    acc = gemv_tile(x_ptr, w_ptr, t, tmask, n, nmask, K, stride_xt, stride_wn, BT, BN, BK)
-    DT: tl.constexpr = o_ptr.dtype.element_ty
-    tl.store(o_ptr + t[:, None] * stride_ot + n[None, :], _round(acc, DT).to(DT), mask=tmask[:, None] & nmask[None, :])
-
-
-@triton.jit
-def gemv_tile(x_ptr, w_ptr, t, tmask, n, nmask, K, stride_xt, stride_wn,
-              BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """fp32 [BT, BN] = x[t, :K] . w[n, :K] for the BT token rows t and BN weight rows n."""
     w_base = w_ptr + n[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BT, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -43,7 +34,8 @@ def gemv_tile(x_ptr, w_ptr, t, tmask, n, nmask, K, stride_xt, stride_wn,
         x = tl.load(x_ptr + t[:, None] * stride_xt + kk[None, :], mask=tmask[:, None] & kmask[None, :],
                     other=0.0).to(tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # [BT, BN, BK] -> [BT, BN]
-    return acc
+    DT: tl.constexpr = o_ptr.dtype.element_ty
+    tl.store(o_ptr + t[:, None] * stride_ot + n[None, :], _round(acc, DT).to(DT), mask=tmask[:, None] & nmask[None, :])
 
 
 def small_linear_tiles(T: int, N: int, K: int) -> tuple[int, int, int]:

@@ -25,9 +25,10 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 # PDL modes: 0 off; 1 wait for the previous kernel (the next one launches as this one exits);
 # 2 wait, then let the next kernel be scheduled at once (its programs wait resident).
 WAIT_ONLY, EARLY = 1, 2
-# H200, 30b shape, 2 decode layers in a CUDA graph at batch 1 (bench/results/decode_layer_H200_2026-11-28_v3.json):
-# off 69.5 us/layer, wait-only 68.7, early 74.0; at a 32k context 94.0, 88.6, 96.5. Early scheduling
-# puts the next kernel's waiting programs beside the weight-streaming GEMVs' last wave and slows them.
+# H200, 30b shape, 4 decode layers in one CUDA graph at batch 1, us per layer, one call
+# (bench/results/decode_layer_H200_2026-11-28_v4_L4.json): off 70.2, wait-only 69.1, early 74.9; at a
+# 32k context 92.4, 87.0, 96.0. Early scheduling puts the next kernel's waiting programs beside the
+# weight-streaming GEMVs' last wave and slows them.
 DEFAULT_MODE = WAIT_ONLY
 _forced: int | None = None  # set_enabled() (benchmarks compare the modes in one process)
 
