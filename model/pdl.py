@@ -43,8 +43,15 @@ def mode(device: torch.device) -> int:
     the device has it, else 0."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return 0
-    m = _forced if _forced is not None else int(os.environ.get("MOEPIPE_PDL", DEFAULT_MODE))
+    m = _forced if _forced is not None else _env_mode()
     return m if m and _capable(device.index if device.index is not None else torch.cuda.current_device()) else 0
+
+
+def _env_mode() -> int:
+    raw = os.environ.get("MOEPIPE_PDL", str(DEFAULT_MODE)).strip()
+    if raw not in ("0", "1", "2"):
+        raise ValueError(f"MOEPIPE_PDL={raw!r}: expected 0 (off), 1 (wait-only) or 2 (early)")
+    return int(raw)
 
 
 def set_enabled(m: int | bool | None) -> None:

@@ -151,3 +151,35 @@ def test_pdl_changes_no_result_in_the_decode_graph():
                 pdl.set_enabled(None)
         for out, kv in got[1:]:
             assert torch.equal(out, got[0][0]) and torch.equal(kv, got[0][1]), f"batch {B}"
+
+
+def test_pdl_mode_selection(monkeypatch):
+    """Which PDL mode a CUDA launch gets (the capability check stubbed, so it runs on CPU): the
+    default wait-only, MOEPIPE_PDL 0/2, set_enabled over the environment, off under the
+    interpreter and on CPU, and a clear error naming the variable for a bad value."""
+    from model import pdl
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(pdl, "_capable", lambda index: True)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv("MOEPIPE_PDL", raising=False)
+    assert pdl.mode(cuda) == pdl.WAIT_ONLY == 1
+    assert pdl.launch_args(cuda) == {"PDL": 1, "launch_pdl": True}
+    monkeypatch.setenv("MOEPIPE_PDL", "0")
+    assert pdl.launch_args(cuda) == {"PDL": 0}
+    monkeypatch.setenv("MOEPIPE_PDL", "2")
+    assert pdl.mode(cuda) == pdl.EARLY
+    try:
+        pdl.set_enabled(False)
+        assert pdl.mode(cuda) == 0
+    finally:
+        pdl.set_enabled(None)
+    assert pdl.mode(torch.device("cpu")) == 0
+    monkeypatch.setenv("MOEPIPE_PDL", "yes")
+    with pytest.raises(ValueError, match="MOEPIPE_PDL='yes'"):
+        pdl.mode(cuda)
+    monkeypatch.setattr(pdl, "_capable", lambda index: False)  # before Hopper: off whatever is asked
+    monkeypatch.setenv("MOEPIPE_PDL", "2")
+    assert pdl.mode(cuda) == 0
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(pdl, "_capable", lambda index: True)
+    assert pdl.mode(cuda) == 0
