@@ -91,6 +91,7 @@ def decode_table(cfg, layers: int, bw: float, batches, contexts, out: dict, prof
         variants["after, no PDL"] = (fused, 0)
         variants["after, PDL wait-only"] = (fused, pdl.WAIT_ONLY)
         variants["after, PDL early"] = (fused, pdl.EARLY)
+        variants["after, PDL prefetch"] = (fused, pdl.PREFETCH)
         variants["after, PDL off, cuBLAS dense"] = (replace(fused, linear_small_max=0), 0)  # the previous default
         variants["after, cuBLAS dense"] = (replace(fused, linear_small_max=0), None)
     for B in batches:
@@ -99,6 +100,9 @@ def decode_table(cfg, layers: int, bw: float, batches, contexts, out: dict, prof
             n = -(-ctx // bs)
             tables = [[(i * n + j) % pool for j in range(n)] for i in range(B)]  # distinct blocks
             batch = AttnBatch.build([1] * B, [ctx] * B, tables, bs, [True] * B, dev)
+            # as in the engine's decode graphs, captured once at max_model_len (engine/decode_graphs.py):
+            # the split count follows that bound, each step's context sets how many splits hold keys
+            batch.max_context = max(ctx, cfg.max_position_embeddings)
             row = {}
             for name, (be, on) in variants.items():
                 stage.backend = be
@@ -120,6 +124,7 @@ def decode_table(cfg, layers: int, bw: float, batches, contexts, out: dict, prof
         B = 1
         x = torch.randn(B, cfg.hidden_size, device=dev, dtype=dt)
         batch = AttnBatch.build([1], [128], [list(range(8))], bs, [True], dev)
+        batch.max_context = cfg.max_position_embeddings  # as the engine's graphs (above)
         stage.backend = fused
         with torch.inference_mode():
             stage(x, batch)

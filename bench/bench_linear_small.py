@@ -24,7 +24,7 @@ from model import pdl  # noqa: E402
 from model.linear_triton import linear_small, small_linear_tiles  # noqa: E402
 
 COPIES = 8
-TILES = ((4, 1024, 4), (2, 1024, 4), (8, 512, 4), (4, 512, 4), (2, 2048, 8), (1, 2048, 4))
+TILES = ((4, 1024, 4), (2, 1024, 4), (8, 512, 4), (4, 512, 4), (2, 2048, 8), (1, 2048, 4), (4, 2048, 8), (2, 4096, 8))
 
 
 def per_call_us(fn, ws) -> float:

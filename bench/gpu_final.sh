@@ -164,6 +164,19 @@ elif [ "$step" = b1 ]; then  # 2 GPUs (~3 min): bench_spine's batch-1 decode, 2 
   timeout 300 python3 bench/bench_spine.py --load-format dummy --preset qwen3-30b-a3b --stages 2 \
     --skip soak,sampling,balance --out "$OUT/spine_b1.json" 2>&1 | quiet > "$OUT/spine_b1.log"
   tail -14 "$OUT/spine_b1.log"
+elif [ "$step" = b1one ]; then  # 1 GPU (~5 min): batch-1 decode of the whole model on one GPU (bench_spine),
+  # this tree with the default PDL mode and with MOEPIPE_PDL=1, then the snapshot in .old/ (gpu_layer_ab.sh)
+  sp() { timeout 150 python3 "$1" --load-format dummy --preset qwen3-30b-a3b --stages 1 \
+    --skip soak,sampling,balance,plain --out "$OUT/$2.json" 2>&1 | quiet > "$OUT/$2.log"; }
+  sp bench/bench_spine.py spine_b1_1gpu
+  MOEPIPE_PDL=1 sp bench/bench_spine.py spine_b1_1gpu_pdl1
+  [ -d .old ] && (cd .old && PYTHONPATH=$PWD sp bench/bench_spine.py spine_b1_1gpu_old)
+  for f in "$OUT"/spine_b1_1gpu*.log; do echo "== $f"; grep "batch-1 decode" "$f"; done
+elif [ "$step" = kern1 ]; then  # 1 GPU (~8 min): the GPU tests of the kernels, without fused-MoE's
+  pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
+  { pt 200 tests/test_linear_small.py; pt 120 tests/test_attention_kernels.py tests/test_chunking.py
+    timeout 100 python3 -m pytest -q -rf -p no:cacheprovider tests/test_fused_kernels.py; } > "$OUT/gpu_tests_kern1.log" 2>&1
+  grep -E "passed|failed|error|FAILED" "$OUT/gpu_tests_kern1.log"
 elif [ "$step" = verify ]; then  # 1 GPU (~3 min): what dcc0270 changed (decode kernels' specialization)
   pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
   { pt 120 tests/test_attention_kernels.py; pt 120 tests/test_sampler.py tests/test_gpu.py -k "no_triton_compile or sample"; } \

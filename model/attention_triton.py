@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import launch_args, pdl_enter
+from .pdl import launch_args, pdl_enter, pdl_release
 
 _LOG2E = 1.4426950408889634
+DECODE_BLOCK_N = 64  # keys per step of the decode split kernel, and the granularity of its slices
 
 
 @triton.jit
@@ -99,14 +100,18 @@ def _decode_split_kernel(
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_release(PDL)  # PREFETCH: the merge, then o_proj's weight stream, may start beside this kernel
     pdl_enter(PDL)
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
-    # Each sequence spreads its own context over all splits (BLOCK_N-aligned slices).
+    # Each sequence spreads its own context over the splits in BLOCK_N-aligned slices; a short one
+    # fills only the first few, and the rest stop here (the merge reads only the filled ones).
     per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
+    if start >= ctx:
+        return
     end = tl.minimum(start + per_split, ctx)
 
     offs_g = tl.arange(0, BLOCK_G)  # query heads of this group, padded to >= 16 rows for tl.dot
@@ -127,7 +132,7 @@ def _decode_split_kernel(
             stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
             S, D, BLOCK_N, True, False, PRECISION, UPCAST)
 
-    # Partial result normalised by its own sum; an empty split (l = 0) gives o = 0, lse = -inf.
+    # Partial result normalised by its own sum (l > 0: the slice holds at least one key).
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # log2 units
@@ -138,20 +143,24 @@ def _decode_split_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
-    o_part_ptr, lse_part_ptr, o_ptr, stride_ob, stride_on, num_splits,
-    N: tl.constexpr, D: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr,
+    o_part_ptr, lse_part_ptr, ctx_ptr, o_ptr, stride_ob, stride_on, num_splits,
+    N: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_release(PDL)  # PREFETCH: o_proj's programs stream their weights while this waits
     pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
+    ctx = tl.load(ctx_ptr + b)
+    per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N  # as the split kernel
+    used = tl.cdiv(ctx, tl.maximum(per_split, 1))  # the splits that hold keys (0 when ctx is 0)
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, D)
-    mask_s = offs_s < num_splits
+    mask_s = offs_s < used
     row = (b * N + h).to(tl.int64) * num_splits + offs_s  # [BLOCK_SPLITS]
     lse = tl.load(lse_part_ptr + row, mask=mask_s, other=float("-inf"))
     lse_max = tl.max(lse, 0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all empty (ctx 0): weights 0
-    w = tl.exp2(lse - lse_max)  # empty splits: exp2(-inf) = 0
+    w = tl.exp2(lse - lse_max)  # unused splits: exp2(-inf) = 0
     o = tl.load(o_part_ptr + row[:, None] * D + offs_d[None, :], mask=mask_s[:, None], other=0.0)
     o = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
     tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_on + offs_d,
@@ -177,7 +186,7 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, device: torch
 
 
 def warm_decode_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                      max_splits: int = 128) -> None:
+                      max_splits: int = 128, block_n: int = DECODE_BLOCK_N) -> None:
     """Compile the split-merge kernel at every BLOCK_SPLITS it can take (the split count's power of
     two, with its warp count): which one a step needs depends on its batch and context together
     (choose_num_splits), more combinations than a warm-up forward can visit."""
@@ -186,11 +195,12 @@ def warm_decode_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device:
         s = min(n, max_splits)
         o_part = torch.zeros(1, num_heads, s, head_dim, device=device, dtype=torch.float32)
         lse_part = torch.zeros(1, num_heads, s, device=device, dtype=torch.float32)
+        ctx = torch.full((1,), s * block_n, device=device, dtype=torch.int32)
         out = torch.empty(1, num_heads, head_dim, device=device, dtype=dtype)
         _decode_merge_kernel[(1, num_heads)](
-            o_part, lse_part, out, out.stride(0), out.stride(1), s,
-            N=num_heads, D=head_dim, BLOCK_SPLITS=triton.next_power_of_2(s), num_warps=8 if s > 32 else 4,
-            **launch_args(device))
+            o_part, lse_part, ctx, out, out.stride(0), out.stride(1), s,
+            N=num_heads, D=head_dim, BLOCK_N=block_n, BLOCK_SPLITS=triton.next_power_of_2(s),
+            num_warps=8 if s > 32 else 4, **launch_args(device))
         if s == max_splits:
             return
         n *= 2
@@ -221,7 +231,7 @@ def _precision(dtype: torch.dtype) -> str:
 def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables_BM: torch.Tensor, context_lens_B: torch.Tensor, scale: float,
                  max_context: int | None = None, num_splits: int | None = None,
-                 out: torch.Tensor | None = None, block_n: int = 64) -> torch.Tensor:
+                 out: torch.Tensor | None = None, block_n: int = DECODE_BLOCK_N) -> torch.Tensor:
     """One query per sequence: o[b] = softmax(q[b] k[:ctx_b]^T * scale) v[:ctx_b], GQA.
 
     q_BND [B, N, D]; caches [P, S, K, D]; block_tables_BM int32 [B, M]; context_lens_B int32 [B]
@@ -256,8 +266,8 @@ def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_warps=4, num_stages=3, **launch_args(q_BND.device),
     )
     _decode_merge_kernel[(B, N)](
-        o_part, lse_part, out, out.stride(0), out.stride(1), num_splits,
-        N=N, D=D, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
+        o_part, lse_part, context_lens_B, out, out.stride(0), out.stride(1), num_splits,
+        N=N, D=D, BLOCK_N=block_n, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
         num_warps=8 if num_splits > 32 else 4, **launch_args(q_BND.device),
     )
     return out

@@ -5,7 +5,8 @@ Two paths, both without a host sync (capturable in the decode CUDA graph):
 - small (N * k <= a measured threshold): one program per (pair, column tile) streams only the chosen
   expert's rows as a GEMV. Kernel 1: gate and up, SiLU(gate) * up in its epilogue -> act [P, I].
   Kernel 2: down projection, scaled by the routing weight, the k contributions of each token summed
-  in fp32 -> out [N, H]. Column tiles are small so every SM streams weights at batch 1.
+  in fp32 -> out [N, H]; each program loads its columns of all k experts at once. Column tiles are
+  small so every SM streams weights at batch 1.
 - large: the pairs are grouped by expert on the device, each expert's rows padded to the tile
   (as vLLM's moe_align_block_size), then a grouped GEMM with the same epilogues.
 
@@ -46,8 +47,8 @@ def _silu_mul(g, u, DT: tl.constexpr):
 
 # ---- small batch: per-pair GEMV ------------------------------------------------------------------
 @triton.jit
-def _gate_up_gemv_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, H, I, stride_xt, stride_we, stride_wn, stride_at,
-                         TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+def _gate_up_gemv_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, I, stride_xt, stride_we, stride_wn, stride_at,
+                         H: tl.constexpr, TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
     pdl_enter(PDL)
     p = tl.program_id(0)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -58,7 +59,7 @@ def _gate_up_gemv_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, H, I, stride_xt, stride
     wu_base = wg_base + I * stride_wn
     acc_g = tl.zeros([BN], dtype=tl.float32)
     acc_u = tl.zeros([BN], dtype=tl.float32)
-    for k0 in range(0, H, BK):
+    for k0 in tl.static_range(0, H, BK):  # unrolled (H is a constexpr): every load issued at once
         kk = k0 + tl.arange(0, BK)
         kmask = kk < H
         xv = tl.load(x_ptr + t * stride_xt + kk, mask=kmask, other=0.0).to(tl.float32)
@@ -73,29 +74,34 @@ def _gate_up_gemv_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, H, I, stride_xt, stride
 
 
 @triton.jit
-def _down_combine_gemv_kernel(act_ptr, w_ptr, ids_ptr, tw_ptr, out_ptr, H, I, stride_at, stride_we, stride_wn,
-                              stride_ot, TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                              PDL: tl.constexpr):
+def _down_combine_gemv_kernel(act_ptr, w_ptr, ids_ptr, tw_ptr, out_ptr, H, stride_at, stride_we, stride_wn,
+                              stride_ot, I: tl.constexpr, TOPK: tl.constexpr, BTOPK: tl.constexpr,
+                              BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    """One program: BN output columns of one token, all k chosen experts at once ([BTOPK, BN, BK]
+    tiles, the K loop unrolled), so the k experts' weight rows are loaded together rather than
+    one expert after another."""
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < H
+    j = tl.arange(0, BTOPK)
+    jmask = j < TOPK
+    p = t * TOPK + j  # [BTOPK] pair indices
+    e = tl.load(ids_ptr + p, mask=jmask, other=0).to(tl.int64)
+    w_base = w_ptr + e[:, None, None] * stride_we + n[None, :, None].to(tl.int64) * stride_wn
+    wmask = jmask[:, None, None] & nmask[None, :, None]
+    acc = tl.zeros([BTOPK, BN], dtype=tl.float32)
+    for k0 in tl.static_range(0, I, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < I
+        a = tl.load(act_ptr + p[:, None] * stride_at + kk[None, :], mask=jmask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(w_base + kk[None, None, :], mask=wmask & kmask[None, None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * a[:, None, :], axis=2)
     DT: tl.constexpr = out_ptr.dtype.element_ty
-    total = tl.zeros([BN], dtype=tl.float32)
-    for j in range(TOPK):
-        p = t * TOPK + j
-        e = tl.load(ids_ptr + p).to(tl.int64)
-        w_base = w_ptr + e * stride_we + n[:, None].to(tl.int64) * stride_wn
-        acc = tl.zeros([BN], dtype=tl.float32)
-        for k0 in range(0, I, BK):
-            kk = k0 + tl.arange(0, BK)
-            kmask = kk < I
-            a = tl.load(act_ptr + p * stride_at + kk, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(w_base + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * a[None, :], axis=1)
-        tw = tl.load(tw_ptr + p).to(tl.float32)
-        total += _round(_round(acc, DT) * tw, DT)
-    tl.store(out_ptr + t * stride_ot + n, _round(total, DT).to(DT), mask=nmask)
+    tw = tl.load(tw_ptr + p, mask=jmask, other=0.0).to(tl.float32)
+    y = _round(_round(acc, DT) * tw[:, None], DT)  # padded experts: weight 0, y 0
+    tl.store(out_ptr + t * stride_ot + n, _round(tl.sum(y, axis=0), DT).to(DT), mask=nmask)
 
 
 def small_tiles(N: int, H: int, I: int, k: int) -> tuple[int, int, int, int, int, int]:
@@ -104,9 +110,10 @@ def small_tiles(N: int, H: int, I: int, k: int) -> tuple[int, int, int, int, int
     # H100, 1 token, us (bench/results/moe_diag_H100_2026-11-28.json), this tile vs the one it
     # replaced (8, 512, 4, 4, 512, 4): 30b 39.1 vs 45.6, the user's shape 213.5 vs 239.6, 235b
     # 112.6 vs 120.1; 2 tokens 61.6 vs 67.8, 365.0 vs 401.8, 209.7 vs 218.9. Same error vs fp64.
+    # The down GEMV loads all k experts' tiles at once, BN2 * BK2 * next_power_of_2(k) elements a step.
     if N * k <= 16:
-        return 4, 1024, 4, 2, 1024, 4
-    return 16, 256, 4, 8, 256, 4
+        return 4, 1024, 4, 2, 256, 4
+    return 16, 256, 4, 8, 64, 4
 
 
 def experts_small(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, ids_Nk: torch.Tensor,
@@ -118,14 +125,17 @@ def experts_small(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
     assert x_NH.stride(1) == 1 and w13_E2IH.is_contiguous() and w2_EHI.is_contiguous()
     ids, tw = ids_Nk.contiguous(), w_Nk.contiguous()
     bn1, bk1, nw1, bn2, bk2, nw2 = tiles or small_tiles(N, H, I, k)
+    if tiles is None:  # top-16 and more: a narrower K step keeps the [k, BN2, BK2] tile in registers
+        bk2 = min(bk2, max(32, 4096 // (triton.next_power_of_2(k) * bn2)))
     act = torch.empty(N * k, I, dtype=x_NH.dtype, device=x_NH.device)
     _gate_up_gemv_kernel[(N * k, triton.cdiv(I, bn1))](
-        x_NH, w13_E2IH, ids, act, H, I, x_NH.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1), act.stride(0),
-        TOPK=k, BN=bn1, BK=min(bk1, triton.next_power_of_2(H)), num_warps=nw1, **launch_args(x_NH.device))
+        x_NH, w13_E2IH, ids, act, I, x_NH.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1), act.stride(0),
+        H=H, TOPK=k, BN=bn1, BK=min(bk1, triton.next_power_of_2(H)), num_warps=nw1, **launch_args(x_NH.device))
     out = torch.empty(N, H, dtype=x_NH.dtype, device=x_NH.device)
     _down_combine_gemv_kernel[(N, triton.cdiv(H, bn2))](
-        act, w2_EHI, ids, tw, out, H, I, act.stride(0), w2_EHI.stride(0), w2_EHI.stride(1), out.stride(0),
-        TOPK=k, BN=bn2, BK=min(bk2, triton.next_power_of_2(I)), num_warps=nw2, **launch_args(x_NH.device))
+        act, w2_EHI, ids, tw, out, H, act.stride(0), w2_EHI.stride(0), w2_EHI.stride(1), out.stride(0),
+        I=I, TOPK=k, BTOPK=triton.next_power_of_2(k), BN=bn2, BK=min(bk2, triton.next_power_of_2(I)), num_warps=nw2,
+        **launch_args(x_NH.device))
     return out
 
 

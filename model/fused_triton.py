@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import launch_args, pdl_enter
+from .pdl import launch_args, pdl_enter, pdl_release
 
 
 @triton.jit
@@ -30,6 +30,7 @@ def _round(x, DT: tl.constexpr):
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_rows, H, stride_x, stride_o, eps,
                      BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    pdl_release(PDL)  # PREFETCH: the GEMV after the norm may stream its weights beside it
     pdl_enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_H)
@@ -47,6 +48,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_rows, H, stride_x, stride_o, eps,
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, h_ptr, n_rows, H, stride_x, stride_r, stride_o, eps,
                          BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    pdl_release(PDL)  # PREFETCH: the GEMV after the norm may stream its weights beside it
     pdl_enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_H)

@@ -5,13 +5,18 @@ decode CUDA graph this hides part of the launch gap between two dependent kernel
 layer is a dozen small kernels, whose gaps cost about as much as their bytes).
 
 The rule every kernel here keeps: with PDL on, `gdc_wait()` comes before the kernel's first global
-load or store (weights included); in the EARLY mode `gdc_launch_dependents()` then lets the next
-kernel be scheduled at once, otherwise it launches as this one's programs exit.
+load or store, with one exception: in the PREFETCH mode the weight-streaming GEMVs load their
+weight tile (read-only model weights, and for the MoE down GEMV the expert ids, which the kernel
+two launches back wrote) before waiting. So that this overlaps something, the small kernel before
+each such GEMV (the norms, the attention merge, the MoE gate/up GEMV) calls
+`gdc_launch_dependents()` once it has waited itself: the GEMV's programs get resident and stream
+their weights while it runs. In the EARLY mode every kernel lets the next be scheduled at once;
+otherwise the next launches as this one's programs exit.
 Because each waits for its predecessor to complete, completion stays in stream order, so a kernel
 never sees a half-written input or overwrites one still being read.
 
 Off under TRITON_INTERPRET (the interpreter has no grid-dependency ops), below compute capability
-9, and with MOEPIPE_PDL=0 (MOEPIPE_PDL=2: the EARLY mode)."""
+9, and with MOEPIPE_PDL=0 (1: wait-only, 2: early, 3: prefetch, the default)."""
 from __future__ import annotations
 
 import functools
@@ -23,13 +28,16 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # PDL modes: 0 off; 1 wait for the previous kernel (the next one launches as this one exits);
-# 2 wait, then let the next kernel be scheduled at once (its programs wait resident).
-WAIT_ONLY, EARLY = 1, 2
+# 2 wait, then let the next kernel be scheduled at once (its programs wait resident); 3 as 1, but
+# the GEMVs load their weights before waiting, and the kernels before them release them early.
+WAIT_ONLY, EARLY, PREFETCH = 1, 2, 3
 # H200, 30b shape, 4 decode layers in one CUDA graph at batch 1, us per layer, one call
 # (bench/results/decode_layer_H200_2026-11-28_v4_L4.json): off 70.2, wait-only 69.1, early 74.9; at a
 # 32k context 92.4, 87.0, 96.0. Early scheduling puts the next kernel's waiting programs beside the
-# weight-streaming GEMVs' last wave and slows them.
-DEFAULT_MODE = WAIT_ONLY
+# weight-streaming GEMVs' last wave and slows them. With the sixth session's kernels
+# (bench/results/decode_layer_H200_2026-11-28_s6_after.json): off 64.4, wait-only 63.0, early 62.4,
+# prefetch 59.9; at 32k 87.2, 82.0, 82.8, 79.0; at batch 8 all within 1.5%.
+DEFAULT_MODE = PREFETCH
 _forced: int | None = None  # set_enabled() (benchmarks compare the modes in one process)
 
 
@@ -39,7 +47,7 @@ def _capable(device_index: int) -> bool:
 
 
 def mode(device: torch.device) -> int:
-    """The PDL mode for kernels on device: MOEPIPE_PDL (0, 1 or 2; default DEFAULT_MODE) where
+    """The PDL mode for kernels on device: MOEPIPE_PDL (0 to 3; default DEFAULT_MODE) where
     the device has it, else 0."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return 0
@@ -49,8 +57,8 @@ def mode(device: torch.device) -> int:
 
 def _env_mode() -> int:
     raw = os.environ.get("MOEPIPE_PDL", str(DEFAULT_MODE)).strip()
-    if raw not in ("0", "1", "2"):
-        raise ValueError(f"MOEPIPE_PDL={raw!r}: expected 0 (off), 1 (wait-only) or 2 (early)")
+    if raw not in ("0", "1", "2", "3"):
+        raise ValueError(f"MOEPIPE_PDL={raw!r}: expected 0 (off), 1 (wait-only), 2 (early) or 3 (prefetch)")
     return int(raw)
 
 
@@ -76,3 +84,19 @@ def pdl_enter(PDL: tl.constexpr):
         gdc_wait()
     if PDL == 2:
         gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    """In the PREFETCH mode, after pdl_enter: let the next kernel (a GEMV that prefetches its
+    weights) be scheduled now."""
+    if PDL == 3:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_prefetched(PDL: tl.constexpr):
+    """In a GEMV: pdl_enter's wait, placed after the weight loads in the PREFETCH mode (the GEMV
+    then calls pdl_enter only when PDL != 3)."""
+    if PDL == 3:
+        gdc_wait()

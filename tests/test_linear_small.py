@@ -95,7 +95,7 @@ def test_linear_small_real_shapes_on_gpu(preset):
     for N, K in (((nq + 2 * nkv) * 128, H), (H, nq * 128), (E, H)):
         for T in (1, 2, 3, 4, 8):
             outs = []
-            for on in (True, False):
+            for on in (True, False, pdl.PREFETCH):  # PREFETCH: its own tile (one K step up to 4096)
                 pdl.set_enabled(on)
                 try:
                     outs.append(_check_vs_fp64(T, N, K, torch.bfloat16, seed=T + N))
@@ -114,12 +114,16 @@ def test_linear_small_real_shapes_on_gpu(preset):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="CUDA")
-def test_pdl_changes_no_result_in_the_decode_graph():
+def test_pdl_changes_no_result_in_the_decode_graph(monkeypatch):
     """Two layers of the 30b shape, decode at batch 1, 3 and 8 replayed from CUDA graphs: with PDL
     (each mode) the outputs and the KV cache equal, bit for bit, those of the same kernels launched
-    without it (a missing wait would read a half-written input)."""
+    without it (a missing wait would read a half-written input). The attention's split count is
+    the engine's (graphs captured at the model's length: most splits hold no key). Every mode uses
+    the GEMV tiles of the PREFETCH mode, whose summation order differs from the others'."""
     from loader.dummy import dummy_config, fill_dummy
-    from model import pdl
+    from model import linear_triton, pdl
+    tiles = linear_triton.small_linear_tiles
+    monkeypatch.setattr(linear_triton, "small_linear_tiles", lambda T, N, K, prefetch=False: tiles(T, N, K, True))
     from model.batch import AttnBatch
     from model.stage import Stage
     cfg = dummy_config("qwen3-30b-a3b")
@@ -131,8 +135,9 @@ def test_pdl_changes_no_result_in_the_decode_graph():
         ctxs = [40 + 9 * i for i in range(B)]  # up to 103 tokens: 7 blocks of 16
         batch = AttnBatch.build([1] * B, ctxs, [[8 * i + j for j in range(-(-c // 16))] for i, c in enumerate(ctxs)],
                                 16, [True] * B, "cuda")
+        batch.max_context = cfg.max_position_embeddings
         got = []
-        for on in (0, pdl.WAIT_ONLY, pdl.EARLY):
+        for on in (0, pdl.WAIT_ONLY, pdl.EARLY, pdl.PREFETCH):
             pdl.set_enabled(on)
             try:
                 stage.kv_cache.zero_()
@@ -155,19 +160,21 @@ def test_pdl_changes_no_result_in_the_decode_graph():
 
 def test_pdl_mode_selection(monkeypatch):
     """Which PDL mode a CUDA launch gets (the capability check stubbed, so it runs on CPU): the
-    default wait-only, MOEPIPE_PDL 0/2, set_enabled over the environment, off under the
+    default prefetch, MOEPIPE_PDL 0/1/2, set_enabled over the environment, off under the
     interpreter and on CPU, and a clear error naming the variable for a bad value."""
     from model import pdl
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(pdl, "_capable", lambda index: True)
     cuda = torch.device("cuda", 0)
     monkeypatch.delenv("MOEPIPE_PDL", raising=False)
-    assert pdl.mode(cuda) == pdl.WAIT_ONLY == 1
-    assert pdl.launch_args(cuda) == {"PDL": 1, "launch_pdl": True}
+    assert pdl.mode(cuda) == pdl.PREFETCH == 3
+    assert pdl.launch_args(cuda) == {"PDL": 3, "launch_pdl": True}
     monkeypatch.setenv("MOEPIPE_PDL", "0")
     assert pdl.launch_args(cuda) == {"PDL": 0}
     monkeypatch.setenv("MOEPIPE_PDL", "2")
     assert pdl.mode(cuda) == pdl.EARLY
+    monkeypatch.setenv("MOEPIPE_PDL", "1")
+    assert pdl.launch_args(cuda) == {"PDL": pdl.WAIT_ONLY, "launch_pdl": True}
     try:
         pdl.set_enabled(False)
         assert pdl.mode(cuda) == 0
