@@ -167,6 +167,21 @@ def test_decode_small(dtype, num_splits):
     run_decode([1, 17, 64, 200, 333], 6, 1, 32, 16, dtype, num_splits)  # G=6
 
 
+def test_decode_merge_reads_only_filled_splits(monkeypatch):
+    """The engine's graphs fix the split count at the model's length (128 at batch 1), so short
+    contexts leave most splits without a key; those programs write nothing. Poison every partial
+    buffer with NaN: the result must still equal the reference (a merge that read an unfilled
+    split would turn it into NaN)."""
+    real_empty = torch.empty
+
+    def poisoned(*a, **k):
+        t = real_empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(at.torch, "empty", poisoned)
+    run_decode([1, 64, 65, 130, 7], 4, 2, 16, 8, torch.float32, num_splits=32)  # 1-3 of 32 splits filled
+
+
 def test_decode_group2_block8():
     run_decode([9, 130, 8], 4, 2, 16, 8, torch.float32, num_splits=3)
 

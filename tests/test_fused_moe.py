@@ -100,6 +100,13 @@ def test_both_paths_match_reference(shape, dtype):
     _check(16, CPU_SHAPES[shape], dtype, seed=16, paths=("large",))
 
 
+def test_top_k_not_a_power_of_two():
+    """top-3 of 6 experts, expert width 40 (not a multiple of the K step): the down GEMV pads its
+    [k, BN, BK] tile to 4 experts and masks the padding; both paths against the torch path."""
+    _check(1, (48, 40, 6, 3), torch.bfloat16, seed=31, paths=("small",))
+    _check(3, (48, 40, 6, 3), torch.bfloat16, seed=32)
+
+
 def test_one_expert_gets_every_token():
     _check(24, CPU_SHAPES["user-mini"], torch.bfloat16, seed=3, same_expert=True, paths=("large",))
     _check(3, CPU_SHAPES["user-mini"], torch.bfloat16, seed=4, same_expert=True, paths=("small",))
