@@ -5,13 +5,14 @@ decode CUDA graph this hides part of the launch gap between two dependent kernel
 layer is a dozen small kernels, whose gaps cost about as much as their bytes).
 
 The rule every kernel here keeps: with PDL on, `gdc_wait()` comes before the kernel's first global
-load or store, with one exception: in the PREFETCH mode the weight-streaming GEMVs load their
-weight tile (read-only model weights, and for the MoE down GEMV the expert ids, which the kernel
-two launches back wrote) before waiting. So that this overlaps something, the small kernel before
-each such GEMV (the norms, the attention merge, the MoE gate/up GEMV) calls
-`gdc_launch_dependents()` once it has waited itself: the GEMV's programs get resident and stream
-their weights while it runs. In the EARLY mode every kernel lets the next be scheduled at once;
-otherwise the next launches as this one's programs exit.
+load or store, with one exception: in the PREFETCH mode the one-token dense GEMV
+(model/linear_triton.py) loads its weight tile, read-only model weights, before waiting. So that
+this overlaps something, the kernels before such a GEMV (the RMSNorms, and the attention's split
+and merge, whose merge precedes o_proj) call `gdc_launch_dependents()` on entry, before their own
+wait: the GEMV's programs get resident and stream their weights while those run. Only weights are
+read before a wait, so releasing early is safe whatever the next kernel is. In the EARLY mode
+every kernel lets the next be scheduled once it has waited; otherwise the next launches as this
+one's programs exit.
 Because each waits for its predecessor to complete, completion stays in stream order, so a kernel
 never sees a half-written input or overwrites one still being read.
 
@@ -88,8 +89,8 @@ def pdl_enter(PDL: tl.constexpr):
 
 @triton.jit
 def pdl_release(PDL: tl.constexpr):
-    """In the PREFETCH mode, after pdl_enter: let the next kernel (a GEMV that prefetches its
-    weights) be scheduled now."""
+    """In the PREFETCH mode, at a kernel's entry (before pdl_enter): let the next kernel (a GEMV
+    that prefetches its weights) be scheduled now."""
     if PDL == 3:
         gdc_launch_dependents()
 
