@@ -21,6 +21,7 @@
 #                                  #   then the engine's GPU tests (test_gpu.py, test_sampler.py)
 #   bash bench/gpu_final.sh async2 # 2 GPUs: the engine's GPU tests; then the 1 000-request soak
 #   bash bench/gpu_final.sh async3 [engine] # 2 GPUs: the kernel GPU tests split over both [then the engine's]
+#   bash bench/gpu_final.sh e2e    # 2 GPUs: bench_e2e beside the peer and 1 GPU, .old/'s decode rows, engine tests
 #   bash bench/gpu_final.sh b1     # 2 GPUs: bench_spine's batch-1 decode (2 stages, 1 GPU; async and plain)
 # Comparable figures (moepipe vs peer vs 1 GPU) are always taken on the same GPU pair in one call.
 # Needs .shared/hf_peer.py and .shared/ceilings.py (copies of ../shared/bench). Results under $OUT;
@@ -160,6 +161,15 @@ elif [ "$step" = async3 ]; then  # 2 GPUs (~5 min): the kernel GPU tests split o
   [ "${2:-}" = engine ] && { timeout 300 python3 -m pytest -q -m gpu -rf -p no:cacheprovider tests/test_gpu.py \
     tests/test_sampler.py > "$OUT/gpu_tests_engine.log" 2>&1
     grep -E "passed|failed|error|FAILED|Triton compiled" "$OUT/gpu_tests_engine.log" | tail -8; }
+elif [ "$step" = e2e ]; then  # 2 GPUs (~7 min): bench_e2e beside the peer and 1 GPU (no 90k/128k rows);
+  # the same decode rows of the snapshot in .old/ (2 stages); then the engine's GPU tests
+  e2e() { timeout "$1" python3 bench/bench_e2e.py --preset qwen3-30b-a3b --stages 2 --long "" "${@:2}" 2>&1 | quiet; }
+  e2e 200 --peer .shared/hf_peer.py --peer-prefill 2048,8192 --one-gpu --out "$OUT/e2e.json" > "$OUT/e2e.log"
+  [ -d .old ] && (cd .old && PYTHONPATH=$PWD e2e 120 --prefill "" --out "$OUT/e2e_old.json" > "$OUT/e2e_old.log")
+  timeout 300 python3 -m pytest -q -m gpu -rf -p no:cacheprovider tests/test_gpu.py tests/test_sampler.py \
+    > "$OUT/gpu_tests_engine.log" 2>&1
+  grep -E "passed|failed|error|FAILED|Triton compiled" "$OUT/gpu_tests_engine.log" | tail -8
+  echo "== .old"; grep "^{'what': 'decode'\|^{'what': 'throughput'" "$OUT/e2e_old.log"; tail -12 "$OUT/e2e.log"
 elif [ "$step" = b1 ]; then  # 2 GPUs (~3 min): bench_spine's batch-1 decode, 2 stages and 1 GPU
   timeout 300 python3 bench/bench_spine.py --load-format dummy --preset qwen3-30b-a3b --stages 2 \
     --skip soak,sampling,balance --out "$OUT/spine_b1.json" 2>&1 | quiet > "$OUT/spine_b1.log"

@@ -118,9 +118,7 @@ class Scheduler:
     # ---- one micro-batch ---------------------------------------------------------------------
     def schedule(self) -> MicroBatch | None:
         budget, chunks = self.budget, []
-        decoding = [s for s in self.running if s.num_scheduled >= s.prompt_len]
-        decode_cap = math.ceil(len(decoding) / self.num_stages)  # spread decodes over the stages
-        n_decode = 0
+        decode_cap, n_decode = self._decode_cap(), 0
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -156,8 +154,12 @@ class Scheduler:
         """Async scheduling: the next decode step of sequences whose current token is still being
         sampled (Sequence.can_continue). Its input id is fed on the device from the returned ids of
         the micro-batch that samples it (Chunk.pending; engine/pipeline.py), so the step is queued
-        before that token reaches the host. No preemption for it: only free blocks are used."""
-        chunks, budget = [], self.budget
+        before that token reaches the host. No preemption for it: only free blocks are used.
+        At most the decode cap's rows, as schedule() takes: on several stages the decodes then stay
+        split in one group per stage, each stage running one group while the next stage runs
+        another. Uncapped, every decode joined one continuation chained to the last, and the
+        stages took turns (batch 16 on 2 stages ran no faster than on 1 GPU)."""
+        chunks, budget = [], min(self.budget, self._decode_cap())
         for seq in self.running:
             if budget == 0:
                 break
@@ -172,6 +174,11 @@ class Scheduler:
             return None
         self._next_mb += 1
         return MicroBatch(self._next_mb, chunks)
+
+    def _decode_cap(self) -> int:
+        """Decode rows per micro-batch: the decoding sequences spread over the stages."""
+        decoding = sum(1 for s in self.running if s.num_scheduled >= s.prompt_len)
+        return math.ceil(decoding / self.num_stages)
 
     def _chunk(self, seq: Sequence, n: int, pending: int = 0) -> Chunk:
         c = Chunk(seq, seq.num_scheduled, n, seq.num_scheduled + n == len(seq) + pending, pending,

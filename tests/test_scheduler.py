@@ -263,3 +263,34 @@ def test_async_scheduling_gives_the_same_tokens_under_preemption_and_abort(stage
         assert {k: sync[k] for k in done_both} == {k: asy[k] for k in done_both}, trial
         assert snap_sync["continuations"] == 0
     assert snap_async["continuations"] > 0
+
+
+@pytest.mark.parametrize("n_seqs", [16, 5])
+def test_continuations_keep_one_decode_group_per_stage(n_seqs):
+    """2 stages, 2 micro-batches in flight, async scheduling: after the prefill the decodes run as
+    two disjoint groups of at most ceil(n / 2) rows that take turns, so each stage can run one
+    group while the other stage runs the other. (Uncapped, the first continuation took every
+    decode, and from then on one micro-batch of n rows chained to the last: the stages alternated.)"""
+    import collections
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=32, max_num_batched_tokens=256, max_model_len=100,
+                  num_stages=2)
+    for i in range(n_seqs):
+        s.add(seq(i, 3, max_tokens=12))
+    q, log = collections.deque(), []
+    while s.has_work or q:
+        while len(q) < 2:
+            mb = s.schedule() or s.schedule_continuation()
+            if mb is None:
+                break
+            q.append(mb)
+            log.append(frozenset(c.seq.seq_id for c in mb.chunks))
+        mb = q.popleft()
+        s.complete(mb, [5] * len(mb.sampled))
+    assert log[0] == frozenset(range(n_seqs))  # the prompts, in one micro-batch
+    cap = -(-n_seqs // 2)
+    decodes = log[1:]
+    assert all(0 < len(g) <= cap for g in decodes), [len(g) for g in decodes]
+    groups = set(decodes)
+    assert len(groups) == 2 and not set.intersection(*map(set, groups))  # two disjoint groups...
+    assert all(a != b for a, b in zip(decodes, decodes[1:]))  # ...taking turns
+    assert s.blocks.num_free == 64 and not s.has_work
