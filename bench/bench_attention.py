@@ -7,8 +7,7 @@ at N/K = 48/8 and 64/4). Median of triton.testing.do_bench. Decode reports GB/s 
 same run (torch.matmul 8192^3).
 
 Prefill implementations: "fa" (model/attention_prefill_triton.py, paged flash attention with the
-group's heads packed into one tile), "triton" (model/attention_triton.py, one head per program)
-and "sdpa" (model/attention_sdpa.py, the engine's SDPA path: gather the prefix contiguous, then
+group's heads packed into one tile) and "sdpa" (model/attention_sdpa.py, the engine's SDPA path: gather the prefix contiguous, then
 SDPA with a lower-right causal mask, gather included in the time). Peer: torch SDPA on contiguous
 tensors where it computes the same thing: fresh causal prefill and decode (one query, no mask).
 
@@ -163,7 +162,6 @@ def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=
     ref = prefill_sdpa(q, kc, vc, batch, SCALE, None)
     add("sdpa", "engine path (gather + lower-right mask)", lambda: prefill_sdpa(q, kc, vc, batch, SCALE, None))
     out = torch.empty_like(q)
-    add("triton", "default", lambda: at.paged_prefill(q, kc, vc, bt, qs, cl, SCALE, qlen, out=out), ref)
     configs = [None]
     if sweep:
         configs += [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in FA_SWEEP]

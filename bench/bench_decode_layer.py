@@ -88,11 +88,8 @@ def decode_table(cfg, layers: int, bw: float, batches, contexts, out: dict, prof
     before = Backend("sdpa", "torch", False)
     variants = {"before": (before, None), "after": (fused, None)}
     if ablate:
-        variants["after, no PDL"] = (fused, 0)
-        variants["after, PDL wait-only"] = (fused, pdl.WAIT_ONLY)
-        variants["after, PDL early"] = (fused, pdl.EARLY)
-        variants["after, PDL prefetch"] = (fused, pdl.PREFETCH)
-        variants["after, PDL off, cuBLAS dense"] = (replace(fused, linear_small_max=0), 0)  # the previous default
+        variants["after, no PDL"] = (fused, False)
+        variants["after, PDL off, cuBLAS dense"] = (replace(fused, linear_small_max=0), False)
         variants["after, cuBLAS dense"] = (replace(fused, linear_small_max=0), None)
     for B in batches:
         x = torch.randn(B, cfg.hidden_size, device=dev, dtype=dt)

@@ -4,18 +4,13 @@ without letting any stage cut the shared KV pool short (the pool is the minimum 
 
 Measurement: LayerClock puts timing hooks on a Stage's layers for a warm-up workload (CUDA events,
 resolved at collection; on CPU the process's CPU time, which other programs on a shared machine do
-not inflate). Test hook: MOEPIPE_SLOW_LAYERS="i:ms[,j:ms]" makes layer i spin for ms milliseconds of
-CPU time in each forward (CPU stages only), to build an unbalanced pipeline."""
+not inflate)."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
 import torch
-
-SLOW_ENV = "MOEPIPE_SLOW_LAYERS"
-
 
 @dataclass(frozen=True)
 class Costs:
@@ -160,7 +155,7 @@ class LayerClock:
         self._open: dict[int, object] = {}
         self._hooks = []
         for i, mod in [(-1, stage)] + [(int(n), layer) for n, layer in stage.layers.items()]:
-            # outermost: the clock also sees what other hooks on the module do (the slow-layer hook)
+            # outermost: the clock also sees what other hooks on the module do (a test's slow layer)
             self._hooks.append(mod.register_forward_pre_hook(lambda m, a, i=i: self._begin(i), prepend=True))
             self._hooks.append(mod.register_forward_hook(lambda m, a, o, i=i: self._end(i)))
 
@@ -195,38 +190,6 @@ class LayerClock:
             h.remove()
         self._hooks = []
         return out
-
-
-def parse_slow_layers(text: str | None) -> dict[int, float]:
-    """'1:20,3:5' -> {1: 20.0, 3: 5.0} (layer: ms of CPU time per forward)."""
-    if not text:
-        return {}
-    out = {}
-    for item in text.split(","):
-        try:
-            i, ms = item.split(":")
-            out[int(i)] = float(ms)
-        except ValueError:
-            raise ValueError(f"{SLOW_ENV}={text!r}: expected 'layer:ms[,layer:ms]', e.g. '1:20'") from None
-    return out
-
-
-def _spin(ms: float) -> None:
-    end = time.process_time() + ms / 1e3
-    while time.process_time() < end:
-        pass
-
-
-def install_slow_layers(stage, spec: str | None = None) -> None:
-    """The test hook: layers named in MOEPIPE_SLOW_LAYERS spin for that much CPU time in each
-    forward (CPU stages only)."""
-    slow = parse_slow_layers(os.environ.get(SLOW_ENV) if spec is None else spec)
-    if not slow or stage.device.type != "cpu":
-        return
-    for name, layer in stage.layers.items():
-        if int(name) in slow:
-            ms = slow[int(name)]
-            layer.register_forward_pre_hook(lambda m, a, ms=ms: _spin(ms))
 
 
 def warmup_workload(vocab_size: int, num_stages: int, max_len: int, device: str = "cuda",

@@ -16,7 +16,6 @@ import torch.distributed as dist
 from loader.partition import partition
 from model.config import ModelConfig, parse_dtype
 
-from .auto_split import install_slow_layers
 from .block_manager import BlockManager
 from .model_files import resolve_model, stop_token_ids
 from .options import EngineOptions
@@ -121,7 +120,6 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
     log = _log(o.verbose)
     t0 = time.perf_counter()
     stage = _load(args, cfg, spec, device, dtype, log)
-    install_slow_layers(stage)  # test hook (MOEPIPE_SLOW_LAYERS); nothing unless it is set
     load_s = time.perf_counter() - t0
     groups = (None, None)
     if o.stages > 1:

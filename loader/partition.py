@@ -18,10 +18,6 @@ class StageSpec:
         return range(self.start, self.end)
 
     @property
-    def is_first(self) -> bool:
-        return self.rank == 0
-
-    @property
     def is_last(self) -> bool:
         return self.rank == self.num_stages - 1
 

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from loader.presets import PRESETS, QWEN3_CHAT_TEMPLATE, preset_config, yarn_config
+from loader.presets import QWEN3_CHAT_TEMPLATE, preset_config
 from loader.safetensors_stream import SafetensorsStreamWriter, TensorEntry
 from model.config import ModelConfig, parse_dtype
 

@@ -1,4 +1,5 @@
-"""Paged attention, Triton kernels: the GPU path for the semantics of attention.attention_ref.
+"""Paged decode attention, Triton kernels: the GPU path for the semantics of attention.attention_ref
+at one query per sequence (prefill: model/attention_prefill_triton.py).
 
 Letters: T tokens in the micro-batch, B sequences, N query heads, K kv heads (G = N // K query
 heads per kv head), D head_dim, P blocks in the pool, S block size, M max blocks per sequence.
@@ -6,9 +7,6 @@ heads per kv head), D head_dim, P blocks in the pool, S block size, M max blocks
   paged_decode     one query per sequence; split-K ("flash decoding"): grid (B, K, splits), each
                    program takes the G query heads of one kv head over one slice of the context,
                    writes a partial output and its log-sum-exp; a second kernel merges the slices.
-  paged_prefill    flash attention over the paged prefix plus the causal part of the chunk;
-                   grid (N, query blocks, B); chunks may start anywhere in the context.
-  paged_attention  picks one of the two from max_query_len.
 
 All metadata stays on the device (no host sync); the host ints the caller already knows
 (max_query_len, max_context) only size the grids. K/V are gathered token by token through the
@@ -21,7 +19,6 @@ after normalisation, so bf16 results differ by ~1e-3 relative). fp32 inputs use 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -100,7 +97,7 @@ def _decode_split_kernel(
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_release(PDL)  # PREFETCH: the merge, then o_proj's weight stream, may start beside this kernel
+    pdl_release(PDL)  # the merge, then o_proj's weight stream, may start beside this kernel
     pdl_enter(PDL)
     b = tl.program_id(0)
     kh = tl.program_id(1)
@@ -146,7 +143,7 @@ def _decode_merge_kernel(
     o_part_ptr, lse_part_ptr, ctx_ptr, o_ptr, stride_ob, stride_on, num_splits,
     N: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_release(PDL)  # PREFETCH: o_proj's programs stream their weights while this waits
+    pdl_release(PDL)  # o_proj's programs stream their weights while this waits
     pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -221,7 +218,7 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) 
 
 def _interpreted() -> bool:
     """Kernels were decorated under TRITON_INTERPRET=1 (CPU tests)."""
-    return not isinstance(_prefill_kernel, triton.runtime.jit.JITFunction)
+    return not isinstance(_decode_split_kernel, triton.runtime.jit.JITFunction)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -271,119 +268,3 @@ def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_warps=8 if num_splits > 32 else 4, **launch_args(q_BND.device),
     )
     return out
-
-
-# ----------------------------------------------------------------------------- prefill
-
-
-@triton.jit
-def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qstart_ptr, ctx_ptr,
-    qk_scale,  # scale * log2(e)
-    stride_qt, stride_qn, stride_ot, stride_on,
-    stride_kp, stride_ks, stride_kk,
-    stride_vp, stride_vs, stride_vk,
-    stride_btb,
-    G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):
-    h = tl.program_id(0)  # fastest axis: heads of one kv group run together and share K/V in L2
-    mb = tl.num_programs(1) - 1 - tl.program_id(1)  # longest (last) query blocks first
-    b = tl.program_id(2)
-    q0 = tl.load(qstart_ptr + b)
-    qlen = tl.load(qstart_ptr + b + 1) - q0
-    m_start = mb * BLOCK_M
-    if m_start >= qlen:
-        return
-    ctx = tl.load(ctx_ptr + b)
-    pos0 = ctx - qlen  # position of the chunk's first query
-
-    offs_m = m_start + tl.arange(0, BLOCK_M)  # query index within the chunk
-    offs_d = tl.arange(0, D)
-    mask_m = offs_m < qlen
-    rows = (q0 + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qn + offs_d[None, :],
-                mask=mask_m[:, None], other=0.0)  # [BLOCK_M, D]
-    qpos = pos0 + offs_m  # [BLOCK_M]; padded rows sit past ctx, see every valid key, not stored
-
-    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-    kh = (h // G).to(tl.int64)
-
-    # Keys before the tile-aligned start of this block's diagonal are visible to every row:
-    # no masks there; the rest (the diagonal tiles) is masked causally.
-    diag = ((pos0 + m_start) // BLOCK_N) * BLOCK_N
-    end = tl.minimum(ctx, pos0 + m_start + BLOCK_M)
-    for n0 in range(0, diag, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh, n0, end, qpos, qk_scale,
-            stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-            S, D, BLOCK_N, False, False, PRECISION, UPCAST)
-    for n0 in range(diag, end, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(
-            q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh, n0, end, qpos, qk_scale,
-            stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk,
-            S, D, BLOCK_N, True, True, PRECISION, UPCAST)
-
-    o = acc / l_i[:, None]  # every stored row saw key 0 at least: l_i > 0
-    tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_on + offs_d[None, :],
-             o.to(o_ptr.dtype.element_ty), mask=mask_m[:, None])
-
-
-def _prefill_config(dtype: torch.dtype, D: int) -> dict:
-    if dtype == torch.float32:  # twice the bytes per tile: smaller tiles to fit shared memory
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    if D <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-
-
-def paged_prefill(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  block_tables_BM: torch.Tensor, query_start_B1: torch.Tensor,
-                  context_lens_B: torch.Tensor, scale: float, max_query_len: int,
-                  out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """Causal attention of a flat batch of chunks over their paged caches (chunks already written).
-
-    q_TND [T, N, D]; query_start_B1 int32 [B + 1] (cu_seqlens: sequence b owns rows
-    [qs[b], qs[b+1])); context_lens_B int32 [B] (>= that sequence's query length);
-    max_query_len host int >= every query length (sizes the grid). Rows of T not owned by any
-    sequence are left untouched.
-    """
-    T = q_TND.shape[0]
-    N, K, D = _check_cache(q_TND, k_cache, v_cache)
-    B = context_lens_B.shape[0]
-    assert query_start_B1.shape[0] == B + 1
-    assert block_tables_BM.dtype == torch.int32 and context_lens_B.dtype == torch.int32
-    assert query_start_B1.dtype == torch.int32 and block_tables_BM.stride(-1) == 1
-    if out is None:
-        out = torch.empty_like(q_TND, memory_format=torch.contiguous_format)
-    assert out.shape == q_TND.shape and out.stride(-1) == 1
-    if T == 0 or B == 0 or max_query_len <= 0:
-        return out
-    cfg = dict(_prefill_config(q_TND.dtype, D), **(config or {}))
-    grid = (N, triton.cdiv(max_query_len, cfg["BLOCK_M"]), B)
-    _prefill_kernel[grid](
-        q_TND, k_cache, v_cache, out, block_tables_BM, query_start_B1, context_lens_B,
-        scale * _LOG2E,
-        q_TND.stride(0), q_TND.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables_BM.stride(0),
-        G=N // K, D=D, S=k_cache.shape[1], PRECISION=_precision(q_TND.dtype),
-        UPCAST=_interpreted(), **cfg,
-    )
-    return out
-
-
-def paged_attention(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    block_tables_BM: torch.Tensor, query_start_B1: torch.Tensor,
-                    context_lens_B: torch.Tensor, scale: float, max_query_len: int,
-                    max_context: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode kernel when every sequence has one query (then T == B), else the prefill kernel."""
-    if max_query_len == 1 and q_TND.shape[0] == context_lens_B.shape[0]:
-        return paged_decode(q_TND, k_cache, v_cache, block_tables_BM, context_lens_B, scale,
-                            max_context=max_context, out=out)
-    return paged_prefill(q_TND, k_cache, v_cache, block_tables_BM, query_start_B1,
-                         context_lens_B, scale, max_query_len, out=out)

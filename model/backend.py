@@ -11,31 +11,20 @@ import torch
 from .attention import attention_ref
 from .batch import AttnBatch
 
-# (token, expert) pairs (tokens x top-k) up to which the fused MoE runs its per-pair GEMV path;
-# above, the pairs are grouped by expert. Measured on H100 (bench/bench_decode_layer.py,
-# bench/results/decode_layer_H100_2026-11-28_v2.json): qwen3-30b-a3b 8 tokens x 8 = 64 pairs GEMV
-# 211 us vs grouped 237 us, 16 x 8 = 128 pairs 338 vs 328 us; the user's shape (top-16) 8 x 16
-# = 128 pairs 1331 vs 1197 us; qwen3-235b-a22b 8 x 8 = 64 pairs 799 vs 802 us.
+# (token, expert) pairs (tokens x top-k) up to which the fused MoE runs its per-pair GEMV path,
+# which streams only the chosen experts' rows; above, the pairs are grouped by expert and run as a
+# grouped GEMM, whose tiles pay off once experts hold several rows each (bench/bench_decode_layer.py
+# times both paths at each count).
 MOE_SMALL_MAX_PAIRS = 64
-# Tokens from which torch._grouped_mm (cuBLAS) would replace the Triton grouped kernel: never, since
-# with the (128, 128) tile the Triton kernel won at every count measured, 2048 to 16384 tokens
-# (H100, 30b shape; model.fused_moe_triton.grouped_tiles has the figures).
-MOE_TORCH_MIN_TOKENS = 1 << 30
 # Micro-batches of up to this many tokens run the dense projections (fused qkv, o_proj, router) as
-# the PDL-launched Triton GEMV (model/linear_triton.py) instead of cuBLAS.
-# H200 (bench/results/linear_small_H200_2026-11-28.json): at 1 token the GEMV matches cuBLAS on
-# qkv and o_proj and takes the router from 5.4 to 2.0 us; at 2 tokens and more cuBLAS wins.
+# the PDL-launched Triton GEMV (model/linear_triton.py) instead of cuBLAS: at one token it streams
+# the weights with no split-K second kernel; from two tokens on cuBLAS's tiles reuse each weight
+# load (bench/bench_linear_small.py times both).
 LINEAR_SMALL_MAX_TOKENS = 1
 
 
 def reference_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
     return attention_ref(q, k_cache, v_cache, batch.block_tables, batch.query_lens, batch.context_lens, scale)
-
-
-def triton_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
-    from .attention_triton import paged_attention
-    return paged_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start, batch.context_lens_t,
-                           scale, batch.max_query_len, batch.max_context)
 
 
 def sdpa_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
@@ -55,17 +44,16 @@ def fa_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tens
 
 def auto_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
     """The CUDA default. Micro-batches whose chunks all start at position 0 (fresh prompts, with
-    decode rows) take SDPA, whose causal flash kernel wins there; any chunk with a cached prefix
-    sends the batch to the paged flash kernel, which wins there and copies no prefix. H100, 32/4
-    heads, TFLOP/s SDPA vs paged flash (bench/results/attention_kernels_H100_2026-11-28*.json):
-    4k fresh 451 vs 353; 4k at 32k 354 vs 404; 4k at 86k 361 vs 428."""
+    decode rows) take SDPA, whose causal flash kernel is faster there; any chunk with a cached
+    prefix sends the batch to the paged flash kernel, which reads the prefix straight from the pool
+    instead of gathering a copy (bench/bench_attention.py times both)."""
     if all(ql == ctx or ql == 1 for ql, ctx in zip(batch.query_lens, batch.context_lens)):
         return sdpa_attend(q, k_cache, v_cache, batch, scale)
     return fa_attend(q, k_cache, v_cache, batch, scale)
 
 
-ATTENTION: dict[str, Callable] = {"ref": reference_attend, "triton": triton_attend, "sdpa": sdpa_attend,
-                                  "fa": fa_attend, "auto": auto_attend}
+ATTENTION: dict[str, Callable] = {"ref": reference_attend, "sdpa": sdpa_attend, "fa": fa_attend,
+                                  "auto": auto_attend}
 MOE_PATHS = ("loop", "torch", "triton")  # per-expert loop, sort + grouped GEMM in torch, fused Triton
 
 
@@ -75,7 +63,6 @@ class Backend:
     moe: str  # one of MOE_PATHS
     fused_norms: bool  # Triton add+RMSNorm, q/k-norm+rope+KV write
     moe_small_max_pairs: int = MOE_SMALL_MAX_PAIRS
-    moe_torch_min: int = MOE_TORCH_MIN_TOKENS
     linear_small_max: int = 0  # tokens up to which linear() runs the Triton GEMV (0: always torch)
 
     def linear(self, x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
@@ -97,8 +84,8 @@ class Backend:
 def pick_backend(device: torch.device | str, attention: str | None = None, moe: str | None = None,
                  fused: bool | None = None) -> Backend:
     """CUDA: 'auto' attention, Triton MoE and fused norms; CPU: the torch reference paths.
-    attention: 'ref' (torch, any device), 'triton' (all Triton), 'sdpa' (Triton decode + SDPA
-    prefill), 'fa' (Triton decode + paged flash prefill) or 'auto' (fresh prompts 'sdpa', chunks
+    attention: 'ref' (torch, any device), 'sdpa' (Triton decode + SDPA prefill), 'fa' (Triton
+    decode + paged flash prefill) or 'auto' (fresh prompts 'sdpa', chunks
     with a prefix 'fa'). moe: 'loop', 'torch' or 'triton'. fused: the Triton norm kernels."""
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -116,8 +103,3 @@ def pick_backend(device: torch.device | str, attention: str | None = None, moe: 
     if fused and not cuda:
         raise ValueError("fused norm kernels need a CUDA device")
     return Backend(attention, moe, fused, linear_small_max=LINEAR_SMALL_MAX_TOKENS if fused else 0)
-
-
-def pick_attention(device: torch.device | str, name: str | None = None) -> Callable:
-    """The attention function alone (benchmarks)."""
-    return pick_backend(device, name).attend

@@ -2,7 +2,7 @@
 N tokens, H hidden, E experts, k experts per token, I expert width, P = N * k (token, expert) pairs.
 
 Two paths, both without a host sync (capturable in the decode CUDA graph):
-- small (N * k <= a measured threshold): one program per (pair, column tile) streams only the chosen
+- small (N * k <= model.backend.MOE_SMALL_MAX_PAIRS): one program per (pair, column tile) streams only the chosen
   expert's rows as a GEMV. Kernel 1: gate and up, SiLU(gate) * up in its epilogue -> act [P, I].
   Kernel 2: down projection, scaled by the routing weight, the k contributions of each token summed
   in fp32 -> out [N, H]; each program loads its columns of all k experts at once. Column tiles are
@@ -223,10 +223,9 @@ def _down_grouped_kernel(act_ptr, w_ptr, pairs_ptr, bexp_ptr, tw_ptr, y_ptr, P, 
 
 
 def grouped_tiles(P: int, E: int) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BK, warps, stages): BM near the rows per expert. H100, 30b shape, us
-    (bench/results/moe_diag_H100_2026-11-28.json), (128, 128, 64, 8, 3) vs (64, 64, 64, 4, 3) vs
-    torch._grouped_mm: 2048 tokens 892 / 934 / 1119, 4096: 1280 / 1603 / 1462, 8192: 2100 / 2852 /
-    2466, 16384: 3787 / 5275 / 4496; equal to torch._grouped_mm's output at each."""
+    """(BM, BN, BK, warps, stages): BM near the rows per expert, so that a block holds one expert's
+    rows with little padding; the (128, 128) tile once experts hold more than 96 rows each
+    (bench/bench_decode_layer.py --moe times the tiles against torch._grouped_mm)."""
     per_expert = P / E
     if per_expert > 96:
         return 128, 128, 64, 8, 3
@@ -308,21 +307,17 @@ def route_fused(x_NH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, norm_topk
 
 
 # ---- dispatch ------------------------------------------------------------------------------------
-def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int, torch_min: int = 1 << 30
-                  ) -> torch.Tensor:
-    """The path measured fastest for N tokens (thresholds: model.backend)."""
-    N = x_NH.shape[0]
+def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int) -> torch.Tensor:
+    """The GEMV path up to small_max_pairs (token, expert) pairs, else the grouped GEMM (the
+    threshold: model.backend)."""
     if ids_Nk.numel() <= small_max_pairs:
         return experts_small(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
-    if N >= torch_min:
-        from .moe import experts_grouped
-        return experts_grouped(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
     return experts_large(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
 
 
 def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor,
-              top_k: int, norm_topk_prob: bool, small_max_pairs: int, torch_min: int = 1 << 30,
+              top_k: int, norm_topk_prob: bool, small_max_pairs: int,
               linear=torch.nn.functional.linear) -> torch.Tensor:
     """Route (the reference's expert choice) then the fused experts."""
     w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob, linear)
-    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, torch_min)
+    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs)

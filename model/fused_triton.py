@@ -30,7 +30,7 @@ def _round(x, DT: tl.constexpr):
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_rows, H, stride_x, stride_o, eps,
                      BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
-    pdl_release(PDL)  # PREFETCH: the GEMV after the norm may stream its weights beside it
+    pdl_release(PDL)  # the GEMV after the norm may stream its weights beside it
     pdl_enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_H)
@@ -48,7 +48,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_rows, H, stride_x, stride_o, eps,
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, h_ptr, n_rows, H, stride_x, stride_r, stride_o, eps,
                          BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
-    pdl_release(PDL)  # PREFETCH: the GEMV after the norm may stream its weights beside it
+    pdl_release(PDL)  # the GEMV after the norm may stream its weights beside it
     pdl_enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_H)
@@ -93,51 +93,6 @@ def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
                                               BLOCK_H=BLOCK_H, ROWS=ROWS, num_warps=4 if BLOCK_H <= 2048 else 8,
                                               **launch_args(x.device))
     return out.view(x.shape)
-
-
-@triton.jit
-def _qk_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, o_ptr, n_rows, heads, eps,
-                         stride_xt, stride_xh, stride_ot, stride_oh, stride_c,
-                         HALF: tl.constexpr, ROWS: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # row = token * heads + head
-    rmask = rows < n_rows
-    t = (rows // heads).to(tl.int64)
-    h = (rows % heads).to(tl.int64)
-    c = tl.arange(0, HALF)
-    m = rmask[:, None]
-    xb = x_ptr + (t * stride_xt + h * stride_xh)[:, None] + c[None, :]
-    x1 = tl.load(xb, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(xb + HALF, mask=m, other=0.0).to(tl.float32)
-    r = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
-    DT: tl.constexpr = o_ptr.dtype.element_ty
-    w1 = tl.load(w_ptr + c).to(tl.float32)
-    w2 = tl.load(w_ptr + HALF + c).to(tl.float32)
-    n1 = _round(w1[None, :] * _round(x1 * r[:, None], DT), DT)
-    n2 = _round(w2[None, :] * _round(x2 * r[:, None], DT), DT)
-    cb = (t * stride_c)[:, None] + c[None, :]  # cos/sin = cat(f, f): both halves share one row half
-    cos = tl.load(cos_ptr + cb, mask=m, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + cb, mask=m, other=0.0).to(tl.float32)
-    # x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1); each product rounded, then the sum
-    o1 = _round(_round(n1 * cos, DT) + _round(-n2 * sin, DT), DT).to(DT)
-    o2 = _round(_round(n2 * cos, DT) + _round(n1 * sin, DT), DT).to(DT)
-    ob = o_ptr + (t * stride_ot + h * stride_oh)[:, None] + c[None, :]
-    tl.store(ob, o1, mask=m)
-    tl.store(ob + HALF, o2, mask=m)
-
-
-def qk_norm_rope_fused(x_THD: torch.Tensor, weight_D: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
-                       eps: float) -> torch.Tensor:
-    """apply_rope(rms_norm(x, weight), cos, sin) for per-head q or k [T, heads, D]."""
-    T, Hh, D = x_THD.shape
-    assert x_THD.stride(-1) == 1 and cos_TD.stride(-1) == 1 and cos_TD.stride() == sin_TD.stride()
-    out = torch.empty(T, Hh, D, dtype=x_THD.dtype, device=x_THD.device)
-    n = T * Hh
-    ROWS = 16
-    _qk_norm_rope_kernel[(triton.cdiv(n, ROWS),)](
-        x_THD, weight_D, cos_TD, sin_TD, out, n, Hh, eps,
-        x_THD.stride(0), x_THD.stride(1), out.stride(0), out.stride(1), cos_TD.stride(0),
-        HALF=D // 2, ROWS=ROWS, num_warps=4)
-    return out
 
 
 @triton.jit

@@ -79,18 +79,17 @@ class SparseMoe(nn.Module):
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = Weight(cfg.num_experts, cfg.hidden_size, device=device, dtype=dtype)
         self.experts = Experts(cfg, device, dtype)
-        self.grouped = True  # False: the per-expert reference loop where the backend says 'torch'
 
     def forward(self, x_TH: torch.Tensor, be: Backend, trace: Trace, i: int) -> torch.Tensor:
         w13, w2 = self.experts.gate_up_proj, self.experts.down_proj
         if be.moe == "triton":
             from .fused_moe_triton import fused_moe
             return fused_moe(x_TH, self.gate.weight, w13, w2, self.top_k, self.norm_topk_prob, be.moe_small_max_pairs,
-                             be.moe_torch_min, be.linear)
+                             be.linear)
         logits, w, ids = route(x_TH, self.gate.weight, self.top_k, self.norm_topk_prob)
         if trace is not None:
             trace[f"{i}.router_logits"], trace[f"{i}.topk_w"], trace[f"{i}.topk_ids"] = logits, w, ids
-        run = experts_grouped if (be.moe == "torch" and self.grouped) else experts_loop
+        run = experts_grouped if be.moe == "torch" else experts_loop
         return run(x_TH, w13, w2, ids, w)
 
 

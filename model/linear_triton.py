@@ -14,7 +14,7 @@ import triton.language as tl
 
 from .fused_triton import _round
 from . import pdl
-from .pdl import launch_args, pdl_enter, pdl_prefetched
+from .pdl import launch_args, pdl_prefetched
 
 MAX_TOKENS = 8  # the largest T this kernel takes (model.backend picks the switch)
 
@@ -27,7 +27,7 @@ def _linear_small_kernel(x_ptr, w_ptr, o_ptr, T, N, K, stride_xt, stride_wn, str
     nmask, tmask = n < N, t < T
     w_base = w_ptr + n[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([BT, BN], dtype=tl.float32)
-    if PDL == 3:  # PREFETCH (model/pdl.py): the first [BN, BK] weight tile before waiting
+    if PDL:  # model/pdl.py: the first [BN, BK] weight tile before waiting
         kk = tl.arange(0, BK)
         w0 = tl.load(w_base + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0.0)
         pdl_prefetched(PDL)
@@ -36,7 +36,6 @@ def _linear_small_kernel(x_ptr, w_ptr, o_ptr, T, N, K, stride_xt, stride_wn, str
         acc += tl.sum(x[:, None, :] * w0.to(tl.float32)[None, :, :], axis=2)
         k_first = BK
     else:
-        pdl_enter(PDL)
         k_first = 0
     for k0 in range(k_first, K, BK):
         kk = k0 + tl.arange(0, BK)
@@ -51,15 +50,15 @@ def _linear_small_kernel(x_ptr, w_ptr, o_ptr, T, N, K, stride_xt, stride_wn, str
 
 def small_linear_tiles(T: int, N: int, K: int, prefetch: bool = False) -> tuple[int, int, int]:
     """(BN, BK, warps): about 4 096 products per program step (32 fp32 registers a thread at
-    4 warps), narrow row tiles so that every SM streams W at batch 1. prefetch (PDL's PREFETCH
-    mode, which loads the first step's tile before waiting): the whole row in one step up to 4 096."""
+    4 warps), narrow row tiles so that every SM streams W at batch 1. prefetch (with PDL, which
+    loads the first step's tile before waiting): the whole row in one step up to 4 096."""
     BT = triton.next_power_of_2(max(1, T))
     if prefetch and BT == 1:
         BK = min(4096, triton.next_power_of_2(K))
         BN = max(1, min(4 if N >= 4096 else 2, 8192 // BK))
         return BN, BK, 8 if BN * BK >= 8192 else 4
-    if BT == 1:  # H200, us (bench/results/linear_small_H200_2026-11-28.json): 30b qkv 8.9 (cuBLAS 8.6),
-        wide = K >= 4096 or N < 1024  # o_proj 8.3 (9.0), router 2.0 (5.4)
+    if BT == 1:  # wide rows (K >= 4096) and short outputs (the router) take the longer K step
+        wide = K >= 4096 or N < 1024
         return (2, min(2048, triton.next_power_of_2(K)), 8) if wide else (4, min(1024, triton.next_power_of_2(K)), 4)
     BN = 4 if N >= 1024 else 2
     BK = min(triton.next_power_of_2(K), max(64, 4096 // (BT * BN)))
@@ -74,7 +73,7 @@ def linear_small(x_TK: torch.Tensor, w_NK: torch.Tensor, tiles: tuple[int, int, 
     if not 1 <= T <= MAX_TOKENS:
         raise ValueError(f"linear_small takes 1 to {MAX_TOKENS} tokens, got {T}")
     assert w_NK.shape[1] == K and x_TK.stride(1) == 1 and w_NK.stride(1) == 1, (x_TK.shape, w_NK.shape)
-    BN, BK, nw = tiles or small_linear_tiles(T, N, K, pdl.mode(x_TK.device) == pdl.PREFETCH)
+    BN, BK, nw = tiles or small_linear_tiles(T, N, K, pdl.enabled(x_TK.device))
     out = torch.empty(T, N, dtype=x_TK.dtype, device=x_TK.device)
     _linear_small_kernel[(triton.cdiv(N, BN),)](
         x_TK, w_NK, out, T, N, K, x_TK.stride(0), w_NK.stride(0), out.stride(0),

@@ -65,10 +65,3 @@ def apply_rope(x_THD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) 
     """NeoX half-split rotation in the input dtype; cos/sin broadcast over heads."""
     cos, sin = cos_TD[:, None, :], sin_TD[:, None, :]
     return x_THD * cos + rotate_half(x_THD) * sin
-
-
-def norm_rope(x_THD: torch.Tensor, weight_D: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
-              eps: float) -> torch.Tensor:
-    """apply_rope(rms_norm(x)) for per-head q or k (torch maths)."""
-    from .norm import rms_norm
-    return apply_rope(rms_norm(x_THD, weight_D, eps), cos_TD, sin_TD)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backend import Backend, pick_attention, pick_backend  # noqa: F401  (pick_attention: benchmarks)
+from .backend import Backend, pick_backend
 from .batch import AttnBatch
 from .config import ModelConfig
 from .layers import DecoderLayer, Trace, Weight

@@ -3,6 +3,7 @@ hooks that record every sub-layer, and run this engine's Stage on the same check
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,15 +45,14 @@ def load_hf(path: Path, dtype=torch.float32):
 hf_trace = parity.hf_trace  # one recorder for the tests and the `parity` command
 
 
-def engine_trace(path: Path, ids: torch.Tensor, dtype=torch.float32, grouped: bool = True,
+def engine_trace(path: Path, ids: torch.Tensor, dtype=torch.float32, moe: str = "torch",
                  block_size: int = 16) -> dict:
-    """Run this engine's whole model as one Stage on ids [T] and record the same points."""
+    """Run this engine's whole model as one Stage on ids [T] and record the same points. moe: the
+    Backend's expert path ('torch': sort + grouped GEMM; 'loop': the per-expert reference loop)."""
     cfg = ModelConfig.from_file(path)
     spec = partition(cfg.num_hidden_layers, 1)[0]
     stage = load_stage(path, cfg, spec, "cpu", dtype)
-    for layer in stage.layers.values():
-        if hasattr(layer.mlp, "grouped"):
-            layer.mlp.grouped = grouped
+    stage.backend = replace(stage.backend, moe=moe)
     T = ids.shape[0]
     nblocks = (T + block_size - 1) // block_size
     stage.allocate_kv(nblocks + 3, block_size)

@@ -105,15 +105,6 @@ def nan_like(q: torch.Tensor) -> torch.Tensor:
     return torch.full_like(q, float("nan"))
 
 
-def run_prefill(qlens, ctxs, N, K, D, S, dtype, **cfg):
-    q, kc, vc, bt, qs, cl = make_case(qlens, ctxs, N, K, D, S, dtype)
-    out = nan_like(q)
-    o = at.paged_prefill(q, kc, vc, bt, qs, cl, D ** -0.5, max(qlens), out=out, config=cfg or None)
-    assert o is out
-    ref = ref_fp32(q, kc, vc, bt, qlens, ctxs, D ** -0.5)
-    return check(o, ref, dtype, f"prefill N{N} K{K} D{D} S{S} {dtype} q{qlens[:6]} ctx{ctxs[:6]}")
-
-
 def run_fa(qlens, ctxs, N, K, D, S, dtype, seed=None, **cfg):
     q, kc, vc, bt, qs, cl = make_case(qlens, ctxs, N, K, D, S, dtype, seed=seed)
     out = nan_like(q)
@@ -152,13 +143,13 @@ def test_ref_fp32_matches_attention_ref():
     (4, 2, 16, 8, [33, 1, 9], [33, 3, 90]),                        # G=2, fresh + chunk mid-block
 ])
 def test_prefill_small(N, K, D, S, qlens, ctxs, dtype):
-    run_prefill(qlens, ctxs, N, K, D, S, dtype)
+    run_fa(qlens, ctxs, N, K, D, S, dtype)
 
 
 def test_prefill_small_tiles_and_big_block():
     """Several query tiles and key tiles per sequence (BLOCK_M=16), block size 256."""
-    run_prefill([40, 3], [300, 260], 4, 2, 16, 256, torch.float32, BLOCK_M=16, BLOCK_N=32)
-    run_prefill([50, 1, 19], [77, 64, 19], 6, 1, 16, 8, torch.float32, BLOCK_M=16, BLOCK_N=32)
+    run_fa([40, 3], [300, 260], 4, 2, 16, 256, torch.float32, BLOCK_M=16, BLOCK_N=32)
+    run_fa([50, 1, 19], [77, 64, 19], 6, 1, 16, 8, torch.float32, BLOCK_M=16, BLOCK_N=32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -186,7 +177,7 @@ def test_decode_group2_block8():
     run_decode([9, 130, 8], 4, 2, 16, 8, torch.float32, num_splits=3)
 
 
-def test_paged_attention_dispatch_and_strides():
+def test_decode_and_prefill_on_strided_views():
     """All-decode batch: decode == prefill; q a strided view of a qkv buffer, caches one layer of
     a bigger [L, 2, P, S, K, D] pool (the engine's layout may differ: only strides matter)."""
     N, K, D, S, ctxs = 8, 2, 16, 16, [5, 40, 77]
@@ -196,12 +187,11 @@ def test_paged_attention_dispatch_and_strides():
     qkv = torch.randn(3, (N + 2 * K) * D, device=DEV)
     qkv[:, :N * D] = q.reshape(3, N * D)
     qv = qkv[:, :N * D].view(3, N, D)  # row stride (N + 2K) * D
-    dec = at.paged_attention(qv, pool[1, 0], pool[1, 1], bt, qs, cl, D ** -0.5, 1, max(ctxs),
-                             out=nan_like(q))
-    pre = at.paged_prefill(qv, pool[1, 0], pool[1, 1], bt, qs, cl, D ** -0.5, 1, out=nan_like(q))
+    dec = at.paged_decode(qv, pool[1, 0], pool[1, 1], bt, cl, D ** -0.5, max(ctxs), out=nan_like(q))
+    pre = fa.paged_prefill_fa(qv, pool[1, 0], pool[1, 1], bt, qs, cl, D ** -0.5, 1, out=nan_like(q))
     ref = ref_fp32(q, kc, vc, bt, [1] * 3, ctxs, D ** -0.5)
-    check(dec, ref, torch.float32, "dispatch decode")
-    check(pre, ref, torch.float32, "dispatch prefill")
+    check(dec, ref, torch.float32, "strided decode")
+    check(pre, ref, torch.float32, "strided prefill")
 
 
 def test_choose_num_splits():
@@ -282,20 +272,14 @@ def test_gpu_decode_b16_mixed():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs CUDA")
-def test_gpu_prefill_chunk_at_86k():
-    run_prefill([4096], [92160], 32, 4, 128, 16, BF16)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
 def test_gpu_prefill_fresh_8k():
-    run_prefill([8192], [8192], 32, 4, 128, 16, BF16)
+    run_fa([8192], [8192], 32, 4, 128, 16, BF16)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs CUDA")
 def test_gpu_mixed_batch():
-    run_prefill([1, 1, 512, 1000, 1, 77], [3000, 17, 4000, 1000, 8192, 77], 32, 4, 128, 16, BF16)
+    run_fa([1, 1, 512, 1000, 1, 77], [3000, 17, 4000, 1000, 8192, 77], 32, 4, 128, 16, BF16)
 
 
 @pytest.mark.gpu
@@ -303,14 +287,13 @@ def test_gpu_mixed_batch():
 @pytest.mark.parametrize("N,K,S", [(64, 4, 16), (48, 8, 16), (32, 4, 8), (32, 4, 64), (32, 4, 256)])
 def test_gpu_other_shapes(N, K, S):
     run_decode([1, 300, 5000, 20000], N, K, 128, S, BF16)
-    run_prefill([1, 700, 2048], [4000, 700, 6000], N, K, 128, S, BF16)
+    run_fa([1, 700, 2048], [4000, 700, 6000], N, K, 128, S, BF16)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs CUDA")
 def test_gpu_fp32():
     run_decode([1, 3000, 20000], 32, 4, 128, 16, torch.float32)
-    run_prefill([1, 700, 1500], [4000, 700, 3000], 32, 4, 128, 16, torch.float32)
 
 
 @pytest.mark.gpu

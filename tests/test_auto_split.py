@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from engine.auto_split import (Costs, LayerClock, MemoryModel, choose_split, costs_from_stats, even_counts,
-                               install_slow_layers, parse_slow_layers)
+from engine.auto_split import Costs, LayerClock, MemoryModel, choose_split, costs_from_stats, even_counts
+from slow_layers import inject_into_workers, install_slow_layers
 
 
 def _splits(L: int, S: int):
@@ -78,7 +78,7 @@ def test_layer_clock_sees_the_slow_layer():
     stage.allocate_kv(2, 16)
     batch = AttnBatch.build([8], [8], [[0]], 16, [True], "cpu")
     stage(torch.randn(8, cfg.hidden_size), batch)  # first-call costs out of the way
-    install_slow_layers(stage, "3:30")  # installed first, as the engine does at load
+    install_slow_layers(stage, {3: 30.0})  # installed first, as the workers' hook does at load
     clock = LayerClock(stage)
     stage(torch.randn(8, cfg.hidden_size), batch)
     ms = clock.remove()
@@ -87,18 +87,12 @@ def test_layer_clock_sees_the_slow_layer():
     assert clock.collect() == ms
 
 
-def test_parse_slow_layers():
-    assert parse_slow_layers("1:20,3:5") == {1: 20.0, 3: 5.0} and parse_slow_layers("") == {}
-    with pytest.raises(ValueError, match="MOEPIPE_SLOW_LAYERS"):
-        parse_slow_layers("1=20")
-
-
-def test_llm_auto_split_evens_a_heavy_stage(monkeypatch, capsys):
+def test_llm_auto_split_evens_a_heavy_stage(monkeypatch, tmp_path, capsys):
     """Layer 0 spins 150 ms of CPU time per forward: the even split 2,2 leaves stage 0 far busier,
     so 'auto' moves layer 1 to stage 1 and restarts the stages on 1,3."""
     from engine import LLM, SamplingParams
     from loader.writer import ensure_cached_preset
-    monkeypatch.setenv("MOEPIPE_SLOW_LAYERS", "0:150")
+    inject_into_workers(monkeypatch, tmp_path, "0:150")
     with LLM(str(ensure_cached_preset("tiny")), stages=2, device="cpu", layers="auto", kv_cache_gib=0.02) as llm:
         rep = llm.auto_split
         assert rep["before"] == [2, 2] and rep["after"] == [1, 3]

@@ -44,22 +44,6 @@ def test_rms_norm_fused_matches_torch(dtype, H):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_qk_norm_rope_fused_matches_torch_on_strided_heads(dtype):
-    T, D = 29, 32
-    rope = Rope(RopeConfig(theta=1e6, rope_type="yarn", factor=4.0, original_max_position_embeddings=64), D,
-                dtype, DEV)
-    cos, sin = rope(torch.randint(0, 4096, (T,), device=DEV))
-    qkv = torch.randn(T, 10 * D, device=DEV).to(dtype)  # q = 6 heads, k = 2, v = 2 of one projection
-    for x in (qkv[:, :6 * D].view(T, 6, D), qkv[:, 6 * D:8 * D].view(T, 2, D)):
-        w = (1 + 0.1 * torch.randn(D, device=DEV)).to(dtype)
-        got, want = ft.qk_norm_rope_fused(x, w, cos, sin, 1e-6), apply_rope(rms_norm(x, w, 1e-6), cos, sin)
-        if dtype == torch.bfloat16:
-            assert_same_bf16(got, want)
-        else:
-            assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_add_rms_norm_fused_matches_torch(dtype):
     from model.norm import add_norm
     x = (torch.randn(19, 96, device=DEV) * 3).to(dtype)

@@ -121,14 +121,16 @@ def test_sdpa_prefill_matches_reference_real_shape():
 
 
 def test_fused_norm_and_rope_match_torch_bf16():
-    """The fused Triton RMSNorm and q/k-norm+rope round where the torch path rounds: at most 1%
-    of elements differ, by at most one bf16 step (fp32 reduction order can flip a rounding)."""
-    from model.fused_triton import qk_norm_rope_fused, rms_norm_fused
+    """The fused Triton RMSNorm and q/k-norm+rope+KV write round where the torch path rounds, at
+    the real shapes (hidden 2048 and 6144; 32/4 heads of 128, YaRN): at most 1% of elements
+    differ, by at most one bf16 step (fp32 reduction order can flip a rounding)."""
+    from model.attention import write_kv
+    from model.fused_triton import qkv_norm_rope_write, rms_norm_fused
     from model.norm import rms_norm
     from model.rope import Rope, apply_rope
     from model.config import RopeConfig
     torch.manual_seed(11)
-    dt, T = torch.bfloat16, 333
+    dt, T, NQ, NKV, D = torch.bfloat16, 333, 32, 4, 128
 
     def close(a, b):
         diff = (a.float() - b.float()).abs()
@@ -140,12 +142,19 @@ def test_fused_norm_and_rope_match_torch_bf16():
         w = (1 + 0.1 * torch.randn(H, device="cuda")).to(dt)
         close(rms_norm_fused(x, w, 1e-6), rms_norm(x, w, 1e-6))
     rope = Rope(RopeConfig(theta=1e6, rope_type="yarn", factor=4.0, original_max_position_embeddings=32768),
-                128, dt, "cuda")
+                D, dt, "cuda")
     cos, sin = rope(torch.randint(0, 131072, (T,), device="cuda"))
-    qkv = torch.randn(T, (32 + 4 + 4) * 128, device="cuda", dtype=dt)
-    for x in (qkv[:, :4096].view(T, 32, 128), qkv[:, 4096:4608].view(T, 4, 128)):
-        w = (1 + 0.1 * torch.randn(128, device="cuda")).to(dt)
-        close(qk_norm_rope_fused(x, w, cos, sin, 1e-6), apply_rope(rms_norm(x, w, 1e-6), cos, sin))
+    qkv = torch.randn(T, (NQ + 2 * NKV) * D, device="cuda", dtype=dt)
+    qw, kw = [(1 + 0.1 * torch.randn(D, device="cuda")).to(dt) for _ in range(2)]
+    slots = torch.randperm(32 * 16, device="cuda")[:T]
+    kc, vc = [torch.zeros(32, 16, NKV, D, device="cuda", dtype=dt) for _ in range(2)]
+    q = qkv_norm_rope_write(qkv, qw, kw, cos, sin, 1e-6, NQ, NKV, kc, vc, slots)
+    qr, kr, vr = qkv.split([NQ * D, NKV * D, NKV * D], dim=-1)
+    kc2, vc2 = torch.zeros_like(kc), torch.zeros_like(vc)
+    write_kv(kc2, vc2, apply_rope(rms_norm(kr.reshape(T, NKV, D), kw, 1e-6), cos, sin), vr.reshape(T, NKV, D), slots)
+    close(q, apply_rope(rms_norm(qr.view(T, NQ, D), qw, 1e-6), cos, sin))
+    close(kc[kc2 != 0], kc2[kc2 != 0])
+    assert torch.equal(vc, vc2)
 
 
 def test_no_triton_compile_after_start_up():

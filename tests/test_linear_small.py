@@ -95,13 +95,12 @@ def test_linear_small_real_shapes_on_gpu(preset):
     for N, K in (((nq + 2 * nkv) * 128, H), (H, nq * 128), (E, H)):
         for T in (1, 2, 3, 4, 8):
             outs = []
-            for on in (True, False, pdl.PREFETCH):  # PREFETCH: its own tile (one K step up to 4096)
+            for on in (True, False):  # PDL on: its own tile at one token (one K step up to 4096)
                 pdl.set_enabled(on)
                 try:
                     outs.append(_check_vs_fp64(T, N, K, torch.bfloat16, seed=T + N))
                 finally:
                     pdl.set_enabled(None)
-            assert torch.equal(outs[0], outs[1])
             g = torch.Generator().manual_seed(T + N)
             x = torch.randn(T, K, generator=g).to(DEV, torch.bfloat16)
             w = (torch.randn(N, K, generator=g) / K ** 0.5).to(DEV, torch.bfloat16)
@@ -116,10 +115,10 @@ def test_linear_small_real_shapes_on_gpu(preset):
 @pytest.mark.skipif(not _CUDA, reason="CUDA")
 def test_pdl_changes_no_result_in_the_decode_graph(monkeypatch):
     """Two layers of the 30b shape, decode at batch 1, 3 and 8 replayed from CUDA graphs: with PDL
-    (each mode) the outputs and the KV cache equal, bit for bit, those of the same kernels launched
-    without it (a missing wait would read a half-written input). The attention's split count is
-    the engine's (graphs captured at the model's length: most splits hold no key). Every mode uses
-    the GEMV tiles of the PREFETCH mode, whose summation order differs from the others'."""
+    the outputs and the KV cache equal, bit for bit, those of the same kernels launched without it
+    (a missing wait would read a half-written input). The attention's split count is the engine's
+    (graphs captured at the model's length: most splits hold no key). Both use the GEMV tiles PDL
+    picks, whose summation order differs from the others'."""
     from loader.dummy import dummy_config, fill_dummy
     from model import linear_triton, pdl
     tiles = linear_triton.small_linear_tiles
@@ -137,7 +136,7 @@ def test_pdl_changes_no_result_in_the_decode_graph(monkeypatch):
                                 16, [True] * B, "cuda")
         batch.max_context = cfg.max_position_embeddings
         got = []
-        for on in (0, pdl.WAIT_ONLY, pdl.EARLY, pdl.PREFETCH):
+        for on in (False, True):
             pdl.set_enabled(on)
             try:
                 stage.kv_cache.zero_()
@@ -158,35 +157,26 @@ def test_pdl_changes_no_result_in_the_decode_graph(monkeypatch):
             assert torch.equal(out, got[0][0]) and torch.equal(kv, got[0][1]), f"batch {B}"
 
 
-def test_pdl_mode_selection(monkeypatch):
-    """Which PDL mode a CUDA launch gets (the capability check stubbed, so it runs on CPU): the
-    default prefetch, MOEPIPE_PDL 0/1/2, set_enabled over the environment, off under the
-    interpreter and on CPU, and a clear error naming the variable for a bad value."""
+def test_pdl_selection(monkeypatch):
+    """Whether a CUDA launch gets PDL (the capability check stubbed, so it runs on CPU): on by
+    default, off after set_enabled(False), on CPU, under the interpreter and before Hopper; the
+    environment cannot change it."""
     from model import pdl
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(pdl, "_capable", lambda index: True)
     cuda = torch.device("cuda", 0)
-    monkeypatch.delenv("MOEPIPE_PDL", raising=False)
-    assert pdl.mode(cuda) == pdl.PREFETCH == 3
-    assert pdl.launch_args(cuda) == {"PDL": 3, "launch_pdl": True}
-    monkeypatch.setenv("MOEPIPE_PDL", "0")
-    assert pdl.launch_args(cuda) == {"PDL": 0}
-    monkeypatch.setenv("MOEPIPE_PDL", "2")
-    assert pdl.mode(cuda) == pdl.EARLY
-    monkeypatch.setenv("MOEPIPE_PDL", "1")
-    assert pdl.launch_args(cuda) == {"PDL": pdl.WAIT_ONLY, "launch_pdl": True}
+    assert pdl.launch_args(cuda) == {"PDL": 1, "launch_pdl": True}
+    monkeypatch.setenv("MOEPIPE_PDL", "0")  # the lost switch: no longer read
+    assert pdl.enabled(cuda)
     try:
         pdl.set_enabled(False)
-        assert pdl.mode(cuda) == 0
+        assert pdl.launch_args(cuda) == {"PDL": 0}
     finally:
         pdl.set_enabled(None)
-    assert pdl.mode(torch.device("cpu")) == 0
-    monkeypatch.setenv("MOEPIPE_PDL", "yes")
-    with pytest.raises(ValueError, match="MOEPIPE_PDL='yes'"):
-        pdl.mode(cuda)
-    monkeypatch.setattr(pdl, "_capable", lambda index: False)  # before Hopper: off whatever is asked
-    monkeypatch.setenv("MOEPIPE_PDL", "2")
-    assert pdl.mode(cuda) == 0
+    assert pdl.enabled(cuda)
+    assert not pdl.enabled(torch.device("cpu"))
+    monkeypatch.setattr(pdl, "_capable", lambda index: False)  # before Hopper: off
+    assert not pdl.enabled(cuda)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(pdl, "_capable", lambda index: True)
-    assert pdl.mode(cuda) == 0
+    assert not pdl.enabled(cuda)

@@ -49,7 +49,7 @@ def test_reference_expert_loop_matches_transformers(tmp_path):
     cfg = hf_config()
     save_hf_model(cfg, tmp_path, seed=5)
     ids = torch.randint(0, cfg["vocab_size"], (29,))
-    _compare(hf_trace(load_hf(tmp_path), ids), engine_trace(tmp_path, ids, grouped=False), FP32_LAYER)
+    _compare(hf_trace(load_hf(tmp_path), ids), engine_trace(tmp_path, ids, moe="loop"), FP32_LAYER)
 
 
 def test_yarn_tables_match_transformers(tmp_path):
