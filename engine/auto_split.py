@@ -2,15 +2,15 @@
 from measured costs (each layer's, the embedding's on stage 0, head + sampling on the last stage),
 without letting any stage cut the shared KV pool short (the pool is the minimum over stages).
 
-Measurement: LayerClock puts timing hooks on a Stage's layers for a warm-up workload (CUDA events,
-resolved at collection; on CPU the process's CPU time, which other programs on a shared machine do
-not inflate)."""
+Measurement: LayerClock puts timing hooks on a Stage's layers for a warm-up workload, on the
+stage's clock (engine/clock.py), the one its busy time is measured on."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
+
+from .clock import Clock, Spans
 
 @dataclass(frozen=True)
 class Costs:
@@ -117,7 +117,7 @@ def costs_from_stats(stats: list[dict], num_layers: int) -> Costs:
     """Costs from each stage's measured stats: 'layer_ms' {layer: ms} and 'eager_ms' (the forwards
     the clocks saw), 'busy_ms' (all its forwards), 'sample_ms' (last stage) and 'clock'. On CUDA,
     graph decode steps run no hooks, so the clocked times are scaled by busy_ms / eager_ms; on CPU
-    ('clock': 'cpu') every forward is clocked, in CPU time, and used as is. What a stage spends
+    ('clock': 'cpu') every forward is clocked and used as is. What a stage spends
     outside its layers is its embedding (stage 0) or head (last stage); a middle stage's remainder
     is spread over its layers."""
     layer_ms = [0.0] * num_layers
@@ -145,12 +145,12 @@ def costs_from_stats(stats: list[dict], num_layers: int) -> Costs:
 
 class LayerClock:
     """Per-layer time of a Stage's eager forwards while installed (forward pre/post hooks), and the
-    whole forwards' under key -1 (CUDA-graph replays run no hooks and are not seen): CUDA events,
-    or the process's CPU time on CPU."""
+    whole forwards' under key -1 (CUDA-graph replays run no hooks and are not seen), on the stage's
+    clock (engine/clock.py)."""
 
     def __init__(self, stage):
-        self.cuda = stage.device.type == "cuda"
-        self.pending: list[tuple[int, object, object]] = []
+        self.clock = Clock.for_device(stage.device)
+        self.spans = Spans(self.clock)  # payload: the layer index
         self.ms: dict[int, float] = {}
         self._open: dict[int, object] = {}
         self._hooks = []
@@ -159,29 +159,16 @@ class LayerClock:
             self._hooks.append(mod.register_forward_pre_hook(lambda m, a, i=i: self._begin(i), prepend=True))
             self._hooks.append(mod.register_forward_hook(lambda m, a, o, i=i: self._end(i)))
 
-    def _mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.process_time()
-
     def _begin(self, i: int) -> None:
-        self._open[i] = self._mark()
+        self._open[i] = self.clock.mark()
 
     def _end(self, i: int) -> None:
-        t0, t1 = self._open.pop(i), self._mark()
-        if self.cuda:
-            self.pending.append((i, t0, t1))
-        else:
-            self.ms[i] = self.ms.get(i, 0.0) + (t1 - t0) * 1e3
+        self.spans.add(self._open.pop(i), self.clock.mark(), i)
 
     def collect(self) -> dict[int, float]:
-        if self.pending:
-            self.pending[-1][2].synchronize()
-            for i, a, b in self.pending:
-                self.ms[i] = self.ms.get(i, 0.0) + a.elapsed_time(b)
-            self.pending = []
+        """Milliseconds per layer so far (waits for the device: a measurement is whole)."""
+        for ms, _, i in self.spans.drain(wait=True):
+            self.ms[i] = self.ms.get(i, 0.0) + ms
         return dict(self.ms)
 
     def remove(self) -> dict[int, float]:

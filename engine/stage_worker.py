@@ -4,7 +4,6 @@ until STOP."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import torch
@@ -13,74 +12,14 @@ import torch.distributed as dist
 from model.sampler import sample
 from model.stage import Stage
 
+from .clock import StageTimer
 from .decode_graphs import DecodeGraphs
 from .jit_watch import LateCompiles
 from .p2p import BATCH, STATS, STOP, Link
 from .step_plan import H_AUX0, H_AUX1, H_B, H_KIND, H_M, H_MAXQ, H_MB, H_R, H_T, PlanView, eager_batch, plan_len
 from .trace import StageProfiler, forward_name
 
-MAX_STEP_RECORDS = 2048  # per-step timings kept for stats(per_step=True); older ones are dropped
 STATS_BYTES = 1 << 20  # a stats reply travels as a fixed-size JSON buffer (its size is known in advance)
-
-
-class StageTimer:
-    """Busy time of the stage's forwards: CUDA events (resolved lazily), else the host clock.
-    Totals since the last reset, and the last MAX_STEP_RECORDS steps."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.pending: list = []
-        self.reset()
-
-    def reset(self) -> None:
-        self.busy_ms, self.steps, self.tokens = 0.0, 0, 0
-        self.step_ms: list[float] = []
-        self.step_tokens: list[int] = []
-
-    def start(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def stop(self, started, num_tokens: int) -> None:
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.pending.append((started, e, num_tokens))
-            if len(self.pending) > 64:
-                self._resolve(done_only=True)
-        else:
-            self._add((time.perf_counter() - started) * 1e3, num_tokens)
-
-    def _add(self, ms: float, tokens: int) -> None:
-        self.busy_ms += ms
-        self.steps += 1
-        self.tokens += tokens
-        self.step_ms.append(ms)
-        self.step_tokens.append(tokens)
-        if len(self.step_ms) > 2 * MAX_STEP_RECORDS:
-            del self.step_ms[:-MAX_STEP_RECORDS], self.step_tokens[:-MAX_STEP_RECORDS]
-
-    def _resolve(self, done_only: bool = False) -> None:
-        while self.pending:
-            s, e, n = self.pending[0]
-            if done_only and not e.query():
-                return
-            e.synchronize()
-            self._add(s.elapsed_time(e), n)
-            self.pending.pop(0)
-
-    def collect(self, reset: bool, per_step: bool = False) -> dict:
-        self._resolve()
-        out = {"busy_ms": self.busy_ms, "steps": self.steps, "tokens": self.tokens}
-        if per_step:
-            out["step_ms"] = self.step_ms[-MAX_STEP_RECORDS:]
-            out["step_tokens"] = self.step_tokens[-MAX_STEP_RECORDS:]
-        if reset:
-            self.reset()
-        return out
 
 
 class StageWorker:

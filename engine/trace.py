@@ -8,23 +8,20 @@ Slices ("X" complete events, ts and dur in microseconds on the host's monotonic 
   lane "host": "wait" (blocked for the previous stage's output, or stage 0 for the last stage's
                tokens; args: mb when known), "send" (args: mb, to), "schedule" (stage 0; args: mb,
                tokens, rows)
-GPU slices are timed with CUDA events that are resolved only when the trace is collected, never in
-the hot path; a base event recorded with the host clock at start places them on the host timeline.
-On CPU every slice is host clock. A Tracer that is off costs one attribute test per call site."""
+GPU slices are marked on the stage's clock (engine/clock.py: CUDA events, resolved only when the
+trace is collected, never in the hot path); a base mark taken with the host clock at start places
+them on the host timeline. On CPU every slice is host clock. A Tracer that is off costs one
+attribute test per call site."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch
 
+from .clock import Clock, Spans, now_us as _now_us
 LANES = {"gpu": 0, "host": 1}
 NAMES = ("forward prefill", "forward decode", "sample", "wait", "send", "schedule")
-
-
-def _now_us() -> float:
-    return time.monotonic_ns() / 1e3  # CLOCK_MONOTONIC: one clock for every process of the host
 
 
 def forward_name(max_query_len: int) -> str:
@@ -38,20 +35,20 @@ class Tracer:
         """label: the stage's track name, e.g. 'stage 0 (layers 0-23)'."""
         self.rank, self.device = rank, torch.device(device)
         self.label = label or f"stage {rank}"
-        self.cuda = self.device.type == "cuda"
+        self.clock = Clock.for_device(self.device)
         self.on = False
         self._host: list[dict] = []
-        self._gpu: list[tuple] = []  # (start event, end event, name, args)
-        self._base = None  # (CUDA event, host us) recorded together
+        self._gpu = Spans(self.clock)  # payload (name, args)
+        self._base = None  # (device mark, host us) taken together
 
     def start(self) -> None:
-        self._host, self._gpu = [], []
-        if self.cuda:
+        self._host = []
+        self._gpu.clear()
+        if self.clock.cuda:
             torch.cuda.synchronize(self.device)
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            e.synchronize()
-            self._base = (e, _now_us())
+        base = self.clock.mark()
+        self.clock.wait(base)
+        self._base = (base, _now_us() if self.clock.cuda else base)
         self.on = True
 
     # host-clock slices
@@ -65,35 +62,22 @@ class Tracer:
 
     # device-timed slices (host clock on CPU)
     def gpu_start(self):
-        if not self.on:
-            return None
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return _now_us()
+        return self.clock.mark() if self.on else None
 
     def gpu_end(self, t0, name: str, args: dict | None = None) -> None:
         if t0 is None or not self.on:
             return
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self._gpu.append((t0, e, name, args))
-        else:
-            self._host.append(self._event(name, "gpu", t0, _now_us() - t0, args))
+        self._gpu.add(t0, self.clock.mark(), (name, args))
 
     def stop(self) -> list[dict]:
-        """End recording; the stage's trace events (metadata first), CUDA events resolved here."""
+        """End recording; the stage's trace events (metadata first). The device is waited for here:
+        a trace is whole."""
         self.on = False
         events = list(self._host)
-        if self._gpu:
-            self._gpu[-1][1].synchronize()
-            base_e, base_us = self._base
-            for s, e, name, args in self._gpu:
-                ts = base_us + base_e.elapsed_time(s) * 1e3
-                events.append(self._event(name, "gpu", ts, s.elapsed_time(e) * 1e3, args))
-        self._host, self._gpu = [], []
+        base, base_us = self._base or (None, 0.0)  # never started: no device slices either
+        for ms, s, (name, args) in self._gpu.drain(wait=True):
+            events.append(self._event(name, "gpu", base_us + self.clock.ms(base, s) * 1e3, ms * 1e3, args))
+        self._host = []
         events.sort(key=lambda ev: (ev["tid"], ev["ts"]))
         return self.metadata() + events
 
