@@ -1,7 +1,7 @@
-"""End-to-end benchmark on a GPU machine: moepipe on N stages beside the transformers+accelerate peer
-(../shared/bench/hf_peer.py), same machine, same call, random weights of a real shape.
+"""End-to-end benchmark on a GPU machine: moepipe on N stages beside the transformers peer
+(bench/hf_peer.py), same machine, same call, random weights of a real shape.
 
-    python bench/bench_e2e.py --ckpt /tmp/q30 --stages 2 --peer .shared/hf_peer.py
+    python bench/bench_e2e.py --stages 1 --peer bench/hf_peer.py      (bench/gpu.sh e2e runs this)
 
 The model is the preset's shape with Qwen's YaRN override (factor 4 over 32768, 131072 positions, so
 one config serves the 2k..32k figures and the 90k/128k runs). By default its weights are dummy

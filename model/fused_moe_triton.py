@@ -225,7 +225,7 @@ def _down_grouped_kernel(act_ptr, w_ptr, pairs_ptr, bexp_ptr, tw_ptr, y_ptr, P, 
 def grouped_tiles(P: int, E: int) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, warps, stages): BM near the rows per expert, so that a block holds one expert's
     rows with little padding; the (128, 128) tile once experts hold more than 96 rows each
-    (bench/bench_decode_layer.py --moe times the tiles against torch._grouped_mm)."""
+    (bench/bench_decode_layer.py --sweep times other tiles)."""
     per_expert = P / E
     if per_expert > 96:
         return 128, 128, 64, 8, 3
