@@ -1,6 +1,6 @@
 """CUDA graphs of one stage's decode forward (one token per sequence), one graph per batch-size
-bucket, sharing one memory pool. Launch overhead dominates eager decode (~75 small kernels per
-layer), so replaying a captured graph is most of the decode speed. The graphs' static inputs are
+bucket, sharing one memory pool. A decode layer is a dozen small kernels whose launch gaps cost
+about as much as their bytes eagerly, so replaying a captured graph is most of the decode speed. The graphs' static inputs are
 filled from the step plan by the same fill_batch as eager steps; padding rows of a bucket write
 their k/v into a scratch block that no sequence owns."""
 from __future__ import annotations
@@ -15,10 +15,22 @@ from .step_plan import H_MAXCTX, BatchBuffers, PlanView, decode_plan, fill_batch
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+def graph_buckets(max_batch: int) -> list[int]:
+    """The batch sizes captured for max_batch decoding sequences: BUCKETS below it, then max_batch
+    itself (at most BUCKETS[-1]; larger decodes run eager)."""
+    top = min(max_batch, BUCKETS[-1])
+    return [b for b in BUCKETS if b < top] + [top]
+
+
+def bucket_for(buckets: list[int], n: int) -> int:
+    """The smallest captured batch size that holds n rows (n <= buckets[-1])."""
+    return next(b for b in buckets if b >= n)
+
+
 class DecodeGraphs:
     def __init__(self, stage: Stage, block_size: int, max_model_len: int, max_batch: int, scratch_block: int):
         self.stage, self.block_size, self.scratch = stage, block_size, scratch_block
-        self.buckets = [b for b in BUCKETS if b < max_batch] + [min(max_batch, BUCKETS[-1])]
+        self.buckets = graph_buckets(max_batch)
         B, dev = self.buckets[-1], stage.device
         M = -(-max_model_len // block_size)
         self.max_blocks = M
@@ -63,7 +75,7 @@ class DecodeGraphs:
             header, plan = decode_plan(list(view), tables, self.block_size)
             view = PlanView(header.tolist(), torch.from_numpy(plan).to(self.stage.device))
         n = view.B
-        b = next(s for s in self.buckets if s >= n)
+        b = bucket_for(self.buckets, n)
         assert view.header[H_MAXCTX] <= self.max_blocks * self.block_size
         u = self.buf
         sub = BatchBuffers(u.positions[:b], u.slots[:b], u.query_start[:b + 1], u.context_lens[:b],

@@ -94,10 +94,10 @@ def test_long_prompt_target_minimises_modeled_ttft():
         assert best < pipeline_ttft(cost, plan_for_target(cost, L, t), 2), t
 
 
-def test_fitted_coefficients_named_and_sane():
-    """The shipped model comes from a measurement (card named) and shrinks deep chunks."""
+def test_fitted_coefficients_shrink_deep_chunks():
+    """The shipped model's costs grow with tokens and with the prefix, so deep chunks shrink."""
     c = H100_QWEN3_30B
-    assert "H100" in c.source and c.a > 0 and c.b > 0 and c.c0 >= 0
+    assert c.a > 0 and c.b > 0 and c.c0 >= 0
     s = ChunkSizer(8192, c)
     assert s(0) == 8192 and s(90_000) < s(30_000) < 8192
 

@@ -41,14 +41,21 @@ def test_dummy_values_seeded_and_independent_of_split():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dummy_stage_runs_a_forward_with_sane_logits(dtype):
+def test_dummy_stage_runs_a_forward_with_seeded_logits(dtype):
+    """Finite logits that the seed alone decides: the same seed gives the same logits, bit for bit,
+    another seed others."""
     cfg = dummy_config("tiny")
-    stage = _stage(cfg, partition(cfg.num_hidden_layers, 1)[0], dtype=dtype)
-    stage.allocate_kv(4, 16)
+    spec = partition(cfg.num_hidden_layers, 1)[0]
     ids = torch.randint(0, cfg.vocab_size, (20,))
-    logits = stage(ids, AttnBatch.build([20], [20], [[2, 0]], 16, [True], "cpu"))
-    assert logits.shape == (1, cfg.vocab_size) and torch.isfinite(logits).all()
-    assert 0.01 < logits.std().item() < 10
+
+    def logits(seed):
+        stage = _stage(cfg, spec, seed=seed, dtype=dtype)
+        stage.allocate_kv(4, 16)
+        return stage(ids, AttnBatch.build([20], [20], [[2, 0]], 16, [True], "cpu"))
+
+    a = logits(0)
+    assert a.shape == (1, cfg.vocab_size) and torch.isfinite(a).all()
+    assert torch.equal(a, logits(0)) and not torch.equal(a, logits(1))
 
 
 def test_dummy_bad_inputs_are_named():
@@ -71,5 +78,5 @@ def test_precompile_covers_both_moe_paths_and_leaves_results_unchanged():
     ids = torch.randint(0, cfg.vocab_size, (20,))
     batch = AttnBatch.build([20], [20], [[3, 5]], 16, [True], "cpu")
     before = stage(ids, batch)
-    assert precompile(stage, 6, 2, 32) > 0
+    precompile(stage, 6, 2, 32)
     assert torch.equal(stage(ids, batch), before)
