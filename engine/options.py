@@ -45,14 +45,14 @@ class EngineOptions:
                                      int)
     attention: str | None = _opt(None, "attention backend (default: auto on cuda, ref on cpu)", str,
                                  ATTENTION_CHOICES)
-    dynamic_chunks: bool = _opt(True, "full-budget prefill chunks (not sized by their prefix)",
+    dynamic_chunks: bool = _opt(True, "prefill chunks shrink as their prefix grows (off: full-budget chunks)",
                                 flag="--no-dynamic-chunks")
     seed: int = _opt(0, "seed of unseeded sampling", int)
     revision: str | None = _opt(None, "hub revision (branch, tag or commit) of a hub model", str)
     enforce_eager: bool = _opt(False, "no CUDA graphs for decode")
-    async_scheduling: bool = _opt(True, "no async scheduling: wait for each decode token on the host before "
-                                  "queueing that sequence's next step", flag="--no-async-scheduling")
-    verbose: bool = _opt(True, "no load progress on stderr", flag="--quiet")
+    async_scheduling: bool = _opt(True, "queue a decode's next step before its token reaches the host (off: wait "
+                                  "for each token first)", flag="--no-async-scheduling")
+    verbose: bool = _opt(True, "load progress on stderr (off: --quiet)", flag="--quiet")
     load_timeout_s: float = _opt(3600.0, "seconds the stages may take to load", float)
     load_format: str = _opt("auto", "auto: read the checkpoint's weights; dummy: random weights of its config",
                             str, LOAD_FORMATS)

@@ -148,10 +148,9 @@ def _interpreted() -> bool:
     return not isinstance(_prefill_fa_kernel, triton.runtime.jit.JITFunction)
 
 
-# bf16/fp16, head_dim > 64, sm_90. H100, 4k chunk at 86k, 32/4 heads (bench_attention.py --sweep,
-# bench/results/attention_kernels_H100_2026-11-28*.json), TFLOP/s: M256 N64 16 warps 3 stages 428
-# (2 stages 427); M128 N128 8 warps 3 stages 396 (2 stages 343); M128 N64 4 warps 379; M64 N64 357;
-# M128 N64 8 warps 319; M128 N32 219; M256 N128 16 warps 34 (spills).
+# bf16/fp16, head_dim > 64, sm_90: the two fastest tiles of bench_attention.py --sweep, and their
+# relative rates (TFLOP/s), which choose_tiles weighs against the idle share of the last wave
+# (BENCHMARKS.md has the sweep). Larger tiles (M256 N128) spill registers.
 TILES_BIG = dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3)
 TILES_MID = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 TFLOPS_BIG, TFLOPS_MID = 428.0, 396.0

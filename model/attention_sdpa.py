@@ -15,8 +15,8 @@ from .batch import AttnBatch
 
 def _heads(kv_ctxKD: torch.Tensor, q_1NqD: torch.Tensor) -> torch.Tensor:
     """[ctx, K, D] -> [1, K, ctx, D]; SDPA's enable_gqa maps query head h to kv head h // (N/K).
-    (Repeating the kv heads up to N, so the lower-right mask could take the flash kernel, measured
-    no faster on H200: 86 ms vs 80 ms for 4 layers of a 4096-token chunk at 86k.)"""
+    (Repeating the kv heads up to N so that the lower-right mask could take the flash kernel costs
+    a copy of the prefix per query head; bench/bench_attention.py times the alternatives.)"""
     return kv_ctxKD.to(q_1NqD.dtype).transpose(0, 1)[None]
 
 

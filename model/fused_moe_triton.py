@@ -107,9 +107,8 @@ def _down_combine_gemv_kernel(act_ptr, w_ptr, ids_ptr, tw_ptr, out_ptr, H, strid
 def small_tiles(N: int, H: int, I: int, k: int) -> tuple[int, int, int, int, int, int]:
     """(BN1, BK1, warps1, BN2, BK2, warps2) of the GEMV path: narrow column tiles at small N so
     that the programs cover every SM several times over at batch 1."""
-    # H100, 1 token, us (bench/results/moe_diag_H100_2026-11-28.json), this tile vs the one it
-    # replaced (8, 512, 4, 4, 512, 4): 30b 39.1 vs 45.6, the user's shape 213.5 vs 239.6, 235b
-    # 112.6 vs 120.1; 2 tokens 61.6 vs 67.8, 365.0 vs 401.8, 209.7 vs 218.9. Same error vs fp64.
+    # Up to 16 pairs: wide K steps over few rows, so each program streams long contiguous weight
+    # runs (bench/bench_decode_layer.py --sweep times other tiles).
     # The down GEMV loads all k experts' tiles at once, BN2 * BK2 * next_power_of_2(k) elements a step.
     if N * k <= 16:
         return 4, 1024, 4, 2, 256, 4

@@ -15,8 +15,8 @@ from .pdl import launch_args, pdl_enter, pdl_release
 @triton.jit
 def _round(x, DT: tl.constexpr):
     """Round fp32 x to the nearest value of DT (bf16/fp16: nearest-even), kept in fp32. For bf16
-    this is done on the bits: on H200 a .to(bf16).to(fp32) round trip measured as not rounding in
-    ~25% of rope outputs (the pair is folded away), unlike torch's per-op rounding."""
+    this is done on the bits: the compiler may fold a .to(bf16).to(fp32) round trip away, leaving
+    the value unrounded, unlike torch's per-op rounding."""
     if DT == tl.bfloat16:
         b = x.to(tl.uint32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000

@@ -69,8 +69,8 @@ def experts_grouped(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Te
             if c:
                 ys[start:start + c] = _expert(xs[start:start + c], w13_E2IH[e], w2_EHI[e])
                 start += c
-    # back to token order by a gather (an index_put of the fp32 rows measured 0.64 ms/layer at 8k
-    # tokens on H200), weight in dt as HF does, then one fp32 sum over the k contributions
+    # back to token order by a gather (not an index_put of fp32 rows, which scatters with atomics),
+    # weight in dt as HF does, then one fp32 sum over the k contributions
     y_NkH = ys[torch.argsort(order)].view(N, k, -1) * w_Nk[..., None]
     return y_NkH.sum(dim=1, dtype=torch.float32).to(x_NH.dtype)
 
