@@ -109,7 +109,7 @@ class GrammarCompiler:
         any_ws = not p.disable_any_whitespace
         c = self._compiler
         if p.json is not None:
-            return c.compile_json_schema(json.dumps(p.json), any_whitespace=any_ws)
+            return c.compile_json_schema(json.dumps(length_limits_as_patterns(p.json)), any_whitespace=any_ws)
         if p.json_object:
             return c.compile_json_schema('{"type": "object"}', any_whitespace=any_ws)
         if p.regex is not None:
@@ -119,6 +119,29 @@ class GrammarCompiler:
         if p.grammar is not None:
             return c.compile_grammar(p.grammar)
         return c.compile_structural_tag(p.structural_tag)
+
+
+# JSON string content without escapes: no quote, backslash or control character
+_PLAIN_STRING_CHARS = r'[^"\\\x00-\x1f]'
+_DATA_KEYWORDS = ("enum", "const", "default", "examples")  # their values are data, not schemas
+
+
+def length_limits_as_patterns(schema: Any) -> Any:
+    """A copy where string schemas with minLength/maxLength (and no pattern/format) carry the same
+    limits as a `pattern` instead. xgrammar (0.2.9) compiles a length-limited string to "any
+    characters but quote, backslash, CR and LF", which lets raw control characters (a tab, \\x04)
+    into the JSON and so makes invalid JSON; the pattern allows the same strings minus those."""
+    if isinstance(schema, list):
+        return [length_limits_as_patterns(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYWORDS else length_limits_as_patterns(v) for k, v in schema.items()}
+    lo, hi = out.get("minLength"), out.get("maxLength")
+    if (out.get("type") == "string" and (lo is not None or hi is not None) and "pattern" not in out
+            and "format" not in out and all(v is None or isinstance(v, int) for v in (lo, hi))):
+        out.pop("minLength", None), out.pop("maxLength", None)
+        out["pattern"] = f"^{_PLAIN_STRING_CHARS}{{{lo or 0},{'' if hi is None else hi}}}$"
+    return out
 
 
 def choice_structural_tag(choices: list[str]) -> dict:
