@@ -59,6 +59,10 @@ CASES = {
     "plain_text": ("Just <tool text, no call. <tool_cal", "Just <tool text, no call. <tool_cal", []),
     "whitespace_only": ("  \n ", None, []),
     "empty": ("", None, []),
+    "close_tag_in_argument": ('<tool_call>{"name": "say", "arguments": {"s": "</tool_call> \\"</tool_call>"}}</tool_call>'
+                              ' after', "after", [("say", {"s": '</tool_call> "</tool_call>'})]),
+    "escaped_backslash_then_close": ('<tool_call>{"name": "p", "arguments": {"s": "C:\\\\"}}</tool_call>',
+                                     None, [("p", {"s": "C:\\"})]),
     "nested_open_tag": ('<tool_call>x <tool_call>{"name": "f", "arguments": {}}</tool_call>',
                         '<tool_call>x <tool_call>{"name": "f", "arguments": {}}</tool_call>', []),
 }

@@ -1,20 +1,48 @@
 """Qwen3's (Hermes-style) tool calls, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, parsed
 out of generated text whole or from streamed deltas, as vLLM's `hermes` parser and SGLang's `qwen25`
-detector do. A call whose body is not a JSON object with a string `name` and an object `arguments`
-stays in the content verbatim. Content is the text around the calls, stripped; None when empty."""
+detector do, except that a `</tool_call>` inside a JSON string does not end the call. A call the output
+ends inside of still counts, as vLLM's. A call whose body is not a JSON object with a string `name` and
+an object `arguments` stays in the content verbatim. Content is the text around the calls, stripped;
+None when empty."""
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
-# a closed call, or (at the end only) one the output ended inside of, as vLLM's hermes parser accepts
-_CALL = re.compile(re.escape(CALL_OPEN) + "(.*?)" + re.escape(CALL_CLOSE) + "|" + re.escape(CALL_OPEN) + "(.*)$",
-                   re.DOTALL)
+
+
+@dataclass
+class _BodyScan:
+    """Where a call's body ends: at the first `</tool_call>` outside a JSON string (an argument may
+    hold the text "</tool_call>"), found incrementally as text arrives."""
+    pos: int = 0
+    in_string: bool = False
+    escaped: bool = False
+
+    def find_close(self, text: str, final: bool) -> int:
+        """Index of the closing tag in text, or -1 (scanned up to a possible partial tag unless final)."""
+        while self.pos < len(text):
+            ch = text[self.pos]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch == "<":
+                if text.startswith(CALL_CLOSE, self.pos):
+                    return self.pos
+                if not final and CALL_CLOSE.startswith(text[self.pos:]):
+                    return -1  # may be the start of the tag: wait for more text
+            self.pos += 1
+        return -1
 
 
 @dataclass(frozen=True)
@@ -51,13 +79,15 @@ def parse_tool_calls(text: str, new_id: Callable[[], str] = new_call_id) -> tupl
     calls: list[ToolCall] = []
     kept: list[str] = []
     pos = 0
-    for m in _CALL.finditer(text):
-        parsed = parse_call_body(m.group(1) if m.group(1) is not None else m.group(2))
-        if parsed is None:
-            continue  # stays in the content
-        kept.append(text[pos:m.start()])
-        pos = m.end()
-        calls.append(ToolCall(new_id(), *parsed))
+    while (start := text.find(CALL_OPEN, pos)) >= 0:
+        body_at = start + len(CALL_OPEN)
+        end = _BodyScan(body_at).find_close(text, final=True)
+        body, after = (text[body_at:end], end + len(CALL_CLOSE)) if end >= 0 else (text[body_at:], len(text))
+        parsed = parse_call_body(body)
+        kept.append(text[pos:after] if parsed is None else text[pos:start])  # an invalid call stays
+        if parsed is not None:
+            calls.append(ToolCall(new_id(), *parsed))
+        pos = after
     kept.append(text[pos:])
     content = "".join(kept).strip()
     return content or None, calls
@@ -92,7 +122,7 @@ class ToolCallStreamParser:
         out: list[dict] = []
         while True:
             if self._in_call:
-                end = self._buf.find(CALL_CLOSE)
+                end = self._scan.find_close(self._buf, final=False)
                 if end < 0:
                     return out
                 self._end_call(self._buf[:end], CALL_CLOSE, out)
@@ -107,6 +137,7 @@ class ToolCallStreamParser:
                 self._content(self._buf[:start], out)
                 self._buf = self._buf[start + len(CALL_OPEN):]
                 self._in_call = True
+                self._scan = _BodyScan()
 
     def finish(self) -> list[dict]:
         """The rest at the end of the output: a call the output ended inside of, or held-back text."""
