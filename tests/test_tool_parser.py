@@ -107,3 +107,20 @@ def test_call_after_thinking():
     assert text is None and [(c.name, c.arguments) for c in calls] == [("get_weather", '{"city": "Paris"}')]
     assert calls[0].id.startswith("call_") and calls[0].to_openai()["function"]["name"] == "get_weather"
     assert len({parse_tool_calls(W)[1][0].id for _ in range(5)} | {calls[0].id}) > 1  # fresh ids
+
+
+def test_parses_what_the_chat_template_renders():
+    """An assistant turn with calls, rendered by Qwen3's template, parses back to the same calls and
+    reasoning (the format the model is trained on is the one the parsers read)."""
+    from engine.chat_template import ChatTemplate
+    from loader.presets import QWEN3_CHAT_TEMPLATE
+    calls = [{"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": "</tool_call>"}'}},
+             {"id": "b", "type": "function", "function": {"name": "g", "arguments": {"y": [1, "é"]}}}]
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "Two calls.", "reasoning_content": "plan", "tool_calls": calls}]
+    text = ChatTemplate({"default": QWEN3_CHAT_TEMPLATE}, {}).render(msgs, add_generation_prompt=False)
+    turn = text.split("<|im_start|>assistant\n")[1].removesuffix("<|im_end|>\n")
+    reasoning, content = split_reasoning(turn)
+    assert reasoning == "\nplan\n"
+    assert parse_tool_calls(content, ids()) == ("Two calls.", [ToolCall("call_0", "f", '{"x": "</tool_call>"}'),
+                                                               ToolCall("call_1", "g", '{"y": [1, "é"]}')])
