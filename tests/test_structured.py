@@ -22,6 +22,10 @@ def obj(props: dict, required: list | None = None, **kw) -> dict:
     return {"type": "object", "properties": props, "required": list(props) if required is None else required, **kw}
 
 
+DEEP: dict = {}
+for _ in range(3000):
+    DEEP = {"type": "array", "items": DEEP}
+
 SCHEMAS = {
     "flat": obj({"name": STR, "age": INT}),
     "int_bounds": obj({"n": {"type": "integer", "minimum": -5, "maximum": 17}}),
@@ -84,6 +88,10 @@ def decode(tok, ids: list[int]) -> str:
     ({"structural_tag": "[]"}, "structural_tag must be a JSON object"),
     ({"regex": "a" * (1 << 20 + 1)}, "over the limit"),
     ({"regex": "a", "disable_any_whitespace": 1}, "disable_any_whitespace must be a bool"),
+    ({"json": '{"items": ' * 65 + "{}" + "}" * 65}, "nested deeper than 64"),
+    ({"json": '{"items": ' * 5000 + "{}" + "}" * 5000}, "nested deeper than 64"),
+    ({"json": DEEP}, "nested deeper than 64"),
+    ({"structural_tag": "[" * 5000 + "]" * 5000}, "structural_tag is nested deeper"),
 ])
 def test_params_rejected_with_the_key_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -330,3 +338,16 @@ def test_reasoning_aware_matcher_is_free_until_think_end(compiler, tok):
     assert m.in_reasoning and (b == -1).all()
     m.reset()
     assert m.in_reasoning and m.num_accepted == 0
+
+
+def test_concurrent_compiles_from_threads(tok_path, tok):
+    """Request handlers compile at once: every grammar works and each distinct one is cached once."""
+    from concurrent.futures import ThreadPoolExecutor
+    c = GrammarCompiler(tok_path, MODEL_VOCAB, [STOP_ID])
+    specs = [StructuredOutputsParams(json=SCHEMAS[n]) for n in ("flat", "nested", "enum", "flat", "nested", "deep")]
+    with ThreadPoolExecutor(4) as pool:
+        grammars = list(pool.map(c.compile, specs))
+    for spec, g in zip(specs, grammars):
+        text = decode(tok, generate(StructuredMatcher(g), RandomModel(tok, 0)))
+        jsonschema.validate(json.loads(text), spec.json)
+    assert c.compile(specs[0]) is c.compile(specs[3]) and len(c._cache) == 4

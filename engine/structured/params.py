@@ -9,6 +9,9 @@ from typing import Any
 # vLLM's field names; `structural_tag` (an xgrammar structural tag, JSON) is how tool calls are forced
 KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 MAX_SPEC_CHARS = 1 << 20  # a schema / regex / grammar larger than this is refused before compiling
+# JSON nested deeper than this is refused: compile time grows fast with depth, and Python's own
+# recursion limit would otherwise turn a deep schema into a RecursionError instead of a clear error
+MAX_JSON_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class StructuredOutputsParams:
             if not isinstance(schema, dict):
                 raise ValueError("structured_outputs.json must be a JSON schema object (a dict or its JSON text), "
                                  f"got {type(value).__name__}")
+            _check_depth("json", schema)
             _check_size("json", json.dumps(schema))
             object.__setattr__(self, "json", schema)
         elif kind == "json_object":
@@ -83,9 +87,24 @@ class StructuredOutputsParams:
 def _parse_json(field: str, text: str) -> Any:
     _check_size(field, text)
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"structured_outputs.{field} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"structured_outputs.{field} is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    _check_depth(field, value)
+    return value
+
+
+def _check_depth(field: str, value: Any) -> None:
+    """Iterative (a deep value must not hit Python's recursion limit here)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"structured_outputs.{field} is nested deeper than {MAX_JSON_DEPTH} levels")
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
 def _check_size(field: str, text: str) -> None:
