@@ -139,7 +139,8 @@ def test_uncompilable_is_a_value_error_naming_the_problem(compiler, kwargs, matc
 def test_length_limited_strings_refuse_control_characters(compiler, limits):
     """Raw control characters are invalid inside JSON strings; xgrammar lets them into length-limited
     strings unless the limits are rewritten as a pattern."""
-    g = compiler.compile(StructuredOutputsParams(json={"type": "object", "properties": {"s": {"type": "string", **limits}}}))
+    schema = {"type": "object", "properties": {"s": {"type": "string", **limits}}}
+    g = compiler.compile(StructuredOutputsParams(json=schema))
     for bad in ("\t", "\x04", "\x1f", "\x00"):
         assert not StructuredMatcher(g)._m.accept_string('{"s": "a' + bad + 'c"}'), repr(bad)
     assert StructuredMatcher(g)._m.accept_string('{"s": "aé日"}')

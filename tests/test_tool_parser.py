@@ -42,7 +42,8 @@ W = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</too
 A = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": [2, {"c": "日本"}]}}\n</tool_call>'
 CASES = {
     "one_call": (W, None, [("get_weather", {"city": "Paris"})]),
-    "two_calls": (W + "\n" + A, None, [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": [2, {"c": "日本"}]})]),
+    "two_calls": (W + "\n" + A, None, [("get_weather", {"city": "Paris"}),
+                                       ("add", {"a": 1, "b": [2, {"c": "日本"}]})]),
     "text_around": ("Let me check.\n\n" + W + "\nAnd then:\n" + A + "\n  done ",
                     "Let me check.\n\n\nAnd then:\n\n  done", [("get_weather", {"city": "Paris"}),
                                                              ("add", {"a": 1, "b": [2, {"c": "日本"}]})]),
@@ -59,8 +60,8 @@ CASES = {
     "plain_text": ("Just <tool text, no call. <tool_cal", "Just <tool text, no call. <tool_cal", []),
     "whitespace_only": ("  \n ", None, []),
     "empty": ("", None, []),
-    "close_tag_in_argument": ('<tool_call>{"name": "say", "arguments": {"s": "</tool_call> \\"</tool_call>"}}</tool_call>'
-                              ' after', "after", [("say", {"s": '</tool_call> "</tool_call>'})]),
+    "close_tag_in_argument": ('<tool_call>{"name": "say", "arguments": {"s": "</tool_call> \\"</tool_call>"}}'
+                              '</tool_call> after', "after", [("say", {"s": '</tool_call> "</tool_call>'})]),
     "escaped_backslash_then_close": ('<tool_call>{"name": "p", "arguments": {"s": "C:\\\\"}}</tool_call>',
                                      None, [("p", {"s": "C:\\"})]),
     "nested_open_tag": ('<tool_call>x <tool_call>{"name": "f", "arguments": {}}</tool_call>',
