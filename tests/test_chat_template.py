@@ -43,6 +43,24 @@ CONVERSATIONS = {
             {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "18"},
         {"role": "tool", "tool_call_id": "c2", "content": "9"}],
+    # an agent loop: thinking + text + calls, results, then the final answer after the tool turn
+    "tools_multi_step": [
+        {"role": "user", "content": "Weather in Paris? Answer in °F."},
+        {"role": "assistant", "content": "Checking.", "reasoning_content": "\nNeed the tool.\n", "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "note": "日本 \\"q\\""}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp_c": 18}'},
+        {"role": "assistant", "content": "", "reasoning_content": "18C is 64F.", "tool_calls": [
+            {"id": "c2", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": {"city": "Oslo", "nested": {"k": [1, "é"]}}}}]},
+        {"role": "tool", "tool_call_id": "c2", "content": "9"},
+        {"role": "assistant", "content": "64°F in Paris.", "reasoning_content": "done"}],
+    "tool_role_first_and_openai_nulls": [
+        {"role": "tool", "tool_call_id": "c0", "content": "stale result"},
+        {"role": "user", "content": "hi", "tool_calls": None},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c9", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}],
+         "reasoning_content": None}],
 }
 
 
@@ -66,7 +84,7 @@ def hf_render(tok, messages, **kw) -> str:
 @pytest.mark.parametrize("thinking", [None, True, False])
 def test_qwen3_template_equals_transformers(tiny, hf_tok, name, gen, thinking):
     msgs = CONVERSATIONS[name]
-    tools = [WEATHER_TOOL] if name == "tools" else None
+    tools = [WEATHER_TOOL] if name.startswith("tools") else None
     kwargs = {} if thinking is None else {"enable_thinking": thinking}
     want = hf_render(hf_tok, msgs, add_generation_prompt=gen, tools=tools, **kwargs)
     got = ChatTemplate.from_folder(tiny).render(msgs, add_generation_prompt=gen, tools=tools,
