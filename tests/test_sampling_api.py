@@ -165,3 +165,27 @@ def test_bad_sampling_requests_refused_engine_keeps_serving(llm):
     # a stop token id past the vocabulary with min_tokens: never masked, never crashes
     out = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=3, temperature=0, stop_token_ids=[10**6], min_tokens=2))
     assert out[0].finish_reason == "length"
+
+
+@pytest.mark.gpu
+def test_cuda_penalties_logprobs_and_no_late_compiles(ckpt, hf):
+    """On CUDA (fused sampler, decode graphs, 2 stages when there are 2 GPUs): penalties never repeat,
+    logprobs and prompt logprobs equal transformers', processed logprobs come from the kernel's kept
+    set, and no request compiles a Triton kernel."""
+    stages = min(2, torch.cuda.device_count())
+    with LLM(str(ckpt), stages=stages, device="cuda", dtype="float32", verbose=False) as e:
+        pen = e.generate(PROMPTS, greedy(max_tokens=24, presence_penalty=2.0, frequency_penalty=2.0))
+        assert all(len(set(o.token_ids)) == len(o.token_ids) for o in pen)
+        o = e.generate(PROMPTS[1:2], greedy(max_tokens=6, logprobs=3, prompt_logprobs=2))[0]
+        lp = hf_logprobs(hf, PROMPTS[1] + o.token_ids)
+        for j in range(1, len(PROMPTS[1])):
+            assert math.isclose(o.prompt_logprobs[j][PROMPTS[1][j]].logprob, float(lp[j - 1, PROMPTS[1][j]]),
+                                abs_tol=1e-3)
+        for i, (tok, d) in enumerate(zip(o.token_ids, o.outputs[0].logprobs)):
+            assert math.isclose(d[tok].logprob, float(lp[len(PROMPTS[1]) + i - 1, tok]), abs_tol=1e-3)
+        proc = e.generate(PROMPTS[1:2], SamplingParams(max_tokens=8, temperature=0.7, top_p=0.8, seed=3, logprobs=1,
+                                                       ignore_eos=True, logprobs_mode="processed_logprobs"))[0]
+        for tok, d in zip(proc.token_ids, proc.outputs[0].logprobs):
+            assert d[tok].logprob > math.log(1e-6) and d[tok].logprob <= 0
+        late = {s["rank"]: s["late_kernels"] for s in e.stats()["stages"] if s["late_compiles"]}
+        assert not late, f"Triton kernels compiled inside requests: {late}"
