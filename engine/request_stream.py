@@ -39,7 +39,9 @@ class StopChecker:
     @classmethod
     def of(cls, params, tokenizer) -> "StopChecker | None":
         """The checker of a request's SamplingParams.stop (None without stop strings)."""
-        return cls(tokenizer, params.stop, params.include_stop_str_in_output, params.min_tokens) if params.stop else None
+        if not params.stop:
+            return None
+        return cls(tokenizer, params.stop, params.include_stop_str_in_output, params.min_tokens)
 
     def add(self, token_id: int, last: bool) -> str | None:
         """Take a token (last: the sequence's final one); returns the stop string it completed, if any."""
