@@ -1,6 +1,8 @@
 """sample() on CUDA at the real vocabulary: greedy against temperature 0.8 with top-p 0.9, top-k 50
 and min-p 0.05 (+ top-p 0.9), the torch path (filter_logits' sort + the fused draw) against the
-filtering kernel (model/sampler_triton.py), timed by CUDA events (median of --iters).
+filtering kernel (model/sampler_triton.py), timed by CUDA events (median of --iters). Then the
+last stage's whole sampling step (engine/stage_sampling.py, from a real plan) at 16/64/256 rows:
+plain top-p against penalties, logprobs (raw and processed) and logit_bias rows.
 
     python bench/bench_sampler.py --out sampler.json
 Prints a table, writes JSON to --out."""
@@ -41,9 +43,8 @@ def _time_ms(fn, iters: int) -> float:
 
 
 def torch_path(logits, rows, flags):
-    """The sampler before the filtering kernel: filter_logits on the device, then the fused draw."""
+    """The sampler's torch path: filter_logits on the device, then the draw in torch."""
     from model import sampler
-    from model.sampler_triton import gumbel_argmax
     greedy = torch.argmax(logits, -1)
     if not flags & sampler.F_SAMPLED:
         return greedy
@@ -51,7 +52,57 @@ def torch_path(logits, rows, flags):
     x = logits.float() / torch.where(temp > 0, temp, 1.0)[:, None]
     if flags & sampler.F_FILTERED:
         x = sampler.filter_logits(x, rows[:, 1], rows[:, 2].view(torch.float32), rows[:, 3].view(torch.float32))
-    return torch.where(temp > 0, gumbel_argmax(x, sampler.row_keys(rows[:, 4], rows[:, 5], rows[:, 6])), greedy)
+    return torch.where(temp > 0, sampler.gumbel_draw(x, rows), greedy)
+
+
+EXTRAS = {  # SamplingParams fields over temperature 0.8, top-p 0.9
+    "plain": {},
+    "penalties": dict(presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1),
+    "logprobs5": dict(logprobs=5),
+    "logprobs5_processed": dict(logprobs=5, logprobs_mode="processed_logprobs"),
+    "bias300": dict(logit_bias={t: 1.0 for t in range(0, 3000, 10)}),
+    "all": dict(presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.1, logprobs=5),
+}
+
+
+def extras_rows(V: int, iters: int, rows_list: tuple[int, ...] = (16, 64, 256)) -> list[dict]:
+    """The last stage's sampling step on a decode plan whose rows all ask for one EXTRAS entry
+    (penalty slots filled from 1000-token prompts and 200 outputs first, outside the timing)."""
+    from types import SimpleNamespace
+
+    from engine.params import SamplingParams
+    from engine.sampling_plan import SamplingPlanner
+    from engine.sequence import Sequence, Status
+    from engine.stage_sampling import LastStageSampler
+    from engine.step_plan import PlanView, build_plan
+    out = []
+    for R in rows_list:
+        g = torch.Generator().manual_seed(R)
+        logits = (torch.randn(R, V, generator=g) * 2).bfloat16().float().cuda()
+        for mode, kw in EXTRAS.items():
+            sp = SamplingParams(max_tokens=4096, temperature=0.8, top_p=0.9, seed=1, **kw)
+            seqs = []
+            for i in range(R):
+                s = Sequence(i, torch.randint(0, V, (1000,), generator=g).tolist(), sp, (2,))
+                s.token_ids += torch.randint(0, V, (200,), generator=g).tolist()
+                s.status, s.block_table = Status.RUNNING, [0] * (1200 // 16 + 1)
+                seqs.append(s)
+            chunks = [SimpleNamespace(seq=s, start=len(s) - 1, length=1, end=len(s), sample=True, pending=0)
+                      for s in seqs]
+            planner, last = SamplingPlanner(256, V), LastStageSampler(V, torch.device("cuda"))
+
+            def view():
+                header, plan = build_plan(0, 0, chunks, 16, 0, None, planner.prepare(chunks))
+                return PlanView(header.tolist(), torch.from_numpy(plan).cuda())
+            last(logits, view())  # fills the slots
+            v = view()
+            out.append({"rows": R, "vocab": V, "mode": mode, "step_ms": _time_ms(lambda: last(logits, v), iters)})
+    plain = {r["rows"]: r["step_ms"] for r in out if r["mode"] == "plain"}
+    print(f"{'rows':>5} {'extras':<22} {'step ms':>8} {'vs plain':>9}")
+    for r in out:
+        r["minus_plain_ms"] = r["step_ms"] - plain[r["rows"]]
+        print(f"{r['rows']:>5} {r['mode']:<22} {r['step_ms']:>8.3f} {r['minus_plain_ms']:>+9.3f}")
+    return out
 
 
 def main() -> None:
@@ -110,10 +161,11 @@ def main() -> None:
                     ms = _time_ms(lambda: filtered_gumbel_argmax(x, rows, floor, m, None, blk, s, nw), args.iters)
                     sweep.append({"rows": R, "mode": mode, "BLOCK": blk, "S": s, "num_warps": nw, "kernel_only_ms": ms})
                     print(f"sweep R {R:>4} {mode:<10} BLOCK {blk:>5} S {s:>3} warps {nw:>2}: {ms:.3f} ms")
+    extras = extras_rows(V, args.iters)
     if args.out:
         meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": torch.cuda.get_device_name(),
                 "torch": torch.__version__, "triton": __import__("triton").__version__}
-        Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "sweep": sweep}, indent=1))
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "sweep": sweep, "extras": extras}, indent=1))
 
 
 if __name__ == "__main__":

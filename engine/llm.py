@@ -17,8 +17,9 @@ from typing import Callable, Iterator, Sequence as Seq
 from .launch import resolve_engine
 from .model_files import load_tokenizer
 from .options import EngineOptions, options_from_kwargs
+from .outputs import OutputBuilder
 from .params import RequestOutput, SamplingParams
-from .request_stream import _ABORTED, POLL_S, RequestStream, TokenEvent, _Entry
+from .request_stream import _ABORTED, POLL_S, RequestStream, StopChecker, TokenEvent, _Entry
 from .scheduler import check_request
 from .stage_processes import EngineClosed, StageDied, StageProcesses
 from .stage_processes import GATHER_FAILURES_S, kill_workers  # noqa: F401  (engine/__main__.py: engine.llm.kill_workers)
@@ -86,13 +87,13 @@ class LLM(StageProcesses):
     def _handle(self, msg) -> None:
         kind = msg[0]
         if kind == "events":
-            for sid, tok, reason in msg[1]:
+            for sid, tok, reason, extra in msg[1]:
                 with self._lock:
                     entry = self._entries.get(sid)
                     if entry is not None and reason is not None:
                         self._forget(sid)
                 if entry is not None:
-                    entry.deliver(TokenEvent(tok, reason))
+                    entry.deliver(self._event(sid, entry, tok, reason, extra))
         elif kind == "refused":
             with self._lock:
                 entry = self._entries.get(msg[1])
@@ -105,6 +106,19 @@ class LLM(StageProcesses):
             if w is not None:
                 w[1] = msg[2]
                 w[0].set()
+
+    def _event(self, sid: int, entry: _Entry, tok: int, reason: str | None, extra: dict | None) -> TokenEvent:
+        """The TokenEvent of a token; a stop string it completes ends the sequence in the engine too."""
+        ev = entry.event(tok, reason, extra)
+        if ev.finish_reason is not None and reason is None:
+            with self._lock:
+                self._forget(sid)
+            if self._dead is None and not self._closed:
+                try:
+                    self._send(("abort", [sid]))
+                except (StageDied, EngineClosed):
+                    pass
+        return ev
 
     def _forget(self, sid: int) -> None:
         entry = self._entries.pop(sid, None)
@@ -181,6 +195,9 @@ class LLM(StageProcesses):
     def _check(self, ids: list[int], params: SamplingParams) -> None:
         check_request(len(ids), params.max_tokens, self.max_model_len, self.info["num_blocks"],
                       self.info["block_size"])
+        params.check_vocab(self.config.vocab_size)
+        if params.stop is not None and self.tokenizer is None:
+            raise ValueError("SamplingParams: stop strings need the checkpoint's tokenizer.json")
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                on_event: Callable | None = None) -> RequestStream:
@@ -189,6 +206,9 @@ class LLM(StageProcesses):
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if params.n > 1:
+            raise ValueError("SamplingParams: n > 1 streams one request per sample: submit each of "
+                             "params.samples(), or use generate()")
         ids = self._encode(prompt)
         self._check(ids, params)
         return self._submit([(ids, params, request_id, on_event)])[0]
@@ -205,7 +225,7 @@ class LLM(StageProcesses):
                 sid = next(self._seq_ids)
                 s = RequestStream(self, rid, sid)
                 self._entries[sid] = _Entry(rid, on_event if on_event is not None else s._queue.put, on_event is None,
-                                            weakref.ref(s))
+                                            weakref.ref(s), StopChecker.of(params, self.tokenizer))
                 self._by_request[rid] = sid
                 self._streams[rid] = s
                 streams.append(s)
@@ -246,6 +266,7 @@ class LLM(StageProcesses):
                 pass
 
     def _prepare(self, prompts, params) -> tuple[list[list[int]], list[SamplingParams]]:
+        """Prompt ids and params, one per prompt (n not expanded), checked."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
@@ -267,10 +288,12 @@ class LLM(StageProcesses):
         """Yield (prompt index, new token id, finish reason or None) as tokens arrive. Leaving the
         loop early (break, close(), garbage collection) aborts the call's unfinished requests."""
         ids, plist = self._prepare(prompts, params)
+        if any(p.n > 1 for p in plist):
+            raise ValueError("SamplingParams: n > 1 is for generate(); stream() yields one sequence per prompt")
         self._check_usable()
-        return self._stream(ids, plist, [])
+        return ((i, ev.token_id, ev.finish_reason) for i, ev in self._stream(ids, plist, []))
 
-    def _stream(self, ids, plist, streams_out: list) -> Iterator[tuple[int, int, str | None]]:
+    def _stream(self, ids, plist, streams_out: list) -> Iterator[tuple[int, TokenEvent]]:
         events: queue.Queue = queue.Queue()
         streams = self._submit([(x, sp, None, (lambda ev, i=i: events.put((i, ev))))
                                 for i, (x, sp) in enumerate(zip(ids, plist))])
@@ -287,7 +310,7 @@ class LLM(StageProcesses):
                 if ev.finish_reason is not None:
                     streams[i].finished = True
                     remaining -= 1
-                yield i, ev.token_id, ev.finish_reason
+                yield i, ev
         finally:
             self._abort_seqs([s._seq_id for s in streams if not s.finished])
             for s in streams:
@@ -295,23 +318,22 @@ class LLM(StageProcesses):
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, its `outputs` the params' n samples (each its own sequence)."""
         ids, plist = self._prepare(prompts, params)
         self._check_usable()
+        seqs = [(i, j, x, sp) for i, (x, p) in enumerate(zip(ids, plist)) for j, sp in enumerate(p.samples())]
         streams: list[RequestStream] = []
-        gen = self._stream(ids, plist, streams)
-        toks: list[list[int]] = [[] for _ in ids]
-        reasons: list[str | None] = [None] * len(ids)
+        gen = self._stream([x for _, _, x, _ in seqs], [sp for _, _, _, sp in seqs], streams)
+        builders = [OutputBuilder("", x, p.n, p.logprobs is not None) for x, p in zip(ids, plist)]
         try:
-            for i, tok, reason in gen:
-                toks[i].append(tok)
-                reasons[i] = reason
+            for k, ev in gen:
+                builders[seqs[k][0]].add(seqs[k][1], ev)
         finally:
             gen.close()
-        outs = [RequestOutput(s.request_id, x, t, None, r) for s, x, t, r in zip(streams, ids, toks, reasons)]
-        if self.tokenizer is not None:
-            for o in outs:
-                o.text = self.tokenizer.decode(o.token_ids)
-        return outs
+        for (i, j, _, _), s in zip(seqs, streams):
+            if j == 0:
+                builders[i].request_id = s.request_id
+        return [b.build(self.tokenizer) for b in builders]
 
     def chat(self, messages: list[dict] | Seq[list[dict]], params: SamplingParams | Seq[SamplingParams] | None = None,
              chat_template_kwargs: dict | None = None, add_generation_prompt: bool = True,

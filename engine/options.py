@@ -56,6 +56,10 @@ class EngineOptions:
     load_timeout_s: float = _opt(3600.0, "seconds the stages may take to load", float)
     load_format: str = _opt("auto", "auto: read the checkpoint's weights; dummy: random weights of its config",
                             str, LOAD_FORMATS)
+    logprobs_mode: str = _opt("raw_logprobs", "what logprobs describe unless a request says (SamplingParams."
+                              "logprobs_mode): raw_logprobs, log_softmax of the model's logits; processed_logprobs, "
+                              "of the logits sampled from (after penalties, bias, temperature, top-k/top-p/min-p)",
+                              str, ("raw_logprobs", "processed_logprobs"))
 
     def validate(self) -> "EngineOptions":
         """Raise ValueError naming the option and its limit; returns self."""
@@ -87,6 +91,8 @@ class EngineOptions:
             bad("load_timeout_s", f"must be a number > 0, got {self.load_timeout_s!r}")
         if self.attention is not None and self.attention not in ATTENTION_CHOICES:
             bad("attention", f"{self.attention!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
+        if self.logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
+            bad("logprobs_mode", f"{self.logprobs_mode!r}: expected raw_logprobs or processed_logprobs")
         if self.load_format not in LOAD_FORMATS:
             bad("load_format", f"{self.load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
         if self.layers is not None and self.layers != "auto":

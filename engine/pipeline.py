@@ -10,14 +10,20 @@ from collections import deque
 import numpy as np
 import torch
 
+from model.sampler_logprobs import width
+
 from .p2p import BATCH, STATS, STOP, to_device
 from .params import SamplingParams
-from .scheduler import MicroBatch, Scheduler
+from .sampling_plan import SamplingExtras, SamplingPlanner
+from .scheduler import MicroBatch, RequestRefused, Scheduler
 from .sequence import Sequence
 from .stage_worker import STATS_BYTES, StageWorker, stats_buffer
-from .step_plan import H_AUX0, H_AUX1, H_KIND, HEADER, PlanView, build_plan
+from .step_plan import H_AUX0, H_AUX1, H_KIND, H_LPK, HEADER, PlanView, build_plan
 
-Event = tuple[int, int, str | None]  # (request id, new token, finish reason or None)
+# (sequence id, new token, finish reason or None, extra): extra is None, or a dict with "logprobs":
+# the token's (logprob, rank, top ids, top logprobs), and on a sequence's first token
+# "prompt_logprobs": one such tuple per prompt token after the first
+Event = tuple[int, int, str | None, dict | None]
 
 
 class _Sampled:
@@ -25,8 +31,10 @@ class _Sampled:
     (an irecv posted at dispatch) or, on one stage, the sampler's output. A continuation gathers
     from them on the device; the host reads them when the micro-batch completes."""
 
-    def __init__(self, ids: torch.Tensor, work, rows: dict[int, int], local: bool = False):
+    def __init__(self, ids: torch.Tensor, work, rows: dict[int, int], local: bool = False,
+                 extras: SamplingExtras | None = None, table: torch.Tensor | None = None, table_work=None):
         self.ids, self.work, self.rows = ids, work, rows  # rows: seq id -> row of ids
+        self.extras, self.table, self.table_work = extras, table, table_work  # the logprob table, if asked
         self.host = self.done = None
         if local and ids.is_cuda:  # one stage: copy now, before the next micro-batch is queued
             self.host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
@@ -73,8 +81,11 @@ class _Returns:
 
 class PipelineEngine:
     def __init__(self, worker: StageWorker, scheduler: Scheduler, default_stop_ids: tuple[int, ...], seed: int = 0,
-                 async_scheduling: bool = True):
+                 async_scheduling: bool = True, logprobs_mode: str = "raw_logprobs"):
         self.worker, self.scheduler = worker, scheduler
+        self.vocab = worker.stage.cfg.vocab_size
+        self.planner = SamplingPlanner(scheduler.max_num_seqs, self.vocab, logprobs_mode)
+        self.prompt_lps: dict[int, list] = {}  # seq id -> prompt logprobs gathered, until its first token
         self.num_stages = worker.num_stages
         self.default_stop_ids = default_stop_ids
         self.seed = seed
@@ -90,12 +101,18 @@ class PipelineEngine:
         self.returns = _Returns(worker) if self.num_stages > 1 else None
 
     def add(self, seq_id: int, prompt: list[int], params: SamplingParams) -> None:
+        try:
+            params.check_vocab(self.vocab)
+        except ValueError as e:
+            raise RequestRefused(str(e)) from None
         stop = params.stop_token_ids if params.stop_token_ids is not None else self.default_stop_ids
         self.scheduler.add(Sequence(seq_id, prompt, params, tuple(stop)))
 
     def abort(self, seq_ids: list[int]) -> None:
         for sid in seq_ids:
             self.scheduler.abort(sid)
+            self.planner.release(sid)
+            self.prompt_lps.pop(sid, None)
 
     @property
     def has_work(self) -> bool:
@@ -135,14 +152,48 @@ class PipelineEngine:
             tokens = got.host.tolist()
         else:
             tokens = got.ids.tolist()
+        table = self._table(got)
         if t is not None:
             tr.host_end(t, "wait", {"mb": mb.mb_id})
         seqs = self.scheduler.complete(mb, tokens)
-        return [(s.seq_id, s.token_ids[-1], s.finish_reason) for s in seqs]
+        if table is None and got.extras is None:
+            return [(s.seq_id, s.token_ids[-1], s.finish_reason, None) for s in seqs]
+        return self._events(seqs, got, table)
+
+    def _table(self, got: _Sampled) -> list[list[float]] | None:
+        if got.table is None:
+            return None
+        if self.returns:
+            return self.returns.read(got.table_work, got.table).tolist()
+        return got.table.cpu().tolist()
+
+    def _events(self, seqs: list[Sequence], got: _Sampled, table: list[list[float]] | None) -> list[Event]:
+        """Events with the logprobs asked; prompt logprobs gathered until a sequence's first token."""
+        from model.sampler_logprobs import unpack_row
+        ex = got.extras
+        R = len(ex.row_k)
+        if table is not None:
+            for (sid, k), row in zip(ex.prompt_owners, table[R:]):
+                self.prompt_lps.setdefault(sid, []).append(unpack_row(row, k))
+        out = []
+        for s in seqs:
+            extra = {}
+            r = got.rows[s.seq_id]
+            if table is not None and ex.row_k[r] >= 0:
+                extra["logprobs"] = unpack_row(table[r], ex.row_k[r])
+            if s.params.prompt_logprobs is not None and len(s.output_ids) == 1:
+                extra["prompt_logprobs"] = self.prompt_lps.pop(s.seq_id, [])
+            if s.finish_reason is not None:
+                self.planner.release(s.seq_id)
+                self.prompt_lps.pop(s.seq_id, None)
+            out.append((s.seq_id, s.token_ids[-1], s.finish_reason, extra or None))
+        return out
 
     def _dispatch(self, mb: MicroBatch) -> None:
         sources, fed = self._sources(mb)
-        header, plan = build_plan(BATCH, mb.mb_id, mb.chunks, self.scheduler.blocks.block_size, self.seed, fed)
+        extras = self.planner.prepare(mb.chunks)
+        header, plan = build_plan(BATCH, mb.mb_id, mb.chunks, self.scheduler.blocks.block_size, self.seed, fed,
+                                  extras)
         dev_plan = to_device(plan, self.worker.device)
         view = PlanView(header.tolist(), dev_plan)
         if self.num_stages > 1:
@@ -158,15 +209,23 @@ class PipelineEngine:
         out = self.worker.forward(x, view)
         rows = {c.seq.seq_id: i for i, c in enumerate(c for c in mb.chunks if c.sample)}
         if self.num_stages == 1:
-            ids = self.worker.sample(out, view) if view.R else torch.empty(0, dtype=torch.int64)
-            self._in_flight(mb, _Sampled(ids, None, rows, local=True))
+            ids, table = torch.empty(0, dtype=torch.int64), None
+            if self.worker.sampler.has_work(view):
+                ids, table = self.worker.sample(out, view)
+            self._in_flight(mb, _Sampled(ids, None, rows, True, extras, table))
             return
         t = self.worker.tracer.host_start()
         self.worker.fwd.send(1, None, [out])
         if t is not None:
             self.worker.tracer.host_end(t, "send", {"mb": mb.mb_id, "to": 1})
         ids = torch.empty(view.R, dtype=torch.int64, device=self.worker.device)
-        self._in_flight(mb, _Sampled(ids, self.returns.post(ids), rows))
+        work = self.returns.post(ids)  # the last stage sends the ids, then the logprob table
+        table = table_work = None
+        if header[H_LPK]:
+            table = torch.empty(view.R + view.P, width(header[H_LPK] - 1), dtype=torch.float32,
+                                device=self.worker.device)
+            table_work = self.returns.post(table)
+        self._in_flight(mb, _Sampled(ids, work, rows, False, extras, table, table_work))
 
     def _in_flight(self, mb: MicroBatch, got: _Sampled) -> None:
         self.inflight.append((mb, got))

@@ -9,14 +9,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model.sampler import sample
 from model.stage import Stage
 
 from .clock import StageTimer
 from .decode_graphs import DecodeGraphs
 from .jit_watch import LateCompiles
 from .p2p import BATCH, STATS, STOP, Link
-from .step_plan import H_AUX0, H_AUX1, H_B, H_KIND, H_M, H_MAXQ, H_MB, H_R, H_T, PlanView, eager_batch, plan_len
+from .stage_sampling import LastStageSampler
+from .step_plan import H_AUX0, H_AUX1, H_KIND, H_MAXQ, H_MB, PlanView, eager_batch, plan_len
 from .trace import StageProfiler, forward_name
 
 STATS_BYTES = 1 << 20  # a stats reply travels as a fixed-size JSON buffer (its size is known in advance)
@@ -35,6 +35,7 @@ class StageWorker:
         self.profiler = StageProfiler(stage, rank)
         self.tracer = self.profiler.tracer  # off until LLM.start_profile: one attribute test per slice
         self.late = LateCompiles(rank)  # installed once start-up is over (engine/launch.py)
+        self.sampler = LastStageSampler(stage.cfg.vocab_size, self.device) if self.is_last else None
 
     @property
     def is_last(self) -> bool:
@@ -55,14 +56,15 @@ class StageWorker:
                                 {"mb": view.header[H_MB], "tokens": view.T, "rows": view.B})
         return out
 
-    def sample(self, logits: torch.Tensor, view: PlanView) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, view: PlanView) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sampled ids [R], logprob table [R + P, W] or None): engine/stage_sampling.py."""
         t = self.sample_timer.start()
         g = self.tracer.gpu_start()
-        ids = sample(logits, view.rows, view.flags)
+        out = self.sampler(logits, view)
         self.sample_timer.stop(t, view.R)
         if g is not None:
             self.tracer.gpu_end(g, "sample", {"mb": view.header[H_MB], "rows": view.R})
-        return ids
+        return out
 
     def stats(self, reset: bool, per_step: bool = False) -> dict:
         out = {"rank": self.rank, "layers": [self.stage.start, self.stage.end],
@@ -96,7 +98,7 @@ class StageWorker:
             if kind == STATS:
                 self._pass_stats(header, prev)
                 continue
-            n = plan_len(header[H_T], header[H_B], header[H_R], header[H_M])
+            n = plan_len(header)
             view = PlanView(header, self.fwd.recv(prev, torch.empty(n, dtype=torch.int32, device=self.device)))
             if not self.is_last:  # ahead of the hidden states, as stage 0 does (engine/pipeline.py)
                 self.fwd.send(self.rank + 1, np.asarray(header), [view.plan])
@@ -106,10 +108,10 @@ class StageWorker:
                 self.tracer.host_end(w, "wait", {"mb": header[H_MB]})
             out = self.forward(x, view)
             if self.is_last:
-                if view.R:
-                    ids = self.sample(out, view)
+                if self.sampler.has_work(view):
+                    ids, table = self.sample(out, view)
                     s = self.tracer.host_start()
-                    self.ret.send(0, None, [ids])
+                    self.ret.send(0, None, [ids] + ([table] if table is not None else []))
                     if s is not None:
                         self.tracer.host_end(s, "send", {"mb": header[H_MB], "to": 0})
             else:
@@ -173,8 +175,9 @@ class StageWorker:
         >= 128 rows take different tiles: model/sampler_triton.py), unfiltered and with top-k +
         top-p + min-p, with the sampling rows 16-byte aligned and not (they are a view into the
         int32 plan at any offset; Triton specializes on a pointer's alignment), so that no sampled
-        request pays Triton's JIT."""
-        from model.sampler import ROW, pack_rows
+        request pays Triton's JIT. Penalties, bias and logprobs are torch ops (no kernel to compile);
+        the processed-logprobs path reads the thresholds of the same kernels."""
+        from model.sampler import ROW, pack_rows, sample
         g = torch.Generator(device=self.device).manual_seed(0)
         for R in (1, 5, 128, 256):
             logits = torch.randn(R, vocab_size, generator=g, device=self.device)

@@ -3,9 +3,15 @@ down the pipeline as a fixed int64 header (host ints every stage needs before it
 launch) plus one int32 tensor, and every stage fills its attention metadata, eager or CUDA graph,
 through the one prepare path `fill_batch`.
 
-int32 plan layout (T tokens, B sequences, R sampled rows, M block-table columns):
+int32 plan layout (T tokens, B sequences, R sampled rows, M block-table columns, P prompt-logprob
+rows; the sampling extras' counts NB, NR, NP, NO are 0 unless some row asked for them):
   ids[T] positions[T] slots[T] query_start[B+1] context_lens[B] block_tables[B*M]
-  logits_indices[R] sampling rows[R*ROW] (model/sampler.py)"""
+  logits_indices[R+P] (the R sampled rows, then the P prompt positions whose next token's logprob
+  is asked) sampling rows[R*ROW] (model/sampler.py)
+  bias[NB*3] (row, token, float32 bits: logit_bias and min_tokens' -inf on stop tokens)
+  resets[NR] prompt_pairs[NP*2] output_pairs[NO*2] (penalty slots (re)started: slot; (slot, token))
+  prompt_targets[P] (the token whose logprob each prompt row gives)
+(engine/sampling_plan.py builds the extras; engine/stage_sampling.py applies them.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,19 +22,26 @@ import torch
 from model.batch import AttnBatch
 from model.sampler import ROW, pack_rows
 
-HEADER = 12
-(H_KIND, H_MB, H_T, H_B, H_R, H_M, H_MAXQ, H_MAXCTX, H_FLAGS, H_AUX0, H_AUX1, H_AUX2) = range(HEADER)
+HEADER = 20
+(H_KIND, H_MB, H_T, H_B, H_R, H_M, H_MAXQ, H_MAXCTX, H_FLAGS, H_AUX0, H_AUX1, H_AUX2,
+ H_NB, H_NR, H_NP, H_NO, H_P, H_LPK, H_SLOTS, H_SPARE) = range(HEADER)
 H_FED = H_AUX2  # batch plans: 1 when the ids are indices into returned ids (async scheduling)
+# H_LPK: 0, or 1 + k when a logprob table with top-k (model/sampler_logprobs.py) comes back with
+# the ids; H_SLOTS: the penalty slots the last stage keeps (engine/sampling_plan.py)
 _SEED_MIX = 0x9E3779B97F4A7C15
 
 
-def plan_len(T: int, B: int, R: int, M: int) -> int:
-    return 3 * T + (B + 1) + B + B * M + R + R * ROW
+def plan_len(h: list[int]) -> int:
+    """int32 elements of the plan of header h."""
+    return offsets(h)["prompt_targets"][1]
 
 
-def offsets(T: int, B: int, R: int, M: int) -> dict[str, tuple[int, int]]:
+def offsets(h: list[int]) -> dict[str, tuple[int, int]]:
+    T, B, R, M, P = h[H_T], h[H_B], h[H_R], h[H_M], h[H_P]
     sizes = [("ids", T), ("positions", T), ("slots", T), ("query_start", B + 1), ("context_lens", B),
-             ("block_tables", B * M), ("logits_indices", R), ("rows", R * ROW)]
+             ("block_tables", B * M), ("logits_indices", R + P), ("rows", R * ROW), ("bias", 3 * h[H_NB]),
+             ("resets", h[H_NR]), ("prompt_pairs", 2 * h[H_NP]), ("output_pairs", 2 * h[H_NO]),
+             ("prompt_targets", P)]
     out, o = {}, 0
     for name, n in sizes:
         out[name] = (o, o + n)
@@ -44,11 +57,12 @@ def request_seed(params_seed: int | None, engine_seed: int, seq_id: int) -> int:
 
 
 def build_plan(kind: int, mb_id: int, chunks, block_size: int, engine_seed: int,
-               fed: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               fed: list[int] | None = None, extras=None) -> tuple[np.ndarray, np.ndarray]:
     """(header int64 [HEADER], plan int32) of scheduler chunks (engine/scheduler.py Chunk). A
     continuation micro-batch (every chunk one token still being sampled) gives `fed`: per chunk, the
     index of its id among the returned ids stage 0 gathers from; the plan's ids are then those
-    indices and the header's H_FED is 1."""
+    indices and the header's H_FED is 1. extras (engine/sampling_plan.py SamplingExtras): the
+    penalty, bias and logprob fields of the sampled rows; None: none."""
     B = len(chunks)
     qlens = np.fromiter((c.length for c in chunks), dtype=np.int64, count=B)
     ends = np.fromiter((c.end for c in chunks), dtype=np.int64, count=B)
@@ -71,18 +85,23 @@ def build_plan(kind: int, mb_id: int, chunks, block_size: int, engine_seed: int,
         if c.sample:
             p = s.params
             logits.append(qs[b + 1] - 1)
+            more = extras.row_fields[len(rows)] if extras is not None else ()
             rows.append((p.temperature, p.top_k, p.top_p, p.min_p, request_seed(p.seed, engine_seed, s.seq_id),
-                         len(s.output_ids) + getattr(c, "pending", 0)))  # the step of the token it samples
+                         len(s.output_ids) + getattr(c, "pending", 0)) + more)  # the step of the token it samples
     slots = tables[seq_of, pos // block_size] * block_size + pos % block_size
     packed, flags = pack_rows(rows)
     R = len(rows)
     plan = np.concatenate([np.asarray(ids, dtype=np.int64), pos, slots, qs, ends, tables.reshape(-1),
                            np.asarray(logits, dtype=np.int64)]).astype(np.int32)
-    plan = np.concatenate([plan, packed.reshape(-1)])
+    parts = [plan, packed.reshape(-1)]
     header = np.zeros(HEADER, dtype=np.int64)
+    if extras is not None:
+        parts[0] = np.concatenate([plan, np.asarray(extras.prompt_positions, dtype=np.int32)])
+        parts += extras.sections()
+        header[[H_NB, H_NR, H_NP, H_NO, H_P, H_LPK, H_SLOTS]] = extras.counts()
     header[[H_KIND, H_MB, H_T, H_B, H_R, H_M, H_MAXQ, H_MAXCTX, H_FLAGS, H_FED]] = [
         kind, mb_id, T, B, R, M, int(qlens.max()), int(ends.max()), flags, int(fed is not None)]
-    return header, plan
+    return header, np.concatenate(parts)
 
 
 def warmup_plan(T: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,15 +148,19 @@ class PlanView:
         return self.header[H_M]
 
     @property
+    def P(self) -> int:
+        return self.header[H_P]
+
+    @property
     def flags(self) -> int:
         return self.header[H_FLAGS]
 
     @property
     def decode_only(self) -> bool:
-        return self.header[H_MAXQ] == 1 and self.T == self.B
+        return self.header[H_MAXQ] == 1 and self.T == self.B and self.P == 0
 
     def part(self, name: str) -> torch.Tensor:
-        a, b = offsets(self.T, self.B, self.R, self.M)[name]
+        a, b = offsets(self.header)[name]
         return self.plan[a:b]
 
     @property
@@ -168,7 +191,7 @@ def fill_batch(view: PlanView, buf: BatchBuffers, pad_slot: int = 0, pad_block: 
     """Copy the plan's metadata into buf (the one prepare path of eager and graph steps). Rows of
     buf past the plan's (graph padding) get one token at position 0 whose k/v go to pad_slot,
     reading block pad_block."""
-    T, B, R, M = view.T, view.B, view.R, view.M
+    T, B, R, M = view.T, view.B, view.R + view.P, view.M
     buf.positions[:T].copy_(view.part("positions"))
     buf.slots[:T].copy_(view.part("slots"))
     buf.query_start[:B + 1].copy_(view.part("query_start"))
@@ -183,7 +206,7 @@ def fill_batch(view: PlanView, buf: BatchBuffers, pad_slot: int = 0, pad_block: 
 
 
 def eager_batch(view: PlanView, device) -> AttnBatch:
-    buf = BatchBuffers.empty(view.T, view.B, view.M, view.R, device)
+    buf = BatchBuffers.empty(view.T, view.B, view.M, view.R + view.P, device)
     fill_batch(view, buf)
     return AttnBatch(buf.positions, buf.slots, buf.block_tables, buf.query_start, buf.context_lens,
                      buf.logits_indices, max_query_len=view.header[H_MAXQ], max_context=view.header[H_MAXCTX])

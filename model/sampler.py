@@ -17,25 +17,39 @@ Triton program per row finds the thresholds and draws (model/sampler_triton.py);
 filter_logits (sort + searchsorted) is the reference. The two sum the top-p masses in different
 orders, so a row whose mass at a boundary is within fp32 rounding of top_p can differ.
 
+Before all this, rows that ask for them get logit_bias and penalties on the raw logits, in vLLM's
+order (model/sampler_penalties.py), and logprobs are read from the raw or the processed logits
+(model/sampler_logprobs.py); `sample_with` returns the processed logits for those.
+
 A sampling row is ROW int32 values: temperature (float32 bits), top_k, top_p (float32 bits),
-min_p (float32 bits), seed low 32 bits, seed high 32 bits, step, 0."""
+min_p (float32 bits), seed low 32 bits, seed high 32 bits, step, penalty slot (-1: none),
+presence, frequency and repetition penalty (float32 bits), logprobs k (-1: none), 1 if its
+logprobs are of the processed logits, then 0s."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-ROW = 8
-F_SAMPLED, F_FILTERED = 1, 2  # flags: some row has temperature > 0; some row uses top-k/top-p/min-p
+ROW = 16
+(C_TEMP, C_TOP_K, C_TOP_P, C_MIN_P, C_SEED_LO, C_SEED_HI, C_STEP, C_SLOT, C_PRESENCE, C_FREQUENCY, C_REPETITION,
+ C_LOGPROBS, C_PROCESSED) = range(13)
+# flags of a batch, so that work no row needs is skipped: some row has temperature > 0; some row
+# uses top-k/top-p/min-p; some row has penalties (a slot); some row wants logprobs; some row wants
+# them of the processed logits
+F_SAMPLED, F_FILTERED, F_PENALTY, F_LOGPROBS, F_PROCESSED = 1, 2, 4, 8, 16
+_DEFAULTS = (-1, 0.0, 0.0, 1.0, -1, 0)  # slot, presence, frequency, repetition, logprobs k, processed
 _M32 = 0xFFFFFFFF
 _NOISE_ROWS = 64  # rows of [rows, V] int64 noise made at a time (bounds the temporary memory)
 
 
-def pack_rows(rows: list[tuple[float, int, float, float, int, int]]) -> tuple[np.ndarray, int]:
-    """[(temperature, top_k, top_p, min_p, seed, step)] -> (int32 [R, ROW], flags)."""
+def pack_rows(rows: list[tuple]) -> tuple[np.ndarray, int]:
+    """[(temperature, top_k, top_p, min_p, seed, step[, slot, presence, frequency, repetition,
+    logprobs k, processed])] -> (int32 [R, ROW], flags); missing trailing fields take the values
+    that turn them off."""
     out = np.zeros((len(rows), ROW), dtype=np.int32)
     if not rows:
         return out, 0
-    a = np.asarray(rows, dtype=object)
+    a = np.asarray([tuple(r) + _DEFAULTS[len(r) - 6:] for r in rows], dtype=object)
     out[:, 0] = np.asarray(a[:, 0], dtype=np.float32).view(np.int32)
     out[:, 1] = np.asarray(a[:, 1], dtype=np.int64)
     out[:, 2] = np.asarray(a[:, 2], dtype=np.float32).view(np.int32)
@@ -44,12 +58,24 @@ def pack_rows(rows: list[tuple[float, int, float, float, int, int]]) -> tuple[np
     out[:, 4] = (seeds & np.uint64(_M32)).astype(np.uint32).view(np.int32)
     out[:, 5] = (seeds >> np.uint64(32)).astype(np.uint32).view(np.int32)
     out[:, 6] = np.asarray(a[:, 5], dtype=np.int64)
+    out[:, C_SLOT] = np.asarray(a[:, 6], dtype=np.int64)
+    for c, j in ((C_PRESENCE, 7), (C_FREQUENCY, 8), (C_REPETITION, 9)):
+        out[:, c] = np.asarray(a[:, j], dtype=np.float32).view(np.int32)
+    out[:, C_LOGPROBS] = np.asarray(a[:, 10], dtype=np.int64)
+    out[:, C_PROCESSED] = np.asarray(a[:, 11], dtype=np.int64)
     temp = out[:, 0].view(np.float32)
     sampled = temp > 0
     flags = F_SAMPLED if sampled.any() else 0
     filt = (out[:, 1] > 0) | (out[:, 2].view(np.float32) < 1) | (out[:, 3].view(np.float32) > 0)
     if (sampled & filt).any():
         flags |= F_FILTERED
+    if (out[:, C_SLOT] >= 0).any():
+        flags |= F_PENALTY
+    lp = out[:, C_LOGPROBS] >= 0
+    if lp.any():
+        flags |= F_LOGPROBS
+    if (lp & (out[:, C_PROCESSED] != 0)).any():
+        flags |= F_PROCESSED
     return out, flags
 
 
@@ -127,19 +153,19 @@ _FUSED_OK = [True]
 
 
 def _fused_draw(x_RV: torch.Tensor, rows_R: torch.Tensor, greedy_R: torch.Tensor, max_R: torch.Tensor,
-                filtered: bool) -> torch.Tensor | None:
-    """sample()'s tokens through one Triton program per row (filters and draw; greedy rows take
-    greedy_R; max_R = x.amax(-1)) with no [R, V] temporaries; None (and the torch path from then
-    on) if the kernel cannot run here."""
+                filtered: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """sample()'s (tokens, thresholds) through one Triton program per row (filters and draw; greedy
+    rows take greedy_R; max_R = x.amax(-1)) with no [R, V] temporaries; None (and the torch path
+    from then on) if the kernel cannot run here."""
     if not _FUSED_OK[0]:
         return None
     try:
         from .sampler_triton import filtered_gumbel_argmax
         x = x_RV.contiguous()
         if not filtered:
-            return filtered_gumbel_argmax(x, rows_R, greedy_R=greedy_R)[0]
+            return filtered_gumbel_argmax(x, rows_R, greedy_R=greedy_R)
         return filtered_gumbel_argmax(x, rows_R, min_p_floor(x, rows_R[:, 3].view(torch.float32), max_R), max_R,
-                                      greedy_R)[0]
+                                      greedy_R)
     except Exception as e:  # noqa: BLE001 - a compile failure must not take sampling down
         import sys
         print(f"[moepipe] fused sampler unavailable ({type(e).__name__}: {e}); using the torch path",
@@ -151,9 +177,16 @@ def _fused_draw(x_RV: torch.Tensor, rows_R: torch.Tensor, greedy_R: torch.Tensor
 def sample(logits_RV: torch.Tensor, rows_R: torch.Tensor, flags: int | None = None) -> torch.Tensor:
     """One token id per row of fp32 logits [R, V] given int32 sampling rows [R, ROW] on the same
     device; returns int64 [R]. flags (pack_rows') skips work no row needs; None: assume all."""
+    return sample_with(logits_RV, rows_R, flags)[0]
+
+
+def sample_with(logits_RV: torch.Tensor, rows_R: torch.Tensor, flags: int | None = None,
+                processed: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sample(), and with processed=True also the logits it drew from (fp32 [R, V]: divided by the
+    temperature on sampled rows, -inf outside their kept set; greedy rows' logits as given)."""
     greedy = torch.argmax(logits_RV, dim=-1)
     if logits_RV.shape[0] == 0 or (flags is not None and not flags & F_SAMPLED):
-        return greedy
+        return greedy, (logits_RV.float() if processed else None)
     flags = (F_SAMPLED | F_FILTERED) if flags is None else flags
     temp = rows_R[:, 0].view(torch.float32)
     sampled = temp > 0
@@ -165,7 +198,11 @@ def sample(logits_RV: torch.Tensor, rows_R: torch.Tensor, flags: int | None = No
         m = logits_RV.gather(-1, greedy[:, None])[:, 0].float() / t
         drawn = _fused_draw(x, rows_R.contiguous(), greedy, m, bool(flags & F_FILTERED))
         if drawn is not None:
-            return drawn
+            ids, thr = drawn
+            if processed:
+                x = x.masked_fill(sampled[:, None] & (x < thr[:, None]), float("-inf"))
+            return ids, (x if processed else None)
     if flags & F_FILTERED:
-        x = filter_logits(x, rows_R[:, 1], rows_R[:, 2].view(torch.float32), rows_R[:, 3].view(torch.float32))
-    return torch.where(sampled, gumbel_draw(x, rows_R), greedy)
+        f = filter_logits(x, rows_R[:, 1], rows_R[:, 2].view(torch.float32), rows_R[:, 3].view(torch.float32))
+        x = torch.where(sampled[:, None], f, x) if processed else f
+    return torch.where(sampled, gumbel_draw(x, rows_R), greedy), (x if processed else None)

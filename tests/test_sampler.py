@@ -90,11 +90,13 @@ def test_row_depends_only_on_its_logits_seed_and_step():
     assert sample(logits, torch.from_numpy(other), f).tolist() != full.tolist()
 
 
-def test_fused_gumbel_argmax_equals_torch_draw():
-    """The CUDA sampler's fused Triton pass (interpreted without CUDA) draws the torch path's token."""
+def test_fused_draw_equals_torch_draw():
+    """The CUDA sampler's filtering kernel (interpreted without CUDA) with no filters (sample()'s path
+    on CUDA for temperature alone) draws the torch path's token, the row key hashed from the packed
+    row in the kernel; masked tokens never win; greedy rows take the given tokens."""
     pytest.importorskip("triton")
     from model import sampler_triton
-    from model.sampler import gumbel_noise, row_keys
+    from model.sampler import gumbel_noise
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(5)
     R, V = 5, 2500
@@ -103,11 +105,7 @@ def test_fused_gumbel_argmax_equals_torch_draw():
     lo, hi = (torch.randint(-2**31, 2**31 - 1, (R,), generator=g, dtype=torch.int32) for _ in range(2))
     step = torch.arange(R, dtype=torch.int32) * 7
     want = torch.argmax(x + gumbel_noise(lo, hi, step, V), -1)
-    got = sampler_triton.gumbel_argmax(x.to(dev), row_keys(lo, hi, step).to(dev))
-    assert got.cpu().tolist() == want.tolist()
-    assert got[1].item() % 3 != 0
-    # the filtering kernel with no filters (sample()'s path on CUDA for temperature alone), the
-    # row key hashed from the packed row in the kernel; greedy rows take the given tokens
+    assert want[1].item() % 3 != 0
     rows = torch.zeros(R, 8, dtype=torch.int32)
     rows[:, 0] = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0]).view(torch.int32)
     rows[:, 4], rows[:, 5], rows[:, 6] = lo, hi, step

@@ -67,7 +67,7 @@ def _run_alone(model: str, reqs) -> dict[int, list[int]]:
         engine.add(10_000 + i, prompt, sp)
         toks = []
         while engine.has_work:
-            toks += [t for _, t, _ in engine.step()]
+            toks += [t for _, t, *_ in engine.step()]
         out[i] = toks
     return out
 

@@ -37,7 +37,7 @@ def run_torchrun_generate(model: str, opts: EngineOptions, prompt, params: Sampl
 
     def events():
         while engine.has_work:
-            yield from engine.step()
+            yield from (e[:3] for e in engine.step())  # (seq id, token, reason); extras dropped
     t0 = time.perf_counter()
     new = stream_print(events(), tok)
     dt = time.perf_counter() - t0

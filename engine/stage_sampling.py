@@ -1,0 +1,52 @@
+"""The last stage's sampling step: apply a plan's sampling extras (engine/sampling_plan.py) to the
+logits on the device, draw, count the drawn tokens of rows with penalties, and build the logprob
+table stage 0 asked for. No per-row loop and no host sync; a plan without extras takes exactly
+the plain sampler's path."""
+from __future__ import annotations
+
+import torch
+
+from model.sampler import C_PROCESSED, F_LOGPROBS, F_PENALTY, F_PROCESSED, sample_with
+from model.sampler_logprobs import logprob_table, width
+from model.sampler_penalties import PenaltyState, add_sparse
+
+from .step_plan import H_LPK, H_NB, H_NO, H_NP, H_NR, H_SLOTS, PlanView
+
+
+class LastStageSampler:
+    def __init__(self, vocab: int, device: torch.device):
+        self.vocab, self.device = vocab, device
+        self.state: PenaltyState | None = None  # made when the first plan with penalty slots arrives
+
+    def has_work(self, view: PlanView) -> bool:
+        h = view.header
+        return bool(view.R or view.P or h[H_NR] or h[H_NP] or h[H_NO])
+
+    def __call__(self, logits: torch.Tensor, view: PlanView) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(int64 [R] sampled ids, fp32 [R + P, 2 + 2k] logprob table or None) of logits [R + P, V]:
+        the R sampled rows, then the P prompt rows."""
+        h, R, flags = view.header, view.R, view.flags
+        if h[H_NR] or h[H_NP] or h[H_NO]:
+            if self.state is None or self.state.slots < h[H_SLOTS]:
+                self.state = PenaltyState(h[H_SLOTS], self.vocab, self.device)
+            self.state.init(view.part("resets"), view.part("prompt_pairs").view(-1, 2),
+                            view.part("output_pairs").view(-1, 2))
+        raw = logits[:R]
+        rows = view.rows
+        x = add_sparse(raw, view.part("bias").view(-1, 3)) if h[H_NB] else raw
+        if flags & F_PENALTY:
+            x = self.state.apply(x, rows)
+        ids, processed = sample_with(x, rows, flags, bool(flags & F_PROCESSED))
+        if flags & F_PENALTY:
+            self.state.record(rows, ids)
+        if not h[H_LPK]:
+            return ids, None
+        k = h[H_LPK] - 1
+        if flags & F_LOGPROBS:
+            src = raw if processed is None else torch.where(rows[:, C_PROCESSED, None] != 0, processed, raw)
+            table = logprob_table(src, ids, k)
+        else:
+            table = torch.zeros(R, width(k), dtype=torch.float32, device=logits.device)
+        if view.P:
+            table = torch.cat([table, logprob_table(logits[R:], view.part("prompt_targets"), k)])
+        return ids, table
