@@ -19,8 +19,10 @@ from .model_files import load_tokenizer
 from .options import EngineOptions, options_from_kwargs
 from .outputs import OutputBuilder
 from .params import RequestOutput, SamplingParams
+from .prompt_ids import encode_prompt
 from .request_stream import _ABORTED, POLL_S, RequestStream, StopChecker, TokenEvent, _Entry
 from .scheduler import check_request
+from .structured.requests import GrammarPayload, GrammarRequests, starts_in_reasoning
 from .stage_processes import EngineClosed, StageDied, StageProcesses
 from .stage_processes import GATHER_FAILURES_S, kill_workers  # noqa: F401  (engine/__main__.py: engine.llm.kill_workers)
 
@@ -42,6 +44,7 @@ class LLM(StageProcesses):
         self.folder = folder
         self._chat_template = None
         self.stop_ids = self.args.stop_ids
+        self._grammars = GrammarRequests(folder, self.config.vocab_size, self.stop_ids, self.tokenizer)
         self._lock = threading.RLock()
         self._send_lock = threading.RLock()
         self._entries: dict[int, _Entry] = {}
@@ -179,30 +182,21 @@ class LLM(StageProcesses):
 
     # ---- requests ----------------------------------------------------------------------------
     def _encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer.json: give prompts as lists of token ids")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.config.vocab_size
-                       for t in ids):
-                raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size})")
-        if not ids:
-            raise ValueError("empty prompt: give at least one token")
-        return ids
+        return encode_prompt(prompt, self.tokenizer, self.config.vocab_size)
 
-    def _check(self, ids: list[int], params: SamplingParams) -> None:
+    def _check(self, ids: list[int], params: SamplingParams, reasoning: bool = False) -> GrammarPayload | None:
         check_request(len(ids), params.max_tokens, self.max_model_len, self.info["num_blocks"],
                       self.info["block_size"])
         params.check_vocab(self.config.vocab_size)
         if params.stop is not None and self.tokenizer is None:
             raise ValueError("SamplingParams: stop strings need the checkpoint's tokenizer.json")
+        return self._grammars.payload(params, reasoning)
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-               on_event: Callable | None = None) -> RequestStream:
+               on_event: Callable | None = None, reasoning: bool = False) -> RequestStream:
         """Queue one request; returns its stream. With on_event, every TokenEvent (and a final
-        exception if the engine dies) goes to on_event(event) on the router thread instead."""
+        exception if the engine dies) goes to on_event(event) on the router thread instead. reasoning: the
+        output starts in the model's reasoning (thinking on): structured_outputs apply after `</think>`."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -210,17 +204,17 @@ class LLM(StageProcesses):
             raise ValueError("SamplingParams: n > 1 streams one request per sample: submit each of "
                              "params.samples(), or use generate()")
         ids = self._encode(prompt)
-        self._check(ids, params)
-        return self._submit([(ids, params, request_id, on_event)])[0]
+        grammar = self._check(ids, params, reasoning)
+        return self._submit([(ids, params, request_id, on_event, grammar)])[0]
 
     def _submit(self, reqs: list) -> list[RequestStream]:
         self._check_usable()
         streams, adds = [], []
         with self._lock:
-            for _, _, rid, _ in reqs:
+            for _, _, rid, _, _ in reqs:
                 if rid is not None and rid in self._by_request:
                     raise ValueError(f"request_id {rid!r} is already running")
-            for ids, params, rid, on_event in reqs:
+            for ids, params, rid, on_event, grammar in reqs:
                 rid = rid if rid is not None else f"req-{next(self._auto_ids)}"
                 sid = next(self._seq_ids)
                 s = RequestStream(self, rid, sid)
@@ -229,7 +223,7 @@ class LLM(StageProcesses):
                 self._by_request[rid] = sid
                 self._streams[rid] = s
                 streams.append(s)
-                adds.append((sid, ids, params))
+                adds.append((sid, ids, params, grammar))
             self._send(("add", adds))
         return streams
 
@@ -265,8 +259,8 @@ class LLM(StageProcesses):
             except (StageDied, EngineClosed):
                 pass
 
-    def _prepare(self, prompts, params) -> tuple[list[list[int]], list[SamplingParams]]:
-        """Prompt ids and params, one per prompt (n not expanded), checked."""
+    def _prepare(self, prompts, params, reasoning: Seq[bool] = ()) -> tuple[list, list, list]:
+        """Prompt ids, params and grammar payloads, one per prompt (n not expanded), checked."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
@@ -275,28 +269,28 @@ class LLM(StageProcesses):
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        ids = [self._encode(p) for p in prompts]
+        ids, grammars = [self._encode(p) for p in prompts], []
         for i, (x, sp) in enumerate(zip(ids, plist)):
             try:
-                self._check(x, sp)
+                grammars.append(self._check(x, sp, bool(reasoning and reasoning[i])))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        return ids, plist
+        return ids, plist, grammars
 
     def stream(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
                ) -> Iterator[tuple[int, int, str | None]]:
         """Yield (prompt index, new token id, finish reason or None) as tokens arrive. Leaving the
         loop early (break, close(), garbage collection) aborts the call's unfinished requests."""
-        ids, plist = self._prepare(prompts, params)
+        ids, plist, grammars = self._prepare(prompts, params)
         if any(p.n > 1 for p in plist):
             raise ValueError("SamplingParams: n > 1 is for generate(); stream() yields one sequence per prompt")
         self._check_usable()
-        return ((i, ev.token_id, ev.finish_reason) for i, ev in self._stream(ids, plist, []))
+        return ((i, ev.token_id, ev.finish_reason) for i, ev in self._stream(ids, plist, grammars, []))
 
-    def _stream(self, ids, plist, streams_out: list) -> Iterator[tuple[int, TokenEvent]]:
+    def _stream(self, ids, plist, grammars, streams_out: list) -> Iterator[tuple[int, TokenEvent]]:
         events: queue.Queue = queue.Queue()
-        streams = self._submit([(x, sp, None, (lambda ev, i=i: events.put((i, ev))))
-                                for i, (x, sp) in enumerate(zip(ids, plist))])
+        streams = self._submit([(x, sp, None, (lambda ev, i=i: events.put((i, ev))), g)
+                                for i, (x, sp, g) in enumerate(zip(ids, plist, grammars))])
         streams_out.extend(streams)
         remaining = len(streams)
         try:
@@ -319,18 +313,22 @@ class LLM(StageProcesses):
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
         """One RequestOutput per prompt, its `outputs` the params' n samples (each its own sequence)."""
-        ids, plist = self._prepare(prompts, params)
+        return self._generate(prompts, params)
+
+    def _generate(self, prompts, params, reasoning: Seq[bool] = ()) -> list[RequestOutput]:
+        ids, plist, grammars = self._prepare(prompts, params, reasoning)
         self._check_usable()
-        seqs = [(i, j, x, sp) for i, (x, p) in enumerate(zip(ids, plist)) for j, sp in enumerate(p.samples())]
+        seqs = [(i, j, x, sp, g) for i, (x, p, g) in enumerate(zip(ids, plist, grammars))
+                for j, sp in enumerate(p.samples())]
         streams: list[RequestStream] = []
-        gen = self._stream([x for _, _, x, _ in seqs], [sp for _, _, _, sp in seqs], streams)
+        gen = self._stream(*zip(*[s[2:] for s in seqs]), streams)
         builders = [OutputBuilder("", x, p.n, p.logprobs is not None) for x, p in zip(ids, plist)]
         try:
             for k, ev in gen:
                 builders[seqs[k][0]].add(seqs[k][1], ev)
         finally:
             gen.close()
-        for (i, j, _, _), s in zip(seqs, streams):
+        for (i, j, *_), s in zip(seqs, streams):
             if j == 0:
                 builders[i].request_id = s.request_id
         return [b.build(self.tokenizer) for b in builders]
@@ -340,7 +338,8 @@ class LLM(StageProcesses):
              tools: list[dict] | None = None) -> list[RequestOutput]:
         """generate() over conversations rendered with the checkpoint's chat template, as transformers'
         apply_chat_template renders them (chat_template_kwargs, e.g. {"enable_thinking": False},
-        reach the template). One conversation or a list of them; one output each."""
+        reach the template). One conversation or a list of them; one output each (thinking on:
+        structured_outputs apply after `</think>`)."""
         from .chat_template import ChatTemplate, ChatTemplateError
         if self._chat_template is None:
             self._chat_template = ChatTemplate.from_folder(self.folder)
@@ -349,7 +348,8 @@ class LLM(StageProcesses):
         convs = list(messages) if messages and isinstance(messages[0], (list, tuple)) else [messages]
         texts = [self._chat_template.render(c, add_generation_prompt, tools, chat_template_kwargs=chat_template_kwargs)
                  for c in convs]
-        return self.generate(texts, params)
+        source = self._chat_template.pick(tools)
+        return self._generate(texts, params, [starts_in_reasoning(source, t, chat_template_kwargs) for t in texts])
 
     # ---- stats -------------------------------------------------------------------------------
     def stats(self, reset: bool = False, per_step: bool = False, profile: dict | None = None) -> dict:

@@ -47,6 +47,9 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
 
 def load_tokenizer(folder: Path) -> Tokenizer | None:
     f = folder / "tokenizer.json"

@@ -2,7 +2,7 @@
 user's main module). It connects back to LLM's listener, says its rank, receives (EngineArgs, dist port),
 loads its stage and serves. Rank 0 also takes requests from LLM and sends events back.
 
-Messages LLM -> rank 0: ("add", [(seq_id, prompt ids, params)]), ("abort", [seq_id]),
+Messages LLM -> rank 0: ("add", [(seq_id, prompt ids, params, grammar payload or None)]), ("abort", [seq_id]),
 ("stats", token, reset, per_step), ("shutdown",). Any rank -> LLM: ("ready", rank, info),
 ("error", rank, one-line summary, full traceback); rank 0 -> LLM: ("events", [(seq_id, token,
 reason)]), ("refused", seq_id, message), ("stats", token, snapshot)."""
@@ -56,9 +56,9 @@ def serve_requests(engine, inbox: queue.Queue, send) -> None:
         while msg is not None:
             kind = msg[0]
             if kind == "add":
-                for sid, prompt, params in msg[1]:
+                for sid, prompt, params, grammar in msg[1]:
                     try:
-                        engine.add(sid, prompt, params)
+                        engine.add(sid, prompt, params, grammar)
                     except RequestRefused as e:
                         send(("refused", sid, str(e)))
             elif kind == "abort":
