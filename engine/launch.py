@@ -163,14 +163,16 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
     return Rank(rank, worker, engine, info)
 
 
-def init_distributed(rank: int, world: int, device: str, addr: str | None = None, port: int | None = None) -> None:
+def init_distributed(rank: int, world: int, device: str, store_path: str | None = None) -> None:
+    """Join the process group. store_path: the stages are all on this host (LLM started them) and
+    meet through a FileStore there, so no rendezvous socket listens on any interface (a TCPStore
+    binds every interface, whatever MASTER_ADDR says). Without it: env:// (torchrun's MASTER_ADDR)."""
     if world == 1 and not dist.is_available():
         return
-    if addr is not None:
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
     backend = "nccl" if device == "cuda" else "gloo"
+    store = dist.FileStore(store_path, world) if store_path is not None else None
     # Idle stages wait in recv between generate calls: a long timeout, and dead peers are ended by
     # the parent (LLM) or torchrun's agent instead.
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(hours=24),
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(hours=24), store=store,
                             **({"device_id": torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")}
                                if backend == "nccl" else {}))

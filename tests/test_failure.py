@@ -36,6 +36,36 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _listening(pids: list[int]) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets these processes listen on."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # state 0A: LISTEN
+                out.append(f[1])
+    return out
+
+
+def test_local_stages_listen_on_loopback_only(tiny):
+    """The rendezvous (a TCPStore binds every interface) and gloo's sockets: nothing is reachable
+    from another host when every stage runs here."""
+    with LLM(str(tiny), stages=2, verbose=False) as llm:
+        addrs = _listening([p.pid for p in llm._procs])
+        assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids
+    loopback = ("0100007F:", "00000000000000000000000001000000:", "0000000000000000FFFF00000100007F:")
+    assert addrs and all(a.startswith(loopback) for a in addrs), addrs
+
+
 @pytest.mark.parametrize("victim", [1, 0])
 def test_dead_stage_ends_generate_within_30s(tiny, victim):
     llm = LLM(str(tiny), stages=2, verbose=False)
