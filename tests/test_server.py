@@ -5,10 +5,7 @@ that leaves mid-stream frees its KV blocks; bad requests get 400s; SIGTERM drain
 process for the module; the SIGTERM test, last, ends it."""
 import json
 import random
-import re
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,12 +13,10 @@ from pathlib import Path
 import pytest
 
 from engine.server.detokenize import IncrementalDetokenizer, StopStrings
+from server_util import MODEL_NAME, Server, start_server
 from loader.presets import preset_config
 from loader.writer import write_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL_NAME = "tiny-test"
-STARTUP_S = 180
 
 
 # ---- pieces without a server ---------------------------------------------------------------------
@@ -112,64 +107,10 @@ def test_stage_busy_fraction_and_prometheus_text():
 
 
 # ---- one server for the module -------------------------------------------------------------------
-class Server:
-    def __init__(self, proc: subprocess.Popen, log: Path):
-        self.proc, self.log, self.url, self._client = proc, log, None, None
-
-    def wait_ready(self) -> "Server":
-        deadline = time.monotonic() + STARTUP_S
-        while self.url is None:
-            text = self.log.read_text(errors="replace") if self.log.exists() else ""
-            m = re.search(r"serving \S+ on (http://[\d.]+:\d+)", text)
-            if m:
-                self.url = m.group(1)
-            elif self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start (exit code {self.proc.poll()}):\n{text[-3000:]}")
-            else:
-                time.sleep(0.1)
-        return self
-
-    def client(self):
-        import openai
-        if self._client is None:
-            self._client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        return self._client
-
-    def post(self, path: str, body, timeout: float = 60):
-        import httpx
-        data = body if isinstance(body, (str, bytes)) else json.dumps(body)
-        return httpx.post(self.url + path, content=data, headers={"content-type": "application/json"},
-                          timeout=timeout)
-
-    def metrics(self) -> dict[str, float]:
-        import httpx
-        out = {}
-        text = httpx.get(self.url + "/metrics", timeout=30).text
-        text = re.sub(r',?model_name="[^"]*"', "", text).replace("{,", "{").replace("{}", "")
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-
 @pytest.fixture(scope="module")
 def server_proc(tiny, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve_log") / "server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--model", str(tiny), "--stages", "2",
-                                 "--host", "127.0.0.1", "--port", "0", "--served-model-name", MODEL_NAME, "--quiet",
-                                 "--max-model-len", "256", "--drain-timeout", "60", "--log-level", "warning"],
-                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    s = Server(proc, log)
-    yield s
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with start_server(tiny, tmp_path_factory.mktemp("serve_log"), "--stages", "2", "--drain-timeout", "60") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
