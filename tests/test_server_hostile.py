@@ -4,6 +4,7 @@ the OpenAI error shape; a hypothesis property test throws random JSON at every f
 endpoints while a greedy stream runs, which must come out byte-identical to the same request alone."""
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -177,3 +178,55 @@ def test_random_json_never_500_and_a_greedy_stream_stays_identical(server):
     assert box["text"] == alone and alone
     assert 400 in statuses and 200 in statuses
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+# ---- off the event loop (in process, over a stand-in engine) --------------------------------------
+class _SlowEngine:
+    """What build_app reads of an LLM, with a tokenizer that takes 1 s and notes its thread."""
+    max_model_len, info, tokenizer, _dead, _closed = 256, {"num_blocks": 64, "block_size": 16}, None, None, False
+
+    class config:
+        vocab_size = 512
+
+    def __init__(self):
+        self.threads = []
+
+    def _encode(self, prompt):
+        self.threads.append(threading.get_ident())
+        time.sleep(1.0)
+        raise ValueError("stand-in engine: no tokenizer")
+
+    def stats(self):
+        return {}
+
+
+class _SlowTemplate:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def render(self, messages, add_generation_prompt=True, tools=None, chat_template_kwargs=None):
+        self.engine.threads.append(threading.get_ident())
+        return "rendered"
+
+
+def test_tokenization_and_templates_run_off_the_event_loop():
+    import asyncio
+    from engine.server.app import build_app
+    eng = _SlowEngine()
+    app = build_app(eng, MODEL_NAME, _SlowTemplate(eng))
+
+    async def go():
+        loop_thread = threading.get_ident()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+            slow = [asyncio.ensure_future(http.post("/v1/completions", json=C)),
+                    asyncio.ensure_future(http.post("/v1/chat/completions", json=M))]
+            await asyncio.sleep(0.2)
+            t0 = time.monotonic()
+            assert (await http.get("/health")).status_code == 200
+            health_s = time.monotonic() - t0
+            codes = [(await r).status_code for r in slow]
+        return loop_thread, health_s, codes
+
+    loop_thread, health_s, codes = asyncio.run(go())
+    assert codes == [400, 400] and len(eng.threads) == 3  # two encodes and one render
+    assert loop_thread not in eng.threads and health_s < 0.5
