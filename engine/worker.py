@@ -119,11 +119,10 @@ def main(host: str, port: int, rank: int) -> int:
             dist.destroy_process_group()
     except BaseException as e:  # report with the traceback, then die: LLM ends the other stages
         tb = traceback.format_exc()
-        print(f"[moepipe] stage {rank} failed:\n{tb}", file=sys.stderr, flush=True)
-        try:
+        try:  # LLM's StageDied carries the traceback; stderr gets it only when LLM cannot
             send(("error", rank, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, tb))
         except OSError:
-            pass
+            print(f"[moepipe] stage {rank} failed:\n{tb}", file=sys.stderr, flush=True)
         sys.stderr.flush()
         os._exit(1)
     stopping.set()

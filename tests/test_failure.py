@@ -172,3 +172,44 @@ def test_ctrl_c_while_starting_prints_one_line(tiny, delay):
     assert err.strip().splitlines() == ["error: interrupted"], err
     time.sleep(0.5)
     assert not any(_alive(p) for p in kids + _children(proc.pid))
+
+
+def test_relative_model_path_and_dict_params(tiny, monkeypatch):
+    """The stages run in another working directory: a relative path is resolved before they start."""
+    monkeypatch.chdir(tiny.parent)
+    with LLM(tiny.name, stages=2, verbose=False) as llm:
+        assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids) == 3
+        with pytest.raises(TypeError, match="params must be SamplingParams"):  # as vLLM: no dict
+            llm.generate("Hello", {"max_tokens": 3})
+
+
+def test_kv_cache_gib_too_small_refused_before_any_stage_starts(tiny):
+    before = set(_children(os.getpid()))
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="kv_cache_gib=1e-05 holds no KV block"):
+        LLM(str(tiny), stages=2, verbose=False, kv_cache_gib=0.00001)
+    assert time.monotonic() - t0 < 5 and set(_children(os.getpid())) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_cli_bad_shard_is_one_error_line(tiny, tmp_path, damage):
+    """Relative --model, a truncated or missing shard: stderr is the one `error:` line (the stage's
+    traceback goes to the file it names), whatever the stages printed while loading."""
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    victim = sorted(bad.glob("model-*.safetensors"))[-1]
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:1000])
+    else:
+        victim.unlink()
+    r = subprocess.run([sys.executable, "-m", "engine", "generate", "--model", "bad", "--prompt", "hi", "--stages", "2",
+                        "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent),
+                                                                        os.environ.get("PYTHONPATH", "")])))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: stage"), r.stderr
+    assert victim.name in lines[0]
+    details = Path(lines[0].rsplit("(details: ", 1)[1].rstrip(")"))
+    assert "Traceback (most recent call last)" in details.read_text()
+    details.unlink()

@@ -46,6 +46,15 @@ def test_incremental_detokenizer_never_emits_partial_utf8(tokenizer):
     assert sum(1 for d in got if d) < len(got)  # multi-byte characters were held back until complete
 
 
+def test_cli_stream_print_never_prints_half_a_character(tokenizer, capsys):
+    from engine.cli.common import stream_print
+    text = "日本語 🙂 wörld"
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode(ids[:i]) for i in range(1, len(ids)))  # split across tokens
+    assert stream_print(((0, t, None) for t in ids), tokenizer) == ids
+    assert capsys.readouterr().out == text + "\n"
+
+
 @pytest.mark.parametrize("stops,want,hit", [
     (["wor"], "hello ", "wor"),
     (["xyz"], "hello world, hello moon", None),
