@@ -70,6 +70,7 @@ BAD_COMPLETIONS = [
     ({**C, "presence_penalty": 0.5}, "presence_penalty is not supported"),
     ({**C, "min_tokens": 3}, "min_tokens is not supported"),
     ({**C, "cache_salt": 5}, "cache_salt"),
+    ({**C, "prompt": "ab " * 30_000}, "characters, so more tokens than the context limit"),  # not tokenized
 ]
 BAD_CHAT = [
     ({**M, "top_logprobs": 3}, "top_logprobs: requires logprobs"),
@@ -93,6 +94,7 @@ BAD_CHAT = [
     ({**M, "chat_template_kwargs": [1]}, "chat_template_kwargs"),
     ({**M, "parallel_tool_calls": "no"}, "parallel_tool_calls"),
     ({**M, "max_completion_tokens": "8"}, "max_completion_tokens"),
+    ({**M, "messages": [{"role": "user", "content": [{"type": "text", "text": "ab " * 30_000}]}]}, "characters"),
 ]
 
 
