@@ -275,6 +275,9 @@ class LLM(StageProcesses):
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        for sp in plist:
+            if not isinstance(sp, SamplingParams):  # as vLLM: a dict is not taken for SamplingParams(**dict)
+                raise TypeError(f"params must be SamplingParams or a list of them, got {type(sp).__name__}")
         ids = [self._encode(p) for p in prompts]
         for i, (x, sp) in enumerate(zip(ids, plist)):
             try:
