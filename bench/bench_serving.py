@@ -107,7 +107,8 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def metrics(client, url: str) -> dict[str, float]:
     out = {}
-    for line in client.get(url + "/metrics", timeout=60).text.splitlines():
+    text = re.sub(r',?model_name="[^"]*"', "", client.get(url + "/metrics", timeout=60).text)
+    for line in text.replace("{,", "{").replace("{}", "").splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
@@ -185,11 +186,11 @@ def summarize(concurrency: int, results: list[RequestResult], duration: float, m
         row[f"p99_{name}"] = pct(xs, 99)
     busy = {}
     for k, v in m1.items():
-        s = re.fullmatch(r'moepipe_stage_busy_seconds_total\{stage="(\d+)"\}', k)
+        s = re.fullmatch(r'moepipe:stage_busy_seconds_total\{stage="(\d+)"\}', k)
         if s:
             busy[int(s.group(1))] = (v - m0.get(k, 0.0)) / duration
     row["stage_busy_fraction"] = [busy[r] for r in sorted(busy)]
-    row["preemptions"] = m1.get("moepipe_num_preemptions_total", 0) - m0.get("moepipe_num_preemptions_total", 0)
+    row["preemptions"] = m1.get("moepipe:num_preemptions_total", 0) - m0.get("moepipe:num_preemptions_total", 0)
     errors = sorted({r.error for r in results if not r.ok})
     if errors:
         row["errors"] = errors[:5]

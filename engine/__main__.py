@@ -6,6 +6,7 @@ import importlib
 import os
 import signal
 import sys
+import tempfile
 
 COMMANDS = ("generate", "plan", "profile", "make_checkpoint", "parity", "serve")
 
@@ -40,7 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, OSError, TimeoutError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        lines = str(e).splitlines()
+        msg = lines[0] if lines else type(e).__name__
+        if len(lines) > 1:  # a stage's traceback: kept in a file, not printed
+            fd, path = tempfile.mkstemp(prefix="moepipe-error-", suffix=".log")
+            with os.fdopen(fd, "w") as f:
+                f.write(str(e) + "\n")
+            msg += f" (details: {path})"
         print(f"error: {msg}", file=sys.stderr)
         return 1
 

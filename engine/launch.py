@@ -44,6 +44,8 @@ def resolve_engine(model: str, opts: EngineOptions) -> tuple[EngineArgs, ModelCo
     """Validate every option, alone and against the model's config and the machine, before any
     process starts. Returns the per-rank arguments, the config and the local folder."""
     opts.validate()
+    if Path(model).exists():  # the stages run in another working directory
+        model = str(Path(model).resolve())
     if opts.load_format == "dummy" and not Path(model).is_dir():
         from loader.dummy import dummy_config
         folder, hub_repo, cfg = None, None, dummy_config(model)  # a preset name or a config.json
@@ -72,6 +74,13 @@ def resolve_engine(model: str, opts: EngineOptions) -> tuple[EngineArgs, ModelCo
     if opts.attention not in (None, "ref") and device != "cuda":
         raise ValueError(f"attention {opts.attention!r} needs a CUDA device")
     dt = parse_dtype(opts.dtype) or (torch.bfloat16 if device == "cuda" else torch.float32)
+    if opts.kv_cache_gib is not None:  # refused here, not after the stages load
+        most = max(s.end - s.start for s in partition(cfg.num_hidden_layers, opts.stages,
+                                                      list(layers) if layers is not None else None))
+        block = most * opts.block_size * cfg.kv_bytes_per_token_per_layer(dt)
+        if opts.kv_cache_gib * 2**30 < block:
+            raise ValueError(f"kv_cache_gib={opts.kv_cache_gib:g} holds no KV block: one block of {opts.block_size} "
+                             f"tokens over a stage's {most} layers needs {block / 2**30:.3g} GiB")
     resolved = opts.with_(device=device, dtype=str(dt).removeprefix("torch."),
                           layers=list(layers) if layers is not None else None)
     stop = stop_token_ids(folder) if folder is not None else ()
@@ -162,14 +171,16 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
     return Rank(rank, worker, engine, info)
 
 
-def init_distributed(rank: int, world: int, device: str, addr: str | None = None, port: int | None = None) -> None:
+def init_distributed(rank: int, world: int, device: str, store_path: str | None = None) -> None:
+    """Join the process group. store_path: the stages are all on this host (LLM started them) and
+    meet through a FileStore there, so no rendezvous socket listens on any interface (a TCPStore
+    binds every interface, whatever MASTER_ADDR says). Without it: env:// (torchrun's MASTER_ADDR)."""
     if world == 1 and not dist.is_available():
         return
-    if addr is not None:
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
     backend = "nccl" if device == "cuda" else "gloo"
+    store = dist.FileStore(store_path, world) if store_path is not None else None
     # Idle stages wait in recv between generate calls: a long timeout, and dead peers are ended by
     # the parent (LLM) or torchrun's agent instead.
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(hours=24),
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(hours=24), store=store,
                             **({"device_id": torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")}
                                if backend == "nccl" else {}))

@@ -19,9 +19,8 @@ from .model_files import load_tokenizer
 from .options import EngineOptions, options_from_kwargs
 from .outputs import OutputBuilder
 from .params import RequestOutput, SamplingParams
-from .prompt_ids import encode_prompt
+from .request_checks import check_params, encode_prompt
 from .request_stream import _ABORTED, POLL_S, RequestStream, StopChecker, TokenEvent, _Entry
-from .scheduler import check_request
 from .structured.requests import GrammarPayload, GrammarRequests, starts_in_reasoning
 from .stage_processes import EngineClosed, StageDied, StageProcesses
 from .stage_processes import GATHER_FAILURES_S, kill_workers  # noqa: F401  (engine/__main__.py: engine.llm.kill_workers)
@@ -185,11 +184,7 @@ class LLM(StageProcesses):
         return encode_prompt(prompt, self.tokenizer, self.config.vocab_size)
 
     def _check(self, ids: list[int], params: SamplingParams, reasoning: bool = False) -> GrammarPayload | None:
-        check_request(len(ids), params.max_tokens, self.max_model_len, self.info["num_blocks"],
-                      self.info["block_size"])
-        params.check_vocab(self.config.vocab_size)
-        if params.stop is not None and self.tokenizer is None:
-            raise ValueError("SamplingParams: stop strings need the checkpoint's tokenizer.json")
+        check_params(ids, params, self.max_model_len, self.info, self.config.vocab_size, self.tokenizer)
         return self._grammars.payload(params, reasoning)
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
@@ -269,6 +264,9 @@ class LLM(StageProcesses):
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        for sp in plist:
+            if not isinstance(sp, SamplingParams):  # as vLLM: a dict is not taken for SamplingParams(**dict)
+                raise TypeError(f"params must be SamplingParams or a list of them, got {type(sp).__name__}")
         ids, grammars = [self._encode(p) for p in prompts], []
         for i, (x, sp) in enumerate(zip(ids, plist)):
             try:

@@ -50,6 +50,12 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (a byte-level token's string has one character
+        per byte, and a character is at least a byte): a text of n characters has at least
+        n / max_token_chars() tokens."""
+        return max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+
 
 def load_tokenizer(folder: Path) -> Tokenizer | None:
     f = folder / "tokenizer.json"

@@ -141,6 +141,8 @@ def _verdict(p: Plan) -> list[str]:
     elif worst.kv_free_bytes < 0:
         out.append(f"does not fit: stage {worst.rank} needs {worst.weight_bytes / GIB:.1f} GiB of weights "
                    f"+ {p.reserve_gib:.1f} GiB reserve, the card has {card:g} GiB")
+    elif not p.context_ok:  # the weights fit; "fits" would contradict the line below
+        out.append(f"the weights fit, but not a context of {p.context} tokens:")
     elif not p.fits:
         lim = min(p.per_stage, key=lambda r: r.tokens)
         out.append(f"fits, but a context of {p.context} tokens does not: KV holds only {p.tokens} tokens "
@@ -148,13 +150,13 @@ def _verdict(p: Plan) -> list[str]:
     else:
         out.append(f"fits: KV for {p.tokens} tokens = {p.sequences} sequences of {p.context} tokens")
     if not p.context_ok:
-        out.append(f"context {p.context} exceeds the model's max_position_embeddings "
+        out.append(f"a context of {p.context} tokens exceeds the model's max_position_embeddings "
                    f"{p.max_position_embeddings}: the engine will not run sequences that long"
                    + (" (YaRN rope_scaling in config.json extends it)" if p.rope_type == "default" else ""))
     if p.min_stages is None:
         out.append(f"no split into up to {p.per_stage[-1].end} stages of {card:g} GiB "
                    f"fits a {p.context}-token sequence")
-    elif not p.fits or p.min_stages < p.stages:
+    elif p.context_ok and (not p.fits or p.min_stages < p.stages):
         n = p.min_stages
         out.append(f"minimum: {n} card{'s' if n > 1 else ''} of {card:g} GiB (even split) to hold the weights "
                    f"and one {p.context}-token sequence")

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -43,8 +45,13 @@ class StageProcesses:
         S, timeout_s = self.args.stages, self.options.load_timeout_s
         key = os.urandom(16)
         listener = Listener(("127.0.0.1", 0), authkey=key)
-        dist_port = _free_port()
+        # the stages' FileStore (no socket on any interface); NCCL keeps using it for communicators
+        # it creates lazily (point-to-point pairs), so it lives until the stages end
+        rdzv = self._rdzv = tempfile.mkdtemp(prefix="moepipe-rdzv-")
         env = dict(os.environ, **{AUTHKEY_ENV: key.hex()})
+        if Path("/sys/class/net/lo").exists():  # gloo's and NCCL's own sockets on loopback: every stage is here
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            env.setdefault("NCCL_SOCKET_IFNAME", "lo")
         env["PYTHONPATH"] = os.pathsep.join([_REPO_ROOT, *filter(None, [env.get("PYTHONPATH")])])
         host, port = listener.address
         try:
@@ -70,7 +77,7 @@ class StageProcesses:
                 try:
                     conn = accepted.get(timeout=0.05)
                     _, rank, _ = conn.recv()
-                    conn.send((self.args, dist_port))
+                    conn.send((self.args, os.path.join(rdzv, "store")))
                     self._conns[rank] = conn
                 except queue.Empty:
                     pass
@@ -149,10 +156,6 @@ class StageProcesses:
             if c is not None:
                 c.close()
         self._conns = [None] * len(self._conns)
+        if getattr(self, "_rdzv", None):
+            shutil.rmtree(self._rdzv, ignore_errors=True)
 
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,5 +1,5 @@
 """One stage process started by LLM as `python -m engine.worker HOST PORT RANK` (never importing the
-user's main module). It connects back to LLM's listener, says its rank, receives (EngineArgs, dist port),
+user's main module). It connects back to LLM's listener, says its rank, receives (EngineArgs, store path),
 loads its stage and serves. Rank 0 also takes requests from LLM and sends events back.
 
 Messages LLM -> rank 0: ("add", [(seq_id, prompt ids, params, grammar payload or None)]), ("abort", [seq_id]),
@@ -86,7 +86,7 @@ def main(host: str, port: int, rank: int) -> int:
     try:
         conn = Client((host, port), authkey=bytes.fromhex(os.environ.pop(AUTHKEY_ENV)))
         conn.send(("hello", rank, os.getpid()))
-        args, dist_port = conn.recv()
+        args, store_path = conn.recv()
     except (OSError, EOFError):  # LLM is gone already (interrupted or failed while we started)
         os._exit(3)
     lock = threading.Lock()
@@ -108,7 +108,7 @@ def main(host: str, port: int, rank: int) -> int:
             torch.cuda.set_device(rank)
         else:  # the stages (and LLM's process) share the cores: oversubscribed OpenMP threads spin
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // (o.stages + 1)))
-        init_distributed(rank, o.stages, o.device, "127.0.0.1", dist_port)
+        init_distributed(rank, o.stages, o.device, store_path)
         r = build_rank(args, rank, rank)
         send(("ready", rank, r.info))
         if rank == 0:
@@ -119,11 +119,10 @@ def main(host: str, port: int, rank: int) -> int:
             dist.destroy_process_group()
     except BaseException as e:  # report with the traceback, then die: LLM ends the other stages
         tb = traceback.format_exc()
-        print(f"[moepipe] stage {rank} failed:\n{tb}", file=sys.stderr, flush=True)
-        try:
+        try:  # LLM's StageDied carries the traceback; stderr gets it only when LLM cannot
             send(("error", rank, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, tb))
         except OSError:
-            pass
+            print(f"[moepipe] stage {rank} failed:\n{tb}", file=sys.stderr, flush=True)
         sys.stderr.flush()
         os._exit(1)
     stopping.set()

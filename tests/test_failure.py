@@ -36,6 +36,36 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _listening(pids: list[int]) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) of the TCP sockets these processes listen on."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # state 0A: LISTEN
+                out.append(f[1])
+    return out
+
+
+def test_local_stages_listen_on_loopback_only(tiny):
+    """The rendezvous (a TCPStore binds every interface) and gloo's sockets: nothing is reachable
+    from another host when every stage runs here."""
+    with LLM(str(tiny), stages=2, verbose=False) as llm:
+        addrs = _listening([p.pid for p in llm._procs])
+        assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids
+    loopback = ("0100007F:", "00000000000000000000000001000000:", "0000000000000000FFFF00000100007F:")
+    assert addrs and all(a.startswith(loopback) for a in addrs), addrs
+
+
 @pytest.mark.parametrize("victim", [1, 0])
 def test_dead_stage_ends_generate_within_30s(tiny, victim):
     llm = LLM(str(tiny), stages=2, verbose=False)
@@ -142,3 +172,44 @@ def test_ctrl_c_while_starting_prints_one_line(tiny, delay):
     assert err.strip().splitlines() == ["error: interrupted"], err
     time.sleep(0.5)
     assert not any(_alive(p) for p in kids + _children(proc.pid))
+
+
+def test_relative_model_path_and_dict_params(tiny, monkeypatch):
+    """The stages run in another working directory: a relative path is resolved before they start."""
+    monkeypatch.chdir(tiny.parent)
+    with LLM(tiny.name, stages=2, verbose=False) as llm:
+        assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids) == 3
+        with pytest.raises(TypeError, match="params must be SamplingParams"):  # as vLLM: no dict
+            llm.generate("Hello", {"max_tokens": 3})
+
+
+def test_kv_cache_gib_too_small_refused_before_any_stage_starts(tiny):
+    before = set(_children(os.getpid()))
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="kv_cache_gib=1e-05 holds no KV block"):
+        LLM(str(tiny), stages=2, verbose=False, kv_cache_gib=0.00001)
+    assert time.monotonic() - t0 < 5 and set(_children(os.getpid())) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_cli_bad_shard_is_one_error_line(tiny, tmp_path, damage):
+    """Relative --model, a truncated or missing shard: stderr is the one `error:` line (the stage's
+    traceback goes to the file it names), whatever the stages printed while loading."""
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    victim = sorted(bad.glob("model-*.safetensors"))[-1]
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:1000])
+    else:
+        victim.unlink()
+    r = subprocess.run([sys.executable, "-m", "engine", "generate", "--model", "bad", "--prompt", "hi", "--stages", "2",
+                        "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent.parent),
+                                                                        os.environ.get("PYTHONPATH", "")])))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: stage"), r.stderr
+    assert victim.name in lines[0]
+    details = Path(lines[0].rsplit("(details: ", 1)[1].rstrip(")"))
+    assert "Traceback (most recent call last)" in details.read_text()
+    details.unlink()

@@ -108,6 +108,11 @@ def test_context_beyond_max_positions(capsys):
     assert any("exceeds the model's max_position_embeddings 40960" in v for v in p.verdict)
     assert _cli(["plan", "--model", "qwen3-30b-a3b", "--context", "65536", "--gpu-memory", "80"]) == 2
     assert "max_position_embeddings 40960" in capsys.readouterr().out
+    # never "fits" and then "exceeds": the first verdict says the context is too long
+    assert _cli(["plan", "--model", "qwen3-30b-a3b", "--context", "90000"]) == 2
+    out = capsys.readouterr().out
+    assert "fits:" not in out and "but not a context of 90000 tokens" in out and "minimum" not in out
+    assert "exceeds the model's max_position_embeddings 40960" in out
 
 
 def test_tied_embeddings_counted_on_last_stage():

@@ -5,10 +5,7 @@ that leaves mid-stream frees its KV blocks; bad requests get 400s; SIGTERM drain
 process for the module; the SIGTERM test, last, ends it."""
 import json
 import random
-import re
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,12 +13,10 @@ from pathlib import Path
 import pytest
 
 from engine.server.detokenize import IncrementalDetokenizer, StopStrings
+from server_util import MODEL_NAME, Server, start_server
 from loader.presets import preset_config
 from loader.writer import write_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL_NAME = "tiny-test"
-STARTUP_S = 180
 
 
 # ---- pieces without a server ---------------------------------------------------------------------
@@ -51,6 +46,15 @@ def test_incremental_detokenizer_never_emits_partial_utf8(tokenizer):
     assert sum(1 for d in got if d) < len(got)  # multi-byte characters were held back until complete
 
 
+def test_cli_stream_print_never_prints_half_a_character(tokenizer, capsys):
+    from engine.cli.common import stream_print
+    text = "日本語 🙂 wörld"
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode(ids[:i]) for i in range(1, len(ids)))  # split across tokens
+    assert stream_print(((0, t, None) for t in ids), tokenizer) == ids
+    assert capsys.readouterr().out == text + "\n"
+
+
 @pytest.mark.parametrize("stops,want,hit", [
     (["wor"], "hello ", "wor"),
     (["xyz"], "hello world, hello moon", None),
@@ -74,76 +78,48 @@ def test_stop_strings_across_chunk_boundaries(stops, want, hit):
         assert "".join(out) == want and s.hit == hit
 
 
-def test_stage_busy_fraction_and_histogram_text():
-    from engine.server.metrics import Histogram, ServerMetrics
-    m, t0 = ServerMetrics(), time.monotonic()
-    m.busy_fractions([{"rank": 0, "busy_ms": 100.0}, {"rank": 1, "busy_ms": 40.0}], now=t0 + 1)
+def test_stage_busy_fraction_and_prometheus_text():
+    from prometheus_client.parser import text_string_to_metric_families
+    from engine.server.metrics import ServerMetrics
+    stats = {"scheduler": {"running": 3, "waiting": 1, "preemptions": 2, "prompt_tokens": 40, "generation_tokens": 9,
+                           "num_blocks": 10, "free_blocks": 4},
+             "stages": [{"rank": 0, "busy_ms": 100.0, "steps": 5, "tokens": 50},
+                        {"rank": 1, "busy_ms": 40.0, "steps": 5, "tokens": 50}]}
+    m, t0 = ServerMetrics("m", lambda: stats), time.monotonic()
+    m.busy_fractions(stats["stages"], now=t0 + 1)
     f = m.busy_fractions([{"rank": 0, "busy_ms": 600.0}, {"rank": 1, "busy_ms": 290.0}], now=t0 + 2)
     assert f == pytest.approx({0: 0.5, 1: 0.25})
-    h = Histogram((0.1, 1.0))
     for v in (0.05, 0.1, 0.5, 3.0):
-        h.observe(v)
-    assert h.lines("x") == ['x_bucket{le="0.1"} 2', 'x_bucket{le="1.0"} 3', 'x_bucket{le="+Inf"} 4',
-                            "x_sum 3.65", "x_count 4"]
+        m.first_token(v)
+    m.request_done("length", 2.0, 5, 0.4)
+    m.request_done("length", 1.0, 1, 0.0)
+    m.rejected()
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value
+           for fam in text_string_to_metric_families(m.render().decode()) for s in fam.samples}
+
+    def val(name, **labels):
+        return got[(name, tuple(sorted({"model_name": "m", **labels}.items())))]
+    assert val("moepipe:time_to_first_token_seconds_bucket", le="0.1") == 2  # 0.05 and 0.1 (le is inclusive)
+    assert val("moepipe:time_to_first_token_seconds_bucket", le="0.5") == 3
+    assert val("moepipe:time_to_first_token_seconds_count") == 4
+    assert val("moepipe:time_to_first_token_seconds_sum") == pytest.approx(3.65)
+    assert val("moepipe:time_per_output_token_seconds_sum") == pytest.approx(0.1)  # 0.4 s over 4 later tokens
+    assert val("moepipe:request_success_total", finished_reason="length") == 2
+    assert val("moepipe:request_rejected_total") == 1
+    assert val("moepipe:num_requests_running") == 3 and val("moepipe:num_requests_waiting") == 1
+    assert val("moepipe:num_preemptions_total") == 2 and val("moepipe:prompt_tokens_total") == 40
+    assert val("moepipe:generation_tokens_total") == 9 and val("moepipe:kv_blocks_used") == 6
+    assert val("moepipe:kv_cache_usage_perc") == pytest.approx(0.6) and val("moepipe:kv_blocks_free") == 4
+    assert val("moepipe:stage_busy_seconds_total", stage="1") == pytest.approx(0.04)
+    assert val("moepipe:stage_steps_total", stage="0") == 5 and val("moepipe:model_info") == 1
+    assert not any(name.endswith("_created") for name, _ in got)
 
 
 # ---- one server for the module -------------------------------------------------------------------
-class Server:
-    def __init__(self, proc: subprocess.Popen, log: Path):
-        self.proc, self.log, self.url, self._client = proc, log, None, None
-
-    def wait_ready(self) -> "Server":
-        deadline = time.monotonic() + STARTUP_S
-        while self.url is None:
-            text = self.log.read_text(errors="replace") if self.log.exists() else ""
-            m = re.search(r"serving \S+ on (http://[\d.]+:\d+)", text)
-            if m:
-                self.url = m.group(1)
-            elif self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start (exit code {self.proc.poll()}):\n{text[-3000:]}")
-            else:
-                time.sleep(0.1)
-        return self
-
-    def client(self):
-        import openai
-        if self._client is None:
-            self._client = openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-        return self._client
-
-    def post(self, path: str, body, timeout: float = 60):
-        import httpx
-        data = body if isinstance(body, (str, bytes)) else json.dumps(body)
-        return httpx.post(self.url + path, content=data, headers={"content-type": "application/json"},
-                          timeout=timeout)
-
-    def metrics(self) -> dict[str, float]:
-        import httpx
-        out = {}
-        for line in httpx.get(self.url + "/metrics", timeout=30).text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-
 @pytest.fixture(scope="module")
 def server_proc(tiny, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve_log") / "server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--model", str(tiny), "--stages", "2",
-                                 "--host", "127.0.0.1", "--port", "0", "--served-model-name", MODEL_NAME, "--quiet",
-                                 "--max-model-len", "256", "--drain-timeout", "60", "--log-level", "warning"],
-                                cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    s = Server(proc, log)
-    yield s
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with start_server(tiny, tmp_path_factory.mktemp("serve_log"), "--stages", "2", "--drain-timeout", "60") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +223,8 @@ def test_32_concurrent_clients_are_batched(server):
         results = list(pool.map(lambda i: one(http, i), range(32)))
     assert all(r[:2] == ("length", 8) for r in results), results
     after = server.metrics()
-    steps = after['moepipe_stage_steps_total{stage="1"}'] - before['moepipe_stage_steps_total{stage="1"}']
-    generated = after["moepipe_generation_tokens_total"] - before["moepipe_generation_tokens_total"]
+    steps = after['moepipe:stage_steps_total{stage="1"}'] - before['moepipe:stage_steps_total{stage="1"}']
+    generated = after["moepipe:generation_tokens_total"] - before["moepipe:generation_tokens_total"]
     assert generated >= 32 * 8
     # Each request's tokens after its first come from decode steps: 32 * 7 of them. Served one at a
     # time that is 224 steps of one sequence; fewer than half as many steps in all (prefill steps
@@ -260,7 +236,7 @@ def _wait_idle(server, num_blocks: float, timeout: float = 20) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         m = server.metrics()
-        if m["moepipe_num_requests_running"] == 0 and m["moepipe_kv_blocks_free"] == num_blocks:
+        if m["moepipe:num_requests_running"] == 0 and m["moepipe:kv_blocks_free"] == num_blocks:
             return m
         if time.monotonic() > deadline:
             raise AssertionError(f"KV pool not free again: {m}")
@@ -270,8 +246,8 @@ def _wait_idle(server, num_blocks: float, timeout: float = 20) -> dict:
 def test_client_disconnect_aborts_and_frees_blocks(server):
     import httpx
     before = server.metrics()
-    total = before["moepipe_kv_blocks_total"]
-    assert before["moepipe_kv_blocks_free"] == total
+    total = before["moepipe:kv_blocks_total"]
+    assert before["moepipe:kv_blocks_free"] == total
     body = {"model": MODEL_NAME, "prompt": "The traveller told them about distant cities", "max_tokens": 240,
             "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
@@ -279,13 +255,13 @@ def test_client_disconnect_aborts_and_frees_blocks(server):
         got = [next(lines) for _ in range(6)]
         assert any(x.startswith("data: {") for x in got)
         mid = server.metrics()
-        assert mid["moepipe_num_requests_running"] == 1 and mid["moepipe_kv_blocks_free"] < total
+        assert mid["moepipe:num_requests_running"] == 1 and mid["moepipe:kv_blocks_free"] < total
     # a non-streamed request whose client gives up is aborted too
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
     after = _wait_idle(server, total)
-    aborted = 'moepipe_request_success_total{finished_reason="abort"}'
-    assert after[aborted] - before.get(aborted, 0) == 2  # both ended by the server's abort, not by max_tokens
+    aborted = 'moepipe:request_success_total{finished_reason="abort"}'
+    assert after.get(aborted, 0) - before.get(aborted, 0) == 2, after  # both ended by the server's abort, not by max_tokens
 
 
 BAD = [
@@ -301,7 +277,7 @@ BAD = [
     ({"model": MODEL_NAME, "prompt": "hi", "n": 3}, "n=3"),
     ({"model": MODEL_NAME, "prompt": "hi", "stop": [""]}, "stop"),
     ({"model": MODEL_NAME, "prompt": [99999]}, "token ids must be integers in [0, 512)"),
-    ({"model": MODEL_NAME, "prompt": ""}, "empty"),
+    ({"model": MODEL_NAME, "prompt": ""}, "prompt: String should have at least 1 character"),
     ({"model": MODEL_NAME, "prompt": list(range(3, 303))}, "300 tokens: the context limit (max_model_len) is 256"),
     ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1000}, "exceeds the context limit (max_model_len) of 256"),
 ]
@@ -350,10 +326,10 @@ def test_metrics_text(server):
     for name in ("num_requests_running", "num_requests_waiting", "kv_blocks_used", "kv_blocks_free",
                  "prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_bucket",
                  "time_per_output_token_seconds_count", "stage_busy_fraction"):
-        assert f"moepipe_{name}" in text, name
+        assert f"moepipe:{name}" in text, name
     m = server.metrics()
-    assert m["moepipe_time_to_first_token_seconds_count"] > 0 and m['moepipe_stage_busy_fraction{stage="0"}'] >= 0
-    assert m['moepipe_time_to_first_token_seconds_bucket{le="+Inf"}'] == m["moepipe_time_to_first_token_seconds_count"]
+    assert m["moepipe:time_to_first_token_seconds_count"] > 0 and m['moepipe:stage_busy_fraction{stage="0"}'] >= 0
+    assert m['moepipe:time_to_first_token_seconds_bucket{le="+Inf"}'] == m["moepipe:time_to_first_token_seconds_count"]
 
 
 def _stage_pids(pid: int) -> list[int]:

@@ -23,16 +23,19 @@ def parse_prompt_ids(text: str | None) -> list[int] | None:
 
 
 def stream_print(events, tokenizer) -> list[int]:
+    """Print tokens as they come: text (never half a character: a character split across tokens
+    waits for its last token), or ids without a tokenizer."""
+    from ..server.detokenize import IncrementalDetokenizer
     out: list[int] = []
-    shown = ""
+    detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
     for _, tok, _ in events:
         out.append(tok)
-        if tokenizer is not None:
-            text = tokenizer.decode(out)
-            print(text[len(shown):], end="", flush=True)
-            shown = text
+        if detok is not None:
+            print(detok.add(tok), end="", flush=True)
         else:
             print(tok, end=" ", flush=True)
+    if detok is not None:
+        print(detok.flush(), end="")
     print()
     return out
 

@@ -1,29 +1,33 @@
 """The OpenAI-compatible HTTP app (FastAPI): /v1/completions, /v1/chat/completions (streamed as
 server-sent events or not), /v1/models, /health, /metrics. Every refusal is a 4xx with an
-OpenAI-style JSON error; nothing a client sends can stop the engine or disturb other requests."""
+OpenAI-style JSON error; nothing a client sends can stop the engine or disturb other requests;
+error bodies never carry exception text or PIDs (the log does)."""
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from dataclasses import fields
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_template import ChatTemplate, ChatTemplateError
-from ..params import SamplingParams
-from .generation import EngineError, EventPump, Submitted
-from .metrics import ServerMetrics
+from .body import PayloadTooLarge, parse_json, read_body
+from .gate import Gate
+from .generation import EngineError, Submitted
+from .metrics import CONTENT_TYPE
 from .protocol import BadRequest, ChatCompletionRequest, CompletionRequest
+from .state import ServerConfig, ServerState, ShuttingDown
 
+log = logging.getLogger("moepipe.server")
 DISCONNECT_POLL_S = 0.25
-_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "literal"}
-_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-plain", "literal",
+               "constrained-str", "constrained-int", "constrained-float", "model-fields"}
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -38,64 +42,26 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 
 def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     """'temperature: Input should be less than or equal to 2' (union branch names left out of the path)."""
-    err = e.errors()[0]
+    err = e.errors(include_url=False, include_input=False)[0]
     loc = err["loc"]
     path = ".".join(str(x) for x in loc if isinstance(x, int) or (isinstance(x, str) and x.isidentifier()
-                                                                   and x not in _TYPE_NAMES))
+                                                                   and x not in _TYPE_NAMES
+                                                                   and not x.startswith(("list[", "dict["))))
     param = str(loc[0]) if loc else None
     if err["type"] == "missing":
         return f"{path}: a required field is missing", param
-    return (f"{path}: {err['msg']}" if path else err["msg"]), param
+    msg = err["msg"].removeprefix("Value error, ")
+    return (f"{path}: {msg}" if path else msg), param
 
 
-class ServerState:
-    def __init__(self, llm, model_name: str, chat_template: ChatTemplate | None, generation_defaults: dict):
-        self.llm, self.model_name, self.chat_template = llm, model_name, chat_template
-        self.defaults = generation_defaults
-        self.metrics = ServerMetrics()
-        self.draining = False
-        self.pump: EventPump | None = None
-        self.created = int(time.time())
-        info = getattr(llm, "info", {}) or {}
-        self.max_model_len = llm.max_model_len
-        blocks, bs = info.get("num_blocks"), info.get("block_size")
-        self.capacity = min(self.max_model_len, blocks * bs) if blocks and bs else self.max_model_len
-
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        try:
-            return self.llm._encode(prompt)
-        except ValueError as e:
-            raise BadRequest(str(e), "prompt") from None
-
-    def params_for(self, req, prompt_len: int, index: int = 0) -> SamplingParams:
-        """SamplingParams with max_tokens checked against the context (400 naming the limit)."""
-        limit_name = "max_model_len" if self.capacity == self.max_model_len else "KV cache"
-        where = f"prompt {index} " if index else "prompt "
-        if prompt_len >= self.capacity:
-            raise BadRequest(f"{where}has {prompt_len} tokens: the context limit ({limit_name}) is {self.capacity} "
-                             f"tokens, so no room is left to generate", "messages" if hasattr(req, "messages")
-                             else "prompt", "context_length_exceeded")
-        asked = req.requested_max_tokens()
-        max_tokens = asked if asked is not None else self.capacity - prompt_len
-        if prompt_len + max_tokens > self.capacity:
-            raise BadRequest(f"{where}of {prompt_len} tokens + max_tokens {max_tokens} = {prompt_len + max_tokens} "
-                             f"exceeds the context limit ({limit_name}) of {self.capacity} tokens",
-                             "max_tokens", "context_length_exceeded")
-        kw = {k: v for k, v in req.sampling_kwargs(self.defaults).items() if k in _SAMPLING_FIELDS}
-        try:
-            return SamplingParams(max_tokens=max_tokens, **kw)
-        except ValueError as e:
-            raise BadRequest(str(e).removeprefix("SamplingParams: ")) from None
-
-    def submit(self, ids: list[int], params: SamplingParams, stops: list[str], rid: str, arrival: float) -> Submitted:
-        if self.pump is None:
-            self.pump = EventPump(asyncio.get_running_loop())
-        try:
-            return Submitted(self.llm, ids, params, stops, rid, self.metrics, arrival, self.pump)
-        except ValueError as e:
-            raise BadRequest(str(e), None, "context_length_exceeded" if "exceeds" in str(e) else None) from None
-        except RuntimeError as e:  # StageDied / EngineClosed
-            raise EngineError(str(e).splitlines()[0]) from None
+def _validate(model_cls, raw: bytes):
+    """Body bytes -> the request model (on the thread pool: a large body parses for a while)."""
+    body = parse_json(raw)
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as e:
+        msg, param = _validation_message(e)
+        raise BadRequest(msg, param) from None
 
 
 def _sse(obj: Any) -> str:
@@ -107,10 +73,11 @@ def _usage(prompt: int, completion: int) -> dict:
 
 
 def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
-              generation_defaults: dict | None = None) -> FastAPI:
+              generation_defaults: dict | None = None, config: ServerConfig | None = None) -> FastAPI:
     """The app over a started LLM (the caller owns and closes it)."""
+    config = config or ServerConfig()
     app = FastAPI(title="moepipe", docs_url=None, redoc_url=None, openapi_url=None)
-    state = ServerState(llm, model_name, chat_template, generation_defaults or {})
+    state = ServerState(llm, model_name, chat_template, generation_defaults or {}, config)
     app.state.moepipe = state
 
     @app.exception_handler(StarletteHTTPException)
@@ -120,21 +87,29 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):
-        state.metrics.rejected += 1
+        state.metrics.rejected()
         return error_response(400, str(exc), param=exc.param, code=exc.code)
+
+    @app.exception_handler(PayloadTooLarge)
+    async def too_large(request: Request, exc: PayloadTooLarge):
+        state.metrics.rejected()
+        return error_response(413, str(exc), code="request_too_large")
 
     @app.exception_handler(EngineError)
     async def engine_error(request: Request, exc: EngineError):
         return error_response(503, str(exc), "server_error")
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("internal error serving %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error (see the server log)", "server_error")
+
     @app.get("/health")
     async def health():
         if state.draining:
             return error_response(503, "the server is shutting down", "server_error")
-        dead = getattr(llm, "_dead", None)
-        if dead is not None or getattr(llm, "_closed", False):
-            return error_response(503, f"the engine is down: {str(dead).splitlines()[0] if dead else 'closed'}",
-                                  "server_error")
+        if state.engine_down():
+            return error_response(503, "the engine is down", "server_error")
         return Response(status_code=200)
 
     @app.get("/v1/models")
@@ -145,39 +120,31 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
 
     @app.get("/metrics")
     async def metrics():
-        try:
-            stats = await asyncio.to_thread(llm.stats)
-        except RuntimeError:
-            stats = None
-        return PlainTextResponse(state.metrics.render(stats, model_name), media_type="text/plain; version=0.0.4")
+        return Response(await asyncio.to_thread(state.metrics.render), media_type=CONTENT_TYPE)
 
     async def parse(request: Request, model_cls):
         if state.draining:
             raise EngineError("the server is shutting down")
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise BadRequest("the request body must be a JSON object")
-        try:
-            req = model_cls.model_validate(body)
-        except ValidationError as e:
-            msg, param = _validation_message(e)
-            raise BadRequest(msg, param) from None
+        raw = await read_body(request, config.max_request_bytes)
+        req = await state.in_thread(_validate, model_cls, raw)
         if req.model is not None and req.model != model_name:
             raise BadRequest(f"model {req.model!r} is not served here; this server serves {model_name!r}",
                              "model", "model_not_found")
         req.check_supported()
         return req
 
+    def encode_all(prompts: list) -> list[list[int]]:
+        for p in prompts:
+            if isinstance(p, str):
+                state.check_text_length(len(p), "prompt")
+        return [state.encode(p) for p in prompts]
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         arrival = time.monotonic()
         req: CompletionRequest = await parse(request, CompletionRequest)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        prompts = req.prompts()
-        ids = [state.encode(p) for p in prompts]
+        ids = await state.in_thread(encode_all, req.prompts())
         params = [state.params_for(req, len(x), i) for i, x in enumerate(ids)]
         subs = _submit_all(state, ids, params, req.stop, rid, arrival)
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
@@ -186,12 +153,25 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
             return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
 
         if req.stream:
-            return _stream(request, subs, req, head, lambda i, p: choice(i, p.text, p.finish_reason), None)
-        results = await _collect_all(request, subs)
+            return _stream(state, request, subs, req, head, lambda i, p: choice(i, p.text, p.finish_reason), None)
+        results = await _collect_all(state, request, subs)
         if results is None:
             return Response(status_code=499)
         return {**head, "choices": [choice(i, r.text, r.finish_reason) for i, r in enumerate(results)],
                 "usage": _usage(sum(r.prompt_tokens for r in results), sum(r.num_tokens for r in results))}
+
+    def render_and_encode(req: ChatCompletionRequest) -> list[int]:
+        state.check_text_length(req.text_chars(), "messages")
+        try:
+            text = state.chat_template.render(req.template_messages(), req.add_generation_prompt,
+                                              tools=req.template_tools(),
+                                              chat_template_kwargs=req.chat_template_kwargs)
+        except ChatTemplateError as e:
+            raise BadRequest(str(e), "messages") from None
+        except RecursionError:
+            raise BadRequest("the conversation is nested too deeply for the chat template", "messages") from None
+        state.check_text_length(len(text), "messages")
+        return state.encode(text)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -200,13 +180,7 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
         if state.chat_template is None:
             raise BadRequest("this model has no chat template (chat_template.jinja or tokenizer_config.json's "
                              "chat_template); use /v1/completions", "messages")
-        try:
-            text = state.chat_template.render(req.template_messages(), req.add_generation_prompt,
-                                              tools=req.tools if req.tool_choice != "none" else None,
-                                              chat_template_kwargs=req.chat_template_kwargs)
-        except ChatTemplateError as e:
-            raise BadRequest(str(e), "messages") from None
-        ids = state.encode(text)
+        ids = await state.in_thread(render_and_encode, req)
         params = state.params_for(req, len(ids))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         subs = _submit_all(state, [ids], [params], req.stop, rid, arrival)
@@ -218,8 +192,8 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
                 return {"index": i, "delta": delta, "logprobs": None, "finish_reason": p.finish_reason}
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}
-            return _stream(request, subs, req, head, choice, first)
-        results = await _collect_all(request, subs)
+            return _stream(state, request, subs, req, head, choice, first)
+        results = await _collect_all(state, request, subs)
         if results is None:
             return Response(status_code=499)
         r = results[0]
@@ -228,7 +202,29 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
                              "logprobs": None, "finish_reason": r.finish_reason}],
                 "usage": _usage(r.prompt_tokens, r.num_tokens)}
 
+    app.add_middleware(_InFlight, state=state)
+    app.add_middleware(Gate, api_key=config.api_key, allowed_origins=config.allowed_origins)
+    if config.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)
     return app
+
+
+class _InFlight:
+    """Counts the /v1 requests whose response has not ended (the drain waits for them)."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        self.state.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.state.inflight -= 1
 
 
 def _submit_all(state: ServerState, ids, params, stops, rid: str, arrival: float) -> list[Submitted]:
@@ -243,17 +239,17 @@ def _submit_all(state: ServerState, ids, params, stops, rid: str, arrival: float
     return subs
 
 
-async def _collect_all(request: Request, subs: list[Submitted]):
-    """All results, or None (every request aborted) when the client goes away first."""
+async def _collect_all(state: ServerState, request: Request, subs: list[Submitted]):
+    """All results, or None (every request aborted) when the client goes away first; ShuttingDown
+    (503) when the drain timeout expires first."""
     task = asyncio.ensure_future(asyncio.gather(*(s.collect() for s in subs)))
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if done:
-                try:
-                    return task.result()
-                except EngineError:
-                    raise
+                return task.result()
+            if state.expired:
+                raise ShuttingDown("the server is shutting down: the drain timeout expired")
             if await request.is_disconnected():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -266,7 +262,10 @@ async def _collect_all(request: Request, subs: list[Submitted]):
             s.abort()
 
 
-def _stream(request: Request, subs: list[Submitted], req, head: dict, choice, first_choice) -> StreamingResponse:
+def _stream(state: ServerState, request: Request, subs: list[Submitted], req, head: dict, choice,
+            first_choice) -> StreamingResponse:
+    """Server-sent events; an engine failure or the drain timeout ends the stream with an error
+    event and [DONE]."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     usage_field = {"usage": None} if include_usage else {}
 
@@ -280,21 +279,28 @@ def _stream(request: Request, subs: list[Submitted], req, head: dict, choice, fi
                     await queue.put((i, p))
             except EngineError as e:
                 await queue.put((i, e))
-            except Exception as e:  # a bug must end this stream with an error, not leave it hanging
-                await queue.put((i, EngineError(f"internal error: {type(e).__name__}: {e}")))
+            except Exception:  # a bug must end this stream with an error, not leave it hanging
+                log.exception("internal error in stream %s", head["id"])
+                await queue.put((i, EngineError("internal server error (see the server log)")))
             finally:
                 await queue.put((i, None))
 
         tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(subs)]
+        state.stream_queues.add(queue)
         try:
             if first_choice is not None:
                 yield _sse({**head, "choices": [first_choice], **usage_field})
-            open_ = len(subs)
+            open_ = len(subs) if not state.expired else 0
+            if state.expired:
+                yield _sse(error_body("the server is shutting down: the drain timeout expired", "server_error"))
             while open_:
                 i, item = await queue.get()
                 if item is None:
                     open_ -= 1
                     continue
+                if isinstance(item, ShuttingDown):
+                    yield _sse(error_body(str(item), "server_error"))
+                    break
                 if isinstance(item, EngineError):
                     yield _sse(error_body(str(item), "server_error"))
                     continue
@@ -305,6 +311,7 @@ def _stream(request: Request, subs: list[Submitted], req, head: dict, choice, fi
                                                                   sum(done_tokens))})
             yield "data: [DONE]\n\n"
         finally:
+            state.stream_queues.discard(queue)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -4,6 +4,7 @@ abort whenever the consumer stops early (client gone, stop string, cancellation)
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from typing import AsyncIterator
 
 from .detokenize import IncrementalDetokenizer, StopStrings
 from .metrics import ServerMetrics
+
+log = logging.getLogger("moepipe.server")
 
 
 @dataclass
@@ -93,8 +96,10 @@ class Submitted:
                 for ev in await self._events():
                     if isinstance(ev, BaseException):
                         done = True
-                        why = str(ev).splitlines()[0] if str(ev) else type(ev).__name__
-                        raise EngineError(f"the engine failed: {why}")
+                        if isinstance(ev, ValueError):  # refused by the scheduler: its message is for the client
+                            raise EngineError(f"the request was refused: {ev}")
+                        log.error("request %s: the engine failed: %s", self.stream.request_id, ev)
+                        raise EngineError("the engine failed")  # PIDs and tracebacks stay in the log
                     n += 1
                     reason = ev.finish_reason
                     delta = detok.add(ev.token_id) if detok is not None else ""

@@ -1,10 +1,15 @@
-"""/metrics in the Prometheus text format (0.0.4): the server's latency histograms and counters, and
-the engine's scheduler and per-stage figures from LLM.stats()."""
+"""/metrics through prometheus-client, under vLLM's names with the `moepipe:` prefix (vLLM's
+`vllm:`), each labelled model_name: the server's latency histograms and request counters, and the
+engine's scheduler and per-stage figures read from LLM.stats() at scrape time. The names are
+listed in the README's Serve section."""
 from __future__ import annotations
 
-import bisect
 import threading
 import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -12,52 +17,49 @@ TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
                 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                480.0, 960.0, 1920.0, 7680.0)
-PREFIX = "moepipe_"
-
-
-class Histogram:
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets = buckets
-        self.counts = [0] * (len(buckets) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, v: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, v)] += 1
-        self.sum += v
-        self.count += 1
-
-    def lines(self, name: str) -> list[str]:
-        out, acc = [], 0
-        for le, c in zip((*self.buckets, "+Inf"), self.counts):
-            acc += c
-            out.append(f'{name}_bucket{{le="{le}"}} {acc}')
-        out += [f"{name}_sum {self.sum!r}", f"{name}_count {self.count}"]
-        return out
+PREFIX = "moepipe:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# LLM.stats()["scheduler"] key -> (metric name without prefix, counter?, help)
+disable_created_metrics()  # no `_created` series beside each counter and histogram
+SCHEDULER_METRICS = (("running", "num_requests_running", False, "Sequences in the running batch"),
+                     ("waiting", "num_requests_waiting", False, "Sequences waiting to be scheduled"),
+                     ("preemptions", "num_preemptions", True, "Sequences preempted for KV blocks"),
+                     ("prompt_tokens", "prompt_tokens", True, "Prompt tokens prefilled"),
+                     ("generation_tokens", "generation_tokens", True, "Tokens generated"))
 
 
 class ServerMetrics:
-    """Filled by the request handlers (event loop thread); read by /metrics."""
+    """Filled by the request handlers; rendered by /metrics (`render`, off the event loop: it asks
+    the engine for its stats)."""
 
-    def __init__(self):
+    def __init__(self, model: str = "", stats: Callable[[], dict | None] = lambda: None):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model, self._stats = model, stats
+        labels, m = ["model_name"], {"registry": self.registry}
+        self._ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token", labels,
+                               buckets=TTFT_BUCKETS, **m).labels(model)
+        self._tpot = Histogram(PREFIX + "time_per_output_token_seconds", "Time per output token after the first",
+                               labels, buckets=TPOT_BUCKETS, **m).labels(model)
+        self._e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Request latency", labels,
+                              buckets=E2E_BUCKETS, **m).labels(model)
+        self._success = Counter(PREFIX + "request_success", "Finished requests by finish reason",
+                                labels + ["finished_reason"], **m)
+        self._rejected = Counter(PREFIX + "request_rejected", "Requests refused with a 4xx", labels, **m).labels(model)
         self._lock = threading.Lock()
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.tpot = Histogram(TPOT_BUCKETS)
-        self.e2e = Histogram(E2E_BUCKETS)
-        self.finished: dict[str, int] = {}
-        self.rejected = 0
         self._last_busy: tuple[float, dict[int, float]] = (time.monotonic(), {})
+        self.registry.register(_EngineCollector(self))
 
     def first_token(self, seconds: float) -> None:
-        with self._lock:
-            self.ttft.observe(seconds)
+        self._ttft.observe(seconds)
+
+    def rejected(self) -> None:
+        self._rejected.inc()
 
     def request_done(self, reason: str, e2e_s: float, tokens: int, first_to_last_s: float) -> None:
-        with self._lock:
-            self.finished[reason] = self.finished.get(reason, 0) + 1
-            self.e2e.observe(e2e_s)
-            if tokens > 1:
-                self.tpot.observe(first_to_last_s / (tokens - 1))
+        self._success.labels(self.model, reason).inc()
+        self._e2e.observe(e2e_s)
+        if tokens > 1:
+            self._tpot.observe(first_to_last_s / (tokens - 1))
 
     def busy_fractions(self, stages: list[dict], now: float | None = None) -> dict[int, float]:
         """Each stage's busy time over the wall time since the previous scrape (since the server
@@ -71,52 +73,64 @@ class ServerMetrics:
         dt = now - last[0]
         return {r: min(1.0, max(0.0, (b - last[1].get(r, 0.0)) / dt)) for r, b in busy.items()}
 
-    def render(self, stats: dict | None, model: str) -> str:
-        lines: list[str] = []
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
-        def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]):
-            lines.append(f"# HELP {PREFIX}{name} {help}")
-            lines.append(f"# TYPE {PREFIX}{name} {kind}")
-            for labels, v in samples:
-                lines.append(f"{PREFIX}{name}{labels} {v}")
 
-        with self._lock:
-            for name, h, help in (("time_to_first_token_seconds", self.ttft, "Time to first token"),
-                                  ("time_per_output_token_seconds", self.tpot, "Time per output token after the first"),
-                                  ("e2e_request_latency_seconds", self.e2e, "Request latency")):
-                lines += [f"# HELP {PREFIX}{name} {help}", f"# TYPE {PREFIX}{name} histogram"]
-                lines += h.lines(PREFIX + name)
-            metric("request_success_total", "counter", "Finished requests by finish reason",
-                   [(f'{{finished_reason="{k}"}}', v) for k, v in sorted(self.finished.items())])
-            metric("request_rejected_total", "counter", "Requests refused with a 4xx", [("", self.rejected)])
-        if stats is not None:
-            sch = stats.get("scheduler", {})
-            num, free = sch.get("num_blocks"), sch.get("free_blocks")
-            for key, name, kind, help in (
-                    ("running", "num_requests_running", "gauge", "Sequences in the running batch"),
-                    ("waiting", "num_requests_waiting", "gauge", "Sequences waiting to be scheduled"),
-                    ("preemptions", "num_preemptions_total", "counter", "Sequences preempted for KV blocks"),
-                    ("prompt_tokens", "prompt_tokens_total", "counter", "Prompt tokens prefilled"),
-                    ("generation_tokens", "generation_tokens_total", "counter", "Tokens generated")):
-                if key in sch:
-                    metric(name, kind, help, [("", sch[key])])
-            if num is not None and free is not None:
-                metric("kv_blocks_total", "gauge", "KV cache blocks in the pool", [("", num)])
-                metric("kv_blocks_free", "gauge", "KV cache blocks free", [("", free)])
-                metric("kv_blocks_used", "gauge", "KV cache blocks in use", [("", num - free)])
-                metric("kv_cache_usage_perc", "gauge", "Fraction of KV blocks in use", [("", (num - free) / max(num, 1))])
-            stages = stats.get("stages", [])
-            frac = self.busy_fractions(stages)
-            per = [(f'{{stage="{int(s.get("rank", i))}"}}', s) for i, s in enumerate(stages)]
-            metric("stage_busy_seconds_total", "counter", "Seconds each stage spent computing",
-                   [(lab, float(s.get("busy_ms", 0.0)) / 1e3) for lab, s in per])
-            metric("stage_busy_fraction", "gauge", "Busy share of each stage since the previous scrape",
-                   [(lab, frac[int(s.get("rank", i))]) for i, (lab, s) in enumerate(per)
-                    if int(s.get("rank", i)) in frac])
-            for key, name, help in (("steps", "stage_steps_total", "Micro-batch steps each stage ran"),
-                                    ("tokens", "stage_tokens_total", "Tokens each stage processed")):
-                if all(key in s for _, s in per) and per:
-                    metric(name, "counter", help, [(lab, s[key]) for lab, s in per])
-        label = model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        metric("model_info", "gauge", "The served model", [(f'{{model="{label}"}}', 1)])
-        return "\n".join(lines) + "\n"
+class _EngineCollector:
+    """The engine's figures, read from LLM.stats() once per scrape (nothing when it is down)."""
+
+    def __init__(self, owner: ServerMetrics):
+        self.owner = owner
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        o, model = self.owner, self.owner.model
+
+        def family(name: str, counter: bool, help: str, labels: tuple[str, ...] = ()):
+            cls = CounterMetricFamily if counter else GaugeMetricFamily
+            return cls(PREFIX + name, help, labels=["model_name", *labels])
+
+        info = family("model_info", False, "The served model")
+        info.add_metric([model], 1)
+        yield info
+        try:
+            stats = o._stats()
+        except RuntimeError:  # the engine is down or closed
+            stats = None
+        if not stats:
+            return
+        sch = stats.get("scheduler", {})
+        for key, name, counter, help in SCHEDULER_METRICS:
+            if key in sch:
+                f = family(name, counter, help)
+                f.add_metric([model], sch[key])
+                yield f
+        num, free = sch.get("num_blocks"), sch.get("free_blocks")
+        if num is not None and free is not None:
+            for name, help, v in (("kv_blocks_total", "KV cache blocks in the pool", num),
+                                  ("kv_blocks_free", "KV cache blocks free", free),
+                                  ("kv_blocks_used", "KV cache blocks in use", num - free),
+                                  ("kv_cache_usage_perc", "Fraction of KV blocks in use", (num - free) / max(num, 1))):
+                f = family(name, False, help)
+                f.add_metric([model], v)
+                yield f
+        stages = stats.get("stages", [])
+        ranks = [int(s.get("rank", i)) for i, s in enumerate(stages)]
+        frac = o.busy_fractions(stages)
+        per_stage = [("stage_busy_seconds", True, "Seconds each stage spent computing",
+                      [float(s.get("busy_ms", 0.0)) / 1e3 for s in stages]),
+                     ("stage_busy_fraction", False, "Busy share of each stage since the previous scrape",
+                      [frac.get(r) for r in ranks])]
+        for key, name, help in (("steps", "stage_steps", "Micro-batch steps each stage ran"),
+                                ("tokens", "stage_tokens", "Tokens each stage processed")):
+            if stages and all(key in s for s in stages):
+                per_stage.append((name, True, help, [s[key] for s in stages]))
+        for name, counter, help, values in per_stage:
+            f = family(name, counter, help, ("stage",))
+            for r, v in zip(ranks, values):
+                if v is not None:
+                    f.add_metric([model, str(r)], v)
+            yield f

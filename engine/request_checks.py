@@ -1,5 +1,9 @@
-"""A prompt (text or token ids) as checked token ids."""
+"""The LLM's checks of a request before any stage sees it: the prompt as token ids, and limits and
+params that could never run."""
 from __future__ import annotations
+
+from .params import SamplingParams
+from .scheduler import check_request
 
 
 def encode_prompt(prompt: str | list[int], tokenizer, vocab_size: int) -> list[int]:
@@ -15,3 +19,12 @@ def encode_prompt(prompt: str | list[int], tokenizer, vocab_size: int) -> list[i
     if not ids:
         raise ValueError("empty prompt: give at least one token")
     return ids
+
+
+def check_params(ids: list[int], params: SamplingParams, max_model_len: int, info: dict, vocab_size: int,
+                 tokenizer) -> None:
+    """Refuse (ValueError naming the limit or field) a request that could never run."""
+    check_request(len(ids), params.max_tokens, max_model_len, info["num_blocks"], info["block_size"])
+    params.check_vocab(vocab_size)
+    if params.stop is not None and tokenizer is None:
+        raise ValueError("SamplingParams: stop strings need the checkpoint's tokenizer.json")

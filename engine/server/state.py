@@ -1,0 +1,116 @@
+"""ServerState: what the routes share: the LLM, limits, the thread pool that tokenizes and renders
+templates off the event loop, the requests in flight and the drain (shutdown) flags."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import Callable
+
+from ..chat_template import ChatTemplate
+from ..params import SamplingParams
+from . import DEFAULT_MAX_REQUEST_BYTES
+from .generation import EngineError, EventPump, Submitted
+from .metrics import ServerMetrics
+from .protocol import BadRequest
+
+log = logging.getLogger("moepipe.server")
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+# NFC normalisation (Qwen's tokenizer applies it) composes up to 3 characters into 1 (Hangul jamo)
+NORMALIZE_SLACK = 4
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The serve flags build_app takes (engine/cli/serve.py)."""
+    api_key: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
+class ShuttingDown(EngineError):
+    """The drain timeout expired: what is still running is cut off (503)."""
+
+
+class ServerState:
+    def __init__(self, llm, model_name: str, chat_template: ChatTemplate | None, generation_defaults: dict,
+                 config: ServerConfig):
+        self.llm, self.model_name, self.chat_template = llm, model_name, chat_template
+        self.defaults, self.config = generation_defaults, config
+        self.metrics = ServerMetrics(model_name, self._engine_stats)
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="moepipe-tokenize")
+        self.draining = False  # /health 503, new requests 503
+        self.expired = False  # the drain timeout passed: requests in flight are cut off
+        self.inflight = 0  # /v1 requests whose response has not ended
+        self.stream_queues: set[asyncio.Queue] = set()  # streams to tell when the drain expires
+        self.pump: EventPump | None = None
+        self.created = int(time.time())
+        info = getattr(llm, "info", {}) or {}
+        self.max_model_len = llm.max_model_len
+        self.vocab_size = llm.config.vocab_size
+        blocks, bs = info.get("num_blocks"), info.get("block_size")
+        self.capacity = min(self.max_model_len, blocks * bs) if blocks and bs else self.max_model_len
+        tok = llm.tokenizer
+        # no token decodes to more characters than this: a longer text has more tokens than the context
+        self.max_token_chars = tok.max_token_chars() if tok is not None and hasattr(tok, "max_token_chars") else None
+
+    def _engine_stats(self) -> dict | None:
+        return self.llm.stats()
+
+    async def in_thread(self, fn: Callable, *args):
+        """fn(*args) on the pool: tokenization, template rendering and body parsing never block the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def engine_down(self) -> bool:
+        return getattr(self.llm, "_dead", None) is not None or getattr(self.llm, "_closed", False)
+
+    def expire_drain(self) -> None:
+        """Tell every request still in flight that it is cut off (streams end with an error event)."""
+        self.expired = True
+        for q in list(self.stream_queues):
+            q.put_nowait((-1, ShuttingDown("the server is shutting down: the drain timeout expired")))
+
+    def check_text_length(self, chars: int, param: str) -> None:
+        """A cheap bound before tokenizing: `chars` characters hold at least chars / max_token_chars tokens."""
+        if self.max_token_chars and chars > self.capacity * self.max_token_chars * NORMALIZE_SLACK:
+            raise BadRequest(f"the {param} has {chars} characters, so more tokens than the context limit of "
+                             f"{self.capacity} tokens", param, "context_length_exceeded")
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        try:
+            return self.llm._encode(prompt)
+        except ValueError as e:
+            raise BadRequest(str(e), "prompt") from None
+
+    def params_for(self, req, prompt_len: int, index: int = 0) -> SamplingParams:
+        """SamplingParams with max_tokens checked against the context (400 naming the limit)."""
+        limit_name = "max_model_len" if self.capacity == self.max_model_len else "KV cache"
+        where = f"prompt {index} " if index else "prompt "
+        if prompt_len >= self.capacity:
+            raise BadRequest(f"{where}has {prompt_len} tokens: the context limit ({limit_name}) is {self.capacity} "
+                             f"tokens, so no room is left to generate", "messages" if hasattr(req, "messages")
+                             else "prompt", "context_length_exceeded")
+        asked = req.requested_max_tokens()
+        max_tokens = asked if asked is not None else self.capacity - prompt_len
+        if prompt_len + max_tokens > self.capacity:
+            raise BadRequest(f"{where}of {prompt_len} tokens + max_tokens {max_tokens} = {prompt_len + max_tokens} "
+                             f"exceeds the context limit ({limit_name}) of {self.capacity} tokens",
+                             "max_tokens", "context_length_exceeded")
+        kw = {k: v for k, v in req.sampling_kwargs(self.defaults, self.vocab_size).items() if k in _SAMPLING_FIELDS}
+        try:
+            return SamplingParams(max_tokens=max_tokens, **kw)
+        except ValueError as e:
+            raise BadRequest(str(e).removeprefix("SamplingParams: ")) from None
+
+    def submit(self, ids: list[int], params: SamplingParams, stops: list[str], rid: str, arrival: float) -> Submitted:
+        if self.pump is None:
+            self.pump = EventPump(asyncio.get_running_loop())
+        try:
+            return Submitted(self.llm, ids, params, stops, rid, self.metrics, arrival, self.pump)
+        except ValueError as e:
+            raise BadRequest(str(e), None, "context_length_exceeded" if "exceeds" in str(e) else None) from None
+        except RuntimeError as e:  # StageDied / EngineClosed: the detail (PIDs, tracebacks) goes to the log only
+            log.error("request %s refused: the engine is down: %s", rid, e)
+            raise EngineError("the engine is down") from None
