@@ -43,7 +43,7 @@ class LLM(StageProcesses):
         self.folder = folder
         self._chat_template = None
         self.stop_ids = self.args.stop_ids
-        self._grammars = GrammarRequests(folder, self.config.vocab_size, self.stop_ids, self.tokenizer)
+        self.grammars = GrammarRequests(folder, self.config.vocab_size, self.stop_ids, self.tokenizer)
         self._lock = threading.RLock()
         self._send_lock = threading.RLock()
         self._entries: dict[int, _Entry] = {}
@@ -185,7 +185,7 @@ class LLM(StageProcesses):
 
     def _check(self, ids: list[int], params: SamplingParams, reasoning: bool = False) -> GrammarPayload | None:
         check_params(ids, params, self.max_model_len, self.info, self.config.vocab_size, self.tokenizer)
-        return self._grammars.payload(params, reasoning)
+        return self.grammars.payload(params, reasoning)
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                on_event: Callable | None = None, reasoning: bool = False) -> RequestStream:

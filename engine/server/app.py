@@ -17,12 +17,15 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_template import ChatTemplate, ChatTemplateError
+from ..structured.requests import starts_in_reasoning
 from .body import PayloadTooLarge, parse_json, read_body
+from .chat_output import ChatDeltas, chat_message, finish_reason
 from .gate import Gate
 from .generation import EngineError, Submitted
 from .metrics import CONTENT_TYPE
 from .protocol import BadRequest, ChatCompletionRequest, CompletionRequest
 from .state import ServerConfig, ServerState, ShuttingDown
+from .structure import check_grammar, structure_of
 
 log = logging.getLogger("moepipe.server")
 DISCONNECT_POLL_S = 0.25
@@ -145,7 +148,10 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
         req: CompletionRequest = await parse(request, CompletionRequest)
         rid = f"cmpl-{uuid.uuid4().hex}"
         ids = await state.in_thread(encode_all, req.prompts())
-        params = [state.params_for(req, len(x), i) for i, x in enumerate(ids)]
+        st = structure_of(req)
+        params = [state.params_for(req, len(x), i, st.grammar) for i, x in enumerate(ids)]
+        if st.grammar is not None:  # compiled off the event loop; a bad schema is a 400 naming the field
+            await state.in_thread(check_grammar, llm, params[0], st.param)
         subs = _submit_all(state, ids, params, req.stop, rid, arrival)
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
 
@@ -153,25 +159,27 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
             return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
 
         if req.stream:
-            return _stream(state, request, subs, req, head, lambda i, p: choice(i, p.text, p.finish_reason), None)
+            return _stream(state, request, subs, req, head, lambda i, p: [choice(i, p.text, p.finish_reason)], None)
         results = await _collect_all(state, request, subs)
         if results is None:
             return Response(status_code=499)
         return {**head, "choices": [choice(i, r.text, r.finish_reason) for i, r in enumerate(results)],
                 "usage": _usage(sum(r.prompt_tokens for r in results), sum(r.num_tokens for r in results))}
 
-    def render_and_encode(req: ChatCompletionRequest) -> list[int]:
+    def render_and_encode(req: ChatCompletionRequest) -> tuple[list[int], bool]:
+        """The prompt's ids, and whether it leaves the model thinking (reasoning is split off then)."""
         state.check_text_length(req.text_chars(), "messages")
         try:
-            text = state.chat_template.render(req.template_messages(), req.add_generation_prompt,
-                                              tools=req.template_tools(),
+            tools = req.template_tools()
+            text = state.chat_template.render(req.template_messages(), req.add_generation_prompt, tools=tools,
                                               chat_template_kwargs=req.chat_template_kwargs)
+            thinking = starts_in_reasoning(state.chat_template.pick(tools), text, req.chat_template_kwargs)
         except ChatTemplateError as e:
             raise BadRequest(str(e), "messages") from None
         except RecursionError:
             raise BadRequest("the conversation is nested too deeply for the chat template", "messages") from None
         state.check_text_length(len(text), "messages")
-        return state.encode(text)
+        return state.encode(text), thinking
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -180,16 +188,26 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
         if state.chat_template is None:
             raise BadRequest("this model has no chat template (chat_template.jinja or tokenizer_config.json's "
                              "chat_template); use /v1/completions", "messages")
-        ids = await state.in_thread(render_and_encode, req)
-        params = state.params_for(req, len(ids))
+        ids, thinking = await state.in_thread(render_and_encode, req)
+        st = structure_of(req)
+        params = state.params_for(req, len(ids), 0, st.grammar)
+        if st.grammar is not None:
+            await state.in_thread(check_grammar, llm, params, st.param)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        subs = _submit_all(state, [ids], [params], req.stop, rid, arrival)
+        subs = _submit_all(state, [ids], [params], req.stop, rid, arrival, thinking)
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
 
         if req.stream:
-            def choice(i: int, p) -> dict:
-                delta = {"content": p.text} if p.text or p.finish_reason is None else {}
-                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": p.finish_reason}
+            parsers = [ChatDeltas(thinking, st.parse_tools, st.single_call) for _ in subs]
+
+            def choice(i: int, p) -> list[dict]:
+                d = parsers[i]
+                out = [{"index": i, "delta": x, "logprobs": None, "finish_reason": None}
+                       for x in d.feed(p.text) + (d.finish() if p.finish_reason is not None else [])]
+                if p.finish_reason is not None:
+                    out.append({"index": i, "delta": {}, "logprobs": None,
+                                "finish_reason": finish_reason(p.finish_reason, d.called)})
+                return out
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}
             return _stream(state, request, subs, req, head, choice, first)
@@ -197,9 +215,10 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
         if results is None:
             return Response(status_code=499)
         r = results[0]
+        message, called = chat_message(r.text, thinking, st.parse_tools, st.single_call)
         return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
-                             "logprobs": None, "finish_reason": r.finish_reason}],
+                "choices": [{"index": 0, "message": message, "logprobs": None,
+                             "finish_reason": finish_reason(r.finish_reason, called)}],
                 "usage": _usage(r.prompt_tokens, r.num_tokens)}
 
     app.add_middleware(_InFlight, state=state)
@@ -227,11 +246,12 @@ class _InFlight:
             self.state.inflight -= 1
 
 
-def _submit_all(state: ServerState, ids, params, stops, rid: str, arrival: float) -> list[Submitted]:
+def _submit_all(state: ServerState, ids, params, stops, rid: str, arrival: float,
+                reasoning: bool = False) -> list[Submitted]:
     subs: list[Submitted] = []
     try:
         for i, (x, sp) in enumerate(zip(ids, params)):
-            subs.append(state.submit(x, sp, stops, rid if len(ids) == 1 else f"{rid}-{i}", arrival))
+            subs.append(state.submit(x, sp, stops, rid if len(ids) == 1 else f"{rid}-{i}", arrival, reasoning))
     except BaseException:
         for s in subs:
             s.abort()
@@ -305,7 +325,8 @@ def _stream(state: ServerState, request: Request, subs: list[Submitted], req, he
                     yield _sse(error_body(str(item), "server_error"))
                     continue
                 done_tokens[i] = item.num_tokens
-                yield _sse({**head, "choices": [choice(i, item)], **usage_field})
+                for c in choice(i, item):  # the piece's choice deltas (chat: reasoning, content, tool calls)
+                    yield _sse({**head, "choices": [c], **usage_field})
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(sum(s.prompt_tokens for s in subs),
                                                                   sum(done_tokens))})
