@@ -4,8 +4,13 @@ tokens), at each client concurrency of a sweep. Per level: request throughput, o
 tok/s, TTFT, TPOT and inter-token latency (mean, p50, p99), and each stage's busy fraction from
 /metrics. Starts the server itself (python -m engine serve) unless --url is given.
 
+--json-share 0,0.5 runs every level once per share: that share of the requests carries a
+`response_format` json_schema (the grammar masks their logits; they end when the JSON is complete or
+at --output-len), reported per kind (plain / json) beside the plain-only level of the same call.
+
     python bench/bench_serving.py --model qwen3-30b-a3b --stages 2 --serve-args "--load-format dummy" \\
         --concurrency 1,8,64,256 --input-len 1024 --output-len 256 --out bench/results/serving.json
+    python bench/bench_serving.py ... --concurrency 64 --json-share 0,0.5   # the grammar's cost beside plain
     python bench/bench_serving.py --num-prompts 8 --input-len 16 --output-len 8 --concurrency 1,4   # tiny, CPU
 
 JSON goes to --out; the table is printed last."""
@@ -28,6 +33,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# --json-share requests: nested objects, arrays, enums and bounded numbers (strings and arrays are
+# unbounded, so a random model writes long answers)
+BENCH_SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string"}, "kind": {"enum": ["a", "b", "c"]},
+    "score": {"type": "integer", "minimum": 0, "maximum": 100},
+    "items": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "qty": {"type": "number"}, "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["name", "qty"]}}},
+    "required": ["title", "kind", "score", "items"]}
 
 
 @dataclass
@@ -39,6 +53,14 @@ class RequestResult:
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    kind: str = "plain"  # "json": the request carried a response_format json_schema
+
+
+def floats(s: str) -> list[float]:
+    out = [float(x) for x in s.split(",") if x.strip()]
+    if not out or not all(0 <= x <= 1 for x in out):
+        raise argparse.ArgumentTypeError(f"shares in [0, 1], comma-separated, got {s!r}")
+    return out
 
 
 def ints(s: str) -> list[int]:
@@ -117,7 +139,7 @@ def metrics(client, url: str) -> dict[str, float]:
 
 # ---- the clients -------------------------------------------------------------------------------
 async def one_request(client, url: str, body: dict) -> RequestResult:
-    res = RequestResult(False, len(body["prompt"]))
+    res = RequestResult(False, len(body["prompt"]), kind="json" if "response_format" in body else "plain")
     start = time.perf_counter()
     last = None
     try:
@@ -153,37 +175,50 @@ async def one_request(client, url: str, body: dict) -> RequestResult:
     return res
 
 
-async def run_level(url: str, a, concurrency: int, prompts: list[list[int]]) -> tuple[list[RequestResult], float]:
+async def run_level(url: str, a, concurrency: int, prompts: list[list[int]], json_share: float = 0.0
+                    ) -> tuple[list[RequestResult], float]:
     import httpx
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    schema = json.loads(Path(a.json_schema).read_text()) if a.json_schema else BENCH_SCHEMA
     async with httpx.AsyncClient(timeout=httpx.Timeout(a.request_timeout), limits=limits) as client:
-        async def limited(p):
+        async def limited(i, p):
             async with sem:
                 body = {"model": a.served_model_name, "prompt": p, "max_tokens": a.output_len, "temperature": 0.0,
                         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                if int((i + 1) * json_share) > int(i * json_share):  # spread evenly through the level
+                    body["response_format"] = {"type": "json_schema",
+                                               "json_schema": {"name": "bench", "schema": schema}}
                 return await one_request(client, url, body)
         t = time.perf_counter()
-        results = await asyncio.gather(*(limited(p) for p in prompts))
+        results = await asyncio.gather(*(limited(i, p) for i, p in enumerate(prompts)))
         return list(results), time.perf_counter() - t
 
 
-def summarize(concurrency: int, results: list[RequestResult], duration: float, m0: dict, m1: dict) -> dict:
-    ok = [r for r in results if r.ok]
-    out_tokens = sum(r.output_tokens for r in ok)
-    in_tokens = sum(r.prompt_len for r in ok)
+def latency_stats(ok: list[RequestResult], duration: float) -> dict:
+    """Output tok/s and TTFT / TPOT / ITL (mean, p50, p99) of some completed requests."""
     ttft = [r.ttft_s * 1e3 for r in ok]
     tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) * 1e3 for r in ok if r.output_tokens > 1]
     itl = [x * 1e3 for r in ok for x in r.itl_s]
-    row = {"concurrency": concurrency, "num_prompts": len(results), "completed": len(ok),
-           "failed": len(results) - len(ok), "duration_s": duration,
-           "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
-           "total_token_throughput": (in_tokens + out_tokens) / duration,
-           "total_input_tokens": in_tokens, "total_output_tokens": out_tokens}
+    row = {"completed": len(ok), "output_throughput": sum(r.output_tokens for r in ok) / duration}
     for name, xs in (("ttft_ms", ttft), ("tpot_ms", tpot), ("itl_ms", itl)):
         row[f"mean_{name}"] = statistics.fmean(xs) if xs else float("nan")
         row[f"median_{name}"] = pct(xs, 50)
         row[f"p99_{name}"] = pct(xs, 99)
+    return row
+
+
+def summarize(concurrency: int, results: list[RequestResult], duration: float, m0: dict, m1: dict,
+              json_share: float = 0.0) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_len for r in ok)
+    row = {"concurrency": concurrency, "json_share": json_share, "num_prompts": len(results),
+           **latency_stats(ok, duration), "failed": len(results) - len(ok), "duration_s": duration,
+           "request_throughput": len(ok) / duration, "total_token_throughput": (in_tokens + out_tokens) / duration,
+           "total_input_tokens": in_tokens, "total_output_tokens": out_tokens}
+    if json_share > 0:  # each kind beside the other, over the same wall time
+        row["by_kind"] = {k: latency_stats([r for r in ok if r.kind == k], duration) for k in ("plain", "json")}
     busy = {}
     for k, v in m1.items():
         s = re.fullmatch(r'moepipe:stage_busy_seconds_total\{stage="(\d+)"\}', k)
@@ -233,6 +268,9 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--vocab-size", type=int, default=None, help="prompt ids are drawn from [10, vocab - 10)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json-share", type=floats, default=[0.0],
+                    help="shares of json_schema requests, each level run once per share (e.g. 0,0.5)")
+    ap.add_argument("--json-schema", help="a JSON schema file for those requests (default: a built-in one)")
     ap.add_argument("--request-timeout", type=float, default=1800)
     ap.add_argument("--startup-timeout", type=float, default=1800)
     ap.add_argument("--out", help="JSON results file")
@@ -258,15 +296,17 @@ def main() -> int:
                              f"max_model_len {served['max_model_len']}")
         rng = random.Random(a.seed)
         warm = [[rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(2)]
-        asyncio.run(run_level(url, a, 2, warm))  # first-call costs (allocator, kernels) out of the figures
+        # first-call costs (allocator, kernels, the schema's compile) out of the figures
+        asyncio.run(run_level(url, a, 2, warm, max(a.json_share)))
         for c in a.concurrency:
             n = a.num_prompts or max(8, 2 * c)
             prompts = [[rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(n)]
-            m0 = metrics(sync, url)
-            results, dt = asyncio.run(run_level(url, a, c, prompts))
-            row = summarize(c, results, dt, m0, metrics(sync, url))
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for share in a.json_share:  # the same prompts at each share
+                m0 = metrics(sync, url)
+                results, dt = asyncio.run(run_level(url, a, c, prompts, share))
+                row = summarize(c, results, dt, m0, metrics(sync, url), share)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     finally:
         if proc is not None:
             stop_server(proc)
@@ -277,16 +317,20 @@ def main() -> int:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(record, indent=2) + "\n")
-    hdr = (f"{'conc':>5} {'reqs':>5} {'ok':>4} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
-           f"{'TPOT p50':>9} {'TPOT p99':>9} {'busy':>12}")
+    hdr = (f"{'conc':>5} {'json':>5} {'reqs':>5} {'ok':>4} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} "
+           f"{'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'busy':>12}")
     print(f"\nserving: {record['model']}, {record['device']}, in {a.input_len} / out {a.output_len} tokens "
           f"(ms for TTFT/TPOT)")
     print(hdr)
     for r in rows:
         busy = "/".join(f"{b:.2f}" for b in r["stage_busy_fraction"])
-        print(f"{r['concurrency']:>5} {r['num_prompts']:>5} {r['completed']:>4} {r['request_throughput']:>7.2f} "
-              f"{r['output_throughput']:>10.1f} {r['median_ttft_ms']:>9.1f} {r['p99_ttft_ms']:>9.1f} "
-              f"{r['median_tpot_ms']:>9.2f} {r['p99_tpot_ms']:>9.2f} {busy:>12}")
+        print(f"{r['concurrency']:>5} {r['json_share']:>5.2f} {r['num_prompts']:>5} {r['completed']:>4} "
+              f"{r['request_throughput']:>7.2f} {r['output_throughput']:>10.1f} {r['median_ttft_ms']:>9.1f} "
+              f"{r['p99_ttft_ms']:>9.1f} {r['median_tpot_ms']:>9.2f} {r['p99_tpot_ms']:>9.2f} {busy:>12}")
+        for kind, k in r.get("by_kind", {}).items():
+            print(f"{'':>5} {kind:>5} {'':>5} {k['completed']:>4} {'':>7} {k['output_throughput']:>10.1f} "
+                  f"{k['median_ttft_ms']:>9.1f} {k['p99_ttft_ms']:>9.1f} {k['median_tpot_ms']:>9.2f} "
+                  f"{k['p99_tpot_ms']:>9.2f}")
     return 0 if all(r["failed"] == 0 for r in rows) else 1
 
 
