@@ -240,17 +240,17 @@ def test_mask_touches_only_its_rows():
 @pytest.mark.gpu
 def test_cuda_structured_outputs_validate_beside_plain_rows(ckpt, bonus):
     """On CUDA (bf16, xgrammar's mask kernel, the fused sampler): every JSON output validates, on 1
-    stage and on 2 GPUs when there are two, and plain greedy rows keep their tokens."""
+    stage and on 2 GPUs when there are two, beside a plain row (bf16 matmuls are not batch-invariant,
+    so its tokens are not compared; the CPU tests and test_mask_touches_only_its_rows do that)."""
     import torch
     names = list(SCHEMAS)[:8]
     plain = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     for stages in (1, 2)[:torch.cuda.device_count()]:
         with LLM(str(ckpt), stages=stages, device="cuda", dtype="bfloat16", verbose=False) as llm:
-            alone = llm.generate(PROMPTS[:1], plain)[0].token_ids
             params = [structured(seed=i, bias=bonus, json=SCHEMAS[n]) for i, n in enumerate(names)] + [plain]
             outs = llm.generate([PROMPTS[i % 3] for i in range(len(names))] + PROMPTS[:1], params)
             for n, o in zip(names, outs):
                 assert o.finish_reason == "stop", (n, o.text)
                 jsonschema.validate(json.loads(o.text), SCHEMAS[n])
-            assert outs[-1].token_ids == alone
+            assert len(outs[-1].token_ids) == 16
             assert llm.stats()["scheduler"]["grammar_matchers"] == 0
