@@ -285,6 +285,31 @@ def test_rows_of_one_batch_are_independent(compiler, tok):
     assert re.fullmatch("[0-9]+!", decode(tok, outs[1]))
 
 
+def test_batched_fill_equals_one_row_at_a_time(compiler, tok):
+    """fill_bitmasks (xgrammar's threads, reasoning rows all ones) writes what each matcher's own
+    fill_bitmask writes, at every step of several grammars in different states."""
+    from engine.structured.matcher import fill_bitmasks
+    think = tok.token_to_id("</think>")
+    specs = [dict(json=SCHEMAS["nested"]), dict(regex="[a-c]{3,9}"), dict(json=SCHEMAS["anyOf"]),
+             dict(choice=["alpha", "beta"])]
+    ms = [StructuredMatcher(compiler.compile(StructuredOutputsParams(**k)), think if i == 3 else None)
+          for i, k in enumerate(specs)]
+    model = RandomModel(tok, 5)
+    for step in range(40):
+        live = [m for m in ms if not m.is_terminated]
+        if not live:
+            break
+        got, want = allocate_bitmask(len(live), MODEL_VOCAB), allocate_bitmask(len(live), MODEL_VOCAB)
+        fill_bitmasks(live, got)
+        for r, m in enumerate(live):
+            m.fill_bitmask(want, r)
+        assert torch.equal(got, want), step
+        tokens = model.sample(apply_token_bitmask(model.logits(len(live)), want))
+        for m, t in zip(live, tokens):
+            assert m.accept(think if m.in_reasoning and step == 2 else t)
+    assert not ms[3].in_reasoning  # the reasoning row went through both phases
+
+
 def test_reasoning_aware_matcher_is_free_until_think_end(compiler, tok):
     think_end = tok.token_to_id("</think>")
     compiled = compiler.compile(StructuredOutputsParams(json=SCHEMAS["flat"]))

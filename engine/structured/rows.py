@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.structured.matcher import StructuredMatcher, allocate_bitmask
+from engine.structured.matcher import StructuredMatcher, allocate_bitmask, fill_bitmasks
 from engine.structured.requests import GrammarPayload
 
 
@@ -21,6 +21,7 @@ class GrammarRows:
         self._cache_size = cache_size
         self.vocab_size = vocab_size
         self.matchers: dict[int, StructuredMatcher] = {}  # seq id -> matcher, while the sequence lives
+        self._batch: Any = None  # xgrammar's BatchGrammarMatcher: fills many rows on its threads
 
     def attach(self, seq, payload: GrammarPayload) -> None:
         """Give seq (engine/sequence.py) a fresh matcher; ValueError if the grammar cannot be rebuilt."""
@@ -50,8 +51,10 @@ class GrammarRows:
         if not rows:
             return None
         bitmask = allocate_bitmask(len(rows), self.vocab_size)
-        for i, m in enumerate(matchers):
-            m.fill_bitmask(bitmask, i)
+        if self._batch is None and len(rows) > 1:
+            from engine.structured.compiler import import_xgrammar
+            self._batch = import_xgrammar().BatchGrammarMatcher()
+        fill_bitmasks(matchers, bitmask, self._batch)
         return np.asarray(rows, dtype=np.int32), bitmask.numpy()
 
     def _grammar(self, payload: GrammarPayload) -> Any:
