@@ -102,8 +102,8 @@ def test_greedy_tokens_equal_without_the_cache_and_hits_are_counted(model, ref, 
 @pytest.fixture(scope="module")
 def small(model):
     """2 stages, a pool of 16 blocks (256 tokens): concurrent requests preempt each other. Layer 0
-    spins 20 ms per forward, so a prefill of several chunks lasts long enough to abort it."""
-    os.environ["MOEPIPE_SLOW_LAYERS"] = "0:20"
+    spins 10 ms per forward, so a prefill of several chunks lasts long enough to abort it."""
+    os.environ["MOEPIPE_SLOW_LAYERS"] = "0:10"
     try:
         llm = LLM(model, stages=2, verbose=False, kv_cache_gib=16 * KV_GIB_PER_BLOCK, max_num_batched_tokens=32,
                   max_num_seqs=8)
@@ -202,7 +202,7 @@ def test_options_validate_the_switch():
 
 def test_auto_split_restart_keeps_caching(model, ref, monkeypatch):
     """layers='auto' restarts the stages on another split: the new engine caches and stays exact."""
-    monkeypatch.setenv("MOEPIPE_SLOW_LAYERS", "0:150")
+    monkeypatch.setenv("MOEPIPE_SLOW_LAYERS", "0:80")
     g = torch.Generator().manual_seed(10)
     pre = _rand(g, 33)
     prompts = [pre + _rand(g, 4), pre + _rand(g, 6)]
@@ -217,19 +217,19 @@ def test_auto_split_restart_keeps_caching(model, ref, monkeypatch):
 
 @pytest.mark.slow
 def test_small_soak_from_shared_prefixes_with_aborts(small, ref):
-    """120 requests from three prefixes (with salts and follow-up tails), in waves, 10% abandoned
+    """96 requests from three prefixes (with salts and follow-up tails), in waves, 10% abandoned
     midway, on the small pool: each finished one equals the reference."""
     rng = random.Random(22)
     g = torch.Generator().manual_seed(22)
     prefixes = [_rand(g, 37), _rand(g, 48), _rand(g, 64)]
     small.stats(reset=True)
     reqs = []
-    for i in range(120):
+    for i in range(96):
         p = rng.choice(prefixes) + _rand(g, rng.choice([0, 2, 11, 30]))
         reqs.append((p, SamplingParams(max_tokens=rng.randint(1, 12), temperature=0.0, ignore_eos=True),
                      rng.choice([None, "t"])))
     want = [o.token_ids for o in ref.generate([p for p, _, _ in reqs], [sp for _, sp, _ in reqs])]
-    for w in range(0, 120, 24):
+    for w in range(0, 96, 24):
         streams = {i: small.submit(reqs[i][0], reqs[i][1], cache_salt=reqs[i][2]) for i in range(w, w + 24)}
         for i, s in streams.items():
             if i % 10 == 3 and reqs[i][1].max_tokens > 2:
