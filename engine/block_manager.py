@@ -52,12 +52,13 @@ class BlockManager:
 
     # ---- keys ----------------------------------------------------------------------------------
     def hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
-        """The keys of seq's first num_blocks full blocks (computed once, kept on the sequence)."""
+        """seq.block_hashes with at least the keys of its first num_blocks full blocks (each
+        computed once: a sequence's tokens only grow)."""
         bs, h = self.block_size, seq.block_hashes
         while len(h) < num_blocks:
             i = len(h)
             h.append(block_hash(h[-1] if h else root_hash(seq.cache_salt), seq.token_ids[i * bs:(i + 1) * bs]))
-        return h[:num_blocks]
+        return h
 
     def lookup(self, seq: Sequence) -> list[int]:
         """The cached blocks of seq's longest cached prefix. At most len(seq) - 1 tokens: the last
@@ -66,9 +67,9 @@ class BlockManager:
         if not self.enable_caching:
             return []
         hits = []
-        bs = self.block_size
-        for i in range((len(seq) - 1) // bs):
-            b = self.cached.get(self.hashes(seq, i + 1)[i])
+        limit = (len(seq) - 1) // self.block_size
+        for key in self.hashes(seq, limit)[:limit]:
+            b = self.cached.get(key)
             if b is None:
                 break
             hits.append(b)
