@@ -91,7 +91,6 @@ def test_a_whole_cached_prompt_still_computes_its_last_token():
     (c,) = mb.chunks
     assert (c.start, c.length, c.sample) == (4, 4, True)  # block 1 is cached too, but holds the last token
     assert b.num_cached_tokens == 4 and s.snapshot()["prefix_cache_hits"] == 4
-    assert b.block_table[0] == a.block_table[0] if a.block_table else True
     finish(s, mb)
     s2 = sched(bs=4)
     s2.add(seq(0, range(9), max_tokens=1))
