@@ -3,7 +3,7 @@ user's main module). It connects back to LLM's listener, says its rank, receives
 loads its stage and serves. Rank 0 also takes requests from LLM and sends events back.
 
 Messages LLM -> rank 0: ("add", [(seq_id, prompt ids, params)]), ("abort", [seq_id]),
-("stats", token, reset, per_step), ("shutdown",). Any rank -> LLM: ("ready", rank, info),
+("stats", token, reset, per_step, profile command or None), ("shutdown",). Any rank -> LLM: ("ready", rank, info),
 ("error", rank, one-line summary, full traceback); rank 0 -> LLM: ("events", [(seq_id, token,
 reason)]), ("refused", seq_id, message), ("stats", token, snapshot)."""
 from __future__ import annotations
