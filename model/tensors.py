@@ -83,6 +83,11 @@ def param_shape(cfg: ModelConfig, param: str) -> Shape:
     return TENSORS[param].shape(cfg)
 
 
+def spec_of(name: str) -> TensorSpec:
+    """The entry of a Stage parameter named as named_parameters() names it ("layers.3.mlp.gate.weight")."""
+    return TENSORS[name.split(".", 2)[2] if name.startswith("layers.") else name]
+
+
 def layer_tensors(cfg: ModelConfig, i: int) -> list[TensorSpec]:
     return [t for t in LAYER_TENSORS if t.in_layer(cfg, i)]
 

@@ -15,7 +15,7 @@ from loader.presets import preset_config
 from loader.writer import plan_checkpoint, plan_tensors
 from model.config import ModelConfig
 from model.stage import Stage
-from model.tensors import LAYER_TENSORS, TENSORS, layer_params, stage_shapes
+from model.tensors import LAYER_TENSORS, TENSORS, layer_params, spec_of, stage_shapes
 
 TINY = preset_config("tiny")
 CONFIGS = {
@@ -38,6 +38,7 @@ def test_stage_allocates_exactly_the_table(name):
         stage = Stage(cfg, s.start, s.end, s.has_embed, s.has_head, "meta", torch.float32)
         got = {n: tuple(t.shape) for n, t in stage.state_dict().items()}
         assert got == stage_shapes(cfg, s.start, s.end, s.has_embed, s.has_head), (name, s)
+        assert all(spec_of(n).shape(cfg) == shape for n, shape in got.items())
 
 
 def test_table_shapes_by_hand():
