@@ -29,7 +29,7 @@ class TensorSpec:
     pieces: tuple[Piece, ...]
     cols: tuple[str, ...] = ()  # trailing dims, ModelConfig attribute names, the same for every piece
     holds: str = "layer"  # who holds it: "layer" (every decoder layer), "moe", "dense", "embed", "head"
-    experts: bool = False
+    experts: bool = False  # a leading [num_experts] dim
     norm: bool = False  # a norm weight: random checkpoints fill it with 1 + N(0, 0.1)
 
     def piece_shape(self, cfg: ModelConfig, piece: Piece) -> Shape:
