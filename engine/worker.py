@@ -3,10 +3,10 @@ user's main module). It connects back to LLM's listener, says its rank, receives
 loads its stage and serves. Rank 0 also takes requests from LLM and sends events back.
 
 Messages LLM -> rank 0: ("add", [(seq_id, prompt ids, params, cache_salt)]), ("abort", [seq_id]),
-("stats", token, reset, per_step[, profile]), ("reset_prefix_cache", token), ("shutdown",). Any rank
--> LLM: ("ready", rank, info), ("error", rank, one-line summary, full traceback); rank 0 -> LLM:
-("events", [(seq_id, token, reason)]), ("refused", seq_id, message), ("stats", token, snapshot),
-("reset_prefix_cache", token, True when nothing stays cached)."""
+("stats", token, reset, per_step, profile command or None), ("reset_prefix_cache", token),
+("shutdown",). Any rank -> LLM: ("ready", rank, info), ("error", rank, one-line summary, full
+traceback); rank 0 -> LLM: ("events", [(seq_id, token, reason, extra)]), ("refused", seq_id, message),
+("stats", token, snapshot), ("reset_prefix_cache", token, True when nothing stays cached)."""
 from __future__ import annotations
 
 import os
