@@ -25,7 +25,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then  # server and grammar packages the 
     && export PYTHONPATH=$PYTHONPATH:/tmp/moepipe-site || { echo "error: installing .whl/ failed"; exit 1; }
 fi
 quiet() { grep -v ": loaded .* of \|unbatched P2P\|^$\|^\[moepipe\]"; }
-pt() { timeout "$1" python3 -m pytest -q -m gpu -rf -p no:cacheprovider "${@:2}"; }
+# -v and durations: the log names a test that hangs or crawls; a per-test timeout keeps one from taking the call
+pt() { timeout "$1" python3 -m pytest -v -m gpu -rf -p no:cacheprovider --durations=15 --timeout=150 \
+  --continue-on-collection-errors "${@:2}"; }
 KERNEL_TESTS="tests/test_fused_moe.py tests/test_fused_kernels.py tests/test_linear_small.py tests/test_attention_kernels.py tests/test_chunking.py"
 ignore() { for f in $KERNEL_TESTS; do printf -- "--ignore=%s " "$f"; done; }
 
@@ -40,7 +42,7 @@ tests)
     pt 540 tests $(ignore) "$@" > "$OUT/gpu_tests_engine_$TAG.log" 2>&1
     wait
   fi
-  for f in "$OUT"/gpu_tests_*_"$TAG".log; do echo "== $f"; grep -E "passed|failed|error|FAILED|Triton compiled" "$f" | tail -6; done
+  for f in "$OUT"/gpu_tests_*_"$TAG".log; do echo "== $f"; grep -E "passed|failed|error|FAILED|Timeout|Triton compiled" "$f" | tail -12; done
   ;;
 e2e)
   python3 bench/ceilings.py | tee "$OUT/ceilings_$TAG.jsonl"

@@ -106,11 +106,11 @@ class PipelineEngine:
         self.replies: list = []
         self.returns = _Returns(worker) if self.num_stages > 1 else None
 
-    def add(self, seq_id: int, prompt: list[int], params: SamplingParams, grammar: GrammarPayload | None = None
-            ) -> None:
+    def add(self, seq_id: int, prompt: list[int], params: SamplingParams, cache_salt: str | None = None,
+            grammar: GrammarPayload | None = None) -> None:
         """Queue a request; grammar: its compiled structured_outputs (engine/structured/requests.py)."""
         stop = params.stop_token_ids if params.stop_token_ids is not None else self.default_stop_ids
-        seq = Sequence(seq_id, prompt, params, tuple(stop))
+        seq = Sequence(seq_id, prompt, params, tuple(stop), cache_salt)
         try:
             params.check_vocab(self.vocab)
             self.scheduler.check(seq.prompt_len, params.max_tokens)

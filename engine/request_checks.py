@@ -21,6 +21,22 @@ def encode_prompt(prompt: str | list[int], tokenizer, vocab_size: int) -> list[i
     return ids
 
 
+def prompt_list(prompts, params) -> tuple[list, list[SamplingParams]]:
+    """generate()'s prompts as a list (one prompt: text or ids) and one SamplingParams per prompt."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    params = params if params is not None else SamplingParams()
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+    for sp in plist:
+        if not isinstance(sp, SamplingParams):  # as vLLM: a dict is not taken for SamplingParams(**dict)
+            raise TypeError(f"params must be SamplingParams or a list of them, got {type(sp).__name__}")
+    return list(prompts), plist
+
+
 def check_params(ids: list[int], params: SamplingParams, max_model_len: int, info: dict, vocab_size: int,
                  tokenizer) -> None:
     """Refuse (ValueError naming the limit or field) a request that could never run."""
