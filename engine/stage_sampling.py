@@ -1,7 +1,7 @@
 """The last stage's sampling step: apply a plan's grammar bitmask (structured output) and sampling
-extras (engine/sampling_plan.py) to the logits on the device, draw, count the drawn tokens of rows with penalties, and build the logprob
-table stage 0 asked for. No per-row loop and no host sync; a plan without extras takes exactly
-the plain sampler's path."""
+extras (engine/sampling_plan.py) to the logits on the device, draw, count the drawn tokens of rows
+with penalties, and build the logprob table stage 0 asked for. No per-row loop and no host sync; a
+plan without a bitmask or extras takes exactly the plain sampler's path."""
 from __future__ import annotations
 
 import torch
