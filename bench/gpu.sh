@@ -8,6 +8,8 @@
 #                                            the card's ceilings (bench/ceilings.py) and, on 2+ GPUs, 1 GPU
 #   bash bench/gpu.sh serving                bench_serving: 1024 in / 256 out at 1, 8, 64, 256 clients
 #   bash bench/gpu.sh kernels                bench_decode_layer, bench_sampler, bench_attention
+#   bash bench/gpu.sh record                 the tests, a 64-client serving sample (plain, json, logprobs +
+#                                            penalties, a shared prefix) and the multi-turn prefix cache
 # Results (JSON and logs) go to $OUT (default bench/results/run), named <kind>_<card>x<gpus>_<date>;
 # the short tables are printed last.
 set -uo pipefail
@@ -65,8 +67,39 @@ kernels)
   timeout 200 python3 bench/bench_attention.py --out "$OUT/attention_kernels_$TAG.json" > "$OUT/attention_$TAG.log" 2>&1
   tail -14 "$OUT/decode_layer_$TAG.log"; tail -10 "$OUT/sampler_$TAG.log"; tail -16 "$OUT/attention_$TAG.log"
   ;;
+record)  # the short record for a one-call budget: every GPU test, then one server, then the cache
+  # 1. every GPU test at once on this GPU: the slow real-shape MoE checks (fp64 references) in their
+  # own processes beside the other kernel tests and the engine's
+  for s in qwen3-235b-a22b user-config; do
+    pt 330 --timeout=320 "tests/test_fused_moe.py::test_real_shapes_on_gpu[$s]" > "$OUT/gpu_tests_moe_${s}_$TAG.log" 2>&1 &
+  done
+  pt 330 $KERNEL_TESTS --deselect "tests/test_fused_moe.py::test_real_shapes_on_gpu[qwen3-235b-a22b]" \
+    --deselect "tests/test_fused_moe.py::test_real_shapes_on_gpu[user-config]" > "$OUT/gpu_tests_kernels_$TAG.log" 2>&1 &
+  pt 330 tests $(ignore) > "$OUT/gpu_tests_engine_$TAG.log" 2>&1
+  wait
+  for f in "$OUT"/gpu_tests_*_"$TAG".log; do echo "== $f"; grep -E "passed|failed|FAILED|Timeout" "$f" | tail -6; done
+  # 2. one server, 64 clients, 1024 in / 256 out: plain beside json_schema, beside logprobs + penalties;
+  # then 2,048 shared prompt tokens + 256 own against 2,304 own (nothing shared), the cache on in both
+  python3 -m engine serve --model qwen3-30b-a3b --load-format dummy --stages "$NGPU" --host 127.0.0.1 --port 8123 \
+    --quiet > "$OUT/server_$TAG.log" 2>&1 &
+  srv=$!
+  for _ in $(seq 240); do curl -sf http://127.0.0.1:8123/health > /dev/null && break; sleep 1; done
+  sv() { timeout 120 python3 bench/bench_serving.py --url http://127.0.0.1:8123 --concurrency 64 --num-prompts 64 \
+    --output-len 256 "$@" 2>&1 | quiet; }
+  { sv --input-len 1024 --json-share 0,0.5 --out "$OUT/serving_json_$TAG.json"
+    sv --input-len 1024 --mix-share 0,0.5 --out "$OUT/serving_mix_$TAG.json"
+    sv --input-len 2304 --out "$OUT/serving_noshare_$TAG.json"
+    sv --input-len 256 --shared-prefix-tokens 2048 --out "$OUT/serving_shared_$TAG.json"; } > "$OUT/serving_$TAG.log"
+  kill -INT $srv; wait $srv
+  # 3. the multi-turn conversation: the cache on to 90k and 128k, off at 90k (every turn pays the prompt)
+  { timeout 150 python3 bench/bench_multiturn.py --target 90000,128000 --turns 4 --cache on --out "$OUT/multiturn_on_$TAG.json"
+    timeout 90 python3 bench/bench_multiturn.py --target 90000 --turns 2 --cache off --out "$OUT/multiturn_off_$TAG.json"
+  } 2>&1 | quiet > "$OUT/multiturn_$TAG.log"
+  grep -E "^ *(c|conc|64|plain|json|mix|kind)|tok/s|TTFT|TPOT" "$OUT/serving_$TAG.log" | tail -24; tail -22 "$OUT/multiturn_$TAG.log"
+  (cd "$OUT" && tar czf "record_$TAG.tgz" --remove-files ./*_"$TAG".log ./*_"$TAG".json)  # a device call returns 8 files
+  ;;
 *)
-  echo "usage: bash bench/gpu.sh tests|e2e|serving|kernels [pytest args for tests]" >&2
+  echo "usage: bash bench/gpu.sh tests|e2e|serving|kernels|record [pytest args for tests]" >&2
   exit 2
   ;;
 esac
