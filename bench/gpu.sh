@@ -83,7 +83,7 @@ record)  # the short record for a one-call budget: every GPU test, then one serv
   python3 -m engine serve --model qwen3-30b-a3b --load-format dummy --stages "$NGPU" --host 127.0.0.1 --port 8123 \
     --quiet > "$OUT/server_$TAG.log" 2>&1 &
   srv=$!
-  for _ in $(seq 240); do curl -sf http://127.0.0.1:8123/health > /dev/null && break; sleep 1; done
+  for _ in $(seq 240); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health', timeout=2)" 2>/dev/null && break; sleep 1; done
   sv() { timeout 120 python3 bench/bench_serving.py --url http://127.0.0.1:8123 --concurrency 64 --num-prompts 64 \
     --output-len 256 "$@" 2>&1 | quiet; }
   { sv --input-len 1024 --json-share 0,0.5 --out "$OUT/serving_json_$TAG.json"
