@@ -80,12 +80,17 @@ record)  # the short record for a one-call budget: every GPU test, then one serv
   for f in "$OUT"/gpu_tests_*_"$TAG".log; do echo "== $f"; grep -E "passed|failed|FAILED|Timeout" "$f" | tail -6; done
   # 2. one server, 64 clients, 1024 in / 256 out: plain beside json_schema, beside logprobs + penalties;
   # then 2,048 shared prompt tokens + 256 own against 2,304 own (nothing shared), the cache on in both
-  python3 -m engine serve --model qwen3-30b-a3b --load-format dummy --stages "$NGPU" --host 127.0.0.1 --port 8123 \
+  # the 30b config beside the project's small test tokenizer: json_schema requests need a tokenizer.json
+  # (ids past its 512 are never allowed by a grammar; plain requests sample the whole vocabulary)
+  python3 -c "import json, sys; from pathlib import Path; from loader.presets import preset_config
+from loader.writer import write_tokenizer; d = Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True)
+(d / 'config.json').write_text(json.dumps(preset_config('qwen3-30b-a3b'))); write_tokenizer(d, 512)" /tmp/q30tok
+  python3 -m engine serve --model /tmp/q30tok --load-format dummy --stages "$NGPU" --host 127.0.0.1 --port 8123 \
     --quiet > "$OUT/server_$TAG.log" 2>&1 &
   srv=$!
   for _ in $(seq 240); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health', timeout=2)" 2>/dev/null && break; sleep 1; done
   sv() { timeout 120 python3 bench/bench_serving.py --url http://127.0.0.1:8123 --concurrency 64 --num-prompts 64 \
-    --output-len 256 "$@" 2>&1 | quiet; }
+    --vocab-size 151936 --output-len 256 "$@" 2>&1 | quiet; }
   { sv --input-len 1024 --json-share 0,0.5 --out "$OUT/serving_json_$TAG.json"
     sv --input-len 1024 --mix-share 0,0.5 --out "$OUT/serving_mix_$TAG.json"
     sv --input-len 2304 --out "$OUT/serving_noshare_$TAG.json"
