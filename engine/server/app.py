@@ -22,6 +22,7 @@ from .gate import Gate
 from .generation import EngineError, Submitted
 from .metrics import CONTENT_TYPE
 from .protocol import BadRequest, ChatCompletionRequest, CompletionRequest
+from .responses import ChatChoices, CompletionChoices, usage
 from .state import ServerConfig, ServerState, ShuttingDown
 
 log = logging.getLogger("moepipe.server")
@@ -66,10 +67,6 @@ def _validate(model_cls, raw: bytes):
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
@@ -139,26 +136,31 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
                 state.check_text_length(len(p), "prompt")
         return [state.encode(p) for p in prompts]
 
+    def prompt_texts(prompts: list) -> list[str]:
+        """The prompts as echo returns them: a text as sent, token ids decoded."""
+        tok = state.llm.tokenizer
+        return [p if isinstance(p, str) else tok.decode(p) if tok is not None else "" for p in prompts]
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         arrival = time.monotonic()
         req: CompletionRequest = await parse(request, CompletionRequest)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        ids = await state.in_thread(encode_all, req.prompts())
+        prompts = req.prompts()
+        ids = await state.in_thread(encode_all, prompts)
         params = [state.params_for(req, len(x), i) for i, x in enumerate(ids)]
-        subs = _submit_all(state, ids, params, req.stop, rid, arrival)
+        texts = await state.in_thread(prompt_texts, prompts) if req.echo else []
+        choices = CompletionChoices(state.token_strings, ids, texts, req.n, req.echo, req.logprobs,
+                                    req.prompt_logprobs is not None)
+        subs = _submit_all(state, ids, params, rid, arrival)
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
-
-        def choice(i: int, text: str, reason: str | None) -> dict:
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-
         if req.stream:
-            return _stream(state, request, subs, req, head, lambda i, p: choice(i, p.text, p.finish_reason), None)
+            return _stream(state, request, subs, req, head, choices.choice, None, choices.prompt_tokens())
         results = await _collect_all(state, request, subs)
         if results is None:
             return Response(status_code=499)
-        return {**head, "choices": [choice(i, r.text, r.finish_reason) for i, r in enumerate(results)],
-                "usage": _usage(sum(r.prompt_tokens for r in results), sum(r.num_tokens for r in results))}
+        return {**head, "choices": [choices.choice(i, r) for i, r in enumerate(results)],
+                "usage": usage(choices.prompt_tokens(), sum(r.num_tokens for r in results))}
 
     def render_and_encode(req: ChatCompletionRequest) -> list[int]:
         state.check_text_length(req.text_chars(), "messages")
@@ -183,24 +185,24 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
         ids = await state.in_thread(render_and_encode, req)
         params = state.params_for(req, len(ids))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        subs = _submit_all(state, [ids], [params], req.stop, rid, arrival)
+        choices = ChatChoices(state.token_strings, [ids], req.n, req.prompt_logprobs is not None)
+        subs = _submit_all(state, [ids], [params], rid, arrival)
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
 
         if req.stream:
             def choice(i: int, p) -> dict:
                 delta = {"content": p.text} if p.text or p.finish_reason is None else {}
-                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": p.finish_reason}
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None}
-            return _stream(state, request, subs, req, head, choice, first)
+                return {"index": i, "delta": delta, **choices.sampling_fields(i, p)}
+            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(req.n)]
+            return _stream(state, request, subs, req, head, choice, first, choices.prompt_tokens())
         results = await _collect_all(state, request, subs)
         if results is None:
             return Response(status_code=499)
-        r = results[0]
         return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": r.text},
-                             "logprobs": None, "finish_reason": r.finish_reason}],
-                "usage": _usage(r.prompt_tokens, r.num_tokens)}
+                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                             **choices.sampling_fields(i, r)} for i, r in enumerate(results)],
+                "usage": usage(choices.prompt_tokens(), sum(r.num_tokens for r in results))}
 
     app.add_middleware(_InFlight, state=state)
     app.add_middleware(Gate, api_key=config.api_key, allowed_origins=config.allowed_origins)
@@ -227,11 +229,13 @@ class _InFlight:
             self.state.inflight -= 1
 
 
-def _submit_all(state: ServerState, ids, params, stops, rid: str, arrival: float) -> list[Submitted]:
+def _submit_all(state: ServerState, ids: list[list[int]], params: list, rid: str, arrival: float) -> list[Submitted]:
+    """Each prompt's n samples (SamplingParams.samples()) as requests of their own, in choice order."""
+    jobs = [(x, sp) for x, p in zip(ids, params) for sp in p.samples()]
     subs: list[Submitted] = []
     try:
-        for i, (x, sp) in enumerate(zip(ids, params)):
-            subs.append(state.submit(x, sp, stops, rid if len(ids) == 1 else f"{rid}-{i}", arrival))
+        for i, (x, sp) in enumerate(jobs):
+            subs.append(state.submit(x, sp, rid if len(jobs) == 1 else f"{rid}-{i}", arrival))
     except BaseException:
         for s in subs:
             s.abort()
@@ -263,7 +267,7 @@ async def _collect_all(state: ServerState, request: Request, subs: list[Submitte
 
 
 def _stream(state: ServerState, request: Request, subs: list[Submitted], req, head: dict, choice,
-            first_choice) -> StreamingResponse:
+            first_choices: list[dict] | None, prompt_tokens: int) -> StreamingResponse:
     """Server-sent events; an engine failure or the drain timeout ends the stream with an error
     event and [DONE]."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -288,8 +292,8 @@ def _stream(state: ServerState, request: Request, subs: list[Submitted], req, he
         tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(subs)]
         state.stream_queues.add(queue)
         try:
-            if first_choice is not None:
-                yield _sse({**head, "choices": [first_choice], **usage_field})
+            for first in first_choices or ():
+                yield _sse({**head, "choices": [first], **usage_field})
             open_ = len(subs) if not state.expired else 0
             if state.expired:
                 yield _sse(error_body("the server is shutting down: the drain timeout expired", "server_error"))
@@ -307,8 +311,7 @@ def _stream(state: ServerState, request: Request, subs: list[Submitted], req, he
                 done_tokens[i] = item.num_tokens
                 yield _sse({**head, "choices": [choice(i, item)], **usage_field})
             if include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(sum(s.prompt_tokens for s in subs),
-                                                                  sum(done_tokens))})
+                yield _sse({**head, "choices": [], "usage": usage(prompt_tokens, sum(done_tokens))})
             yield "data: [DONE]\n\n"
         finally:
             state.stream_queues.discard(queue)

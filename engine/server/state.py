@@ -13,6 +13,7 @@ from ..chat_template import ChatTemplate
 from ..params import SamplingParams
 from . import DEFAULT_MAX_REQUEST_BYTES
 from .generation import EngineError, EventPump, Submitted
+from .logprobs import TokenStrings
 from .metrics import ServerMetrics
 from .protocol import BadRequest
 
@@ -55,6 +56,7 @@ class ServerState:
         tok = llm.tokenizer
         # no token decodes to more characters than this: a longer text has more tokens than the context
         self.max_token_chars = tok.max_token_chars() if tok is not None and hasattr(tok, "max_token_chars") else None
+        self.token_strings = TokenStrings(tok)  # logprobs' token texts and bytes
 
     def _engine_stats(self) -> dict | None:
         return self.llm.stats()
@@ -102,13 +104,14 @@ class ServerState:
         try:
             return SamplingParams(max_tokens=max_tokens, **kw)
         except ValueError as e:
-            raise BadRequest(str(e).removeprefix("SamplingParams: ")) from None
+            msg = str(e).removeprefix("SamplingParams: ")
+            raise BadRequest(msg, msg.split(" ", 1)[0] if msg.split(" ", 1)[0] in kw else None) from None
 
-    def submit(self, ids: list[int], params: SamplingParams, stops: list[str], rid: str, arrival: float) -> Submitted:
+    def submit(self, ids: list[int], params: SamplingParams, rid: str, arrival: float) -> Submitted:
         if self.pump is None:
             self.pump = EventPump(asyncio.get_running_loop())
         try:
-            return Submitted(self.llm, ids, params, stops, rid, self.metrics, arrival, self.pump)
+            return Submitted(self.llm, ids, params, rid, self.metrics, arrival, self.pump)
         except ValueError as e:
             raise BadRequest(str(e), None, "context_length_exceeded" if "exceeds" in str(e) else None) from None
         except RuntimeError as e:  # StageDied / EngineClosed: the detail (PIDs, tracebacks) goes to the log only
