@@ -274,7 +274,7 @@ BAD = [
     ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": -3}, "max_tokens"),
     ({"model": MODEL_NAME, "prompt": "hi", "top_k": -5}, "top_k"),
-    ({"model": MODEL_NAME, "prompt": "hi", "n": 3}, "n=3"),
+    ({"model": MODEL_NAME, "prompt": "hi", "n": 0}, "n: Input should be greater than or equal to 1"),
     ({"model": MODEL_NAME, "prompt": "hi", "stop": [""]}, "stop"),
     ({"model": MODEL_NAME, "prompt": [99999]}, "token ids must be integers in [0, 512)"),
     ({"model": MODEL_NAME, "prompt": ""}, "prompt: String should have at least 1 character"),
