@@ -8,6 +8,14 @@ tok/s, TTFT, TPOT and inter-token latency (mean, p50, p99), and each stage's bus
         --concurrency 1,8,64,256 --input-len 1024 --output-len 256 --out bench/results/serving.json
     python bench/bench_serving.py --num-prompts 8 --input-len 16 --output-len 8 --concurrency 1,4   # tiny, CPU
 
+--mix-share S makes a share S of each level's requests ask for more than plain text: half of them
+`logprobs: --mix-logprobs` (top 5 by default), half presence/frequency/repetition penalties. Each level
+then runs twice on the same prompts, plain only and mixed, and reports both throughputs, their
+ratio, and each kind's figures within the mixed run (the cost of the extras against plain requests):
+    python bench/bench_serving.py --model qwen3-30b-a3b --stages 2 --serve-args "--load-format dummy" \
+        --concurrency 64 --input-len 1024 --output-len 256 --mix-share 0.5
+    python bench/bench_serving.py --num-prompts 8 --input-len 16 --output-len 8 --concurrency 4 --mix-share 0.5
+
 JSON goes to --out; the table is printed last."""
 from __future__ import annotations
 
@@ -28,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1}  # --mix-share
+KINDS = ("plain", "logprobs", "penalty")
 
 
 @dataclass
@@ -39,6 +49,7 @@ class RequestResult:
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    kind: str = "plain"  # KINDS
 
 
 def ints(s: str) -> list[int]:
@@ -116,8 +127,8 @@ def metrics(client, url: str) -> dict[str, float]:
 
 
 # ---- the clients -------------------------------------------------------------------------------
-async def one_request(client, url: str, body: dict) -> RequestResult:
-    res = RequestResult(False, len(body["prompt"]))
+async def one_request(client, url: str, body: dict, kind: str = "plain") -> RequestResult:
+    res = RequestResult(False, len(body["prompt"]), kind=kind)
     start = time.perf_counter()
     last = None
     try:
@@ -153,18 +164,37 @@ async def one_request(client, url: str, body: dict) -> RequestResult:
     return res
 
 
-async def run_level(url: str, a, concurrency: int, prompts: list[list[int]]) -> tuple[list[RequestResult], float]:
+def request_body(a, prompt: list[int], kind: str) -> dict:
+    body = {"model": a.served_model_name, "prompt": prompt, "max_tokens": a.output_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if kind == "logprobs":
+        body["logprobs"] = a.mix_logprobs
+    elif kind == "penalty":
+        body.update(PENALTIES)
+    return body
+
+
+def mix_kinds(n: int, share: float, seed: int) -> list[str]:
+    """round(n x share) requests at random places get an extra, alternately logprobs and penalties."""
+    picked = sorted(random.Random(seed).sample(range(n), round(n * share)))
+    kinds = ["plain"] * n
+    for j, i in enumerate(picked):
+        kinds[i] = KINDS[1 + j % 2]
+    return kinds
+
+
+async def run_level(url: str, a, concurrency: int, prompts: list[list[int]],
+                    kinds: list[str] | None = None) -> tuple[list[RequestResult], float]:
     import httpx
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    kinds = kinds or ["plain"] * len(prompts)
     async with httpx.AsyncClient(timeout=httpx.Timeout(a.request_timeout), limits=limits) as client:
-        async def limited(p):
+        async def limited(p, kind):
             async with sem:
-                body = {"model": a.served_model_name, "prompt": p, "max_tokens": a.output_len, "temperature": 0.0,
-                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-                return await one_request(client, url, body)
+                return await one_request(client, url, request_body(a, p, kind), kind)
         t = time.perf_counter()
-        results = await asyncio.gather(*(limited(p) for p in prompts))
+        results = await asyncio.gather(*(limited(p, k) for p, k in zip(prompts, kinds)))
         return list(results), time.perf_counter() - t
 
 
@@ -195,6 +225,19 @@ def summarize(concurrency: int, results: list[RequestResult], duration: float, m
     if errors:
         row["errors"] = errors[:5]
     return row
+
+
+def kind_rows(results: list[RequestResult], duration: float) -> dict:
+    """Per kind of request in one mixed level: its share of the output tok/s and its own decode pace."""
+    out = {}
+    for kind in KINDS:
+        ok = [r for r in results if r.ok and r.kind == kind]
+        if not ok:
+            continue
+        tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) * 1e3 for r in ok if r.output_tokens > 1]
+        out[kind] = {"completed": len(ok), "output_throughput": sum(r.output_tokens for r in ok) / duration,
+                     "median_tpot_ms": pct(tpot, 50), "median_ttft_ms": pct([r.ttft_s * 1e3 for r in ok], 50)}
+    return out
 
 
 def vocab_size(a) -> int:
@@ -235,8 +278,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--request-timeout", type=float, default=1800)
     ap.add_argument("--startup-timeout", type=float, default=1800)
+    ap.add_argument("--mix-share", type=float, default=0.0,
+                    help="share of requests with logprobs or penalties; each level also runs plain only [default: 0]")
+    ap.add_argument("--mix-logprobs", type=int, default=5, help="logprobs (top k) of the logprobs requests")
     ap.add_argument("--out", help="JSON results file")
     a = ap.parse_args()
+    if not 0 <= a.mix_share <= 1:
+        raise SystemExit(f"error: --mix-share must be in [0, 1], got {a.mix_share}")
     if a.url and (a.model or a.serve_args or a.stages):
         raise SystemExit("error: --url connects to a running server; --model/--stages/--serve-args start one")
     vocab = vocab_size(a)
@@ -265,6 +313,11 @@ def main() -> int:
             m0 = metrics(sync, url)
             results, dt = asyncio.run(run_level(url, a, c, prompts))
             row = summarize(c, results, dt, m0, metrics(sync, url))
+            if a.mix_share > 0:
+                m0 = metrics(sync, url)
+                mixed, mdt = asyncio.run(run_level(url, a, c, prompts, mix_kinds(n, a.mix_share, a.seed + c)))
+                row["mixed"] = {**summarize(c, mixed, mdt, m0, metrics(sync, url)), "kinds": kind_rows(mixed, mdt)}
+                row["mixed_vs_plain"] = row["mixed"]["output_throughput"] / row["output_throughput"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -273,7 +326,8 @@ def main() -> int:
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": gpu_name(), "command": " ".join(shlex.quote(x) for x in sys.argv),
               "model": a.model or a.url or "tiny preset", "stages": a.stages, "serve_args": a.serve_args,
-              "input_len": a.input_len, "output_len": a.output_len, "results": rows}
+              "input_len": a.input_len, "output_len": a.output_len, "mix_share": a.mix_share,
+              "mix": {"logprobs": a.mix_logprobs, **PENALTIES} if a.mix_share else None, "results": rows}
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(record, indent=2) + "\n")
@@ -287,7 +341,17 @@ def main() -> int:
         print(f"{r['concurrency']:>5} {r['num_prompts']:>5} {r['completed']:>4} {r['request_throughput']:>7.2f} "
               f"{r['output_throughput']:>10.1f} {r['median_ttft_ms']:>9.1f} {r['p99_ttft_ms']:>9.1f} "
               f"{r['median_tpot_ms']:>9.2f} {r['p99_tpot_ms']:>9.2f} {busy:>12}")
-    return 0 if all(r["failed"] == 0 for r in rows) else 1
+    if a.mix_share:
+        print(f"\nmixed ({a.mix_share:.0%} of requests: logprobs={a.mix_logprobs} or penalties {PENALTIES}):")
+        print(f"{'conc':>5} {'plain tok/s':>12} {'mixed tok/s':>12} {'ratio':>6}  per kind in the mixed run: "
+              "tok/s, TPOT p50 ms")
+        for r in rows:
+            kinds = "  ".join(f"{k} {v['output_throughput']:.1f}, {v['median_tpot_ms']:.2f}"
+                              for k, v in r["mixed"]["kinds"].items())
+            print(f"{r['concurrency']:>5} {r['output_throughput']:>12.1f} {r['mixed']['output_throughput']:>12.1f} "
+                  f"{r['mixed_vs_plain']:>6.3f}  {kinds}")
+    failed = [r["failed"] for r in rows] + [r["mixed"]["failed"] for r in rows if "mixed" in r]
+    return 0 if not any(failed) else 1
 
 
 if __name__ == "__main__":
