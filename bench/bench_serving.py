@@ -8,10 +8,17 @@ tok/s, TTFT, TPOT and inter-token latency (mean, p50, p99), and each stage's bus
         --concurrency 1,8,64,256 --input-len 1024 --output-len 256 --out bench/results/serving.json
     python bench/bench_serving.py --num-prompts 8 --input-len 16 --output-len 8 --concurrency 1,4   # tiny, CPU
 
+--shared-prefix-tokens N puts one shared N-token system prompt ahead of every prompt's --input-len
+own tokens (the prefix cache then serves it); `--serve-args --no-enable-prefix-caching` is the
+cache-off run to compare:
+    python bench/bench_serving.py --model qwen3-30b-a3b --stages 1 --serve-args "--load-format dummy" \
+        --shared-prefix-tokens 2048 --input-len 256 --output-len 256 --concurrency 64,256
+
 --mix-share S makes a share S of each level's requests ask for more than plain text: half of them
 `logprobs: --mix-logprobs` (top 5 by default), half presence/frequency/repetition penalties. Each level
-then runs twice on the same prompts, plain only and mixed, and reports both throughputs, their
-ratio, and each kind's figures within the mixed run (the cost of the extras against plain requests):
+then runs twice, plain only and mixed, on fresh prompts of the same lengths each time (the prefix
+cache would serve repeated ones), and reports both throughputs, their ratio, and each kind's figures
+within the mixed run (the cost of the extras against plain requests):
     python bench/bench_serving.py --model qwen3-30b-a3b --stages 2 --serve-args "--load-format dummy" \
         --concurrency 64 --input-len 1024 --output-len 256 --mix-share 0.5
     python bench/bench_serving.py --num-prompts 8 --input-len 16 --output-len 8 --concurrency 4 --mix-share 0.5
@@ -272,7 +279,9 @@ def main() -> int:
     ap.add_argument("--served-model-name", default="bench")
     ap.add_argument("--concurrency", type=ints, default=[1, 8, 64, 256])
     ap.add_argument("--num-prompts", type=int, default=None, help="per level (default: max(8, 2 x concurrency))")
-    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--input-len", type=int, default=1024, help="tokens of each prompt after the shared prefix")
+    ap.add_argument("--shared-prefix-tokens", type=int, default=0,
+                    help="a system prompt of this many tokens shared by every prompt (default 0: none)")
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--vocab-size", type=int, default=None, help="prompt ids are drawn from [10, vocab - 10)")
     ap.add_argument("--seed", type=int, default=0)
@@ -301,21 +310,23 @@ def main() -> int:
         served = sync.get(url + "/v1/models", timeout=60).json()["data"][0]
         if a.url:
             a.served_model_name = served["id"]
-        if a.input_len + a.output_len > served.get("max_model_len", 1 << 30):
-            raise SystemExit(f"error: input {a.input_len} + output {a.output_len} exceeds the server's "
-                             f"max_model_len {served['max_model_len']}")
+        if a.shared_prefix_tokens + a.input_len + a.output_len > served.get("max_model_len", 1 << 30):
+            raise SystemExit(f"error: prefix {a.shared_prefix_tokens} + input {a.input_len} + output {a.output_len} "
+                             f"exceeds the server's max_model_len {served['max_model_len']}")
         rng = random.Random(a.seed)
-        warm = [[rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(2)]
+        shared = [rng.randrange(10, vocab - 10) for _ in range(a.shared_prefix_tokens)]
+        warm = [shared + [rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(2)]
         asyncio.run(run_level(url, a, 2, warm))  # first-call costs (allocator, kernels) out of the figures
         for c in a.concurrency:
             n = a.num_prompts or max(8, 2 * c)
-            prompts = [[rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(n)]
+            prompts = [shared + [rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(n)]
             m0 = metrics(sync, url)
             results, dt = asyncio.run(run_level(url, a, c, prompts))
             row = summarize(c, results, dt, m0, metrics(sync, url))
             if a.mix_share > 0:
                 m0 = metrics(sync, url)
-                mixed, mdt = asyncio.run(run_level(url, a, c, prompts, mix_kinds(n, a.mix_share, a.seed + c)))
+                fresh = [shared + [rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(n)]
+                mixed, mdt = asyncio.run(run_level(url, a, c, fresh, mix_kinds(n, a.mix_share, a.seed + c)))
                 row["mixed"] = {**summarize(c, mixed, mdt, m0, metrics(sync, url)), "kinds": kind_rows(mixed, mdt)}
                 row["mixed_vs_plain"] = row["mixed"]["output_throughput"] / row["output_throughput"]
             rows.append(row)
@@ -326,15 +337,16 @@ def main() -> int:
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": gpu_name(), "command": " ".join(shlex.quote(x) for x in sys.argv),
               "model": a.model or a.url or "tiny preset", "stages": a.stages, "serve_args": a.serve_args,
-              "input_len": a.input_len, "output_len": a.output_len, "mix_share": a.mix_share,
-              "mix": {"logprobs": a.mix_logprobs, **PENALTIES} if a.mix_share else None, "results": rows}
+              "input_len": a.input_len, "shared_prefix_tokens": a.shared_prefix_tokens, "output_len": a.output_len,
+              "mix_share": a.mix_share, "mix": {"logprobs": a.mix_logprobs, **PENALTIES} if a.mix_share else None,
+              "results": rows}
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(record, indent=2) + "\n")
     hdr = (f"{'conc':>5} {'reqs':>5} {'ok':>4} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
            f"{'TPOT p50':>9} {'TPOT p99':>9} {'busy':>12}")
-    print(f"\nserving: {record['model']}, {record['device']}, in {a.input_len} / out {a.output_len} tokens "
-          f"(ms for TTFT/TPOT)")
+    print(f"\nserving: {record['model']}, {record['device']}, in {a.shared_prefix_tokens} shared + {a.input_len} / "
+          f"out {a.output_len} tokens (ms for TTFT/TPOT)")
     print(hdr)
     for r in rows:
         busy = "/".join(f"{b:.2f}" for b in r["stage_busy_fraction"])

@@ -202,13 +202,15 @@ def memory_model(cfg, num_stages: int, dtype: torch.dtype, card_bytes: list[int]
                  reserve_gib: float | None = None) -> MemoryModel:
     """The plan's arithmetic (engine/plan.py) as a MemoryModel: weights as the engine allocates
     them, the plan's runtime + activation reserve per stage."""
-    from .plan import GIB, _layer_params, default_reserve_gib
+    from model.tensors import layer_params
+
+    from .plan import GIB, default_reserve_gib, outer_params
     esz = torch.empty((), dtype=dtype).element_size()
-    vh = cfg.vocab_size * cfg.hidden_size
     reserve = default_reserve_gib(cfg) if reserve_gib is None else reserve_gib
     return MemoryModel(card_bytes=list(card_bytes),
-                       layer_bytes=[_layer_params(cfg, i)[0] * esz for i in range(cfg.num_hidden_layers)],
-                       embed_bytes=vh * esz, head_bytes=(vh + cfg.hidden_size) * esz,
+                       layer_bytes=[layer_params(cfg, i)[0] * esz for i in range(cfg.num_hidden_layers)],
+                       embed_bytes=outer_params(cfg, True, False) * esz,
+                       head_bytes=outer_params(cfg, False, True) * esz,
                        reserve_bytes=int(reserve * GIB),
                        kv_bytes_per_token_layer=cfg.kv_bytes_per_token_per_layer(dtype))
 

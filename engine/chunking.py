@@ -41,9 +41,10 @@ class ChunkCost:
         return (-lin + math.sqrt(lin * lin + 4 * half * rest)) / (2 * half)
 
 
-# qwen3-30b-a3b (32 q / 4 kv heads, head_dim 128, hidden 2048, 8 of 128 experts), bf16, block 16,
-# attention 'fa', 2 layers of dummy weights, 54 points n 256..8192 x p 0..96k (rel rms 12%):
-# python bench/fit_chunk_cost.py --measure. c0 is mostly the expert weights read once per chunk.
+# Coefficients fitted for the qwen3-30b-a3b shape (32 q / 4 kv heads, head_dim 128, hidden 2048, 8 of
+# 128 experts), bf16, block 16, attention 'fa', 2 layers of dummy weights, over chunk lengths n and
+# prefixes p; the points and the fit's error are in `source`. Refit: bench/fit_chunk_cost.py --measure.
+# c0 is mostly the expert weights, read once per chunk.
 H100_QWEN3_30B = ChunkCost(c0=1.126, a=2.592e-4, b=5.054e-8,
                            source="NVIDIA H100 80GB HBM3, bench/results/chunk_cost_H100_2026-11-28_v1.json")
 

@@ -20,7 +20,7 @@ from .options import EngineOptions, options_from_kwargs
 from .outputs import OutputBuilder
 from .params import RequestOutput, SamplingParams
 from .request_stream import _ABORTED, POLL_S, RequestStream, StopChecker, TokenEvent, _Entry
-from .scheduler import check_request
+from .scheduler import cache_salts, check_request
 from .stage_processes import EngineClosed, StageDied, StageProcesses
 from .stage_processes import GATHER_FAILURES_S, kill_workers  # noqa: F401  (engine/__main__.py: engine.llm.kill_workers)
 
@@ -100,7 +100,7 @@ class LLM(StageProcesses):
                 self._forget(msg[1])
             if entry is not None:
                 entry.deliver(ValueError(msg[2]))
-        elif kind == "stats":
+        elif kind in ("stats", "reset_prefix_cache"):
             with self._lock:
                 w = self._stats_waiters.get(msg[1])
             if w is not None:
@@ -200,27 +200,29 @@ class LLM(StageProcesses):
             raise ValueError("SamplingParams: stop strings need the checkpoint's tokenizer.json")
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-               on_event: Callable | None = None) -> RequestStream:
+               on_event: Callable | None = None, cache_salt: str | None = None) -> RequestStream:
         """Queue one request; returns its stream. With on_event, every TokenEvent (and a final
-        exception if the engine dies) goes to on_event(event) on the router thread instead."""
+        exception if the engine dies) goes to on_event(event) on the router thread instead.
+        cache_salt: only requests of the same salt share prefix-cache blocks."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if params.n > 1:
             raise ValueError("SamplingParams: n > 1 streams one request per sample: submit each of "
                              "params.samples(), or use generate()")
+        salt = cache_salts(cache_salt, 1)[0]
         ids = self._encode(prompt)
         self._check(ids, params)
-        return self._submit([(ids, params, request_id, on_event)])[0]
+        return self._submit([(ids, params, request_id, on_event, salt)])[0]
 
     def _submit(self, reqs: list) -> list[RequestStream]:
         self._check_usable()
         streams, adds = [], []
         with self._lock:
-            for _, _, rid, _ in reqs:
+            for _, _, rid, _, _ in reqs:
                 if rid is not None and rid in self._by_request:
                     raise ValueError(f"request_id {rid!r} is already running")
-            for ids, params, rid, on_event in reqs:
+            for ids, params, rid, on_event, salt in reqs:
                 rid = rid if rid is not None else f"req-{next(self._auto_ids)}"
                 sid = next(self._seq_ids)
                 s = RequestStream(self, rid, sid)
@@ -229,7 +231,7 @@ class LLM(StageProcesses):
                 self._by_request[rid] = sid
                 self._streams[rid] = s
                 streams.append(s)
-                adds.append((sid, ids, params))
+                adds.append((sid, ids, params, salt))
             self._send(("add", adds))
         return streams
 
@@ -265,8 +267,8 @@ class LLM(StageProcesses):
             except (StageDied, EngineClosed):
                 pass
 
-    def _prepare(self, prompts, params) -> tuple[list[list[int]], list[SamplingParams]]:
-        """Prompt ids and params, one per prompt (n not expanded), checked."""
+    def _prepare(self, prompts, params, cache_salt=None) -> tuple[list[list[int]], list[SamplingParams], list]:
+        """Prompt ids, params and cache salts, one per prompt (n not expanded), checked."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not prompts:
@@ -278,28 +280,30 @@ class LLM(StageProcesses):
         for sp in plist:
             if not isinstance(sp, SamplingParams):  # as vLLM: a dict is not taken for SamplingParams(**dict)
                 raise TypeError(f"params must be SamplingParams or a list of them, got {type(sp).__name__}")
+        salts = cache_salts(cache_salt, len(prompts))
         ids = [self._encode(p) for p in prompts]
         for i, (x, sp) in enumerate(zip(ids, plist)):
             try:
                 self._check(x, sp)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        return ids, plist
+        return ids, plist, salts
 
-    def stream(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
-               ) -> Iterator[tuple[int, int, str | None]]:
+    def stream(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+               cache_salt: str | Seq[str | None] | None = None) -> Iterator[tuple[int, int, str | None]]:
         """Yield (prompt index, new token id, finish reason or None) as tokens arrive. Leaving the
-        loop early (break, close(), garbage collection) aborts the call's unfinished requests."""
-        ids, plist = self._prepare(prompts, params)
+        loop early (break, close(), garbage collection) aborts the call's unfinished requests.
+        cache_salt: one for every prompt or one per prompt (submit)."""
+        ids, plist, salts = self._prepare(prompts, params, cache_salt)
         if any(p.n > 1 for p in plist):
             raise ValueError("SamplingParams: n > 1 is for generate(); stream() yields one sequence per prompt")
         self._check_usable()
-        return ((i, ev.token_id, ev.finish_reason) for i, ev in self._stream(ids, plist, []))
+        return ((i, ev.token_id, ev.finish_reason) for i, ev in self._stream(ids, plist, salts, []))
 
-    def _stream(self, ids, plist, streams_out: list) -> Iterator[tuple[int, TokenEvent]]:
+    def _stream(self, ids, plist, salts, streams_out: list) -> Iterator[tuple[int, TokenEvent]]:
         events: queue.Queue = queue.Queue()
-        streams = self._submit([(x, sp, None, (lambda ev, i=i: events.put((i, ev))))
-                                for i, (x, sp) in enumerate(zip(ids, plist))])
+        streams = self._submit([(x, sp, None, (lambda ev, i=i: events.put((i, ev))), salt)
+                                for i, (x, sp, salt) in enumerate(zip(ids, plist, salts))])
         streams_out.extend(streams)
         remaining = len(streams)
         try:
@@ -319,28 +323,31 @@ class LLM(StageProcesses):
             for s in streams:
                 s.finished = True
 
-    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, its `outputs` the params' n samples (each its own sequence)."""
-        ids, plist = self._prepare(prompts, params)
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 cache_salt: str | Seq[str | None] | None = None) -> list[RequestOutput]:
+        """One RequestOutput per prompt, its `outputs` the params' n samples (each its own sequence,
+        sharing the prompt's cached blocks)."""
+        ids, plist, salts = self._prepare(prompts, params, cache_salt)
         self._check_usable()
-        seqs = [(i, j, x, sp) for i, (x, p) in enumerate(zip(ids, plist)) for j, sp in enumerate(p.samples())]
+        seqs = [(i, j, x, sp, salt) for i, (x, p, salt) in enumerate(zip(ids, plist, salts))
+                for j, sp in enumerate(p.samples())]
         streams: list[RequestStream] = []
-        gen = self._stream([x for _, _, x, _ in seqs], [sp for _, _, _, sp in seqs], streams)
+        gen = self._stream([q[2] for q in seqs], [q[3] for q in seqs], [q[4] for q in seqs], streams)
         builders = [OutputBuilder("", x, p.n, p.logprobs is not None) for x, p in zip(ids, plist)]
         try:
             for k, ev in gen:
                 builders[seqs[k][0]].add(seqs[k][1], ev)
         finally:
             gen.close()
-        for (i, j, _, _), s in zip(seqs, streams):
+        for (i, j, *_), s in zip(seqs, streams):
             if j == 0:
                 builders[i].request_id = s.request_id
         return [b.build(self.tokenizer) for b in builders]
 
     def chat(self, messages: list[dict] | Seq[list[dict]], params: SamplingParams | Seq[SamplingParams] | None = None,
              chat_template_kwargs: dict | None = None, add_generation_prompt: bool = True,
-             tools: list[dict] | None = None) -> list[RequestOutput]:
+             tools: list[dict] | None = None, cache_salt: str | Seq[str | None] | None = None
+             ) -> list[RequestOutput]:
         """generate() over conversations rendered with the checkpoint's chat template, as transformers'
         apply_chat_template renders them (chat_template_kwargs, e.g. {"enable_thinking": False},
         reach the template). One conversation or a list of them; one output each."""
@@ -352,22 +359,32 @@ class LLM(StageProcesses):
         convs = list(messages) if messages and isinstance(messages[0], (list, tuple)) else [messages]
         texts = [self._chat_template.render(c, add_generation_prompt, tools, chat_template_kwargs=chat_template_kwargs)
                  for c in convs]
-        return self.generate(texts, params)
+        return self.generate(texts, params, cache_salt)
 
     # ---- stats -------------------------------------------------------------------------------
     def stats(self, reset: bool = False, per_step: bool = False, profile: dict | None = None) -> dict:
         """{"stages": [per stage: rank, layers, busy_ms, steps, tokens, peak_gib, kv_gib, ...],
         "scheduler": {running, waiting, free_blocks, num_blocks, preemptions, prompt_tokens,
-        generation_tokens}}: a snapshot taken behind the micro-batches already in flight, without
-        draining them. per_step adds the (bounded) per-step lists. profile: a command for the
-        stages' profilers (engine/trace.py StageProfiler), carried by this request."""
+        generation_tokens, prefix_cache_queries, prefix_cache_hits, ...}}: a snapshot taken behind the
+        micro-batches already in flight, without draining them. per_step adds the (bounded) per-step
+        lists. profile: a command for the stages' profilers (engine/trace.py StageProfiler), carried
+        by this request."""
+        return self._call("stats", bool(reset), bool(per_step), profile)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every prefix-cache block that no running request holds. True when nothing stays
+        cached; False when blocks of running requests keep their place (as vLLM's)."""
+        return self._call("reset_prefix_cache")
+
+    def _call(self, kind: str, *args):
+        """Send (kind, token, *args) to rank 0 and wait for its (kind, token, reply)."""
         self._check_usable()
         token = next(self._stats_tokens)
         w = [threading.Event(), None]
         with self._lock:
             self._stats_waiters[token] = w
         try:
-            self._send(("stats", token, bool(reset), bool(per_step), profile))
+            self._send((kind, token, *args))
             while not w[0].wait(POLL_S):
                 self._check_usable()
             if w[1] is None:

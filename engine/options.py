@@ -47,6 +47,9 @@ class EngineOptions:
                                  ATTENTION_CHOICES)
     dynamic_chunks: bool = _opt(True, "prefill chunks shrink as their prefix grows (off: full-budget chunks)",
                                 flag="--no-dynamic-chunks")
+    enable_prefix_caching: bool = _opt(True, "no automatic prefix caching (by default a request reuses the KV "
+                                       "blocks of the longest prompt prefix already computed)",
+                                       flag="--no-enable-prefix-caching")
     seed: int = _opt(0, "seed of unseeded sampling", int)
     revision: str | None = _opt(None, "hub revision (branch, tag or commit) of a hub model", str)
     enforce_eager: bool = _opt(False, "no CUDA graphs for decode")
@@ -81,6 +84,8 @@ class EngineOptions:
         integer("max_num_batched_tokens", 1)
         integer("max_model_len", 1, none_ok=True)
         integer("seed", 0)
+        if not isinstance(self.enable_prefix_caching, bool):
+            bad("enable_prefix_caching", f"must be True or False, got {self.enable_prefix_caching!r}")
         if self.device not in (None, "cuda", "cpu"):
             bad("device", f"{self.device!r}: expected 'cuda' or 'cpu'")
         if self.kv_cache_gib is not None and not (_num(self.kv_cache_gib) and self.kv_cache_gib > 0):

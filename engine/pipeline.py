@@ -100,13 +100,13 @@ class PipelineEngine:
         self.replies: list = []
         self.returns = _Returns(worker) if self.num_stages > 1 else None
 
-    def add(self, seq_id: int, prompt: list[int], params: SamplingParams) -> None:
+    def add(self, seq_id: int, prompt: list[int], params: SamplingParams, cache_salt: str | None = None) -> None:
         try:
             params.check_vocab(self.vocab)
         except ValueError as e:
             raise RequestRefused(str(e)) from None
         stop = params.stop_token_ids if params.stop_token_ids is not None else self.default_stop_ids
-        self.scheduler.add(Sequence(seq_id, prompt, params, tuple(stop)))
+        self.scheduler.add(Sequence(seq_id, prompt, params, tuple(stop), cache_salt))
 
     def abort(self, seq_ids: list[int]) -> None:
         for sid in seq_ids:

@@ -3,6 +3,7 @@ Per-stage weights, KV capacity and the verdict the `plan` command prints; also t
 the automatic split. Pure arithmetic on config.json; no weights are read and no GPU is needed."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from loader.partition import partition
 from loader.presets import PRESETS, preset_config
 from model.config import ModelConfig
+from model.tensors import LM_HEAD, layer_params, stage_shapes
 
 GIB = 2**30
 RUNTIME_RESERVE_GIB = 2.0  # CUDA context, cuBLAS/NCCL workspaces, allocator fragmentation
@@ -53,18 +55,13 @@ class Plan:
     verdict: list[str] = field(default_factory=list)
 
 
-def _layer_params(cfg: ModelConfig, i: int) -> tuple[int, int]:
-    """(total, active per token) parameters of decoder layer i, as the engine allocates them."""
-    H = cfg.hidden_size
-    attn = 2 * cfg.q_size * H + 2 * cfg.kv_size * H + 2 * cfg.head_dim  # q,k,v,o + q_norm,k_norm
-    norms = 2 * H
-    if cfg.is_sparse(i):
-        expert = 3 * cfg.moe_intermediate_size * H  # gate, up, down
-        router = cfg.num_experts * H
-        return (attn + norms + router + cfg.num_experts * expert,
-                attn + norms + router + cfg.num_experts_per_tok * expert)
-    dense = attn + norms + 3 * cfg.intermediate_size * H
-    return dense, dense
+def outer_params(cfg: ModelConfig, has_embed: bool, has_head: bool) -> int:
+    """Embedding, final norm and head parameters on one card. A tied head shares the embedding only
+    when it lives on the same card; otherwise the last stage loads its own copy of the matrix."""
+    shapes = stage_shapes(cfg, 0, 0, has_embed, has_head)
+    if cfg.tie_word_embeddings and has_embed:
+        shapes.pop(LM_HEAD.param, None)
+    return sum(math.prod(s) for s in shapes.values())
 
 
 def _activation_bytes_per_token(cfg: ModelConfig) -> int:
@@ -83,9 +80,8 @@ def default_reserve_gib(cfg: ModelConfig, chunk: int = PREFILL_CHUNK) -> float:
 def model_totals(cfg: ModelConfig) -> tuple[int, int]:
     """(total, active per token) parameters; embeddings and head count as active (each token reads
     its embedding row and the full head), a tied head once."""
-    layers = [_layer_params(cfg, i) for i in range(cfg.num_hidden_layers)]
-    vh = cfg.vocab_size * cfg.hidden_size
-    outer = vh * (1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size  # embed, head, final norm
+    layers = [layer_params(cfg, i) for i in range(cfg.num_hidden_layers)]
+    outer = outer_params(cfg, True, True)
     return sum(t for t, _ in layers) + outer, sum(a for _, a in layers) + outer
 
 
@@ -99,16 +95,10 @@ def stage_plan(cfg: ModelConfig, stages: int, context: int, gpu_memory_gib: floa
         raise ValueError(f"gpu memory must be > 0 GiB, got {gpu_memory_gib}")
     esz = torch.empty((), dtype=dtype).element_size()
     reserve = default_reserve_gib(cfg) if reserve_gib is None else reserve_gib
-    vh = cfg.vocab_size * cfg.hidden_size
+    layer_totals = [layer_params(cfg, i)[0] for i in range(cfg.num_hidden_layers)]
     rows = []
     for s in partition(cfg.num_hidden_layers, stages, layer_counts):
-        params = sum(_layer_params(cfg, i)[0] for i in s.layers)
-        if s.has_embed:
-            params += vh
-        if s.has_head:
-            # A tied head shares the embedding only when it lives on the same card; otherwise the
-            # last stage loads its own copy of the matrix.
-            params += cfg.hidden_size + (0 if cfg.tie_word_embeddings and s.has_embed else vh)
+        params = sum(layer_totals[s.start:s.end]) + outer_params(cfg, s.has_embed, s.has_head)
         kv = len(s.layers) * cfg.kv_bytes_per_token_per_layer(dtype)
         free = int(gpu_memory_gib * GIB) - params * esz - int(reserve * GIB)
         tokens = max(0, free) // kv

@@ -1,6 +1,16 @@
 """Scheduler (no torch): continuous batching with chunked prefill under a per-step token budget,
-mixed with decodes, several micro-batches in flight, and preemption of the youngest sequence
-(blocks freed, recomputed later) when KV blocks run out."""
+mixed with decodes, several micro-batches in flight, preemption of the youngest sequence (blocks
+freed, recomputed later) when KV blocks run out, and prefix caching (a sequence starts after the
+longest prefix of its tokens already in the block manager's cache).
+
+When a block is cached: once the micro-batch writing its last token has been dispatched, i.e. at
+the end of the schedule() call that built that micro-batch (or, for a token sampled by a
+continuation, when the token reaches the host). The caller dispatches each micro-batch before it
+calls the scheduler again (PipelineEngine.step), so a sequence that finds the block does so in a
+later call, and its micro-batch is dispatched after the writer's. Every stage runs micro-batches in
+dispatch order (one stream, one receive order), so on every stage the write lands before the read.
+A block is never offered to a sequence of the micro-batch that writes it: chunks of one micro-batch
+do not see each other's KV writes on every attention backend."""
 from __future__ import annotations
 
 import math
@@ -57,6 +67,17 @@ def check_request(prompt_len: int, max_tokens: int, max_model_len: int, num_bloc
                              f"whole KV cache of {num_blocks * block_size} tokens ({num_blocks} blocks)")
 
 
+def cache_salts(cache_salt, n: int) -> list[str | None]:
+    """One cache_salt per request from None, one salt, or a list of n (each a non-empty str or None)."""
+    salts = list(cache_salt) if isinstance(cache_salt, (list, tuple)) else [cache_salt] * n
+    if len(salts) != n:
+        raise ValueError(f"{len(salts)} cache_salt values for {n} prompts")
+    for s in salts:
+        if s is not None and (not isinstance(s, str) or not s):
+            raise ValueError(f"cache_salt must be a non-empty string if given, got {s!r}")
+    return salts
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, num_stages: int = 1, dynamic_chunks: bool = True):
@@ -74,6 +95,8 @@ class Scheduler:
         self.generation_tokens = 0  # tokens sampled, since the last reset
         self.continuations = 0  # decode steps queued before their input token was known (async), since reset
         self.dropped_tokens = 0  # tokens sampled by such steps for sequences that had stopped meanwhile
+        self.prefix_cache_queries = 0  # tokens of admitted sequences looked up in the prefix cache, since reset
+        self.prefix_cache_hits = 0  # of them, tokens found cached (not computed), since reset
         self.seqs: dict[int, Sequence] = {}  # every unfinished sequence by id
 
     # ---- admission ---------------------------------------------------------------------------
@@ -105,11 +128,18 @@ class Scheduler:
         out = {"running": len(self.running), "waiting": len(self.waiting), "free_blocks": self.blocks.num_free,
                "num_blocks": self.blocks.num_blocks, "preemptions": self.num_preemptions,
                "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
-               "continuations": self.continuations, "dropped_tokens": self.dropped_tokens}
+               "continuations": self.continuations, "dropped_tokens": self.dropped_tokens,
+               "prefix_cache_queries": self.prefix_cache_queries, "prefix_cache_hits": self.prefix_cache_hits,
+               "cached_blocks": self.blocks.num_cached_idle, "prefix_cache_evictions": self.blocks.num_evicted}
         if reset:
             self.num_preemptions = self.prompt_tokens = self.generation_tokens = 0
             self.continuations = self.dropped_tokens = 0
+            self.prefix_cache_queries = self.prefix_cache_hits = self.blocks.num_evicted = 0
         return out
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached block no sequence holds; True when nothing is cached any more."""
+        return self.blocks.reset_cache()
 
     @property
     def has_work(self) -> bool:
@@ -137,9 +167,16 @@ class Scheduler:
             n_decode += is_decode
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_unscheduled, budget)
-            if not self.blocks.grow(seq, seq.num_scheduled + n):
+            hits = self.blocks.lookup(seq)
+            start = len(hits) * self.blocks.block_size
+            n = min(len(seq) - start, budget)
+            if self.chunk_sizer is not None:
+                n = min(n, self.chunk_sizer(start, seq.prompt_len))
+            if not self.blocks.admit(seq, hits, start + n):
                 break
+            seq.num_scheduled = seq.num_cached_tokens = start
+            self.prefix_cache_queries += len(seq)
+            self.prefix_cache_hits += start
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -147,6 +184,8 @@ class Scheduler:
             budget -= n
         if not chunks:
             return None
+        for c in chunks:  # the micro-batch is dispatched before the next call: its blocks are cached
+            self.blocks.commit(c.seq, c.end)
         self._next_mb += 1
         return MicroBatch(self._next_mb, chunks)
 
@@ -232,6 +271,7 @@ class Scheduler:
                 self.dropped_tokens += seq.finish_reason != "abort"
                 continue
             seq.append(int(tok), self.max_model_len)
+            self.blocks.commit(seq, seq.num_scheduled)  # a continuation has written this token's KV
             self.generation_tokens += 1
             done.append(seq)
             if seq.finish_reason is not None:

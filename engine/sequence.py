@@ -13,7 +13,8 @@ class Status(Enum):
 
 
 class Sequence:
-    def __init__(self, seq_id: int, prompt: list[int], params: SamplingParams, stop_ids: tuple[int, ...]):
+    def __init__(self, seq_id: int, prompt: list[int], params: SamplingParams, stop_ids: tuple[int, ...],
+                 cache_salt: str | None = None):
         self.seq_id = seq_id
         self.prompt_len = len(prompt)
         self.token_ids = list(prompt)
@@ -21,6 +22,10 @@ class Sequence:
         self.stop_ids = frozenset(() if params.ignore_eos else stop_ids)
         self.status = Status.WAITING
         self.block_table: list[int] = []
+        self.cache_salt = cache_salt  # prefix-cache isolation: only sequences of the same salt share blocks
+        self.block_hashes: list[bytes] = []  # prefix keys of its full blocks (engine/block_manager.py)
+        self.num_committed_blocks = 0  # leading blocks of block_table already offered to the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its latest admission
         self.num_scheduled = 0  # tokens already sent down the pipeline (their KV is or will be cached)
         self.in_flight = 0  # micro-batches in flight that hold this sequence
         self.samples_in_flight = 0  # micro-batches in flight that sample this sequence's next tokens

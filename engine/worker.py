@@ -2,10 +2,11 @@
 user's main module). It connects back to LLM's listener, says its rank, receives (EngineArgs, store path),
 loads its stage and serves. Rank 0 also takes requests from LLM and sends events back.
 
-Messages LLM -> rank 0: ("add", [(seq_id, prompt ids, params)]), ("abort", [seq_id]),
-("stats", token, reset, per_step), ("shutdown",). Any rank -> LLM: ("ready", rank, info),
-("error", rank, one-line summary, full traceback); rank 0 -> LLM: ("events", [(seq_id, token,
-reason)]), ("refused", seq_id, message), ("stats", token, snapshot)."""
+Messages LLM -> rank 0: ("add", [(seq_id, prompt ids, params, cache_salt)]), ("abort", [seq_id]),
+("stats", token, reset, per_step, profile command or None), ("reset_prefix_cache", token),
+("shutdown",). Any rank -> LLM: ("ready", rank, info), ("error", rank, one-line summary, full
+traceback); rank 0 -> LLM: ("events", [(seq_id, token, reason, extra)]), ("refused", seq_id, message),
+("stats", token, snapshot), ("reset_prefix_cache", token, True when nothing stays cached)."""
 from __future__ import annotations
 
 import os
@@ -56,15 +57,17 @@ def serve_requests(engine, inbox: queue.Queue, send) -> None:
         while msg is not None:
             kind = msg[0]
             if kind == "add":
-                for sid, prompt, params in msg[1]:
+                for sid, prompt, params, cache_salt in msg[1]:
                     try:
-                        engine.add(sid, prompt, params)
+                        engine.add(sid, prompt, params, cache_salt)
                     except RequestRefused as e:
                         send(("refused", sid, str(e)))
             elif kind == "abort":
                 engine.abort(msg[1])
             elif kind == "stats":
                 engine.request_stats(*msg[1:])  # token, reset, per_step[, profiler command]
+            elif kind == "reset_prefix_cache":
+                send(("reset_prefix_cache", msg[1], engine.scheduler.reset_prefix_cache()))
             elif kind == "shutdown":
                 engine.shutdown()
                 return

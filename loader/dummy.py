@@ -12,6 +12,7 @@ import torch
 
 from model.config import ModelConfig
 from model.stage import Stage
+from model.tensors import spec_of
 
 from .partition import StageSpec
 from .presets import PRESETS, preset_config
@@ -38,7 +39,7 @@ def fill_dummy(stage: Stage, seed: int = 0) -> Stage:
     with torch.no_grad():
         for name, p in stage.named_parameters():
             gen.manual_seed(_seed(seed, name))
-            if p.ndim == 1:  # norm weights
+            if spec_of(name).norm:
                 p.normal_(1.0, 0.1, generator=gen)
             else:
                 p.normal_(0.0, STD, generator=gen)

@@ -13,23 +13,10 @@ from model.config import ModelConfig
 from model.stage import Stage
 
 from .checkpoint import CheckpointError, CheckpointIndex
-from .names import QKV_PARAM, Placement, place, required_parts
+from .names import Part, Placement, placements, required_parts
 from .partition import StageSpec
 
 _BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "U8": 1}
-
-
-def _describe(part: tuple) -> str:
-    """A missing parameter piece, named as the checkpoint would name it."""
-    param = part[0]
-    if len(part) == 1:
-        return param if param == "lm_head.weight" else "model." + param
-    if param.endswith(QKV_PARAM):
-        return f"model.{param.removesuffix(QKV_PARAM)}self_attn.{part[1]}_proj.weight"
-    layer = param.rsplit(".mlp.", 1)[0]
-    if len(part) == 3:
-        return f"model.{layer}.mlp.experts.{part[1]}.{part[2]}_proj.weight (or fused model.{param})"
-    return f"model.{layer}.mlp.experts.{part[1]}.down_proj.weight (or fused model.{param})"
 
 
 def stage_placements(index: CheckpointIndex, cfg: ModelConfig, spec: StageSpec,
@@ -37,9 +24,10 @@ def stage_placements(index: CheckpointIndex, cfg: ModelConfig, spec: StageSpec,
     """(checkpoint name, placement) for every tensor this stage loads; strict about the rest.
     check_shapes reads the shards' headers (False: names only, before the shards are fetched)."""
     chosen: list[tuple[str, Placement]] = []
-    covered: dict = {}
+    covered: dict[Part, str] = {}
+    accepted = placements(cfg)
     for name in index.names:
-        p = place(name, cfg)
+        p = accepted.get(name)
         if p is None:
             raise CheckpointError(f"{index.weight_map[name]}: unexpected tensor {name!r}: not part of this "
                                   f"model ({cfg.num_hidden_layers} layers, {cfg.num_experts} experts, "
@@ -54,19 +42,19 @@ def stage_placements(index: CheckpointIndex, cfg: ModelConfig, spec: StageSpec,
             if spec.has_embed:
                 targets.append(p)
             if cfg.tie_word_embeddings and spec.has_head:
-                targets.append(Placement("lm_head.weight", (), p.shape, None, frozenset({("lm_head.weight",)})))
+                targets.append(Placement("lm_head.weight", (), p.shape, None, (Part("lm_head.weight", p.shape),)))
         elif spec.has_head:
             targets.append(p)
         for t in targets:
             for part in t.parts:
                 if part in covered:
-                    raise CheckpointError(f"{index.folder}: tensor {name!r} fills {_describe(part)}, already "
+                    raise CheckpointError(f"{index.folder}: tensor {name!r} fills {part.describe()}, already "
                                           f"filled by {covered[part]!r}")
                 covered[part] = name
             chosen.append((name, t))
     missing = required_parts(cfg, spec.start, spec.end, spec.has_embed, spec.has_head) - covered.keys()
     if missing:
-        shown = sorted(_describe(m) for m in missing)
+        shown = sorted(m.describe() for m in missing)
         raise CheckpointError(f"{index.folder}: missing tensor {shown[0]}"
                               + (f" and {len(shown) - 1} more" if len(shown) > 1 else "")
                               + f" (needed by stage {spec.rank}, layers {spec.start}..{spec.end - 1})")

@@ -1,20 +1,24 @@
-"""Checkpoint tensor names -> Stage parameters. Per-expert (`mlp.experts.E.gate_proj.weight`) and
-fused (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I]) layouts both map
-onto the Stage's fused expert tensors; q_proj, k_proj and v_proj fill row ranges of the Stage's
-`self_attn.qkv_proj.weight` [q_size + 2 * kv_size, H] (one GEMM per layer)."""
+"""Checkpoint tensor names -> Stage parameters, read off the table in model/tensors.py. Per-expert
+(`mlp.experts.E.gate_proj.weight`) and fused (`mlp.experts.gate_up_proj` [E, 2I, H],
+`mlp.experts.down_proj` [E, H, I]) layouts both map onto the Stage's fused expert tensors; q_proj,
+k_proj and v_proj fill row ranges of the Stage's `self_attn.qkv_proj.weight` [q_size + 2 * kv_size, H]."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from model.config import ModelConfig
+from model.tensors import EMBED, FINAL_NORM, LM_HEAD, Shape, TensorSpec, layer_tensors
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
-_QKV = {"self_attn.q_proj.weight": "q", "self_attn.k_proj.weight": "k", "self_attn.v_proj.weight": "v"}
-QKV_PARAM = "self_attn.qkv_proj.weight"
-_ATTN = ("self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
-         "input_layernorm.weight", "post_attention_layernorm.weight")
+
+class Part(NamedTuple):
+    """One piece of a parameter, named as the per-expert checkpoint layout names it."""
+    name: str
+    shape: Shape
+    fused: str | None = None  # the fused-layout tensor that holds it instead
+
+    def describe(self) -> str:
+        return self.name + (f" (or fused {self.fused})" if self.fused else "")
 
 
 @dataclass(frozen=True)
@@ -22,81 +26,80 @@ class Placement:
     """Where one checkpoint tensor goes: param[index] = tensor (index () = whole parameter)."""
     param: str
     index: tuple
-    shape: tuple[int, ...]  # the shape the checkpoint tensor must have
+    shape: Shape  # the shape the checkpoint tensor must have
     layer: int | None  # None for embed / norm / head
-    parts: frozenset  # keys of the parameter pieces it fills, to check full coverage
+    parts: tuple[Part, ...]  # the parameter pieces it fills, in storage order (to check full coverage)
+    norm: bool = False  # a norm weight (random checkpoints fill it with 1 + N(0, 0.1))
 
 
-def _whole(param: str, shape: tuple, layer: int | None) -> Placement:
-    return Placement(param, (), shape, layer, frozenset({(param,)}))
+def _parts(spec: TensorSpec, cfg: ModelConfig, layer: int | None) -> list[list[Part]]:
+    """The entry's pieces [expert][piece] as the per-expert layout names them (one row, for expert
+    None, when the entry is not per expert)."""
+    ck = f"model.layers.{layer}." if layer is not None else ""
+    fused = ck + spec.param if spec.experts else None
+    shapes = [(p.name, spec.piece_shape(cfg, p)) for p in spec.pieces]
+    experts = range(cfg.num_experts) if spec.experts else (None,)
+    return [[Part(ck + name.format(e=e), shape, fused) for name, shape in shapes] for e in experts]
 
 
-def _layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    H, D = cfg.hidden_size, cfg.head_dim
-    return {"self_attn.q_proj.weight": (cfg.q_size, H), "self_attn.k_proj.weight": (cfg.kv_size, H),
-            "self_attn.v_proj.weight": (cfg.kv_size, H), "self_attn.o_proj.weight": (H, cfg.q_size),
-            "self_attn.q_norm.weight": (D,), "self_attn.k_norm.weight": (D,),
-            "input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,)}
+def _param(spec: TensorSpec, layer: int | None) -> str:
+    return spec.param if layer is None else f"layers.{layer}.{spec.param}"
 
 
-def place(name: str, cfg: ModelConfig) -> Placement | None:
-    """The placement of a checkpoint tensor, or None when the name is not part of this model."""
-    H, V = cfg.hidden_size, cfg.vocab_size
-    if name == "model.embed_tokens.weight":
-        return _whole("embed_tokens.weight", (V, H), None)
-    if name == "lm_head.weight":
-        return _whole("lm_head.weight", (V, H), None)
-    if name == "model.norm.weight":
-        return _whole("norm.weight", (H,), None)
-    m = _LAYER.fullmatch(name)
-    if not m or int(m.group(1)) >= cfg.num_hidden_layers:
-        return None
-    i, rest = int(m.group(1)), m.group(2)
-    pre = f"layers.{i}."
-    if rest in _ATTN:
-        return _whole(pre + rest, _layer_shapes(cfg)[rest], i)
-    if rest in _QKV:
-        which, q, kv = _QKV[rest], cfg.q_size, cfg.kv_size
-        rows = {"q": slice(0, q), "k": slice(q, q + kv), "v": slice(q + kv, q + 2 * kv)}[which]
-        qkv = pre + QKV_PARAM
-        return Placement(qkv, (rows,), _layer_shapes(cfg)[rest], i, frozenset({(qkv, which)}))
-    E, I = cfg.num_experts, cfg.moe_intermediate_size
-    if cfg.is_sparse(i):
-        gu, dn = pre + "mlp.experts.gate_up_proj", pre + "mlp.experts.down_proj"
-        if rest == "mlp.gate.weight":
-            return _whole(pre + rest, (E, H), i)
-        if rest == "mlp.experts.gate_up_proj":
-            return Placement(gu, (), (E, 2 * I, H), i, frozenset((gu, e, p) for e in range(E) for p in ("gate", "up")))
-        if rest == "mlp.experts.down_proj":
-            return Placement(dn, (), (E, H, I), i, frozenset((dn, e) for e in range(E)))
-        em = _EXPERT.fullmatch(rest)
-        if em and int(em.group(1)) < E:
-            e, kind = int(em.group(1)), em.group(2)
-            if kind == "down":
-                return Placement(dn, (e,), (H, I), i, frozenset({(dn, e)}))
-            rows = slice(0, I) if kind == "gate" else slice(I, 2 * I)
-            return Placement(gu, (e, rows), (I, H), i, frozenset({(gu, e, kind)}))
-        return None
-    Id = cfg.intermediate_size
-    dense = {"mlp.gate_proj.weight": (Id, H), "mlp.up_proj.weight": (Id, H), "mlp.down_proj.weight": (H, Id)}
-    return _whole(pre + rest, dense[rest], i) if rest in dense else None
+def _split(spec: TensorSpec, layer: int | None, parts: list[Part], expert: int | None) -> dict[str, Placement]:
+    """One checkpoint tensor per piece (of one expert's slice when per expert), each a row range."""
+    out, row, param = {}, 0, _param(spec, layer)
+    for q in parts:
+        rows, row = slice(row, row + q.shape[0]), row + q.shape[0]
+        index = ((expert,) if spec.experts else ()) + ((rows,) if len(parts) > 1 else ())
+        out[q.name] = Placement(param, index, q.shape, layer, (q,), spec.norm)
+    return out
 
 
-def required_parts(cfg: ModelConfig, start: int, end: int, has_embed: bool, has_head: bool) -> set:
+def _outer(spec: TensorSpec, cfg: ModelConfig) -> dict[str, Placement]:
+    return _split(spec, None, _parts(spec, cfg, None)[0], None)
+
+
+def _layer_layout(cfg: ModelConfig, i: int, per_expert: bool = True, fused: bool = False
+                 ) -> dict[str, Placement]:
+    """Layer i's checkpoint tensors in storage order, with its expert tensors per expert (gate, up,
+    down of expert 0, then of expert 1, ...) and/or fused, after the layer's other tensors."""
+    specs = layer_tensors(cfg, i)
+    parts = {spec.param: _parts(spec, cfg, i) for spec in specs}
+    out: dict[str, Placement] = {}
+    for spec in specs:
+        if not spec.experts:
+            out |= _split(spec, i, parts[spec.param][0], None)
+        elif fused:
+            every = tuple(q for row in parts[spec.param] for q in row)
+            out[every[0].fused] = Placement(_param(spec, i), (), spec.shape(cfg), i, every, spec.norm)
+    for e in range(cfg.num_experts if per_expert else 0):
+        for spec in (s for s in specs if s.experts):
+            out |= _split(spec, i, parts[spec.param][e], e)
+    return out
+
+
+def checkpoint_layout(cfg: ModelConfig, fused_experts: bool = False) -> dict[str, Placement]:
+    """Every tensor a checkpoint of this config holds, in storage order: embed, layers 0..L-1,
+    norm, lm_head (a tied checkpoint may leave lm_head out)."""
+    return _layout(cfg, not fused_experts, fused_experts)
+
+
+def placements(cfg: ModelConfig) -> dict[str, Placement]:
+    """Every checkpoint name this config accepts, per-expert and fused, with its placement."""
+    return _layout(cfg, True, True)
+
+
+def _layout(cfg: ModelConfig, per_expert: bool, fused: bool) -> dict[str, Placement]:
+    out = _outer(EMBED, cfg)
+    for i in range(cfg.num_hidden_layers):
+        out |= _layer_layout(cfg, i, per_expert, fused)
+    return out | _outer(FINAL_NORM, cfg) | _outer(LM_HEAD, cfg)
+
+
+def required_parts(cfg: ModelConfig, start: int, end: int, has_embed: bool, has_head: bool) -> set[Part]:
     """Every parameter piece a stage needs filled (the coverage a correct load must reach)."""
-    parts: set = set()
-    if has_embed:
-        parts.add(("embed_tokens.weight",))
-    if has_head:
-        parts |= {("norm.weight",), ("lm_head.weight",)}
-    for i in range(start, end):
-        pre = f"layers.{i}."
-        parts |= {(pre + n,) for n in _ATTN}
-        parts |= {(pre + QKV_PARAM, w) for w in _QKV.values()}
-        if cfg.is_sparse(i):
-            parts.add((pre + "mlp.gate.weight",))
-            parts |= {(pre + "mlp.experts.gate_up_proj", e, p) for e in range(cfg.num_experts) for p in ("gate", "up")}
-            parts |= {(pre + "mlp.experts.down_proj", e) for e in range(cfg.num_experts)}
-        else:
-            parts |= {(pre + f"mlp.{n}_proj.weight",) for n in ("gate", "up", "down")}
-    return parts
+    outer = ([EMBED] if has_embed else []) + ([FINAL_NORM, LM_HEAD] if has_head else [])
+    pieces = [_parts(spec, cfg, None) for spec in outer]
+    pieces += [_parts(spec, cfg, i) for i in range(start, end) for spec in layer_tensors(cfg, i)]
+    return {q for rows in pieces for row in rows for q in row}

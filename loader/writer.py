@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from loader.names import checkpoint_layout
 from loader.presets import QWEN3_CHAT_TEMPLATE, preset_config
 from loader.safetensors_stream import SafetensorsStreamWriter, TensorEntry
 from model.config import ModelConfig, parse_dtype
@@ -94,46 +95,17 @@ def resolve_dtype(config: dict, dtype: str | torch.dtype | None = None) -> torch
 
 
 def plan_tensors(config: dict, dtype: torch.dtype, fused_experts: bool = False) -> list[PlannedTensor]:
-    """All tensors in natural order: embed, layers 0..L-1, norm, lm_head (unless tied)."""
+    """All tensors in natural order (loader/names.py's checkpoint_layout): embed, layers 0..L-1,
+    norm, lm_head (unless tied). A fused expert tensor is made of its per-expert parts, so both
+    layouts of one seed hold the same numbers."""
     cfg = ModelConfig.from_dict(config)
-    H, hd, E, I = cfg.hidden_size, cfg.head_dim, cfg.num_experts, cfg.moe_intermediate_size
     out: list[PlannedTensor] = []
-
-    def add(name: str, shape: tuple[int, ...], kind: str = "matrix") -> None:
-        out.append(PlannedTensor(TensorEntry(name, shape, dtype), (Part(name, shape, kind),)))
-
-    add("model.embed_tokens.weight", (cfg.vocab_size, H))
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        add(p + "input_layernorm.weight", (H,), "norm")
-        add(p + "self_attn.q_proj.weight", (cfg.q_size, H))
-        add(p + "self_attn.k_proj.weight", (cfg.kv_size, H))
-        add(p + "self_attn.v_proj.weight", (cfg.kv_size, H))
-        add(p + "self_attn.o_proj.weight", (H, cfg.q_size))
-        add(p + "self_attn.q_norm.weight", (hd,), "norm")
-        add(p + "self_attn.k_norm.weight", (hd,), "norm")
-        add(p + "post_attention_layernorm.weight", (H,), "norm")
-        if not cfg.is_sparse(i):
-            add(p + "mlp.gate_proj.weight", (cfg.intermediate_size, H))
-            add(p + "mlp.up_proj.weight", (cfg.intermediate_size, H))
-            add(p + "mlp.down_proj.weight", (H, cfg.intermediate_size))
-            continue
-        add(p + "mlp.gate.weight", (E, H))
-        x = p + "mlp.experts."
-        if fused_experts:
-            # gate_up_proj[e] = cat([gate_e, up_e], 0): [E, 2I, H]; down_proj: [E, H, I]
-            gate_up = tuple(Part(f"{x}{e}.{w}_proj.weight", (I, H), "matrix") for e in range(E) for w in ("gate", "up"))
-            down = tuple(Part(f"{x}{e}.down_proj.weight", (H, I), "matrix") for e in range(E))
-            out.append(PlannedTensor(TensorEntry(x + "gate_up_proj", (E, 2 * I, H), dtype), gate_up))
-            out.append(PlannedTensor(TensorEntry(x + "down_proj", (E, H, I), dtype), down))
-        else:
-            for e in range(E):
-                add(f"{x}{e}.gate_proj.weight", (I, H))
-                add(f"{x}{e}.up_proj.weight", (I, H))
-                add(f"{x}{e}.down_proj.weight", (H, I))
-    add("model.norm.weight", (H,), "norm")
-    if not cfg.tie_word_embeddings:
-        add("lm_head.weight", (cfg.vocab_size, H))
+    for name, p in checkpoint_layout(cfg, fused_experts).items():
+        if cfg.tie_word_embeddings and p.param == "lm_head.weight":
+            continue  # tied: the head is the embedding
+        kind = "norm" if p.norm else "matrix"
+        parts = tuple(Part(q.name, q.shape, kind) for q in p.parts)
+        out.append(PlannedTensor(TensorEntry(name, p.shape, dtype), parts))
     return out
 
 

@@ -1,7 +1,8 @@
 """Decoder layer of Qwen3-MoE: pre-norm attention (q/k norm, rope, GQA, paged KV) and MoE or dense
-MLP. Parameter names match the checkpoint under `model.layers.{i}.`, except q/k/v, held as one
-`self_attn.qkv_proj.weight` (loader/names.py). Modules hold weights; the maths are the functions of
-norm.py, rope.py, attention.py and moe.py, or the kernels the Backend chose."""
+MLP. Parameter names and shapes come from the table in model/tensors.py: the checkpoint's names under
+`model.layers.{i}.`, except q/k/v, held as one `self_attn.qkv_proj.weight`, and the experts, held fused
+(`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`). Modules hold weights; the maths are the
+functions of norm.py, rope.py, attention.py and moe.py, or the kernels the Backend chose."""
 from __future__ import annotations
 
 import torch
@@ -14,6 +15,7 @@ from .config import ModelConfig
 from .moe import dense_mlp, experts_grouped, experts_loop, route
 from .norm import add_norm, norm, rms_norm
 from .rope import apply_rope
+from .tensors import param_shape
 
 Trace = dict | None
 
@@ -25,22 +27,22 @@ def _param(shape: tuple[int, ...], device, dtype) -> nn.Parameter:
 class Weight(nn.Module):
     """A module holding one `.weight`, so names read `q_proj.weight` as in the checkpoint."""
 
-    def __init__(self, *shape: int, device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, param: str, device, dtype):
         super().__init__()
-        self.weight = _param(shape, device, dtype)
+        self.weight = _param(param_shape(cfg, param), device, dtype)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, device, dtype):
         super().__init__()
-        H, D = cfg.hidden_size, cfg.head_dim
+        D = cfg.head_dim
         self.nh, self.nkv, self.hd, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, D, cfg.rms_norm_eps
         self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
         self.scale = D ** -0.5  # YaRN does not change it
-        self.qkv_proj = Weight(cfg.q_size + 2 * cfg.kv_size, H, device=device, dtype=dtype)  # [q | k | v] rows
-        self.o_proj = Weight(H, cfg.q_size, device=device, dtype=dtype)
-        self.q_norm = Weight(D, device=device, dtype=dtype)
-        self.k_norm = Weight(D, device=device, dtype=dtype)
+        self.qkv_proj = Weight(cfg, "self_attn.qkv_proj.weight", device, dtype)  # [q | k | v] rows
+        self.o_proj = Weight(cfg, "self_attn.o_proj.weight", device, dtype)
+        self.q_norm = Weight(cfg, "self_attn.q_norm.weight", device, dtype)
+        self.k_norm = Weight(cfg, "self_attn.k_norm.weight", device, dtype)
 
     def forward(self, x_TH, cos, sin, batch: AttnBatch, kv: tuple[torch.Tensor, torch.Tensor],
                 be: Backend, trace: Trace, i: int) -> torch.Tensor:
@@ -68,16 +70,15 @@ class Attention(nn.Module):
 class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig, device, dtype):
         super().__init__()
-        E, I, H = cfg.num_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        self.gate_up_proj = _param((E, 2 * I, H), device, dtype)
-        self.down_proj = _param((E, H, I), device, dtype)
+        self.gate_up_proj = _param(param_shape(cfg, "mlp.experts.gate_up_proj"), device, dtype)  # [E, 2I, H]
+        self.down_proj = _param(param_shape(cfg, "mlp.experts.down_proj"), device, dtype)  # [E, H, I]
 
 
 class SparseMoe(nn.Module):
     def __init__(self, cfg: ModelConfig, device, dtype):
         super().__init__()
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = Weight(cfg.num_experts, cfg.hidden_size, device=device, dtype=dtype)
+        self.gate = Weight(cfg, "mlp.gate.weight", device, dtype)
         self.experts = Experts(cfg, device, dtype)
 
     def forward(self, x_TH: torch.Tensor, be: Backend, trace: Trace, i: int) -> torch.Tensor:
@@ -96,10 +97,9 @@ class SparseMoe(nn.Module):
 class DenseMlp(nn.Module):
     def __init__(self, cfg: ModelConfig, device, dtype):
         super().__init__()
-        H, I = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Weight(I, H, device=device, dtype=dtype)
-        self.up_proj = Weight(I, H, device=device, dtype=dtype)
-        self.down_proj = Weight(H, I, device=device, dtype=dtype)
+        self.gate_proj = Weight(cfg, "mlp.gate_proj.weight", device, dtype)
+        self.up_proj = Weight(cfg, "mlp.up_proj.weight", device, dtype)
+        self.down_proj = Weight(cfg, "mlp.down_proj.weight", device, dtype)
 
     def forward(self, x_TH: torch.Tensor, be: Backend, trace: Trace, i: int) -> torch.Tensor:
         return dense_mlp(x_TH, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
@@ -109,8 +109,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int, device, dtype):
         super().__init__()
         self.index, self.eps = index, cfg.rms_norm_eps
-        self.input_layernorm = Weight(cfg.hidden_size, device=device, dtype=dtype)
-        self.post_attention_layernorm = Weight(cfg.hidden_size, device=device, dtype=dtype)
+        self.input_layernorm = Weight(cfg, "input_layernorm.weight", device, dtype)
+        self.post_attention_layernorm = Weight(cfg, "post_attention_layernorm.weight", device, dtype)
         self.self_attn = Attention(cfg, device, dtype)
         self.mlp = SparseMoe(cfg, device, dtype) if cfg.is_sparse(index) else DenseMlp(cfg, device, dtype)
 

@@ -24,11 +24,11 @@ class Stage(nn.Module):
         self.has_embed, self.has_head = has_embed, has_head
         self.device, self.dtype = device, dtype
         if has_embed:
-            self.embed_tokens = Weight(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+            self.embed_tokens = Weight(cfg, "embed_tokens.weight", device, dtype)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, device, dtype) for i in range(start, end)})
         if has_head:
-            self.norm = Weight(cfg.hidden_size, device=device, dtype=dtype)
-            self.lm_head = Weight(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
+            self.norm = Weight(cfg, "norm.weight", device, dtype)
+            self.lm_head = Weight(cfg, "lm_head.weight", device, dtype)
         self.rope = Rope(cfg.rope, cfg.head_dim, dtype, device)
         self.backend = backend or pick_backend(device, attention)
         self.kv_cache: torch.Tensor | None = None  # [layers, 2, P, S, K, D]

@@ -82,18 +82,26 @@ def test_micro_batches_in_flight_split_decodes_and_pipeline_prefill_chunks():
     assert {c.seq.seq_id for c in a.chunks}.isdisjoint({c.seq.seq_id for c in b.chunks})
 
 
-def test_preempts_youngest_and_recomputes_it():
-    s = Scheduler(BlockManager(6, 4), max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1000)
+@pytest.mark.parametrize("caching", [False, True])
+def test_preempts_youngest_and_recomputes_it(caching):
+    s = Scheduler(BlockManager(6, 4, enable_caching=caching), max_num_seqs=8, max_num_batched_tokens=64,
+                  max_model_len=1000)
     old, young = seq(0, 8, max_tokens=8), seq(1, 8, max_tokens=8)
     s.add(old)
     s.add(young)
     log = run_to_end(s)
     assert young.num_preemptions >= 1 and old.num_preemptions == 0
     assert old.output_ids == [7] * 8 and young.output_ids == [7] * 8
-    # the preempted sequence is recomputed from token 0: prompt plus what it had generated
-    recompute = [c for step in log for c in step if c[0] == 1 and c[1] == 0]
-    assert len(recompute) >= 2 and max(c[2] for c in recompute) > 8
     assert s.blocks.num_free == 6
+    if not caching:  # recomputed from token 0: prompt plus what it had generated
+        recompute = [c for step in log for c in step if c[0] == 1 and c[1] == 0]
+        assert len(recompute) >= 2 and max(c[2] for c in recompute) > 8
+        return
+    # with the cache it resumes after the cached full blocks of its 13 tokens (old's, the same
+    # tokens): 12 found, the 13th computed; nothing recomputed from token 0
+    starts = [c[1] for step in log for c in step if c[0] == 1]
+    assert starts == [0, 8, 9, 10, 11, 12, 13, 14]
+    assert young.num_cached_tokens == 12 and s.snapshot()["prefix_cache_hits"] == 12
 
 
 def test_refuses_requests_that_never_fit_and_others_go_on():

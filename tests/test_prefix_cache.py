@@ -1,0 +1,268 @@
+"""Prefix cache in the block manager and scheduler (no model): block keys chained to the parent and
+salted, ref counts, LRU eviction, reset, when blocks become cacheable, and a soak of 1,000 requests
+from a few shared prefixes against a fake pipeline whose tokens depend on the KV it reads back
+(tests/fake_kv.py), with preemptions, evictions, aborts and continuations."""
+import hashlib
+import random
+
+import pytest
+
+from engine.block_manager import BlockManager, block_hash, root_hash
+from engine.params import SamplingParams
+from engine.scheduler import Scheduler, cache_salts
+from engine.sequence import Sequence
+from fake_kv import check_pool, drive, reference
+
+
+def seq(i, prompt, max_tokens=4, salt=None, stop=()):
+    return Sequence(i, list(prompt), SamplingParams(max_tokens=max_tokens, temperature=0), stop, salt)
+
+
+def sched(num_blocks=64, bs=4, budget=64, caching=True, stages=1, max_seqs=8, max_len=1000):
+    return Scheduler(BlockManager(num_blocks, bs, caching), max_num_seqs=max_seqs, max_num_batched_tokens=budget,
+                     max_model_len=max_len, num_stages=stages)
+
+
+def finish(s, mb, tok=5):
+    return s.complete(mb, [tok] * len(mb.sampled))
+
+
+# ---- keys --------------------------------------------------------------------------------------
+
+def test_block_keys_chain_the_parent_and_the_salt():
+    a, b = list(range(4)), list(range(4, 8))
+    root = root_hash(None)
+    assert block_hash(root, a) == block_hash(root, list(a))
+    assert block_hash(root, a) != block_hash(root, b)
+    assert block_hash(block_hash(root, a), b) != block_hash(block_hash(root, b), b)  # same tokens, other parent
+    assert len({root_hash(None), root_hash("t1"), root_hash("t2")}) == 3
+    assert block_hash(root, [1, 2]) != block_hash(root, [2, 1]) != block_hash(root, [1 << 40, 2])
+    # keys of a sequence: block i's key is its parent's key and its own ids, nothing else
+    bm = BlockManager(8, 4)
+    s = seq(0, a + a + a + [9])
+    keys = bm.hashes(s, 3)
+    want = hashlib.sha256(root_hash(None) + b"".join(t.to_bytes(8, "little") for t in a)).digest()
+    assert keys[0] == want and len(set(keys)) == 3  # a block repeated at another depth is another key
+    assert bm.hashes(seq(1, a + a + a, salt="x"), 3)[0] != keys[0]
+
+
+def test_cache_salts_validation():
+    assert cache_salts(None, 2) == [None, None] and cache_salts("t", 2) == ["t", "t"]
+    assert cache_salts(["a", None], 2) == ["a", None]
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        cache_salts("", 1)
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        cache_salts(3, 1)
+    with pytest.raises(ValueError, match="2 cache_salt values for 3 prompts"):
+        cache_salts(["a", "b"], 3)
+
+
+# ---- block manager -----------------------------------------------------------------------------
+
+def test_lookup_shares_refcounted_blocks_and_release_keeps_them_cached():
+    bm = BlockManager(8, 4)
+    a = seq(0, range(10))
+    assert bm.lookup(a) == [] and bm.admit(a, [], 10) and bm.num_free == 5
+    bm.commit(a, 10)  # blocks 0, 1 full; block 2 holds 2 of 4 tokens: not cached
+    assert len(bm.cached) == 2 and a.num_committed_blocks == 2
+    b = seq(1, list(range(10)) + [77])
+    hits = bm.lookup(b)
+    assert hits == a.block_table[:2]
+    assert bm.admit(b, hits, 11) and [bm.ref[x] for x in hits] == [2, 2] and bm.num_free == 4
+    bm.release(a)
+    assert [bm.ref[x] for x in hits] == [1, 1] and bm.num_free == 5 and bm.num_cached_idle == 0
+    bm.release(b)
+    assert bm.num_free == 8 and bm.num_cached_idle == 2
+    check_pool(bm)
+    c = seq(2, list(range(8)) + [1, 2, 3])  # the cached prefix, then other tokens
+    assert bm.lookup(c) == hits
+    assert bm.admit(c, hits, 11) and bm.num_cached_idle == 0 and bm.num_free == 5  # idle hits left the queue
+    assert not bm.admit(seq(3, range(40)), [], 40) and bm.num_free == 5  # too few: nothing taken
+
+
+def test_a_whole_cached_prompt_still_computes_its_last_token():
+    s = sched(bs=4)
+    a = seq(0, range(8), max_tokens=1)
+    s.add(a)
+    finish(s, s.schedule())
+    b = seq(1, range(8), max_tokens=1)
+    s.add(b)
+    mb = s.schedule()
+    (c,) = mb.chunks
+    assert (c.start, c.length, c.sample) == (4, 4, True)  # block 1 is cached too, but holds the last token
+    assert b.num_cached_tokens == 4 and s.snapshot()["prefix_cache_hits"] == 4
+    finish(s, mb)
+    s2 = sched(bs=4)
+    s2.add(seq(0, range(9), max_tokens=1))
+    finish(s2, s2.schedule())
+    s2.add(seq(1, range(9), max_tokens=1))
+    (c,) = s2.schedule().chunks
+    assert (c.start, c.length) == (8, 1)  # 8 of 9 found: one token computed
+
+
+def test_lru_eviction_takes_plain_blocks_then_least_recently_released_tail_first():
+    bm = BlockManager(8, 2)
+    x, y = seq(0, [1, 2, 3, 4, 5]), seq(1, [9, 8, 7, 6, 5])
+    for s in (x, y):
+        assert bm.admit(s, [], 5)
+        bm.commit(s, 5)
+    xb, yb = list(x.block_table), list(y.block_table)
+    bm.release(x)  # first released: evicted first, its tail (block 1) before its head (block 0)
+    bm.release(y)
+    assert list(bm.free)[:4] == [x for x in bm.free if bm.key[x] is None]  # plain blocks first
+    z = seq(2, range(100, 110))
+    assert bm.admit(z, [], 10)  # 5 blocks: 4 plain + x's block 1
+    assert bm.num_evicted == 1 and bm.key[xb[1]] is None and bm.key[xb[0]] is not None
+    assert bm.lookup(seq(3, [1, 2, 3, 4, 5])) == [xb[0]] and bm.lookup(seq(4, [9, 8, 7, 6, 5])) == yb[:2]
+    w = seq(5, range(200, 204))
+    assert bm.admit(w, [], 4)  # 2 blocks: x's head, then y's tail
+    assert bm.lookup(seq(3, [1, 2, 3, 4, 5])) == [] and bm.lookup(seq(4, [9, 8, 7, 6, 5])) == yb[:1]
+
+
+def test_reset_drops_idle_cached_blocks_and_keeps_those_in_use():
+    bm = BlockManager(8, 2)
+    a, b = seq(0, [1, 2, 3, 4, 5]), seq(1, [6, 7, 8, 9, 1])
+    for s in (a, b):
+        bm.admit(s, [], 5)
+        bm.commit(s, 5)
+    bm.release(a)
+    assert bm.reset_cache() is False  # b's blocks are in use and stay cached
+    assert bm.lookup(seq(2, [1, 2, 3, 4, 5])) == [] and len(bm.lookup(seq(3, [6, 7, 8, 9, 1]))) == 2
+    bm.release(b)
+    assert bm.num_cached_idle == 2 and bm.reset_cache() is True and bm.num_cached_idle == 0
+    check_pool(bm)
+    assert bm.num_free == 8 and not bm.cached
+
+
+def test_disabled_cache_finds_nothing():
+    s = sched(caching=False)
+    for i in range(2):
+        s.add(seq(i, range(20), max_tokens=1))
+        finish(s, s.schedule())
+    snap = s.snapshot()
+    assert snap["prefix_cache_hits"] == 0 and snap["cached_blocks"] == 0 and not s.blocks.cached
+
+
+# ---- when a block becomes cacheable ------------------------------------------------------------
+
+def test_blocks_are_cached_after_the_micro_batch_that_writes_them_is_built():
+    """Two requests with one new prefix in one micro-batch both compute it (a chunk never reads
+    another chunk's writes of the same micro-batch); a third in the next micro-batch finds it,
+    while the first two are still in flight."""
+    s = sched(bs=4, budget=64)
+    a, b = seq(0, range(12)), seq(1, range(12))
+    s.add(a)
+    s.add(b)
+    m1 = s.schedule()
+    assert [(c.start, c.length) for c in m1.chunks] == [(0, 12), (0, 12)]
+    assert set(a.block_table).isdisjoint(b.block_table)
+    assert len(s.blocks.cached) == 3 and all(s.blocks.key[x] for x in a.block_table)  # a's; b's copies uncached
+    c = seq(2, list(range(12)) + [40])
+    s.add(c)
+    m2 = s.schedule()
+    assert [(ch.seq.seq_id, ch.start) for ch in m2.chunks] == [(2, 12)] and c.block_table[:3] == a.block_table
+    finish(s, m1)
+    finish(s, m2)
+    assert all(x.finish_reason is None for x in (a, b, c))
+
+
+def test_mid_prefill_only_written_full_blocks_are_cached():
+    s = sched(bs=4, budget=6)
+    a = seq(0, range(20))
+    s.add(a)
+    s.schedule()  # tokens 0..5: block 0 full, block 1 half
+    assert a.num_committed_blocks == 1 and len(s.blocks.cached) == 1
+    s.schedule()  # tokens 6..11
+    assert a.num_committed_blocks == 3
+    b = seq(1, range(30))
+    s.add(b)
+    mb = s.schedule()
+    assert [(c.seq.seq_id, c.start) for c in mb.chunks] == [(0, 12)]  # the budget went to a
+    mb = s.schedule()  # a's last 2 tokens; b starts after a's blocks 0..3, all written
+    assert [(c.seq.seq_id, c.start, c.length) for c in mb.chunks] == [(0, 18, 2), (1, 16, 4)]
+
+
+def test_a_block_completed_by_a_continuation_is_cached_when_its_token_arrives():
+    s = sched(bs=4)
+    a = seq(0, range(7), max_tokens=5)
+    s.add(a)
+    m1 = s.schedule()  # prompt: 7 tokens, samples token 7
+    m2 = s.schedule_continuation()  # writes token 7 (not known on the host yet): block 1 full
+    assert a.num_committed_blocks == 1 and len(s.blocks.cached) == 1
+    s.complete(m1, [50])
+    assert a.num_committed_blocks == 2 and s.blocks.key[a.block_table[1]] is not None
+    b = seq(1, list(range(7)) + [50, 3])
+    s.add(b)
+    m3 = s.schedule()
+    assert [(c.seq.seq_id, c.start) for c in m3.chunks] == [(1, 8)]
+    s.complete(m2, [51])
+    s.complete(m3, [52])
+
+
+def test_different_salts_never_share_blocks():
+    s = sched(bs=4)
+    for i, salt in enumerate(["t1", "t2", None, "t1"]):
+        s.add(seq(i, range(13), max_tokens=1, salt=salt))
+        finish(s, s.schedule())
+    assert s.snapshot()["prefix_cache_hits"] == 12  # only the second "t1" request found its prefix
+    assert len(s.blocks.cached) == 9
+
+
+# ---- soak against the fake pipeline ------------------------------------------------------------
+
+def _workload(rng: random.Random, n: int, bs: int):
+    """n requests from a few shared prefixes: block-sized pieces reused at other depths (so a key
+    that ignored the parent would hand out wrong blocks), prefixes that end inside a block and on
+    a block boundary, tails of 0.., two salts, and follow-up turns (an earlier prompt + answer)."""
+    pieces = [[rng.randrange(53) for _ in range(bs)] for _ in range(3)]
+    prefixes = [pieces[0] + pieces[1] + pieces[2], pieces[2] + pieces[0] + pieces[1][:3],
+                pieces[1] + pieces[1] + pieces[1] + pieces[0], pieces[0][:5]]
+    reqs = []
+    for i in range(n):
+        pre = rng.choice(prefixes)
+        tail = [rng.randrange(53) for _ in range(rng.choice([0, 0, 1, 3, 9, 17]))]
+        salt = rng.choice([None, None, "tenant-b"])
+        reqs.append((pre + tail or [1], rng.randint(1, 10), rng.randrange(53) if rng.random() < 0.5 else None, salt))
+    return reqs
+
+
+@pytest.mark.parametrize("stages,use_async", [(1, False), (2, True), (4, True)])
+def test_soak_of_1000_requests_from_shared_prefixes_matches_the_uncached_reference(stages, use_async):
+    rng = random.Random(22 + stages)
+    bs, blocks = 4, 40
+    reqs = _workload(rng, 1000, bs)
+    s = sched(num_blocks=blocks, bs=bs, budget=24, stages=stages, max_seqs=6, max_len=80)
+    pending = list(enumerate(reqs))
+    aborted: set[int] = set()
+    seen: set[int] = set()
+
+    def on_step(step, outputs):
+        for i in sorted(outputs.keys() - seen):  # a follow-up turn: the prompt, its answer, a question
+            seen.add(i)
+            prompt, mt, stop, salt = reqs[i]
+            turn = prompt + outputs[i][0] + [rng.randrange(53) for _ in range(rng.randint(1, 6))]
+            if rng.random() < 0.3 and len(turn) + mt <= 80:
+                reqs.append((turn, mt, stop, salt))
+                pending.append((len(reqs) - 1, reqs[-1]))
+        while pending and len(s.waiting) + len(s.running) < 10:  # requests arrive as others finish
+            i, (prompt, mt, stop, salt) = pending.pop(0)
+            s.add(Sequence(i, prompt, SamplingParams(max_tokens=mt, temperature=0), (stop,) if stop is not None else (),
+                           salt))
+        if step % 7 == 0 and s.seqs:
+            victim = rng.choice(sorted(s.seqs))
+            if s.abort(victim):
+                aborted.add(victim)
+
+    on_step(0, {})
+    out = drive(s, max(stages, 2) if use_async else stages, use_async, on_step)
+    snap = s.snapshot()
+    check_pool(s.blocks)
+    assert not s.has_work and len(out) + len(aborted) == len(reqs) > 1100 and len(aborted) >= 50
+    for i, (got, reason) in out.items():
+        prompt, mt, stop, _ = reqs[i]
+        assert got == reference(prompt, mt, stop), f"request {i}"
+        assert reason == ("stop" if got[-1] == stop else "length")
+    # the cache did its work: most prompt tokens found, blocks evicted, sequences preempted
+    assert snap["prefix_cache_hits"] > snap["prefix_cache_queries"] // 3, snap
+    assert snap["prefix_cache_evictions"] > 0 and snap["preemptions"] > 0, snap
+    assert (snap["continuations"] > 0) == use_async
