@@ -1,8 +1,9 @@
 """The sampling API through the server (tiny preset, CPU, 2 stages) with the official `openai` client:
 n (choices indexed, seeded seed + i, streamed, counted in usage), penalties, logit_bias, min_tokens,
-stop strings, seed, logprobs of both endpoints (against the engine and transformers), echo, and
-lm-evaluation-harness's `local-completions` scoring a multiple-choice task to the same accuracy as
-transformers' logits on the same checkpoint."""
+stop strings, seed, logprobs of both endpoints (against the engine and transformers), echo,
+cache_salt with the prefix-cache metrics and POST /reset_prefix_cache, and lm-evaluation-harness's
+`local-completions` scoring a multiple-choice task to the same accuracy as transformers' logits on
+the same checkpoint."""
 import json
 import os
 import subprocess
@@ -312,6 +313,30 @@ def test_bad_sampling_fields_get_400_naming_them(server):
         err = r.json()["error"]
         assert needle in err["message"] and err["type"] == "invalid_request_error", (body, err)
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+# ---- prefix cache ---------------------------------------------------------------------------------
+def test_cache_salt_metrics_and_reset(server):
+    c = server.client()
+    prompt = " ".join(f"word{i}" for i in range(40))  # several full 16-token blocks
+    hits = 'moepipe:prefix_cache_hits_total'
+
+    def hit_tokens(**extra) -> float:
+        before = server.metrics()
+        r = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=1, temperature=0, extra_body=extra)
+        after = server.metrics()
+        assert after["moepipe:prefix_cache_queries_total"] - before["moepipe:prefix_cache_queries_total"] == \
+            r.usage.prompt_tokens
+        return after[hits] - before[hits]
+
+    hit_tokens()  # computed (or found) once
+    assert hit_tokens() >= 32  # the same prompt again: its full blocks come from the cache
+    assert hit_tokens(cache_salt="tenant-a") == 0  # another salt shares nothing
+    assert hit_tokens(cache_salt="tenant-a") >= 32
+    r = server.post("/reset_prefix_cache", "")
+    assert r.status_code == 200 and r.json() == {"success": True}
+    assert hit_tokens() == 0 and hit_tokens(cache_salt="tenant-a") == 0
+    assert server.post("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "cache_salt": ""}).status_code == 400
 
 
 # ---- lm-evaluation-harness ------------------------------------------------------------------------

@@ -119,6 +119,18 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
     async def metrics():
         return Response(await asyncio.to_thread(state.metrics.render), media_type=CONTENT_TYPE)
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """As vLLM's: drop every cached block no running request holds (behind the API key);
+        success is false when blocks of running requests stay cached."""
+        if state.engine_down():
+            raise EngineError("the engine is down")
+        try:
+            return {"success": bool(await asyncio.to_thread(state.llm.reset_prefix_cache))}
+        except RuntimeError as e:  # the engine died meanwhile: the detail goes to the log only
+            log.error("reset_prefix_cache: the engine is down: %s", e)
+            raise EngineError("the engine is down") from None
+
     async def parse(request: Request, model_cls):
         if state.draining:
             raise EngineError("the server is shutting down")
@@ -152,7 +164,7 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
         texts = await state.in_thread(prompt_texts, prompts) if req.echo else []
         choices = CompletionChoices(state.token_strings, ids, texts, req.n, req.echo, req.logprobs,
                                     req.prompt_logprobs is not None)
-        subs = _submit_all(state, ids, params, rid, arrival)
+        subs = _submit_all(state, ids, params, rid, arrival, req.cache_salt)
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
         if req.stream:
             return _stream(state, request, subs, req, head, choices.choice, None, choices.prompt_tokens())
@@ -186,7 +198,7 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
         params = state.params_for(req, len(ids))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         choices = ChatChoices(state.token_strings, [ids], req.n, req.prompt_logprobs is not None)
-        subs = _submit_all(state, [ids], [params], rid, arrival)
+        subs = _submit_all(state, [ids], [params], rid, arrival, req.cache_salt)
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
 
         if req.stream:
@@ -229,13 +241,14 @@ class _InFlight:
             self.state.inflight -= 1
 
 
-def _submit_all(state: ServerState, ids: list[list[int]], params: list, rid: str, arrival: float) -> list[Submitted]:
+def _submit_all(state: ServerState, ids: list[list[int]], params: list, rid: str, arrival: float,
+                cache_salt: str | None) -> list[Submitted]:
     """Each prompt's n samples (SamplingParams.samples()) as requests of their own, in choice order."""
     jobs = [(x, sp) for x, p in zip(ids, params) for sp in p.samples()]
     subs: list[Submitted] = []
     try:
         for i, (x, sp) in enumerate(jobs):
-            subs.append(state.submit(x, sp, rid if len(jobs) == 1 else f"{rid}-{i}", arrival))
+            subs.append(state.submit(x, sp, rid if len(jobs) == 1 else f"{rid}-{i}", arrival, cache_salt))
     except BaseException:
         for s in subs:
             s.abort()

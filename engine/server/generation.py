@@ -75,13 +75,14 @@ class Submitted:
     leaving it early aborts the request and frees its blocks."""
 
     def __init__(self, llm, ids: list[int], params, request_id: str, metrics: ServerMetrics, arrival: float,
-                 pump: EventPump):
+                 pump: EventPump, cache_salt: str | None = None):
         self._queue: asyncio.Queue = asyncio.Queue()
         self.prompt_ids, self.prompt_tokens = ids, len(ids)
         self._stops, self._tokenizer, self._metrics, self._arrival = params.stop, llm.tokenizer, metrics, arrival
         queue = self._queue
         # the stream object must stay referenced while the request runs: collecting it aborts it
-        self.stream = llm.submit(ids, params, request_id=request_id, on_event=lambda ev: pump.deliver(queue, ev))
+        self.stream = llm.submit(ids, params, request_id=request_id, on_event=lambda ev: pump.deliver(queue, ev),
+                                 cache_salt=cache_salt)
 
     def abort(self) -> None:
         self.stream.abort()

@@ -140,8 +140,7 @@ class _Sampling(_Strict):
     def check_supported(self) -> None:
         """400 for every field the engine cannot serve yet: the one place a new feature deletes a line."""
         unsupported = [("skip_special_tokens", not self.skip_special_tokens,
-                        "skip_special_tokens=false is not supported"),
-                       ("cache_salt", self.cache_salt is not None, "cache_salt is not supported (no prefix cache)")]
+                        "skip_special_tokens=false is not supported")]
         for name, bad, msg in unsupported:
             if bad:
                 raise BadRequest(msg, name)

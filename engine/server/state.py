@@ -107,11 +107,12 @@ class ServerState:
             msg = str(e).removeprefix("SamplingParams: ")
             raise BadRequest(msg, msg.split(" ", 1)[0] if msg.split(" ", 1)[0] in kw else None) from None
 
-    def submit(self, ids: list[int], params: SamplingParams, rid: str, arrival: float) -> Submitted:
+    def submit(self, ids: list[int], params: SamplingParams, rid: str, arrival: float,
+               cache_salt: str | None = None) -> Submitted:
         if self.pump is None:
             self.pump = EventPump(asyncio.get_running_loop())
         try:
-            return Submitted(self.llm, ids, params, rid, self.metrics, arrival, self.pump)
+            return Submitted(self.llm, ids, params, rid, self.metrics, arrival, self.pump, cache_salt)
         except ValueError as e:
             raise BadRequest(str(e), None, "context_length_exceeded" if "exceeds" in str(e) else None) from None
         except RuntimeError as e:  # StageDied / EngineClosed: the detail (PIDs, tracebacks) goes to the log only
