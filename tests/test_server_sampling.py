@@ -194,6 +194,19 @@ def _top(d: dict, k: int) -> list[tuple[int, float]]:
     return sorted(((t, lp.logprob) for t, lp in d.items() if lp.rank <= k), key=lambda x: -x[1])
 
 
+def test_token_bytes_are_exact_across_split_characters(tiny):
+    """Tokens that each hold part of a character: each token's bytes joined give the text's bytes."""
+    from engine.model_files import load_tokenizer
+    from engine.server.logprobs import TokenStrings
+    tok = load_tokenizer(tiny)
+    strings = TokenStrings(tok)
+    text = "Hello, 日本語 wörld! 🙂 <|im_end|>"
+    ids = tok._tok.encode(text, add_special_tokens=False).ids
+    assert any("\ufffd" in strings.text(t) for t in ids)  # some token holds part of a character
+    assert b"".join(bytes(strings.bytes(t)) for t in ids) == text.encode()
+    assert strings.text(ids[-1]) == "<|im_end|>"
+
+
 def test_chat_logprobs_equal_the_engine_streamed_and_not(server, ref_llm):
     from engine import SamplingParams
     want = ref_llm.chat(CHAT, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3))[0]

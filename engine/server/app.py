@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP app (FastAPI): /v1/completions, /v1/chat/completions (streamed as
-server-sent events or not), /v1/models, /health, /metrics. Every refusal is a 4xx with an
+server-sent events or not), /v1/models, /health, /metrics, /reset_prefix_cache. Every refusal is a 4xx with an
 OpenAI-style JSON error; nothing a client sends can stop the engine or disturb other requests;
 error bodies never carry exception text or PIDs (the log does)."""
 from __future__ import annotations
