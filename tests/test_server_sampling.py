@@ -300,6 +300,10 @@ def test_prompt_logprobs_extra(server, hf, ref_llm):
         assert got[i][str(ids[i])]["logprob"] == pytest.approx(lp[i - 1, ids[i]].item(), abs=1e-4)
         best = lp[i - 1].argmax().item()
         assert got[i][str(best)]["rank"] == 1
+    chat = server.post("/v1/chat/completions", {"model": MODEL_NAME, "messages": CHAT, "max_tokens": 1,
+                                                "prompt_logprobs": 0}).json()
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    assert all(len(d) == 1 for d in chat["prompt_logprobs"][1:])  # k = 0: the prompt token's own
 
 
 BAD = [

@@ -214,7 +214,8 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
         return {**head, "object": "chat.completion",
                 "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
                              **choices.sampling_fields(i, r)} for i, r in enumerate(results)],
-                "usage": usage(choices.prompt_tokens(), sum(r.num_tokens for r in results))}
+                "usage": usage(choices.prompt_tokens(), sum(r.num_tokens for r in results)),
+                **choices.prompt_logprobs(0, results[0])}
 
     app.add_middleware(_InFlight, state=state)
     app.add_middleware(Gate, api_key=config.api_key, allowed_origins=config.allowed_origins)

@@ -34,15 +34,21 @@ class Choices:
         first, self.started[index] = not self.started[index], True
         return first
 
-    def extras(self, index: int, out: Out, first: bool) -> dict:
+    def extras(self, index: int, out: Out, first: bool, with_prompt: bool = True) -> dict:
         """vLLM's fields beside OpenAI's: stop_reason on the last chunk; prompt_logprobs on the first."""
         d = {}
         if out.finish_reason is not None:
             d["stop_reason"] = out.stop_reason
-        if first and self.want_prompt_logprobs:
-            d["prompt_logprobs"] = vllm_prompt_logprobs(self.strings, self.prompt_ids[self.prompt_of(index)],
-                                                        out.prompt_logprobs)
+        if first and with_prompt and self.want_prompt_logprobs:
+            d.update(self.prompt_logprobs(index, out))
         return d
+
+    def prompt_logprobs(self, index: int, out: Out) -> dict:
+        """{"prompt_logprobs": ...} of choice index's prompt when asked, else {}."""
+        if not self.want_prompt_logprobs:
+            return {}
+        return {"prompt_logprobs": vllm_prompt_logprobs(self.strings, self.prompt_ids[self.prompt_of(index)],
+                                                        out.prompt_logprobs)}
 
 
 class CompletionChoices(Choices):
@@ -77,7 +83,8 @@ class ChatChoices(Choices):
         return {"content": chat_content(self.strings, out.token_ids, out.logprobs)}
 
     def sampling_fields(self, index: int, out: Out) -> dict:
-        """logprobs, finish_reason and the extras of one choice (its message or delta is the caller's)."""
+        """logprobs, finish_reason and stop_reason of one choice (its message or delta is the
+        caller's; prompt_logprobs go in the response's top level, as vLLM's chat puts them)."""
         first = self._first(index)
         return {"logprobs": self.logprobs(out), "finish_reason": out.finish_reason,
-                **self.extras(index, out, first)}
+                **self.extras(index, out, first, with_prompt=False)}
