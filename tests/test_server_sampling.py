@@ -313,6 +313,8 @@ BAD = [
     ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "/v1/completions", "prompt_logprobs"),
     ({"prompt": ["a"] * 9, "n": 128}, "/v1/completions", "n x prompts = 1152"),
     ({"prompt": "hi", "n": 0}, "/v1/completions", "n"),
+    ({"prompt": ["a"] * 8, "n": 128, "max_tokens": 200, "logprobs": 20}, "/v1/completions",
+     "is 4300800 values, more than the 4194304"),
     ({"prompt": "hi", "presence_penalty": 2.5}, "/v1/completions", "presence_penalty"),
     ({"prompt": "hi", "repetition_penalty": 0}, "/v1/completions", "repetition_penalty"),
     ({"prompt": "hi", "logprobs_mode": "softmax"}, "/v1/completions", "logprobs_mode"),

@@ -161,6 +161,7 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
         prompts = req.prompts()
         ids = await state.in_thread(encode_all, prompts)
         params = [state.params_for(req, len(x), i) for i, x in enumerate(ids)]
+        state.check_logprob_budget(params, [len(x) for x in ids])
         texts = await state.in_thread(prompt_texts, prompts) if req.echo else []
         choices = CompletionChoices(state.token_strings, ids, texts, req.n, req.echo, req.logprobs,
                                     req.prompt_logprobs is not None)
@@ -196,6 +197,7 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
                              "chat_template); use /v1/completions", "messages")
         ids = await state.in_thread(render_and_encode, req)
         params = state.params_for(req, len(ids))
+        state.check_logprob_budget([params], [len(ids)])
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         choices = ChatChoices(state.token_strings, [ids], req.n, req.prompt_logprobs is not None)
         subs = _submit_all(state, [ids], [params], rid, arrival, req.cache_salt)

@@ -21,6 +21,9 @@ log = logging.getLogger("moepipe.server")
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 # NFC normalisation (Qwen's tokenizer applies it) composes up to 3 characters into 1 (Hangul jamo)
 NORMALIZE_SLACK = 4
+# most logprob values (k + 1 per token) one request may ask for, over its prompts x n choices: each is
+# a Python float and int on the host, several hundred bytes per token at k = 20
+MAX_LOGPROB_VALUES = 2**22
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,20 @@ class ServerState:
         except ValueError as e:
             msg = str(e).removeprefix("SamplingParams: ")
             raise BadRequest(msg, msg.split(" ", 1)[0] if msg.split(" ", 1)[0] in kw else None) from None
+
+    def check_logprob_budget(self, params: list[SamplingParams], prompt_lens: list[int]) -> None:
+        """400 when logprobs over every choice's max_tokens and prompt_logprobs over its prompt would
+        hold more than MAX_LOGPROB_VALUES values (the API process would keep them all)."""
+        total = 0
+        for p, n in zip(params, prompt_lens):
+            per = (p.max_tokens * (p.logprobs + 1) if p.logprobs is not None else 0) + \
+                  (n * (p.prompt_logprobs + 1) if p.prompt_logprobs is not None else 0)
+            total += p.n * per
+        if total > MAX_LOGPROB_VALUES:
+            param = "logprobs" if any(p.logprobs is not None for p in params) else "prompt_logprobs"
+            raise BadRequest(f"{param}: n x (max_tokens x (logprobs + 1) + prompt tokens x (prompt_logprobs + 1)) "
+                             f"over the prompts is {total} values, more than the {MAX_LOGPROB_VALUES} one request "
+                             "may ask for: lower n, max_tokens or the number of logprobs", param)
 
     def submit(self, ids: list[int], params: SamplingParams, rid: str, arrival: float,
                cache_salt: str | None = None) -> Submitted:
