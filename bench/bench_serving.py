@@ -4,8 +4,18 @@ tokens), at each client concurrency of a sweep. Per level: request throughput, o
 tok/s, TTFT, TPOT and inter-token latency (mean, p50, p99), and each stage's busy fraction from
 /metrics. Starts the server itself (python -m engine serve) unless --url is given.
 
+--json-share 0,0.5 runs every level once per share: that share of the requests carries a
+`response_format` json_schema (the grammar masks their logits; they end when the JSON is complete or
+at --output-len), reported per kind (plain / json) beside the plain-only level of the same call.
+--mix-share 0,0.5 does the same with requests that ask for more than text: half of that share
+`logprobs: --mix-logprobs` (top 5 by default), half presence/frequency/repetition penalties
+(kinds logprobs / penalty). Each run takes fresh prompts of the same lengths (the prefix cache would
+serve repeated ones), and `vs plain` is its output tok/s over the level's plain-only run.
+
     python bench/bench_serving.py --model qwen3-30b-a3b --stages 2 --serve-args "--load-format dummy" \\
         --concurrency 1,8,64,256 --input-len 1024 --output-len 256 --out bench/results/serving.json
+    python bench/bench_serving.py ... --concurrency 64 --json-share 0,0.5   # the grammar's cost beside plain
+    python bench/bench_serving.py ... --concurrency 64 --mix-share 0,0.5    # logprobs' and penalties' cost
     python bench/bench_serving.py --num-prompts 8 --input-len 16 --output-len 8 --concurrency 1,4   # tiny, CPU
 
 --shared-prefix-tokens N puts one shared N-token system prompt ahead of every prompt's --input-len
@@ -13,15 +23,6 @@ own tokens (the prefix cache then serves it); `--serve-args --no-enable-prefix-c
 cache-off run to compare:
     python bench/bench_serving.py --model qwen3-30b-a3b --stages 1 --serve-args "--load-format dummy" \
         --shared-prefix-tokens 2048 --input-len 256 --output-len 256 --concurrency 64,256
-
---mix-share S makes a share S of each level's requests ask for more than plain text: half of them
-`logprobs: --mix-logprobs` (top 5 by default), half presence/frequency/repetition penalties. Each level
-then runs twice, plain only and mixed, on fresh prompts of the same lengths each time (the prefix
-cache would serve repeated ones), and reports both throughputs, their ratio, and each kind's figures
-within the mixed run (the cost of the extras against plain requests):
-    python bench/bench_serving.py --model qwen3-30b-a3b --stages 2 --serve-args "--load-format dummy" \
-        --concurrency 64 --input-len 1024 --output-len 256 --mix-share 0.5
-    python bench/bench_serving.py --num-prompts 8 --input-len 16 --output-len 8 --concurrency 4 --mix-share 0.5
 
 JSON goes to --out; the table is printed last."""
 from __future__ import annotations
@@ -44,7 +45,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1}  # --mix-share
-KINDS = ("plain", "logprobs", "penalty")
+# --json-share requests: nested objects, arrays, enums and bounded numbers (strings and arrays are
+# unbounded, so a random model writes long answers)
+BENCH_SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string"}, "kind": {"enum": ["a", "b", "c"]},
+    "score": {"type": "integer", "minimum": 0, "maximum": 100},
+    "items": {"type": "array", "items": {"type": "object", "properties": {
+        "name": {"type": "string"}, "qty": {"type": "number"}, "tags": {"type": "array", "items": {"type": "string"}}},
+        "required": ["name", "qty"]}}},
+    "required": ["title", "kind", "score", "items"]}
 
 
 @dataclass
@@ -56,7 +65,14 @@ class RequestResult:
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
-    kind: str = "plain"  # KINDS
+    kind: str = "plain"  # "json" (response_format json_schema), "logprobs" or "penalty" (--mix-share)
+
+
+def floats(s: str) -> list[float]:
+    out = [float(x) for x in s.split(",") if x.strip()]
+    if not out or not all(0 <= x <= 1 for x in out):
+        raise argparse.ArgumentTypeError(f"shares in [0, 1], comma-separated, got {s!r}")
+    return out
 
 
 def ints(s: str) -> list[int]:
@@ -171,56 +187,74 @@ async def one_request(client, url: str, body: dict, kind: str = "plain") -> Requ
     return res
 
 
-def request_body(a, prompt: list[int], kind: str) -> dict:
+def spread(indices: list[int], share: float) -> list[int]:
+    """That share of the indices, spread evenly through them."""
+    return [x for j, x in enumerate(indices) if int((j + 1) * share) > int(j * share)]
+
+
+def level_kinds(n: int, json_share: float, mix_share: float) -> list[str]:
+    """Each request's kind: json_share of them json, mix_share alternately logprobs and penalty."""
+    kinds = ["plain"] * n
+    for i in spread(list(range(n)), json_share):
+        kinds[i] = "json"
+    rest = [i for i in range(n) if kinds[i] == "plain"]
+    for j, i in enumerate(spread(rest, min(1.0, mix_share * n / max(1, len(rest))))):
+        kinds[i] = ("logprobs", "penalty")[j % 2]
+    return kinds
+
+
+def request_body(a, prompt: list[int], kind: str, schema: dict) -> dict:
     body = {"model": a.served_model_name, "prompt": prompt, "max_tokens": a.output_len, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    if kind == "logprobs":
+    if kind == "json":
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+    elif kind == "logprobs":
         body["logprobs"] = a.mix_logprobs
     elif kind == "penalty":
         body.update(PENALTIES)
     return body
 
 
-def mix_kinds(n: int, share: float, seed: int) -> list[str]:
-    """round(n x share) requests at random places get an extra, alternately logprobs and penalties."""
-    picked = sorted(random.Random(seed).sample(range(n), round(n * share)))
-    kinds = ["plain"] * n
-    for j, i in enumerate(picked):
-        kinds[i] = KINDS[1 + j % 2]
-    return kinds
-
-
-async def run_level(url: str, a, concurrency: int, prompts: list[list[int]],
-                    kinds: list[str] | None = None) -> tuple[list[RequestResult], float]:
+async def run_level(url: str, a, concurrency: int, prompts: list[list[int]], kinds: list[str]
+                    ) -> tuple[list[RequestResult], float]:
     import httpx
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    kinds = kinds or ["plain"] * len(prompts)
+    schema = json.loads(Path(a.json_schema).read_text()) if a.json_schema else BENCH_SCHEMA
     async with httpx.AsyncClient(timeout=httpx.Timeout(a.request_timeout), limits=limits) as client:
         async def limited(p, kind):
             async with sem:
-                return await one_request(client, url, request_body(a, p, kind), kind)
+                return await one_request(client, url, request_body(a, p, kind, schema), kind)
         t = time.perf_counter()
         results = await asyncio.gather(*(limited(p, k) for p, k in zip(prompts, kinds)))
         return list(results), time.perf_counter() - t
 
 
-def summarize(concurrency: int, results: list[RequestResult], duration: float, m0: dict, m1: dict) -> dict:
-    ok = [r for r in results if r.ok]
-    out_tokens = sum(r.output_tokens for r in ok)
-    in_tokens = sum(r.prompt_len for r in ok)
+def latency_stats(ok: list[RequestResult], duration: float) -> dict:
+    """Output tok/s and TTFT / TPOT / ITL (mean, p50, p99) of some completed requests."""
     ttft = [r.ttft_s * 1e3 for r in ok]
     tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) * 1e3 for r in ok if r.output_tokens > 1]
     itl = [x * 1e3 for r in ok for x in r.itl_s]
-    row = {"concurrency": concurrency, "num_prompts": len(results), "completed": len(ok),
-           "failed": len(results) - len(ok), "duration_s": duration,
-           "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
-           "total_token_throughput": (in_tokens + out_tokens) / duration,
-           "total_input_tokens": in_tokens, "total_output_tokens": out_tokens}
+    row = {"completed": len(ok), "output_throughput": sum(r.output_tokens for r in ok) / duration}
     for name, xs in (("ttft_ms", ttft), ("tpot_ms", tpot), ("itl_ms", itl)):
         row[f"mean_{name}"] = statistics.fmean(xs) if xs else float("nan")
         row[f"median_{name}"] = pct(xs, 50)
         row[f"p99_{name}"] = pct(xs, 99)
+    return row
+
+
+def summarize(concurrency: int, results: list[RequestResult], duration: float, m0: dict, m1: dict,
+              json_share: float = 0.0, mix_share: float = 0.0) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_len for r in ok)
+    row = {"concurrency": concurrency, "json_share": json_share, "mix_share": mix_share, "num_prompts": len(results),
+           **latency_stats(ok, duration), "failed": len(results) - len(ok), "duration_s": duration,
+           "request_throughput": len(ok) / duration, "total_token_throughput": (in_tokens + out_tokens) / duration,
+           "total_input_tokens": in_tokens, "total_output_tokens": out_tokens}
+    if json_share > 0 or mix_share > 0:  # each kind beside the others, over the same wall time
+        row["by_kind"] = {k: latency_stats([r for r in ok if r.kind == k], duration)
+                          for k in ("plain", "json", "logprobs", "penalty") if any(r.kind == k for r in results)}
     busy = {}
     for k, v in m1.items():
         s = re.fullmatch(r'moepipe:stage_busy_seconds_total\{stage="(\d+)"\}', k)
@@ -232,19 +266,6 @@ def summarize(concurrency: int, results: list[RequestResult], duration: float, m
     if errors:
         row["errors"] = errors[:5]
     return row
-
-
-def kind_rows(results: list[RequestResult], duration: float) -> dict:
-    """Per kind of request in one mixed level: its share of the output tok/s and its own decode pace."""
-    out = {}
-    for kind in KINDS:
-        ok = [r for r in results if r.ok and r.kind == kind]
-        if not ok:
-            continue
-        tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) * 1e3 for r in ok if r.output_tokens > 1]
-        out[kind] = {"completed": len(ok), "output_throughput": sum(r.output_tokens for r in ok) / duration,
-                     "median_tpot_ms": pct(tpot, 50), "median_ttft_ms": pct([r.ttft_s * 1e3 for r in ok], 50)}
-    return out
 
 
 def vocab_size(a) -> int:
@@ -285,15 +306,16 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--vocab-size", type=int, default=None, help="prompt ids are drawn from [10, vocab - 10)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json-share", type=floats, default=[0.0],
+                    help="shares of json_schema requests, each level run once per share (e.g. 0,0.5)")
+    ap.add_argument("--json-schema", help="a JSON schema file for those requests (default: a built-in one)")
+    ap.add_argument("--mix-share", type=floats, default=[0.0],
+                    help="shares of requests with logprobs or penalties, each level run once per share (e.g. 0,0.5)")
+    ap.add_argument("--mix-logprobs", type=int, default=5, help="logprobs (top k) of those logprobs requests")
     ap.add_argument("--request-timeout", type=float, default=1800)
     ap.add_argument("--startup-timeout", type=float, default=1800)
-    ap.add_argument("--mix-share", type=float, default=0.0,
-                    help="share of requests with logprobs or penalties; each level also runs plain only [default: 0]")
-    ap.add_argument("--mix-logprobs", type=int, default=5, help="logprobs (top k) of the logprobs requests")
     ap.add_argument("--out", help="JSON results file")
     a = ap.parse_args()
-    if not 0 <= a.mix_share <= 1:
-        raise SystemExit(f"error: --mix-share must be in [0, 1], got {a.mix_share}")
     if a.url and (a.model or a.serve_args or a.stages):
         raise SystemExit("error: --url connects to a running server; --model/--stages/--serve-args start one")
     vocab = vocab_size(a)
@@ -316,21 +338,22 @@ def main() -> int:
         rng = random.Random(a.seed)
         shared = [rng.randrange(10, vocab - 10) for _ in range(a.shared_prefix_tokens)]
         warm = [shared + [rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(2)]
-        asyncio.run(run_level(url, a, 2, warm))  # first-call costs (allocator, kernels) out of the figures
+        # first-call costs (allocator, kernels, the schema's compile) out of the figures
+        asyncio.run(run_level(url, a, 2, warm, level_kinds(2, max(a.json_share), max(a.mix_share))))
         for c in a.concurrency:
             n = a.num_prompts or max(8, 2 * c)
-            prompts = [shared + [rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(n)]
-            m0 = metrics(sync, url)
-            results, dt = asyncio.run(run_level(url, a, c, prompts))
-            row = summarize(c, results, dt, m0, metrics(sync, url))
-            if a.mix_share > 0:
+            plain = None
+            for js, ms in [(js, ms) for js in a.json_share for ms in a.mix_share]:
+                # fresh prompts for each run: the prefix cache would serve a repeated one's prompt
+                prompts = [shared + [rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(n)]
                 m0 = metrics(sync, url)
-                fresh = [shared + [rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(n)]
-                mixed, mdt = asyncio.run(run_level(url, a, c, fresh, mix_kinds(n, a.mix_share, a.seed + c)))
-                row["mixed"] = {**summarize(c, mixed, mdt, m0, metrics(sync, url)), "kinds": kind_rows(mixed, mdt)}
-                row["mixed_vs_plain"] = row["mixed"]["output_throughput"] / row["output_throughput"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                results, dt = asyncio.run(run_level(url, a, c, prompts, level_kinds(n, js, ms)))
+                row = summarize(c, results, dt, m0, metrics(sync, url), js, ms)
+                plain = row if js == ms == 0 else plain
+                if plain is not None and plain["output_throughput"] > 0:
+                    row["vs_plain"] = row["output_throughput"] / plain["output_throughput"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     finally:
         if proc is not None:
             stop_server(proc)
@@ -338,32 +361,27 @@ def main() -> int:
               "device": gpu_name(), "command": " ".join(shlex.quote(x) for x in sys.argv),
               "model": a.model or a.url or "tiny preset", "stages": a.stages, "serve_args": a.serve_args,
               "input_len": a.input_len, "shared_prefix_tokens": a.shared_prefix_tokens, "output_len": a.output_len,
-              "mix_share": a.mix_share, "mix": {"logprobs": a.mix_logprobs, **PENALTIES} if a.mix_share else None,
-              "results": rows}
+              "mix": {"logprobs": a.mix_logprobs, **PENALTIES}, "results": rows}
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(record, indent=2) + "\n")
-    hdr = (f"{'conc':>5} {'reqs':>5} {'ok':>4} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
-           f"{'TPOT p50':>9} {'TPOT p99':>9} {'busy':>12}")
+    hdr = (f"{'conc':>5} {'json':>5} {'mix':>5} {'reqs':>5} {'ok':>4} {'req/s':>7} {'out tok/s':>10} "
+           f"{'vs plain':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'busy':>12}")
     print(f"\nserving: {record['model']}, {record['device']}, in {a.shared_prefix_tokens} shared + {a.input_len} / "
           f"out {a.output_len} tokens (ms for TTFT/TPOT)")
     print(hdr)
     for r in rows:
         busy = "/".join(f"{b:.2f}" for b in r["stage_busy_fraction"])
-        print(f"{r['concurrency']:>5} {r['num_prompts']:>5} {r['completed']:>4} {r['request_throughput']:>7.2f} "
-              f"{r['output_throughput']:>10.1f} {r['median_ttft_ms']:>9.1f} {r['p99_ttft_ms']:>9.1f} "
-              f"{r['median_tpot_ms']:>9.2f} {r['p99_tpot_ms']:>9.2f} {busy:>12}")
-    if a.mix_share:
-        print(f"\nmixed ({a.mix_share:.0%} of requests: logprobs={a.mix_logprobs} or penalties {PENALTIES}):")
-        print(f"{'conc':>5} {'plain tok/s':>12} {'mixed tok/s':>12} {'ratio':>6}  per kind in the mixed run: "
-              "tok/s, TPOT p50 ms")
-        for r in rows:
-            kinds = "  ".join(f"{k} {v['output_throughput']:.1f}, {v['median_tpot_ms']:.2f}"
-                              for k, v in r["mixed"]["kinds"].items())
-            print(f"{r['concurrency']:>5} {r['output_throughput']:>12.1f} {r['mixed']['output_throughput']:>12.1f} "
-                  f"{r['mixed_vs_plain']:>6.3f}  {kinds}")
-    failed = [r["failed"] for r in rows] + [r["mixed"]["failed"] for r in rows if "mixed" in r]
-    return 0 if not any(failed) else 1
+        vs = f"{r['vs_plain']:.3f}" if "vs_plain" in r else ""
+        print(f"{r['concurrency']:>5} {r['json_share']:>5.2f} {r['mix_share']:>5.2f} {r['num_prompts']:>5} "
+              f"{r['completed']:>4} {r['request_throughput']:>7.2f} {r['output_throughput']:>10.1f} {vs:>8} "
+              f"{r['median_ttft_ms']:>9.1f} {r['p99_ttft_ms']:>9.1f} {r['median_tpot_ms']:>9.2f} "
+              f"{r['p99_tpot_ms']:>9.2f} {busy:>12}")
+        for kind, k in r.get("by_kind", {}).items():
+            print(f"{'':>5} {kind:>11} {'':>5} {k['completed']:>4} {'':>7} {k['output_throughput']:>10.1f} {'':>8} "
+                  f"{k['median_ttft_ms']:>9.1f} {k['p99_ttft_ms']:>9.1f} {k['median_tpot_ms']:>9.2f} "
+                  f"{k['p99_tpot_ms']:>9.2f}")
+    return 0 if all(r["failed"] == 0 for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ _EXPORTS = {
     "EngineOptions": ".options",
     "RequestOutput": ".params", "SamplingParams": ".params",
     "RequestRefused": ".scheduler",
+    "StructuredOutputsParams": ".structured.params",
 }
 __all__ = list(_EXPORTS)
 

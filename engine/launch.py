@@ -166,7 +166,8 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
     if rank == 0:
         sched = Scheduler(BlockManager(blocks, o.block_size, o.enable_prefix_caching), o.max_num_seqs, o.max_num_batched_tokens,
                           max_len, o.stages, o.dynamic_chunks)
-        engine = PipelineEngine(worker, sched, args.stop_ids, o.seed, o.async_scheduling, o.logprobs_mode)
+        engine = PipelineEngine(worker, sched, args.stop_ids, o.seed, o.async_scheduling, o.logprobs_mode,
+                                Path(args.model_dir) / "tokenizer.json")
     return Rank(rank, worker, engine, info)
 
 

@@ -19,8 +19,10 @@ from .model_files import load_tokenizer
 from .options import EngineOptions, options_from_kwargs
 from .outputs import OutputBuilder
 from .params import RequestOutput, SamplingParams
+from .request_checks import check_params, encode_prompt, prompt_list
 from .request_stream import _ABORTED, POLL_S, RequestStream, StopChecker, TokenEvent, _Entry
-from .scheduler import cache_salts, check_request
+from .scheduler import cache_salts
+from .structured.requests import GrammarPayload, GrammarRequests, starts_in_reasoning
 from .stage_processes import EngineClosed, StageDied, StageProcesses
 from .stage_processes import GATHER_FAILURES_S, kill_workers  # noqa: F401  (engine/__main__.py: engine.llm.kill_workers)
 
@@ -42,6 +44,7 @@ class LLM(StageProcesses):
         self.folder = folder
         self._chat_template = None
         self.stop_ids = self.args.stop_ids
+        self.grammars = GrammarRequests(folder, self.config.vocab_size, self.stop_ids, self.tokenizer)
         self._lock = threading.RLock()
         self._send_lock = threading.RLock()
         self._entries: dict[int, _Entry] = {}
@@ -179,31 +182,19 @@ class LLM(StageProcesses):
 
     # ---- requests ----------------------------------------------------------------------------
     def _encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer.json: give prompts as lists of token ids")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.config.vocab_size
-                       for t in ids):
-                raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size})")
-        if not ids:
-            raise ValueError("empty prompt: give at least one token")
-        return ids
+        return encode_prompt(prompt, self.tokenizer, self.config.vocab_size)
 
-    def _check(self, ids: list[int], params: SamplingParams) -> None:
-        check_request(len(ids), params.max_tokens, self.max_model_len, self.info["num_blocks"],
-                      self.info["block_size"])
-        params.check_vocab(self.config.vocab_size)
-        if params.stop is not None and self.tokenizer is None:
-            raise ValueError("SamplingParams: stop strings need the checkpoint's tokenizer.json")
+    def _check(self, ids: list[int], params: SamplingParams, reasoning: bool = False) -> GrammarPayload | None:
+        check_params(ids, params, self.max_model_len, self.info, self.config.vocab_size, self.tokenizer)
+        return self.grammars.payload(params, reasoning)
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
-               on_event: Callable | None = None, cache_salt: str | None = None) -> RequestStream:
+               on_event: Callable | None = None, cache_salt: str | None = None, reasoning: bool = False
+               ) -> RequestStream:
         """Queue one request; returns its stream. With on_event, every TokenEvent (and a final
         exception if the engine dies) goes to on_event(event) on the router thread instead.
-        cache_salt: only requests of the same salt share prefix-cache blocks."""
+        cache_salt: only requests of the same salt share prefix-cache blocks. reasoning: the output
+        starts in the model's reasoning (thinking on): structured_outputs apply after `</think>`."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -212,17 +203,17 @@ class LLM(StageProcesses):
                              "params.samples(), or use generate()")
         salt = cache_salts(cache_salt, 1)[0]
         ids = self._encode(prompt)
-        self._check(ids, params)
-        return self._submit([(ids, params, request_id, on_event, salt)])[0]
+        grammar = self._check(ids, params, reasoning)
+        return self._submit([(ids, params, request_id, on_event, salt, grammar)])[0]
 
     def _submit(self, reqs: list) -> list[RequestStream]:
         self._check_usable()
         streams, adds = [], []
         with self._lock:
-            for _, _, rid, _, _ in reqs:
+            for _, _, rid, *_ in reqs:
                 if rid is not None and rid in self._by_request:
                     raise ValueError(f"request_id {rid!r} is already running")
-            for ids, params, rid, on_event, salt in reqs:
+            for ids, params, rid, on_event, salt, grammar in reqs:
                 rid = rid if rid is not None else f"req-{next(self._auto_ids)}"
                 sid = next(self._seq_ids)
                 s = RequestStream(self, rid, sid)
@@ -231,7 +222,7 @@ class LLM(StageProcesses):
                 self._by_request[rid] = sid
                 self._streams[rid] = s
                 streams.append(s)
-                adds.append((sid, ids, params, salt))
+                adds.append((sid, ids, params, salt, grammar))
             self._send(("add", adds))
         return streams
 
@@ -267,43 +258,33 @@ class LLM(StageProcesses):
             except (StageDied, EngineClosed):
                 pass
 
-    def _prepare(self, prompts, params, cache_salt=None) -> tuple[list[list[int]], list[SamplingParams], list]:
-        """Prompt ids, params and cache salts, one per prompt (n not expanded), checked."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts:
-            raise ValueError("no prompts given")
-        params = params if params is not None else SamplingParams()
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        for sp in plist:
-            if not isinstance(sp, SamplingParams):  # as vLLM: a dict is not taken for SamplingParams(**dict)
-                raise TypeError(f"params must be SamplingParams or a list of them, got {type(sp).__name__}")
+    def _prepare(self, prompts, params, cache_salt=None, reasoning: Seq[bool] = ()) -> tuple[list, list, list, list]:
+        """Prompt ids, params, cache salts and grammar payloads, one per prompt (n not expanded), checked."""
+        prompts, plist = prompt_list(prompts, params)
         salts = cache_salts(cache_salt, len(prompts))
-        ids = [self._encode(p) for p in prompts]
+        ids, grammars = [self._encode(p) for p in prompts], []
         for i, (x, sp) in enumerate(zip(ids, plist)):
             try:
-                self._check(x, sp)
+                grammars.append(self._check(x, sp, bool(reasoning and reasoning[i])))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        return ids, plist, salts
+        return ids, plist, salts, grammars
 
     def stream(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
                cache_salt: str | Seq[str | None] | None = None) -> Iterator[tuple[int, int, str | None]]:
         """Yield (prompt index, new token id, finish reason or None) as tokens arrive. Leaving the
         loop early (break, close(), garbage collection) aborts the call's unfinished requests.
         cache_salt: one for every prompt or one per prompt (submit)."""
-        ids, plist, salts = self._prepare(prompts, params, cache_salt)
+        ids, plist, salts, grammars = self._prepare(prompts, params, cache_salt)
         if any(p.n > 1 for p in plist):
             raise ValueError("SamplingParams: n > 1 is for generate(); stream() yields one sequence per prompt")
         self._check_usable()
-        return ((i, ev.token_id, ev.finish_reason) for i, ev in self._stream(ids, plist, salts, []))
+        return ((i, ev.token_id, ev.finish_reason) for i, ev in self._stream(ids, plist, salts, grammars, []))
 
-    def _stream(self, ids, plist, salts, streams_out: list) -> Iterator[tuple[int, TokenEvent]]:
+    def _stream(self, ids, plist, salts, grammars, streams_out: list) -> Iterator[tuple[int, TokenEvent]]:
         events: queue.Queue = queue.Queue()
-        streams = self._submit([(x, sp, None, (lambda ev, i=i: events.put((i, ev))), salt)
-                                for i, (x, sp, salt) in enumerate(zip(ids, plist, salts))])
+        streams = self._submit([(x, sp, None, (lambda ev, i=i: events.put((i, ev))), salt, g)
+                                for i, (x, sp, salt, g) in enumerate(zip(ids, plist, salts, grammars))])
         streams_out.extend(streams)
         remaining = len(streams)
         try:
@@ -327,12 +308,15 @@ class LLM(StageProcesses):
                  cache_salt: str | Seq[str | None] | None = None) -> list[RequestOutput]:
         """One RequestOutput per prompt, its `outputs` the params' n samples (each its own sequence,
         sharing the prompt's cached blocks)."""
-        ids, plist, salts = self._prepare(prompts, params, cache_salt)
+        return self._generate(prompts, params, cache_salt)
+
+    def _generate(self, prompts, params, cache_salt=None, reasoning: Seq[bool] = ()) -> list[RequestOutput]:
+        ids, plist, salts, grammars = self._prepare(prompts, params, cache_salt, reasoning)
         self._check_usable()
-        seqs = [(i, j, x, sp, salt) for i, (x, p, salt) in enumerate(zip(ids, plist, salts))
+        seqs = [(i, j, x, sp, salt, g) for i, (x, p, salt, g) in enumerate(zip(ids, plist, salts, grammars))
                 for j, sp in enumerate(p.samples())]
         streams: list[RequestStream] = []
-        gen = self._stream([q[2] for q in seqs], [q[3] for q in seqs], [q[4] for q in seqs], streams)
+        gen = self._stream(*zip(*[q[2:] for q in seqs]), streams)
         builders = [OutputBuilder("", x, p.n, p.logprobs is not None) for x, p in zip(ids, plist)]
         try:
             for k, ev in gen:
@@ -350,7 +334,8 @@ class LLM(StageProcesses):
              ) -> list[RequestOutput]:
         """generate() over conversations rendered with the checkpoint's chat template, as transformers'
         apply_chat_template renders them (chat_template_kwargs, e.g. {"enable_thinking": False},
-        reach the template). One conversation or a list of them; one output each."""
+        reach the template). One conversation or a list of them; one output each (thinking on:
+        structured_outputs apply after `</think>`)."""
         from .chat_template import ChatTemplate, ChatTemplateError
         if self._chat_template is None:
             self._chat_template = ChatTemplate.from_folder(self.folder)
@@ -359,7 +344,9 @@ class LLM(StageProcesses):
         convs = list(messages) if messages and isinstance(messages[0], (list, tuple)) else [messages]
         texts = [self._chat_template.render(c, add_generation_prompt, tools, chat_template_kwargs=chat_template_kwargs)
                  for c in convs]
-        return self.generate(texts, params, cache_salt)
+        source = self._chat_template.pick(tools)
+        return self._generate(texts, params, cache_salt, [starts_in_reasoning(source, t, chat_template_kwargs)
+                                                          for t in texts])
 
     # ---- stats -------------------------------------------------------------------------------
     def stats(self, reset: bool = False, per_step: bool = False, profile: dict | None = None) -> dict:

@@ -47,6 +47,9 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
     def max_token_chars(self) -> int:
         """The most characters one token stands for (a byte-level token's string has one character
         per byte, and a character is at least a byte): a text of n characters has at least

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+from .structured.params import StructuredOutputsParams
+
 MAX_LOGPROBS = 20  # most top logprobs per token (the OpenAI API's top_logprobs limit)
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")
 
@@ -47,6 +49,9 @@ class SamplingParams:
     logprobs_mode: str | None = None
     stop: tuple[str, ...] | None = field(default=None, hash=False)  # output text ends before the first of these
     include_stop_str_in_output: bool = False
+    # the output must match this (a JSON schema, regex, choice, ...); a dict is read with
+    # StructuredOutputsParams.from_dict. Compiled by the LLM at submit, masked in the sampler
+    structured_outputs: StructuredOutputsParams | None = field(default=None, hash=False)
 
     def __post_init__(self):
         def bad(name: str, msg: str):
@@ -103,6 +108,12 @@ class SamplingParams:
             if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
                 bad("stop", f"must be a non-empty string or a list of them, got {self.stop!r}")
             object.__setattr__(self, "stop", tuple(stop) or None)
+        so = self.structured_outputs
+        if isinstance(so, dict):
+            object.__setattr__(self, "structured_outputs", StructuredOutputsParams.from_dict(so))
+        elif so is not None and not isinstance(so, StructuredOutputsParams):
+            bad("structured_outputs", f"must be StructuredOutputsParams, a dict of its fields or None, "
+                f"got {type(so).__name__}")
 
     def samples(self) -> list["SamplingParams"]:
         """The n samples as n = 1 requests: sample i is seeded seed + i (as vLLM's parallel

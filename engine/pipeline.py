@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +18,8 @@ from .params import SamplingParams
 from .sampling_plan import SamplingExtras, SamplingPlanner
 from .scheduler import MicroBatch, RequestRefused, Scheduler
 from .sequence import Sequence
+from .structured.requests import GrammarPayload
+from .structured.rows import GrammarRows
 from .stage_worker import STATS_BYTES, StageWorker, stats_buffer
 from .step_plan import H_AUX0, H_AUX1, H_KIND, H_LPK, HEADER, PlanView, build_plan
 
@@ -81,9 +84,12 @@ class _Returns:
 
 class PipelineEngine:
     def __init__(self, worker: StageWorker, scheduler: Scheduler, default_stop_ids: tuple[int, ...], seed: int = 0,
-                 async_scheduling: bool = True, logprobs_mode: str = "raw_logprobs"):
+                 async_scheduling: bool = True, logprobs_mode: str = "raw_logprobs",
+                 tokenizer_json: Path | None = None):
         self.worker, self.scheduler = worker, scheduler
         self.vocab = worker.stage.cfg.vocab_size
+        # structured output: the matchers of structured sequences (xgrammar is imported at the first)
+        self.grammar = GrammarRows(tokenizer_json, self.vocab, default_stop_ids)
         self.planner = SamplingPlanner(scheduler.max_num_seqs, self.vocab, logprobs_mode)
         self.prompt_lps: dict[int, list] = {}  # seq id -> prompt logprobs gathered, until its first token
         self.num_stages = worker.num_stages
@@ -100,19 +106,27 @@ class PipelineEngine:
         self.replies: list = []
         self.returns = _Returns(worker) if self.num_stages > 1 else None
 
-    def add(self, seq_id: int, prompt: list[int], params: SamplingParams, cache_salt: str | None = None) -> None:
+    def add(self, seq_id: int, prompt: list[int], params: SamplingParams, cache_salt: str | None = None,
+            grammar: GrammarPayload | None = None) -> None:
+        """Queue a request; grammar: its compiled structured_outputs (engine/structured/requests.py)."""
+        stop = params.stop_token_ids if params.stop_token_ids is not None else self.default_stop_ids
+        seq = Sequence(seq_id, prompt, params, tuple(stop), cache_salt)
         try:
             params.check_vocab(self.vocab)
+            self.scheduler.check(seq.prompt_len, params.max_tokens)
+            if grammar is not None:
+                self.grammar.attach(seq, grammar)
         except ValueError as e:
+            self.grammar.release(seq_id)
             raise RequestRefused(str(e)) from None
-        stop = params.stop_token_ids if params.stop_token_ids is not None else self.default_stop_ids
-        self.scheduler.add(Sequence(seq_id, prompt, params, tuple(stop), cache_salt))
+        self.scheduler.add(seq)
 
     def abort(self, seq_ids: list[int]) -> None:
         for sid in seq_ids:
             self.scheduler.abort(sid)
             self.planner.release(sid)
             self.prompt_lps.pop(sid, None)
+            self.grammar.release(sid)
 
     @property
     def has_work(self) -> bool:
@@ -155,7 +169,9 @@ class PipelineEngine:
         table = self._table(got)
         if t is not None:
             tr.host_end(t, "wait", {"mb": mb.mb_id})
-        seqs = self.scheduler.complete(mb, tokens)
+        seqs = self.scheduler.complete(mb, tokens)  # structured sequences' matchers accept their tokens
+        if self.grammar.matchers:
+            self.grammar.release_finished(seqs)
         if table is None and got.extras is None:
             return [(s.seq_id, s.token_ids[-1], s.finish_reason, None) for s in seqs]
         return self._events(seqs, got, table)
@@ -192,8 +208,9 @@ class PipelineEngine:
     def _dispatch(self, mb: MicroBatch) -> None:
         sources, fed = self._sources(mb)
         extras = self.planner.prepare(mb.chunks)
+        mask = self.grammar.bitmask(mb.chunks) if self.grammar.matchers else None
         header, plan = build_plan(BATCH, mb.mb_id, mb.chunks, self.scheduler.blocks.block_size, self.seed, fed,
-                                  extras)
+                                  extras, mask)
         dev_plan = to_device(plan, self.worker.device)
         view = PlanView(header.tolist(), dev_plan)
         if self.num_stages > 1:
@@ -251,7 +268,7 @@ class PipelineEngine:
     def request_stats(self, token: int, reset: bool, per_step: bool, profile: dict | None = None) -> None:
         """Queue a stats reply ("stats", token, snapshot) for take_replies(): the scheduler and
         stage 0 now, every later stage when the request reaches it behind the work in flight."""
-        own = self.scheduler.snapshot(reset)
+        own = {**self.scheduler.snapshot(reset), "grammar_matchers": len(self.grammar.matchers)}
         done = self.worker.profiler.apply(profile)  # LLM.start_profile / stop_profile
         stage0 = {**self.worker.stats(reset, per_step), **done}
         if profile:

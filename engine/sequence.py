@@ -32,6 +32,9 @@ class Sequence:
         self.sample_mb = 0  # the latest of them (a continuation's ids come from its returned ids)
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        # structured output: its grammar state (engine/structured/matcher.py StructuredMatcher),
+        # advanced with every token on stage 0; kept across preemption (the tokens are kept too)
+        self.matcher = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -56,15 +59,18 @@ class Sequence:
     def can_continue(self) -> bool:
         """Its next decode step may be scheduled before its pending token is known: exactly one
         sample in flight, every known token scheduled, and that token cannot end it by length
-        (a stop token still can: the continuation's token is then dropped)."""
-        return (self.status == Status.RUNNING and self.samples_in_flight == 1
+        (a stop token still can: the continuation's token is then dropped). Never a structured
+        sequence: its next step's bitmask is the grammar's state after the pending token."""
+        return (self.status == Status.RUNNING and self.samples_in_flight == 1 and self.matcher is None
                 and self.num_scheduled == len(self.token_ids) >= self.prompt_len
                 and len(self.output_ids) + 1 < self.params.max_tokens)
 
     def append(self, token: int, max_model_len: int) -> None:
         """Record a sampled token and decide whether the sequence is finished."""
         self.token_ids.append(token)
-        if token in self.stop_ids:
+        if self.matcher is not None and (not self.matcher.accept(token) or self.matcher.is_terminated):
+            self.finish_reason = "stop"  # the grammar is complete (or, masked rows all -inf, refused it)
+        elif token in self.stop_ids:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.params.max_tokens or len(self.token_ids) >= max_model_len:
             self.finish_reason = "length"

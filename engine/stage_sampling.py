@@ -1,7 +1,7 @@
-"""The last stage's sampling step: apply a plan's sampling extras (engine/sampling_plan.py) to the
-logits on the device, draw, count the drawn tokens of rows with penalties, and build the logprob
-table stage 0 asked for. No per-row loop and no host sync; a plan without extras takes exactly
-the plain sampler's path."""
+"""The last stage's sampling step: apply a plan's grammar bitmask (structured output) and sampling
+extras (engine/sampling_plan.py) to the logits on the device, draw, count the drawn tokens of rows
+with penalties, and build the logprob table stage 0 asked for. No per-row loop and no host sync; a
+plan without a bitmask or extras takes exactly the plain sampler's path."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +10,7 @@ from model.sampler import C_PROCESSED, F_LOGPROBS, F_PENALTY, F_PROCESSED, sampl
 from model.sampler_logprobs import logprob_table, width
 from model.sampler_penalties import PenaltyState, add_sparse
 
-from .step_plan import H_LPK, H_NB, H_NO, H_NP, H_NR, H_SLOTS, PlanView
+from .step_plan import H_LPK, H_MASKW, H_NB, H_NO, H_NP, H_NR, H_NS, H_SLOTS, PlanView
 
 
 class LastStageSampler:
@@ -31,7 +31,7 @@ class LastStageSampler:
                 self.state = PenaltyState(h[H_SLOTS], self.vocab, self.device)
             self.state.init(view.part("resets"), view.part("prompt_pairs").view(-1, 2),
                             view.part("output_pairs").view(-1, 2))
-        raw = logits[:R]
+        raw = logits[:R] if not h[H_NS] else grammar_masked(logits[:R], view)
         rows = view.rows
         x = add_sparse(raw, view.part("bias").view(-1, 3)) if h[H_NB] else raw
         if flags & F_PENALTY:
@@ -50,3 +50,14 @@ class LastStageSampler:
         if view.P:
             table = torch.cat([table, logprob_table(logits[R:], view.part("prompt_targets"), k)])
         return ids, table
+
+
+def grammar_masked(logits_RV: torch.Tensor, view: PlanView) -> torch.Tensor:
+    """The logits with -inf where the plan's bitmask forbids a token, on its NS structured rows
+    (gathered, masked in one op, scattered back; the other rows are untouched). This is what the
+    rest of sampling sees, raw logprobs included (as vLLM applies the bitmask before its sampler)."""
+    from .structured.bitmask import apply_token_bitmask
+    idx = view.part("mask_rows").long()
+    masked = apply_token_bitmask(logits_RV.index_select(0, idx),
+                                 view.part("bitmask").view(view.header[H_NS], view.header[H_MASKW]))
+    return logits_RV.index_copy(0, idx, masked)

@@ -11,7 +11,10 @@ rows; the sampling extras' counts NB, NR, NP, NO are 0 unless some row asked for
   bias[NB*3] (row, token, float32 bits: logit_bias and min_tokens' -inf on stop tokens)
   resets[NR] prompt_pairs[NP*2] output_pairs[NO*2] (penalty slots (re)started: slot; (slot, token))
   prompt_targets[P] (the token whose logprob each prompt row gives)
-(engine/sampling_plan.py builds the extras; engine/stage_sampling.py applies them.)"""
+  mask_rows[NS] bitmask[NS*W] (structured output: the NS sampled rows under a grammar, and each
+  one's allowed tokens, W = ceil(V/32) int32 words; NS = 0 unless some sampled row has a grammar)
+(engine/sampling_plan.py builds the extras, engine/structured/rows.py the bitmask;
+engine/stage_sampling.py applies them.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ HEADER = 20
 (H_KIND, H_MB, H_T, H_B, H_R, H_M, H_MAXQ, H_MAXCTX, H_FLAGS, H_AUX0, H_AUX1, H_AUX2,
  H_NB, H_NR, H_NP, H_NO, H_P, H_LPK, H_SLOTS, H_SPARE) = range(HEADER)
 H_FED = H_AUX2  # batch plans: 1 when the ids are indices into returned ids (async scheduling)
+H_NS, H_MASKW = H_SPARE, H_AUX0  # batch plans: structured rows NS, and W (their bitmask's words per row)
 # H_LPK: 0, or 1 + k when a logprob table with top-k (model/sampler_logprobs.py) comes back with
 # the ids; H_SLOTS: the penalty slots the last stage keeps (engine/sampling_plan.py)
 _SEED_MIX = 0x9E3779B97F4A7C15
@@ -33,7 +37,7 @@ _SEED_MIX = 0x9E3779B97F4A7C15
 
 def plan_len(h: list[int]) -> int:
     """int32 elements of the plan of header h."""
-    return offsets(h)["prompt_targets"][1]
+    return offsets(h)["bitmask"][1]
 
 
 def offsets(h: list[int]) -> dict[str, tuple[int, int]]:
@@ -41,7 +45,7 @@ def offsets(h: list[int]) -> dict[str, tuple[int, int]]:
     sizes = [("ids", T), ("positions", T), ("slots", T), ("query_start", B + 1), ("context_lens", B),
              ("block_tables", B * M), ("logits_indices", R + P), ("rows", R * ROW), ("bias", 3 * h[H_NB]),
              ("resets", h[H_NR]), ("prompt_pairs", 2 * h[H_NP]), ("output_pairs", 2 * h[H_NO]),
-             ("prompt_targets", P)]
+             ("prompt_targets", P), ("mask_rows", h[H_NS]), ("bitmask", h[H_NS] * h[H_MASKW])]
     out, o = {}, 0
     for name, n in sizes:
         out[name] = (o, o + n)
@@ -57,12 +61,14 @@ def request_seed(params_seed: int | None, engine_seed: int, seq_id: int) -> int:
 
 
 def build_plan(kind: int, mb_id: int, chunks, block_size: int, engine_seed: int,
-               fed: list[int] | None = None, extras=None) -> tuple[np.ndarray, np.ndarray]:
+               fed: list[int] | None = None, extras=None, mask: tuple[np.ndarray, np.ndarray] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """(header int64 [HEADER], plan int32) of scheduler chunks (engine/scheduler.py Chunk). A
     continuation micro-batch (every chunk one token still being sampled) gives `fed`: per chunk, the
     index of its id among the returned ids stage 0 gathers from; the plan's ids are then those
     indices and the header's H_FED is 1. extras (engine/sampling_plan.py SamplingExtras): the
-    penalty, bias and logprob fields of the sampled rows; None: none."""
+    penalty, bias and logprob fields of the sampled rows; None: none. mask (engine/structured/rows.py):
+    (int32 [NS] sampled rows, int32 [NS, W] their bitmask) or None."""
     B = len(chunks)
     qlens = np.fromiter((c.length for c in chunks), dtype=np.int64, count=B)
     ends = np.fromiter((c.end for c in chunks), dtype=np.int64, count=B)
@@ -99,6 +105,9 @@ def build_plan(kind: int, mb_id: int, chunks, block_size: int, engine_seed: int,
         parts[0] = np.concatenate([plan, np.asarray(extras.prompt_positions, dtype=np.int32)])
         parts += extras.sections()
         header[[H_NB, H_NR, H_NP, H_NO, H_P, H_LPK, H_SLOTS]] = extras.counts()
+    if mask is not None:
+        parts += [mask[0], mask[1].reshape(-1)]
+        header[[H_NS, H_MASKW]] = mask[1].shape
     header[[H_KIND, H_MB, H_T, H_B, H_R, H_M, H_MAXQ, H_MAXCTX, H_FLAGS, H_FED]] = [
         kind, mb_id, T, B, R, M, int(qlens.max()), int(ends.max()), flags, int(fed is not None)]
     return header, np.concatenate(parts)

@@ -2,8 +2,8 @@
 user's main module). It connects back to LLM's listener, says its rank, receives (EngineArgs, store path),
 loads its stage and serves. Rank 0 also takes requests from LLM and sends events back.
 
-Messages LLM -> rank 0: ("add", [(seq_id, prompt ids, params, cache_salt)]), ("abort", [seq_id]),
-("stats", token, reset, per_step, profile command or None), ("reset_prefix_cache", token),
+Messages LLM -> rank 0: ("add", [(seq_id, prompt ids, params, cache_salt, grammar payload or None)]),
+("abort", [seq_id]), ("stats", token, reset, per_step, profile command or None), ("reset_prefix_cache", token),
 ("shutdown",). Any rank -> LLM: ("ready", rank, info), ("error", rank, one-line summary, full
 traceback); rank 0 -> LLM: ("events", [(seq_id, token, reason, extra)]), ("refused", seq_id, message),
 ("stats", token, snapshot), ("reset_prefix_cache", token, True when nothing stays cached)."""
@@ -57,9 +57,9 @@ def serve_requests(engine, inbox: queue.Queue, send) -> None:
         while msg is not None:
             kind = msg[0]
             if kind == "add":
-                for sid, prompt, params, cache_salt in msg[1]:
+                for sid, prompt, params, cache_salt, grammar in msg[1]:
                     try:
-                        engine.add(sid, prompt, params, cache_salt)
+                        engine.add(sid, prompt, params, cache_salt, grammar)
                     except RequestRefused as e:
                         send(("refused", sid, str(e)))
             elif kind == "abort":

@@ -14,6 +14,49 @@ STOP_ID = 2  # <|im_end|>
 CLOSERS = '"}],'  # tokens holding these get a logit bonus so random strings and arrays end
 
 
+# ---- 20 JSON schemas: nested objects, arrays, enums, bounded integers, anyOf, $ref, ...
+STR = {"type": "string"}
+INT = {"type": "integer"}
+
+
+def obj(props: dict, required: list | None = None, **kw) -> dict:
+    return {"type": "object", "properties": props, "required": list(props) if required is None else required, **kw}
+
+
+DEEP: dict = {}
+for _ in range(3000):
+    DEEP = {"type": "array", "items": DEEP}
+
+SCHEMAS = {
+    "flat": obj({"name": STR, "age": INT}),
+    "int_bounds": obj({"n": {"type": "integer", "minimum": -5, "maximum": 17}}),
+    "int_exclusive": obj({"n": {"type": "integer", "exclusiveMinimum": 10, "exclusiveMaximum": 13}}),
+    "number": obj({"x": {"type": "number"}, "ok": {"type": "boolean"}}),
+    "enum": obj({"color": {"enum": ["red", "green", "blue"]}, "size": {"enum": [1, 2, "xl", None]}}),
+    "const": obj({"version": {"const": "v1"}, "n": INT}),
+    "nested": obj({"user": obj({"id": INT, "address": obj({"city": STR, "zip": STR})})}),
+    "array_of_str": obj({"tags": {"type": "array", "items": STR}}),
+    "array_bounds": obj({"xs": {"type": "array", "items": INT, "minItems": 2, "maxItems": 4}}),
+    "array_of_obj": obj({"items": {"type": "array", "items": obj({"k": STR, "v": INT}), "maxItems": 3}}),
+    "anyOf": obj({"v": {"anyOf": [INT, STR, obj({"inner": {"type": "boolean"}})]}}),
+    "oneOf_like_union": obj({"v": {"type": ["integer", "null"]}}),
+    "optional_props": obj({"a": INT, "b": STR, "c": {"type": "boolean"}}, required=["a"]),
+    "string_len": obj({"code": {"type": "string", "minLength": 3, "maxLength": 5}}),
+    "pattern": obj({"id": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"}}),
+    "ref_defs": {"$defs": {"pt": obj({"x": INT, "y": INT})}, **obj({"a": {"$ref": "#/$defs/pt"},
+                                                                    "b": {"$ref": "#/$defs/pt"}})},
+    "top_array": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 3},
+    "additional_props": {"type": "object", "additionalProperties": INT, "maxProperties": 3},
+    "tuple_prefix": obj({"pair": {"type": "array", "prefixItems": [STR, INT], "items": False}}),
+    "deep": obj({"l1": obj({"l2": obj({"l3": obj({"leaf": {"enum": [True, False]}})})})}),
+}
+
+
+def closer_ids(tok, vocab: int) -> list[int]:
+    """Ids of the tokens holding a closing character (a logit bonus on them ends random strings)."""
+    return [i for i in range(vocab) if any(c in tok.decode([i], skip_special_tokens=False) for c in CLOSERS)]
+
+
 def write_tiny_tokenizer(folder: Path) -> Path:
     from loader.writer import write_tokenizer
     write_tokenizer(folder, TOKENIZER_VOCAB)

@@ -21,6 +21,8 @@ from server_util import MODEL_NAME, Server, start_server
 
 pytestmark = pytest.mark.slow
 CHAT = [{"role": "user", "content": "The river ran past the mill?"}]
+# thinking off: the whole output is `content` (with it on, text before `</think>` is reasoning_content)
+NOTHINK = {"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": False}}
 PROMPT = "The miller's daughter watched the water"
 
 
@@ -83,7 +85,7 @@ def test_n_choices_are_indexed_seeded_streamed_and_counted(server):
     assert texts == {i: ch.text for i, ch in enumerate(r.choices)}
     assert chunks[-1].usage.completion_tokens == 36 and chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
     # chat: n choices, seeded the same way; streamed with a role delta for each
-    ckw = dict(model=MODEL_NAME, messages=CHAT, max_tokens=5, temperature=1.0, extra_body={"ignore_eos": True})
+    ckw = dict(model=MODEL_NAME, messages=CHAT, max_tokens=5, temperature=1.0, extra_body=NOTHINK)
     rc = c.chat.completions.create(n=2, seed=4, **ckw)
     assert [ch.index for ch in rc.choices] == [0, 1] and rc.usage.completion_tokens == 10
     assert rc.choices[1].message.content == c.chat.completions.create(seed=5, **ckw).choices[0].message.content
@@ -98,7 +100,7 @@ def test_n_choices_are_indexed_seeded_streamed_and_counted(server):
 
 def test_seed_repeats_in_chat_and_differs_between_seeds(server):
     c = server.client()
-    kw = dict(model=MODEL_NAME, messages=CHAT, max_tokens=8, temperature=1.0, extra_body={"ignore_eos": True})
+    kw = dict(model=MODEL_NAME, messages=CHAT, max_tokens=8, temperature=1.0, extra_body=NOTHINK)
     a, b, other = (c.chat.completions.create(seed=s, **kw).choices[0].message.content for s in (3, 3, 4))
     assert a == b and a != other
 
@@ -133,9 +135,9 @@ def test_penalties_equal_the_engine_and_change_the_text(server, ref_llm):
                                    extra_body={"ignore_eos": True, **extra}).choices[0].text
         assert got == want.text and got != plain, extra
     chat = c.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=16, temperature=0, **pen,
-                                     extra_body={"ignore_eos": True, "repetition_penalty": 1.8})
+                                     extra_body={**NOTHINK, "repetition_penalty": 1.8})
     want = ref_llm.chat(CHAT, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, repetition_penalty=1.8,
-                                             **pen))[0]
+                                             **pen), chat_template_kwargs=NOTHINK["chat_template_kwargs"])[0]
     assert chat.choices[0].message.content == want.text
 
 
@@ -148,7 +150,7 @@ def test_logit_bias_string_keys_and_min_tokens(server, ref_llm):
                              logit_bias={str(target): 100}, extra_body={"ignore_eos": True})
     assert r.choices[0].text == tok.decode([target] * 4)
     r = c.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=3, temperature=0.7, seed=1,
-                                  logit_bias={str(target): 100}, extra_body={"ignore_eos": True})
+                                  logit_bias={str(target): 100}, extra_body=NOTHINK)
     assert r.choices[0].message.content == tok.decode([target] * 3)
     # the first greedy token as the only stop token: alone it ends the request at once; min_tokens holds it off
     kw = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, temperature=0)
@@ -169,12 +171,12 @@ def test_stop_strings_min_tokens_and_include(server):
     r = c.completions.create(stop=stop, extra_body={"ignore_eos": True, "include_stop_str_in_output": True}, **kw)
     assert r.choices[0].text == free[:cut + len(stop)] and r.choices[0].model_extra["stop_reason"] == stop
     streamed = c.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=16, temperature=0, stream=True,
-                                         extra_body={"ignore_eos": True})
+                                         extra_body=NOTHINK)
     chat_free = "".join(ch.choices[0].delta.content or "" for ch in streamed)
     assert len(chat_free) >= 4
     cstop = chat_free[len(chat_free) // 2:len(chat_free) // 2 + 2]
     r = c.chat.completions.create(model=MODEL_NAME, messages=CHAT, max_tokens=16, temperature=0, stop=[cstop],
-                                  extra_body={"ignore_eos": True})
+                                  extra_body=NOTHINK)
     assert r.choices[0].message.content == chat_free[:chat_free.index(cstop)]
     assert r.choices[0].finish_reason == "stop"
     # min_tokens past the stop string's place: the stop string is not searched before that many tokens
@@ -209,10 +211,11 @@ def test_token_bytes_are_exact_across_split_characters(tiny):
 
 def test_chat_logprobs_equal_the_engine_streamed_and_not(server, ref_llm):
     from engine import SamplingParams
-    want = ref_llm.chat(CHAT, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3))[0]
+    want = ref_llm.chat(CHAT, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3),
+                        chat_template_kwargs=NOTHINK["chat_template_kwargs"])[0]
     c = server.client()
     kw = dict(model=MODEL_NAME, messages=CHAT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3,
-              extra_body={"ignore_eos": True})
+              extra_body=NOTHINK)
     content = c.chat.completions.create(**kw).choices[0].logprobs.content
     tok = ref_llm.tokenizer
     assert len(content) == 6

@@ -12,43 +12,8 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from engine.structured import (GrammarCompiler, StructuredMatcher, StructuredOutputsParams, allocate_bitmask,
                                allowed_mask, apply_token_bitmask)
-from tests.structured_util import MODEL_VOCAB, STOP_ID, TOKENIZER_VOCAB, RandomModel, generate, write_tiny_tokenizer
-
-STR = {"type": "string"}
-INT = {"type": "integer"}
-
-
-def obj(props: dict, required: list | None = None, **kw) -> dict:
-    return {"type": "object", "properties": props, "required": list(props) if required is None else required, **kw}
-
-
-DEEP: dict = {}
-for _ in range(3000):
-    DEEP = {"type": "array", "items": DEEP}
-
-SCHEMAS = {
-    "flat": obj({"name": STR, "age": INT}),
-    "int_bounds": obj({"n": {"type": "integer", "minimum": -5, "maximum": 17}}),
-    "int_exclusive": obj({"n": {"type": "integer", "exclusiveMinimum": 10, "exclusiveMaximum": 13}}),
-    "number": obj({"x": {"type": "number"}, "ok": {"type": "boolean"}}),
-    "enum": obj({"color": {"enum": ["red", "green", "blue"]}, "size": {"enum": [1, 2, "xl", None]}}),
-    "const": obj({"version": {"const": "v1"}, "n": INT}),
-    "nested": obj({"user": obj({"id": INT, "address": obj({"city": STR, "zip": STR})})}),
-    "array_of_str": obj({"tags": {"type": "array", "items": STR}}),
-    "array_bounds": obj({"xs": {"type": "array", "items": INT, "minItems": 2, "maxItems": 4}}),
-    "array_of_obj": obj({"items": {"type": "array", "items": obj({"k": STR, "v": INT}), "maxItems": 3}}),
-    "anyOf": obj({"v": {"anyOf": [INT, STR, obj({"inner": {"type": "boolean"}})]}}),
-    "oneOf_like_union": obj({"v": {"type": ["integer", "null"]}}),
-    "optional_props": obj({"a": INT, "b": STR, "c": {"type": "boolean"}}, required=["a"]),
-    "string_len": obj({"code": {"type": "string", "minLength": 3, "maxLength": 5}}),
-    "pattern": obj({"id": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"}}),
-    "ref_defs": {"$defs": {"pt": obj({"x": INT, "y": INT})}, **obj({"a": {"$ref": "#/$defs/pt"},
-                                                                    "b": {"$ref": "#/$defs/pt"}})},
-    "top_array": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 3},
-    "additional_props": {"type": "object", "additionalProperties": INT, "maxProperties": 3},
-    "tuple_prefix": obj({"pair": {"type": "array", "prefixItems": [STR, INT], "items": False}}),
-    "deep": obj({"l1": obj({"l2": obj({"l3": obj({"leaf": {"enum": [True, False]}})})})}),
-}
+from tests.structured_util import (DEEP, INT, MODEL_VOCAB, SCHEMAS, STOP_ID, STR, TOKENIZER_VOCAB, RandomModel,
+                                   generate, write_tiny_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -318,6 +283,31 @@ def test_rows_of_one_batch_are_independent(compiler, tok):
             break
     jsonschema.validate(json.loads(decode(tok, outs[0])), SCHEMAS["flat"])
     assert re.fullmatch("[0-9]+!", decode(tok, outs[1]))
+
+
+def test_batched_fill_equals_one_row_at_a_time(compiler, tok):
+    """fill_bitmasks (xgrammar's threads, reasoning rows all ones) writes what each matcher's own
+    fill_bitmask writes, at every step of several grammars in different states."""
+    from engine.structured.matcher import fill_bitmasks
+    think = tok.token_to_id("</think>")
+    specs = [dict(json=SCHEMAS["nested"]), dict(regex="[a-c]{3,9}"), dict(json=SCHEMAS["anyOf"]),
+             dict(choice=["alpha", "beta"])]
+    ms = [StructuredMatcher(compiler.compile(StructuredOutputsParams(**k)), think if i == 3 else None)
+          for i, k in enumerate(specs)]
+    model = RandomModel(tok, 5)
+    for step in range(40):
+        live = [m for m in ms if not m.is_terminated]
+        if not live:
+            break
+        got, want = allocate_bitmask(len(live), MODEL_VOCAB), allocate_bitmask(len(live), MODEL_VOCAB)
+        fill_bitmasks(live, got)
+        for r, m in enumerate(live):
+            m.fill_bitmask(want, r)
+        assert torch.equal(got, want), step
+        tokens = model.sample(apply_token_bitmask(model.logits(len(live)), want))
+        for m, t in zip(live, tokens):
+            assert m.accept(think if m.in_reasoning and step == 2 else t)
+    assert not ms[3].in_reasoning  # the reasoning row went through both phases
 
 
 def test_reasoning_aware_matcher_is_free_until_think_end(compiler, tok):

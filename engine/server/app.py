@@ -17,13 +17,16 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..chat_template import ChatTemplate, ChatTemplateError
+from ..structured.requests import starts_in_reasoning
 from .body import PayloadTooLarge, parse_json, read_body
+from .chat_output import ChatDeltas, chat_message, finish_reason
 from .gate import Gate
 from .generation import EngineError, Submitted
 from .metrics import CONTENT_TYPE
 from .protocol import BadRequest, ChatCompletionRequest, CompletionRequest
 from .responses import ChatChoices, CompletionChoices, usage
 from .state import ServerConfig, ServerState, ShuttingDown
+from .structure import check_grammar, structure_of
 
 log = logging.getLogger("moepipe.server")
 DISCONNECT_POLL_S = 0.25
@@ -160,33 +163,39 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
         rid = f"cmpl-{uuid.uuid4().hex}"
         prompts = req.prompts()
         ids = await state.in_thread(encode_all, prompts)
-        params = [state.params_for(req, len(x), i) for i, x in enumerate(ids)]
+        st = structure_of(req)
+        params = [state.params_for(req, len(x), i, st.grammar) for i, x in enumerate(ids)]
         state.check_logprob_budget(params, [len(x) for x in ids])
+        if st.grammar is not None:  # compiled off the event loop; a bad schema is a 400 naming the field
+            await state.in_thread(check_grammar, llm, params[0], st.param)
         texts = await state.in_thread(prompt_texts, prompts) if req.echo else []
         choices = CompletionChoices(state.token_strings, ids, texts, req.n, req.echo, req.logprobs,
                                     req.prompt_logprobs is not None)
         subs = _submit_all(state, ids, params, rid, arrival, req.cache_salt)
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
         if req.stream:
-            return _stream(state, request, subs, req, head, choices.choice, None, choices.prompt_tokens())
+            return _stream(state, request, subs, req, head, lambda i, p: [choices.choice(i, p)], None,
+                           choices.prompt_tokens())
         results = await _collect_all(state, request, subs)
         if results is None:
             return Response(status_code=499)
         return {**head, "choices": [choices.choice(i, r) for i, r in enumerate(results)],
                 "usage": usage(choices.prompt_tokens(), sum(r.num_tokens for r in results))}
 
-    def render_and_encode(req: ChatCompletionRequest) -> list[int]:
+    def render_and_encode(req: ChatCompletionRequest) -> tuple[list[int], bool]:
+        """The prompt's ids, and whether it leaves the model thinking (reasoning is split off then)."""
         state.check_text_length(req.text_chars(), "messages")
         try:
-            text = state.chat_template.render(req.template_messages(), req.add_generation_prompt,
-                                              tools=req.template_tools(),
+            tools = req.template_tools()
+            text = state.chat_template.render(req.template_messages(), req.add_generation_prompt, tools=tools,
                                               chat_template_kwargs=req.chat_template_kwargs)
+            thinking = starts_in_reasoning(state.chat_template.pick(tools), text, req.chat_template_kwargs)
         except ChatTemplateError as e:
             raise BadRequest(str(e), "messages") from None
         except RecursionError:
             raise BadRequest("the conversation is nested too deeply for the chat template", "messages") from None
         state.check_text_length(len(text), "messages")
-        return state.encode(text)
+        return state.encode(text), thinking
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -195,27 +204,45 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
         if state.chat_template is None:
             raise BadRequest("this model has no chat template (chat_template.jinja or tokenizer_config.json's "
                              "chat_template); use /v1/completions", "messages")
-        ids = await state.in_thread(render_and_encode, req)
-        params = state.params_for(req, len(ids))
+        ids, thinking = await state.in_thread(render_and_encode, req)
+        st = structure_of(req)
+        params = state.params_for(req, len(ids), 0, st.grammar)
         state.check_logprob_budget([params], [len(ids)])
+        if st.grammar is not None:
+            await state.in_thread(check_grammar, llm, params, st.param)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         choices = ChatChoices(state.token_strings, [ids], req.n, req.prompt_logprobs is not None)
-        subs = _submit_all(state, [ids], [params], rid, arrival, req.cache_salt)
+        subs = _submit_all(state, [ids], [params], rid, arrival, req.cache_salt, thinking)
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
 
         if req.stream:
-            def choice(i: int, p) -> dict:
-                delta = {"content": p.text} if p.text or p.finish_reason is None else {}
-                return {"index": i, "delta": delta, **choices.sampling_fields(i, p)}
+            parsers = [ChatDeltas(thinking, st.parse_tools, st.single_call) for _ in subs]
+
+            def choice(i: int, p) -> list[dict]:
+                d, sampled = parsers[i], choices.sampling_fields(i, p)
+                out = [{"index": i, "delta": x, "logprobs": None, "finish_reason": None}
+                       for x in d.feed(p.text) + (d.finish() if p.finish_reason is not None else [])]
+                if sampled["logprobs"] is not None:  # the piece's tokens, with its first delta (or an empty one)
+                    if not out:
+                        out.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": None})
+                    out[0]["logprobs"] = sampled["logprobs"]
+                if p.finish_reason is not None:
+                    out.append({"index": i, "delta": {}, "logprobs": None,
+                                "finish_reason": finish_reason(p.finish_reason, d.called),
+                                "stop_reason": sampled["stop_reason"]})
+                return out
             first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(req.n)]
             return _stream(state, request, subs, req, head, choice, first, choices.prompt_tokens())
         results = await _collect_all(state, request, subs)
         if results is None:
             return Response(status_code=499)
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                             **choices.sampling_fields(i, r)} for i, r in enumerate(results)],
+
+        def one(i: int, r) -> dict:
+            message, called = chat_message(r.text, thinking, st.parse_tools, st.single_call)
+            return {"index": i, "message": message, **choices.sampling_fields(i, r),
+                    "finish_reason": finish_reason(r.finish_reason, called)}
+        return {**head, "object": "chat.completion", "choices": [one(i, r) for i, r in enumerate(results)],
                 "usage": usage(choices.prompt_tokens(), sum(r.num_tokens for r in results)),
                 **choices.prompt_logprobs(0, results[0])}
 
@@ -245,13 +272,14 @@ class _InFlight:
 
 
 def _submit_all(state: ServerState, ids: list[list[int]], params: list, rid: str, arrival: float,
-                cache_salt: str | None) -> list[Submitted]:
+                cache_salt: str | None, reasoning: bool = False) -> list[Submitted]:
     """Each prompt's n samples (SamplingParams.samples()) as requests of their own, in choice order."""
     jobs = [(x, sp) for x, p in zip(ids, params) for sp in p.samples()]
     subs: list[Submitted] = []
     try:
         for i, (x, sp) in enumerate(jobs):
-            subs.append(state.submit(x, sp, rid if len(jobs) == 1 else f"{rid}-{i}", arrival, cache_salt))
+            subs.append(state.submit(x, sp, rid if len(jobs) == 1 else f"{rid}-{i}", arrival, cache_salt,
+                                     reasoning))
     except BaseException:
         for s in subs:
             s.abort()
@@ -325,7 +353,8 @@ def _stream(state: ServerState, request: Request, subs: list[Submitted], req, he
                     yield _sse(error_body(str(item), "server_error"))
                     continue
                 done_tokens[i] = item.num_tokens
-                yield _sse({**head, "choices": [choice(i, item)], **usage_field})
+                for c in choice(i, item):  # the piece's choice deltas (chat: reasoning, content, tool calls)
+                    yield _sse({**head, "choices": [c], **usage_field})
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": usage(prompt_tokens, sum(done_tokens))})
             yield "data: [DONE]\n\n"

@@ -75,14 +75,15 @@ class Submitted:
     leaving it early aborts the request and frees its blocks."""
 
     def __init__(self, llm, ids: list[int], params, request_id: str, metrics: ServerMetrics, arrival: float,
-                 pump: EventPump, cache_salt: str | None = None):
+                 pump: EventPump, cache_salt: str | None = None, reasoning: bool = False):
         self._queue: asyncio.Queue = asyncio.Queue()
         self.prompt_ids, self.prompt_tokens = ids, len(ids)
         self._stops, self._tokenizer, self._metrics, self._arrival = params.stop, llm.tokenizer, metrics, arrival
         queue = self._queue
         # the stream object must stay referenced while the request runs: collecting it aborts it
+        # reasoning: the prompt leaves the model thinking; a grammar applies after its `</think>`
         self.stream = llm.submit(ids, params, request_id=request_id, on_event=lambda ev: pump.deliver(queue, ev),
-                                 cache_salt=cache_salt)
+                                 cache_salt=cache_salt, reasoning=reasoning)
 
     def abort(self) -> None:
         self.stream.abort()

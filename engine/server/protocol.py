@@ -196,6 +196,7 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: str | None = None
+    response_format: ResponseFormat | None = None  # as vLLM's completions take it
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -293,10 +294,6 @@ class ChatCompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tool_choice not in (None, "none", "auto"):
-            raise BadRequest("tool_choice: only 'none' and 'auto' are supported", "tool_choice")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise BadRequest("response_format: only {'type': 'text'} is supported", "response_format")
         if self.continue_final_message:
             raise BadRequest("continue_final_message is not supported", "continue_final_message")
 

@@ -89,8 +89,9 @@ class ServerState:
         except ValueError as e:
             raise BadRequest(str(e), "prompt") from None
 
-    def params_for(self, req, prompt_len: int, index: int = 0) -> SamplingParams:
-        """SamplingParams with max_tokens checked against the context (400 naming the limit)."""
+    def params_for(self, req, prompt_len: int, index: int = 0, structured=None) -> SamplingParams:
+        """SamplingParams with max_tokens checked against the context (400 naming the limit);
+        structured: the request's structured_outputs (engine/server/structure.py)."""
         limit_name = "max_model_len" if self.capacity == self.max_model_len else "KV cache"
         where = f"prompt {index} " if index else "prompt "
         if prompt_len >= self.capacity:
@@ -105,7 +106,7 @@ class ServerState:
                              "max_tokens", "context_length_exceeded")
         kw = {k: v for k, v in req.sampling_kwargs(self.defaults, self.vocab_size).items() if k in _SAMPLING_FIELDS}
         try:
-            return SamplingParams(max_tokens=max_tokens, **kw)
+            return SamplingParams(max_tokens=max_tokens, structured_outputs=structured, **kw)
         except ValueError as e:
             msg = str(e).removeprefix("SamplingParams: ")
             raise BadRequest(msg, msg.split(" ", 1)[0] if msg.split(" ", 1)[0] in kw else None) from None
@@ -125,11 +126,11 @@ class ServerState:
                              "may ask for: lower n, max_tokens or the number of logprobs", param)
 
     def submit(self, ids: list[int], params: SamplingParams, rid: str, arrival: float,
-               cache_salt: str | None = None) -> Submitted:
+               cache_salt: str | None = None, reasoning: bool = False) -> Submitted:
         if self.pump is None:
             self.pump = EventPump(asyncio.get_running_loop())
         try:
-            return Submitted(self.llm, ids, params, rid, self.metrics, arrival, self.pump, cache_salt)
+            return Submitted(self.llm, ids, params, rid, self.metrics, arrival, self.pump, cache_salt, reasoning)
         except ValueError as e:
             raise BadRequest(str(e), None, "context_length_exceeded" if "exceeds" in str(e) else None) from None
         except RuntimeError as e:  # StageDied / EngineClosed: the detail (PIDs, tracebacks) goes to the log only

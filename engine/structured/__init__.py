@@ -1,11 +1,24 @@
 """Structured output: request params, grammars compiled through xgrammar (lazily imported), per-request
-matchers, the batched bitmask, and forced Qwen3 tool calls as a grammar."""
-from engine.structured.bitmask import allowed_mask, apply_token_bitmask
-from engine.structured.compiler import INSTALL_HINT, GrammarCompiler, import_xgrammar
-from engine.structured.matcher import ALL_ALLOWED, StructuredMatcher, allocate_bitmask, bitmask_width
-from engine.structured.params import StructuredOutputsParams
-from engine.structured.tool_grammar import function_schemas, tool_call_params
+matchers, the batched bitmask, and forced Qwen3 tool calls as a grammar. Names are imported on first
+use, so that engine/params.py can use StructuredOutputsParams without importing torch."""
+from __future__ import annotations
 
-__all__ = ["ALL_ALLOWED", "INSTALL_HINT", "GrammarCompiler", "StructuredMatcher", "StructuredOutputsParams",
-           "allocate_bitmask", "allowed_mask", "apply_token_bitmask", "bitmask_width", "function_schemas",
-           "import_xgrammar", "tool_call_params"]
+import importlib
+
+_EXPORTS = {
+    "allowed_mask": ".bitmask", "apply_token_bitmask": ".bitmask",
+    "INSTALL_HINT": ".compiler", "GrammarCompiler": ".compiler", "import_xgrammar": ".compiler",
+    "ALL_ALLOWED": ".matcher", "StructuredMatcher": ".matcher", "allocate_bitmask": ".matcher",
+    "bitmask_width": ".matcher",
+    "StructuredOutputsParams": ".params",
+    "function_schemas": ".tool_grammar", "tool_call_params": ".tool_grammar",
+    "GrammarPayload": ".requests", "GrammarRequests": ".requests",
+    "GrammarRows": ".rows",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'engine.structured' has no attribute {name!r}")

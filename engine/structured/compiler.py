@@ -43,35 +43,43 @@ def _clean_error(e: Exception) -> str:
     return _CPP_PREFIX.sub("", text).strip()
 
 
+def tokenizer_info(tokenizer_json: str | Path, vocab_size: int, stop_token_ids: tuple[int, ...]) -> Any:
+    """xgrammar's TokenizerInfo of a tokenizer.json for a model of `vocab_size` logits. Special
+    added tokens (other than the stop tokens, which a grammar allows only where it may end) and ids
+    past the tokenizer are never allowed. Deterministic: two processes build equal infos."""
+    xgr = import_xgrammar()
+    from tokenizers import Tokenizer
+    if not stop_token_ids:
+        raise ValueError("structured output needs at least one stop token id (the checkpoint's eos)")
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    vocab = tok.get_vocab(with_added_tokens=True)
+    if vocab_size < max(vocab.values()) + 1:
+        # ids past the model's vocab can never be sampled; xgrammar takes the first vocab_size
+        vocab = {t: i for t, i in vocab.items() if i < vocab_size}
+    special = {a.content for a in tok.get_added_tokens_decoder().values() if a.special}
+    encoded = [""] * vocab_size  # "" = a token the grammar never allows (padding, special)
+    for text, i in vocab.items():
+        encoded[i] = "" if text in special else text
+    return xgr.TokenizerInfo(encoded, _vocab_type(json.loads(tok.to_str()), xgr), vocab_size=vocab_size,
+                             stop_token_ids=list(stop_token_ids))
+
+
 class GrammarCompiler:
     """Compiles StructuredOutputsParams to xgrammar CompiledGrammars for one tokenizer; thread-safe.
 
     `vocab_size` is the model's logit width (config.vocab_size, may exceed the tokenizer's), which is
-    also the bitmask width in bits: int32 [rows, ceil(vocab_size / 32)]. Special added tokens (other
-    than the stop tokens, which the grammar allows only where it may end) are never allowed."""
+    also the bitmask width in bits: int32 [rows, ceil(vocab_size / 32)] (tokenizer_info says which
+    tokens a grammar may ever allow)."""
 
     def __init__(self, tokenizer_json: str | Path, vocab_size: int, stop_token_ids: list[int] | tuple[int, ...],
                  cache_size: int = 256, max_threads: int = 8):
         xgr = import_xgrammar()
-        from tokenizers import Tokenizer
-        if not stop_token_ids:
-            raise ValueError("structured output needs at least one stop token id (the checkpoint's eos)")
-        tok = Tokenizer.from_file(str(tokenizer_json))
-        vocab = tok.get_vocab(with_added_tokens=True)
-        if vocab_size < max(vocab.values()) + 1:
-            # ids past the model's vocab can never be sampled; xgrammar takes the first vocab_size
-            vocab = {t: i for t, i in vocab.items() if i < vocab_size}
-        special = {a.content for a in tok.get_added_tokens_decoder().values() if a.special}
-        encoded = [""] * vocab_size  # "" = a token the grammar never allows (padding, special)
-        for text, i in vocab.items():
-            encoded[i] = "" if text in special else text
         self.vocab_size = vocab_size
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
-        self.tokenizer_info = xgr.TokenizerInfo(encoded, _vocab_type(json.loads(tok.to_str()), xgr),
-                                                vocab_size=vocab_size, stop_token_ids=list(self.stop_token_ids))
+        self.tokenizer_info = tokenizer_info(tokenizer_json, vocab_size, self.stop_token_ids)
         self._xgr = xgr
         self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=max_threads, cache_enabled=False)
-        self._cache: OrderedDict[tuple, Any] = OrderedDict()
+        self._cache: OrderedDict[tuple, list] = OrderedDict()  # key -> [compiled, serialized JSON or None]
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self.compiles = 0  # grammars compiled (cache misses)
@@ -88,6 +96,17 @@ class GrammarCompiler:
     def compile(self, params: StructuredOutputsParams) -> Any:
         """The CompiledGrammar (cached by content); a ValueError naming the problem when xgrammar
         cannot compile it (bad schema, unsupported keyword, regex or EBNF syntax)."""
+        return self._entry(params)[0]
+
+    def serialized(self, params: StructuredOutputsParams) -> str:
+        """compile()'s grammar as xgrammar's JSON (cached beside it): another process rebuilds it with
+        CompiledGrammar.deserialize_json and the same tokenizer_info, far faster than compiling."""
+        entry = self._entry(params)
+        if entry[1] is None:
+            entry[1] = entry[0].serialize_json()
+        return entry[1]
+
+    def _entry(self, params: StructuredOutputsParams) -> list:
         key = params.cache_key()
         with self._lock:
             hit = self._cache.get(key)
@@ -95,15 +114,15 @@ class GrammarCompiler:
                 self._cache.move_to_end(key)
                 return hit
         try:
-            compiled = self._compile(params)
+            entry = [self._compile(params), None]
         except (RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"structured_outputs.{params.kind}: cannot compile: {_clean_error(e)}") from None
         with self._lock:
             self.compiles += 1
-            self._cache[key] = compiled
+            self._cache[key] = entry
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return compiled
+        return entry
 
     def _compile(self, p: StructuredOutputsParams) -> Any:
         any_ws = not p.disable_any_whitespace

@@ -84,3 +84,19 @@ class StructuredMatcher:
         self._m.reset()
         self._reasoning_tokens = self._grammar_tokens = 0
         self._in_reasoning = self.reasoning_end_id is not None
+
+
+def fill_bitmasks(matchers: list[StructuredMatcher], bitmask: torch.Tensor, batch: Any = None) -> None:
+    """bitmask[i] = the allowed next tokens of matchers[i] (all, while it reasons), the grammar rows
+    filled together on xgrammar's threads (batch: an xgrammar BatchGrammarMatcher to reuse)."""
+    rows = []
+    for i, m in enumerate(matchers):
+        if m.in_reasoning:
+            bitmask[i].fill_(ALL_ALLOWED)
+        else:
+            rows.append(i)
+    if len(rows) == 1:
+        matchers[rows[0]].fill_bitmask(bitmask, rows[0])
+    elif rows:
+        batch = batch if batch is not None else import_xgrammar().BatchGrammarMatcher()
+        batch.batch_fill_next_token_bitmask([matchers[i]._m for i in rows], bitmask, rows)

@@ -1,0 +1,46 @@
+"""The LLM's checks of a request before any stage sees it: the prompt as token ids, and limits and
+params that could never run."""
+from __future__ import annotations
+
+from .params import SamplingParams
+from .scheduler import check_request
+
+
+def encode_prompt(prompt: str | list[int], tokenizer, vocab_size: int) -> list[int]:
+    """Text through the checkpoint's tokenizer, or ids checked against the vocabulary; never empty."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json: give prompts as lists of token ids")
+        ids = tokenizer.encode(prompt)
+    else:
+        ids = list(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if not ids:
+        raise ValueError("empty prompt: give at least one token")
+    return ids
+
+
+def prompt_list(prompts, params) -> tuple[list, list[SamplingParams]]:
+    """generate()'s prompts as a list (one prompt: text or ids) and one SamplingParams per prompt."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    params = params if params is not None else SamplingParams()
+    plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+    if len(plist) != len(prompts):
+        raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+    for sp in plist:
+        if not isinstance(sp, SamplingParams):  # as vLLM: a dict is not taken for SamplingParams(**dict)
+            raise TypeError(f"params must be SamplingParams or a list of them, got {type(sp).__name__}")
+    return list(prompts), plist
+
+
+def check_params(ids: list[int], params: SamplingParams, max_model_len: int, info: dict, vocab_size: int,
+                 tokenizer) -> None:
+    """Refuse (ValueError naming the limit or field) a request that could never run."""
+    check_request(len(ids), params.max_tokens, max_model_len, info["num_blocks"], info["block_size"])
+    params.check_vocab(vocab_size)
+    if params.stop is not None and tokenizer is None:
+        raise ValueError("SamplingParams: stop strings need the checkpoint's tokenizer.json")
