@@ -7,10 +7,15 @@ tok/s, TTFT, TPOT and inter-token latency (mean, p50, p99), and each stage's bus
 --json-share 0,0.5 runs every level once per share: that share of the requests carries a
 `response_format` json_schema (the grammar masks their logits; they end when the JSON is complete or
 at --output-len), reported per kind (plain / json) beside the plain-only level of the same call.
+--mix-share 0,0.5 does the same with requests that ask for more than text: half of that share
+`logprobs: --mix-logprobs` (top 5 by default), half presence/frequency/repetition penalties
+(kinds logprobs / penalty). Each run takes fresh prompts of the same lengths (the prefix cache would
+serve repeated ones), and `vs plain` is its output tok/s over the level's plain-only run.
 
     python bench/bench_serving.py --model qwen3-30b-a3b --stages 2 --serve-args "--load-format dummy" \\
         --concurrency 1,8,64,256 --input-len 1024 --output-len 256 --out bench/results/serving.json
     python bench/bench_serving.py ... --concurrency 64 --json-share 0,0.5   # the grammar's cost beside plain
+    python bench/bench_serving.py ... --concurrency 64 --mix-share 0,0.5    # logprobs' and penalties' cost
     python bench/bench_serving.py --num-prompts 8 --input-len 16 --output-len 8 --concurrency 1,4   # tiny, CPU
 
 --shared-prefix-tokens N puts one shared N-token system prompt ahead of every prompt's --input-len
@@ -39,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1}  # --mix-share
 # --json-share requests: nested objects, arrays, enums and bounded numbers (strings and arrays are
 # unbounded, so a random model writes long answers)
 BENCH_SCHEMA = {"type": "object", "properties": {
@@ -59,7 +65,7 @@ class RequestResult:
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
-    kind: str = "plain"  # "json": the request carried a response_format json_schema
+    kind: str = "plain"  # "json" (response_format json_schema), "logprobs" or "penalty" (--mix-share)
 
 
 def floats(s: str) -> list[float]:
@@ -144,8 +150,8 @@ def metrics(client, url: str) -> dict[str, float]:
 
 
 # ---- the clients -------------------------------------------------------------------------------
-async def one_request(client, url: str, body: dict) -> RequestResult:
-    res = RequestResult(False, len(body["prompt"]), kind="json" if "response_format" in body else "plain")
+async def one_request(client, url: str, body: dict, kind: str = "plain") -> RequestResult:
+    res = RequestResult(False, len(body["prompt"]), kind=kind)
     start = time.perf_counter()
     last = None
     try:
@@ -181,23 +187,46 @@ async def one_request(client, url: str, body: dict) -> RequestResult:
     return res
 
 
-async def run_level(url: str, a, concurrency: int, prompts: list[list[int]], json_share: float = 0.0
+def spread(indices: list[int], share: float) -> list[int]:
+    """That share of the indices, spread evenly through them."""
+    return [x for j, x in enumerate(indices) if int((j + 1) * share) > int(j * share)]
+
+
+def level_kinds(n: int, json_share: float, mix_share: float) -> list[str]:
+    """Each request's kind: json_share of them json, mix_share alternately logprobs and penalty."""
+    kinds = ["plain"] * n
+    for i in spread(list(range(n)), json_share):
+        kinds[i] = "json"
+    rest = [i for i in range(n) if kinds[i] == "plain"]
+    for j, i in enumerate(spread(rest, min(1.0, mix_share * n / max(1, len(rest))))):
+        kinds[i] = ("logprobs", "penalty")[j % 2]
+    return kinds
+
+
+def request_body(a, prompt: list[int], kind: str, schema: dict) -> dict:
+    body = {"model": a.served_model_name, "prompt": prompt, "max_tokens": a.output_len, "temperature": 0.0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if kind == "json":
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}}
+    elif kind == "logprobs":
+        body["logprobs"] = a.mix_logprobs
+    elif kind == "penalty":
+        body.update(PENALTIES)
+    return body
+
+
+async def run_level(url: str, a, concurrency: int, prompts: list[list[int]], kinds: list[str]
                     ) -> tuple[list[RequestResult], float]:
     import httpx
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     schema = json.loads(Path(a.json_schema).read_text()) if a.json_schema else BENCH_SCHEMA
     async with httpx.AsyncClient(timeout=httpx.Timeout(a.request_timeout), limits=limits) as client:
-        async def limited(i, p):
+        async def limited(p, kind):
             async with sem:
-                body = {"model": a.served_model_name, "prompt": p, "max_tokens": a.output_len, "temperature": 0.0,
-                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-                if int((i + 1) * json_share) > int(i * json_share):  # spread evenly through the level
-                    body["response_format"] = {"type": "json_schema",
-                                               "json_schema": {"name": "bench", "schema": schema}}
-                return await one_request(client, url, body)
+                return await one_request(client, url, request_body(a, p, kind, schema), kind)
         t = time.perf_counter()
-        results = await asyncio.gather(*(limited(i, p) for i, p in enumerate(prompts)))
+        results = await asyncio.gather(*(limited(p, k) for p, k in zip(prompts, kinds)))
         return list(results), time.perf_counter() - t
 
 
@@ -215,16 +244,17 @@ def latency_stats(ok: list[RequestResult], duration: float) -> dict:
 
 
 def summarize(concurrency: int, results: list[RequestResult], duration: float, m0: dict, m1: dict,
-              json_share: float = 0.0) -> dict:
+              json_share: float = 0.0, mix_share: float = 0.0) -> dict:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.prompt_len for r in ok)
-    row = {"concurrency": concurrency, "json_share": json_share, "num_prompts": len(results),
+    row = {"concurrency": concurrency, "json_share": json_share, "mix_share": mix_share, "num_prompts": len(results),
            **latency_stats(ok, duration), "failed": len(results) - len(ok), "duration_s": duration,
            "request_throughput": len(ok) / duration, "total_token_throughput": (in_tokens + out_tokens) / duration,
            "total_input_tokens": in_tokens, "total_output_tokens": out_tokens}
-    if json_share > 0:  # each kind beside the other, over the same wall time
-        row["by_kind"] = {k: latency_stats([r for r in ok if r.kind == k], duration) for k in ("plain", "json")}
+    if json_share > 0 or mix_share > 0:  # each kind beside the others, over the same wall time
+        row["by_kind"] = {k: latency_stats([r for r in ok if r.kind == k], duration)
+                          for k in ("plain", "json", "logprobs", "penalty") if any(r.kind == k for r in results)}
     busy = {}
     for k, v in m1.items():
         s = re.fullmatch(r'moepipe:stage_busy_seconds_total\{stage="(\d+)"\}', k)
@@ -279,6 +309,9 @@ def main() -> int:
     ap.add_argument("--json-share", type=floats, default=[0.0],
                     help="shares of json_schema requests, each level run once per share (e.g. 0,0.5)")
     ap.add_argument("--json-schema", help="a JSON schema file for those requests (default: a built-in one)")
+    ap.add_argument("--mix-share", type=floats, default=[0.0],
+                    help="shares of requests with logprobs or penalties, each level run once per share (e.g. 0,0.5)")
+    ap.add_argument("--mix-logprobs", type=int, default=5, help="logprobs (top k) of those logprobs requests")
     ap.add_argument("--request-timeout", type=float, default=1800)
     ap.add_argument("--startup-timeout", type=float, default=1800)
     ap.add_argument("--out", help="JSON results file")
@@ -306,14 +339,19 @@ def main() -> int:
         shared = [rng.randrange(10, vocab - 10) for _ in range(a.shared_prefix_tokens)]
         warm = [shared + [rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(2)]
         # first-call costs (allocator, kernels, the schema's compile) out of the figures
-        asyncio.run(run_level(url, a, 2, warm, max(a.json_share)))
+        asyncio.run(run_level(url, a, 2, warm, level_kinds(2, max(a.json_share), max(a.mix_share))))
         for c in a.concurrency:
             n = a.num_prompts or max(8, 2 * c)
-            prompts = [shared + [rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(n)]
-            for share in a.json_share:  # the same prompts at each share
+            plain = None
+            for js, ms in [(js, ms) for js in a.json_share for ms in a.mix_share]:
+                # fresh prompts for each run: the prefix cache would serve a repeated one's prompt
+                prompts = [shared + [rng.randrange(10, vocab - 10) for _ in range(a.input_len)] for _ in range(n)]
                 m0 = metrics(sync, url)
-                results, dt = asyncio.run(run_level(url, a, c, prompts, share))
-                row = summarize(c, results, dt, m0, metrics(sync, url), share)
+                results, dt = asyncio.run(run_level(url, a, c, prompts, level_kinds(n, js, ms)))
+                row = summarize(c, results, dt, m0, metrics(sync, url), js, ms)
+                plain = row if js == ms == 0 else plain
+                if plain is not None and plain["output_throughput"] > 0:
+                    row["vs_plain"] = row["output_throughput"] / plain["output_throughput"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
@@ -323,22 +361,24 @@ def main() -> int:
               "device": gpu_name(), "command": " ".join(shlex.quote(x) for x in sys.argv),
               "model": a.model or a.url or "tiny preset", "stages": a.stages, "serve_args": a.serve_args,
               "input_len": a.input_len, "shared_prefix_tokens": a.shared_prefix_tokens, "output_len": a.output_len,
-              "results": rows}
+              "mix": {"logprobs": a.mix_logprobs, **PENALTIES}, "results": rows}
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(record, indent=2) + "\n")
-    hdr = (f"{'conc':>5} {'json':>5} {'reqs':>5} {'ok':>4} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} "
-           f"{'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'busy':>12}")
+    hdr = (f"{'conc':>5} {'json':>5} {'mix':>5} {'reqs':>5} {'ok':>4} {'req/s':>7} {'out tok/s':>10} "
+           f"{'vs plain':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'busy':>12}")
     print(f"\nserving: {record['model']}, {record['device']}, in {a.shared_prefix_tokens} shared + {a.input_len} / "
           f"out {a.output_len} tokens (ms for TTFT/TPOT)")
     print(hdr)
     for r in rows:
         busy = "/".join(f"{b:.2f}" for b in r["stage_busy_fraction"])
-        print(f"{r['concurrency']:>5} {r['json_share']:>5.2f} {r['num_prompts']:>5} {r['completed']:>4} "
-              f"{r['request_throughput']:>7.2f} {r['output_throughput']:>10.1f} {r['median_ttft_ms']:>9.1f} "
-              f"{r['p99_ttft_ms']:>9.1f} {r['median_tpot_ms']:>9.2f} {r['p99_tpot_ms']:>9.2f} {busy:>12}")
+        vs = f"{r['vs_plain']:.3f}" if "vs_plain" in r else ""
+        print(f"{r['concurrency']:>5} {r['json_share']:>5.2f} {r['mix_share']:>5.2f} {r['num_prompts']:>5} "
+              f"{r['completed']:>4} {r['request_throughput']:>7.2f} {r['output_throughput']:>10.1f} {vs:>8} "
+              f"{r['median_ttft_ms']:>9.1f} {r['p99_ttft_ms']:>9.1f} {r['median_tpot_ms']:>9.2f} "
+              f"{r['p99_tpot_ms']:>9.2f} {busy:>12}")
         for kind, k in r.get("by_kind", {}).items():
-            print(f"{'':>5} {kind:>5} {'':>5} {k['completed']:>4} {'':>7} {k['output_throughput']:>10.1f} "
+            print(f"{'':>5} {kind:>11} {'':>5} {k['completed']:>4} {'':>7} {k['output_throughput']:>10.1f} {'':>8} "
                   f"{k['median_ttft_ms']:>9.1f} {k['p99_ttft_ms']:>9.1f} {k['median_tpot_ms']:>9.2f} "
                   f"{k['p99_tpot_ms']:>9.2f}")
     return 0 if all(r["failed"] == 0 for r in rows) else 1

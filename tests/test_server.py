@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.server.detokenize import IncrementalDetokenizer, StopStrings
+from engine.server.detokenize import IncrementalDetokenizer, StopHoldback
 from server_util import MODEL_NAME, Server, start_server
 from loader.presets import preset_config
 from loader.writer import write_checkpoint
@@ -56,26 +56,27 @@ def test_cli_stream_print_never_prints_half_a_character(tokenizer, capsys):
 
 
 @pytest.mark.parametrize("stops,want,hit", [
-    (["wor"], "hello ", "wor"),
-    (["xyz"], "hello world, hello moon", None),
-    (["lo m", "ld,"], "hello wor", "ld,"),
-    (["o"], "hell", "o"),
+    (["wor"], "hello ", True),
+    (["xyz"], "hello world, hello moon", False),
+    (["lo m", "ld,"], "hello wor", True),
+    (["o"], "hell", True),
 ])
-def test_stop_strings_across_chunk_boundaries(stops, want, hit):
+def test_stop_holdback_never_sends_past_the_engines_cut(stops, want, hit):
+    """The engine ends the text at the first stop string (the final text, cut before it); what the
+    stream sent before that must be a prefix of that final text, whatever the chunking."""
     text = "hello world, hello moon"
     for sizes in ([1], [2, 3], [len(text)]):
-        s, out, i, k = StopStrings(stops), [], 0, 0
-        stopped = False
-        while i < len(text) and not stopped:
+        h, out, i, k = StopHoldback(stops), [], 0, 0
+        while i < len(text):
             n = sizes[k % len(sizes)]
-            piece, stopped = s.push(text[i:i + n])
-            out.append(piece)
             i, k = i + n, k + 1
-            # nothing sent may be a prefix of a stop string that the next chunk could complete
-            assert not any(t in "".join(out) for t in stops)
-        if not stopped:
-            out.append(s.flush())
-        assert "".join(out) == want and s.hit == hit
+            if any(s in text[:i] for s in stops):
+                break  # this token completes a stop string: its event carries the engine's final text
+            out.append(h.push(text[i - n:i]))
+            assert want.startswith("".join(out)), (sizes, out)
+        out.append(h.finish(want if hit else None))
+        assert "".join(out) == want
+        assert h.push("") == "" and h.finish() == ""  # nothing twice
 
 
 def test_stage_busy_fraction_and_prometheus_text():
@@ -280,7 +281,7 @@ BAD = [
     ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"model": MODEL_NAME, "prompt": "hi", "max_tokens": -3}, "max_tokens"),
     ({"model": MODEL_NAME, "prompt": "hi", "top_k": -5}, "top_k"),
-    ({"model": MODEL_NAME, "prompt": "hi", "n": 3}, "n=3"),
+    ({"model": MODEL_NAME, "prompt": "hi", "n": 0}, "n: Input should be greater than or equal to 1"),
     ({"model": MODEL_NAME, "prompt": "hi", "stop": [""]}, "stop"),
     ({"model": MODEL_NAME, "prompt": [99999]}, "token ids must be integers in [0, 512)"),
     ({"model": MODEL_NAME, "prompt": ""}, "prompt: String should have at least 1 character"),

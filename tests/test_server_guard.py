@@ -46,6 +46,10 @@ def test_api_key(server):
     assert httpx.get(server.url + "/health").status_code == 200  # open: load balancers probe it
     r = server.client(KEY).completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2, temperature=0)
     assert r.usage.completion_tokens >= 1
+    # the prefix cache's reset is an admin action: behind the key too
+    assert httpx.post(server.url + "/reset_prefix_cache").status_code == 401
+    r = httpx.post(server.url + "/reset_prefix_cache", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.json() == {"success": True}
 
 
 def test_cors_and_foreign_origins(server):

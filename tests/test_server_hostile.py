@@ -66,9 +66,10 @@ BAD_COMPLETIONS = [
     (_raw_deep(100_000), "nested too deeply"),
     ('{"model": "%s", "prompt": "hi", "temperature": NaN}' % MODEL_NAME, "temperature"),
     ('{"model": "%s", "prompt": "hi", "temperature": Infinity}' % MODEL_NAME, "temperature"),
-    ({**C, "echo": True}, "echo is not supported"),
-    ({**C, "presence_penalty": 0.5}, "presence_penalty is not supported"),
-    ({**C, "min_tokens": 3}, "min_tokens is not supported"),
+    ({**C, "presence_penalty": 2.5}, "presence_penalty"),
+    ({**C, "min_tokens": 3}, "min_tokens (3) must not exceed max_tokens (2)"),
+    ({**C, "logit_bias": {"512": 1}}, "logit_bias: token id 512"),
+    ({**C, "echo": 1}, "echo"),
     ({**C, "cache_salt": 5}, "cache_salt"),
     ({**C, "prompt": "ab " * 30_000}, "characters, so more tokens than the context limit"),  # not tokenized
 ]

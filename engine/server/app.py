@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP app (FastAPI): /v1/completions, /v1/chat/completions (streamed as
-server-sent events or not), /v1/models, /health, /metrics. Every refusal is a 4xx with an
+server-sent events or not), /v1/models, /health, /metrics, /reset_prefix_cache. Every refusal is a 4xx with an
 OpenAI-style JSON error; nothing a client sends can stop the engine or disturb other requests;
 error bodies never carry exception text or PIDs (the log does)."""
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .gate import Gate
 from .generation import EngineError, Submitted
 from .metrics import CONTENT_TYPE
 from .protocol import BadRequest, ChatCompletionRequest, CompletionRequest
+from .responses import ChatChoices, CompletionChoices, usage
 from .state import ServerConfig, ServerState, ShuttingDown
 from .structure import check_grammar, structure_of
 
@@ -69,10 +70,6 @@ def _validate(model_cls, raw: bytes):
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
@@ -125,6 +122,18 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
     async def metrics():
         return Response(await asyncio.to_thread(state.metrics.render), media_type=CONTENT_TYPE)
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """As vLLM's: drop every cached block no running request holds (behind the API key);
+        success is false when blocks of running requests stay cached."""
+        if state.engine_down():
+            raise EngineError("the engine is down")
+        try:
+            return {"success": bool(await asyncio.to_thread(state.llm.reset_prefix_cache))}
+        except RuntimeError as e:  # the engine died meanwhile: the detail goes to the log only
+            log.error("reset_prefix_cache: the engine is down: %s", e)
+            raise EngineError("the engine is down") from None
+
     async def parse(request: Request, model_cls):
         if state.draining:
             raise EngineError("the server is shutting down")
@@ -142,29 +151,36 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
                 state.check_text_length(len(p), "prompt")
         return [state.encode(p) for p in prompts]
 
+    def prompt_texts(prompts: list) -> list[str]:
+        """The prompts as echo returns them: a text as sent, token ids decoded."""
+        tok = state.llm.tokenizer
+        return [p if isinstance(p, str) else tok.decode(p) if tok is not None else "" for p in prompts]
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         arrival = time.monotonic()
         req: CompletionRequest = await parse(request, CompletionRequest)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        ids = await state.in_thread(encode_all, req.prompts())
+        prompts = req.prompts()
+        ids = await state.in_thread(encode_all, prompts)
         st = structure_of(req)
         params = [state.params_for(req, len(x), i, st.grammar) for i, x in enumerate(ids)]
+        state.check_logprob_budget(params, [len(x) for x in ids])
         if st.grammar is not None:  # compiled off the event loop; a bad schema is a 400 naming the field
             await state.in_thread(check_grammar, llm, params[0], st.param)
-        subs = _submit_all(state, ids, params, req.stop, rid, arrival)
+        texts = await state.in_thread(prompt_texts, prompts) if req.echo else []
+        choices = CompletionChoices(state.token_strings, ids, texts, req.n, req.echo, req.logprobs,
+                                    req.prompt_logprobs is not None)
+        subs = _submit_all(state, ids, params, rid, arrival, req.cache_salt)
         head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
-
-        def choice(i: int, text: str, reason: str | None) -> dict:
-            return {"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-
         if req.stream:
-            return _stream(state, request, subs, req, head, lambda i, p: [choice(i, p.text, p.finish_reason)], None)
+            return _stream(state, request, subs, req, head, lambda i, p: [choices.choice(i, p)], None,
+                           choices.prompt_tokens())
         results = await _collect_all(state, request, subs)
         if results is None:
             return Response(status_code=499)
-        return {**head, "choices": [choice(i, r.text, r.finish_reason) for i, r in enumerate(results)],
-                "usage": _usage(sum(r.prompt_tokens for r in results), sum(r.num_tokens for r in results))}
+        return {**head, "choices": [choices.choice(i, r) for i, r in enumerate(results)],
+                "usage": usage(choices.prompt_tokens(), sum(r.num_tokens for r in results))}
 
     def render_and_encode(req: ChatCompletionRequest) -> tuple[list[int], bool]:
         """The prompt's ids, and whether it leaves the model thinking (reasoning is split off then)."""
@@ -191,35 +207,44 @@ def build_app(llm, model_name: str, chat_template: ChatTemplate | None = None,
         ids, thinking = await state.in_thread(render_and_encode, req)
         st = structure_of(req)
         params = state.params_for(req, len(ids), 0, st.grammar)
+        state.check_logprob_budget([params], [len(ids)])
         if st.grammar is not None:
             await state.in_thread(check_grammar, llm, params, st.param)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        subs = _submit_all(state, [ids], [params], req.stop, rid, arrival, thinking)
+        choices = ChatChoices(state.token_strings, [ids], req.n, req.prompt_logprobs is not None)
+        subs = _submit_all(state, [ids], [params], rid, arrival, req.cache_salt, thinking)
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
 
         if req.stream:
             parsers = [ChatDeltas(thinking, st.parse_tools, st.single_call) for _ in subs]
 
             def choice(i: int, p) -> list[dict]:
-                d = parsers[i]
+                d, sampled = parsers[i], choices.sampling_fields(i, p)
                 out = [{"index": i, "delta": x, "logprobs": None, "finish_reason": None}
                        for x in d.feed(p.text) + (d.finish() if p.finish_reason is not None else [])]
+                if sampled["logprobs"] is not None:  # the piece's tokens, with its first delta (or an empty one)
+                    if not out:
+                        out.append({"index": i, "delta": {}, "logprobs": None, "finish_reason": None})
+                    out[0]["logprobs"] = sampled["logprobs"]
                 if p.finish_reason is not None:
                     out.append({"index": i, "delta": {}, "logprobs": None,
-                                "finish_reason": finish_reason(p.finish_reason, d.called)})
+                                "finish_reason": finish_reason(p.finish_reason, d.called),
+                                "stop_reason": sampled["stop_reason"]})
                 return out
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None}
-            return _stream(state, request, subs, req, head, choice, first)
+            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(req.n)]
+            return _stream(state, request, subs, req, head, choice, first, choices.prompt_tokens())
         results = await _collect_all(state, request, subs)
         if results is None:
             return Response(status_code=499)
-        r = results[0]
-        message, called = chat_message(r.text, thinking, st.parse_tools, st.single_call)
-        return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": message, "logprobs": None,
-                             "finish_reason": finish_reason(r.finish_reason, called)}],
-                "usage": _usage(r.prompt_tokens, r.num_tokens)}
+
+        def one(i: int, r) -> dict:
+            message, called = chat_message(r.text, thinking, st.parse_tools, st.single_call)
+            return {"index": i, "message": message, **choices.sampling_fields(i, r),
+                    "finish_reason": finish_reason(r.finish_reason, called)}
+        return {**head, "object": "chat.completion", "choices": [one(i, r) for i, r in enumerate(results)],
+                "usage": usage(choices.prompt_tokens(), sum(r.num_tokens for r in results)),
+                **choices.prompt_logprobs(0, results[0])}
 
     app.add_middleware(_InFlight, state=state)
     app.add_middleware(Gate, api_key=config.api_key, allowed_origins=config.allowed_origins)
@@ -246,12 +271,15 @@ class _InFlight:
             self.state.inflight -= 1
 
 
-def _submit_all(state: ServerState, ids, params, stops, rid: str, arrival: float,
-                reasoning: bool = False) -> list[Submitted]:
+def _submit_all(state: ServerState, ids: list[list[int]], params: list, rid: str, arrival: float,
+                cache_salt: str | None, reasoning: bool = False) -> list[Submitted]:
+    """Each prompt's n samples (SamplingParams.samples()) as requests of their own, in choice order."""
+    jobs = [(x, sp) for x, p in zip(ids, params) for sp in p.samples()]
     subs: list[Submitted] = []
     try:
-        for i, (x, sp) in enumerate(zip(ids, params)):
-            subs.append(state.submit(x, sp, stops, rid if len(ids) == 1 else f"{rid}-{i}", arrival, reasoning))
+        for i, (x, sp) in enumerate(jobs):
+            subs.append(state.submit(x, sp, rid if len(jobs) == 1 else f"{rid}-{i}", arrival, cache_salt,
+                                     reasoning))
     except BaseException:
         for s in subs:
             s.abort()
@@ -283,7 +311,7 @@ async def _collect_all(state: ServerState, request: Request, subs: list[Submitte
 
 
 def _stream(state: ServerState, request: Request, subs: list[Submitted], req, head: dict, choice,
-            first_choice) -> StreamingResponse:
+            first_choices: list[dict] | None, prompt_tokens: int) -> StreamingResponse:
     """Server-sent events; an engine failure or the drain timeout ends the stream with an error
     event and [DONE]."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -308,8 +336,8 @@ def _stream(state: ServerState, request: Request, subs: list[Submitted], req, he
         tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(subs)]
         state.stream_queues.add(queue)
         try:
-            if first_choice is not None:
-                yield _sse({**head, "choices": [first_choice], **usage_field})
+            for first in first_choices or ():
+                yield _sse({**head, "choices": [first], **usage_field})
             open_ = len(subs) if not state.expired else 0
             if state.expired:
                 yield _sse(error_body("the server is shutting down: the drain timeout expired", "server_error"))
@@ -328,8 +356,7 @@ def _stream(state: ServerState, request: Request, subs: list[Submitted], req, he
                 for c in choice(i, item):  # the piece's choice deltas (chat: reasoning, content, tool calls)
                     yield _sse({**head, "choices": [c], **usage_field})
             if include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(sum(s.prompt_tokens for s in subs),
-                                                                  sum(done_tokens))})
+                yield _sse({**head, "choices": [], "usage": usage(prompt_tokens, sum(done_tokens))})
             yield "data: [DONE]\n\n"
         finally:
             state.stream_queues.discard(queue)

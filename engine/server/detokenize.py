@@ -1,5 +1,5 @@
 """Token ids -> text deltas for streaming: incremental detokenization that never emits a partial
-UTF-8 character, and OpenAI stop strings (cut out of the text, found across token boundaries)."""
+UTF-8 character, and the hold-back of text that may turn out to be the start of a stop string."""
 from __future__ import annotations
 
 REPLACEMENT = "\ufffd"  # what a decode of an incomplete UTF-8 sequence ends with
@@ -36,36 +36,30 @@ class IncrementalDetokenizer:
         return ""
 
 
-class StopStrings:
-    """Holds back the text that could still be the start of a stop string; `push` returns what is
-    safe to send and whether a stop string was hit (the text from it on is dropped)."""
+class StopHoldback:
+    """Streams text while stop strings may still end it: `push` returns what is safe to send (all but
+    the longest tail that is a proper prefix of a stop string). Whether a stop string ended the text
+    is the engine's call (SamplingParams.stop: found across token boundaries, only once min_tokens
+    are out); `finish` takes the engine's final text, cut before the stop string."""
 
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
+    def __init__(self, stops: tuple[str, ...] | list[str] | None):
+        self.stops = [s for s in stops or () if s]
         self._longest = max((len(s) for s in self.stops), default=0)
-        self.text = ""  # everything kept so far (sent + held back)
+        self.text = ""  # everything decoded so far (sent + held back)
         self._sent = 0
-        self.hit: str | None = None
 
-    def push(self, delta: str) -> tuple[str, bool]:
-        if self.hit is not None:
-            return "", True
-        start = max(0, len(self.text) - self._longest + 1)
+    def push(self, delta: str) -> str:
         self.text += delta
-        if not self.stops:
-            return self._release(len(self.text)), False
-        found = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
-        if found:
-            i, self.hit = min(found)
-            self.text = self.text[:i]
-            return self._release(i), True
-        return self._release(len(self.text) - self._held()), False
+        return self._release(len(self.text) - self._held())
 
-    def flush(self) -> str:
+    def finish(self, final: str | None = None) -> str:
+        """The rest: of `final` (the engine's text on a stop string) or of everything decoded. Text
+        already sent stays sent: nothing sent is ever a prefix of a stop string."""
+        if final is not None:
+            self.text = final
         return self._release(len(self.text))
 
     def _held(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
         for n in range(min(self._longest - 1, len(self.text)), 0, -1):
             tail = self.text[-n:]
             if any(s.startswith(tail) for s in self.stops):

@@ -25,7 +25,10 @@ SCHEDULER_METRICS = (("running", "num_requests_running", False, "Sequences in th
                      ("waiting", "num_requests_waiting", False, "Sequences waiting to be scheduled"),
                      ("preemptions", "num_preemptions", True, "Sequences preempted for KV blocks"),
                      ("prompt_tokens", "prompt_tokens", True, "Prompt tokens prefilled"),
-                     ("generation_tokens", "generation_tokens", True, "Tokens generated"))
+                     ("generation_tokens", "generation_tokens", True, "Tokens generated"),
+                     ("prefix_cache_queries", "prefix_cache_queries", True,
+                      "Prompt tokens looked up in the prefix cache"),
+                     ("prefix_cache_hits", "prefix_cache_hits", True, "Prompt tokens found in the prefix cache"))
 
 
 class ServerMetrics:

@@ -1,8 +1,9 @@
 """OpenAI request bodies (pydantic) for /v1/completions and /v1/chat/completions and the vLLM-style
-extras (top_k, min_p, ignore_eos, cache_salt, chat_template_kwargs, ...): every field strictly typed
-as the OpenAI API types it (no "3" or true for an integer), every number bounded and finite, every
-list and map bounded in length. What the engine cannot serve yet is refused in one place,
-`check_supported`."""
+extras (top_k, min_p, repetition_penalty, min_tokens, ignore_eos, prompt_logprobs, cache_salt,
+chat_template_kwargs, ...): every field strictly typed as the OpenAI API types it (no "3" or true for
+an integer), every number bounded and finite, every list and map bounded in length. What the engine
+cannot serve yet is refused in one place, `check_supported`; `sampling_kwargs` maps the rest onto
+SamplingParams."""
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
@@ -16,6 +17,7 @@ MAX_N = 128  # choices per request (n, best_of)
 MAX_LOGPROBS = 20  # top_logprobs, logprobs (completions), prompt_logprobs
 MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 MAX_PROMPTS = 1024  # prompts in one completions request
+MAX_CHOICES = 1024  # prompts x n in one request
 MAX_MESSAGES = 4096
 MAX_TOOLS = 256
 MAX_IDS = 1024  # stop_token_ids, allowed_token_ids, bad_words
@@ -110,6 +112,9 @@ class _Sampling(_Strict):
     ignore_eos: bool = False
     stop_token_ids: list[Int32] | None = Field(None, max_length=MAX_IDS)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    include_stop_str_in_output: bool = False
+    # moepipe's per-request choice of the engine's --logprobs-mode (vLLM has only the engine flag)
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] | None = None
     skip_special_tokens: bool = True
     cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_SHORT)] | None = None
     priority: int = Field(0, ge=-MAX_INT32, le=MAX_INT32)
@@ -134,21 +139,15 @@ class _Sampling(_Strict):
 
     def check_supported(self) -> None:
         """400 for every field the engine cannot serve yet: the one place a new feature deletes a line."""
-        unsupported = [("n", self.n != 1, f"n={self.n}: only n=1 is supported"),
-                       ("presence_penalty", self.presence_penalty != 0, "presence_penalty is not supported (give 0)"),
-                       ("frequency_penalty", self.frequency_penalty != 0, "frequency_penalty is not supported (give 0)"),
-                       ("repetition_penalty", self.repetition_penalty not in (None, 1.0),
-                        "repetition_penalty is not supported (give 1)"),
-                       ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
-                       ("min_tokens", self.min_tokens != 0, "min_tokens is not supported (give 0)"),
-                       ("prompt_logprobs", self.prompt_logprobs is not None, "prompt_logprobs is not supported"),
-                       ("skip_special_tokens", not self.skip_special_tokens, "skip_special_tokens=false is not supported"),
-                       ("cache_salt", self.cache_salt is not None, "cache_salt is not supported (no prefix cache)")]
+        unsupported = [("skip_special_tokens", not self.skip_special_tokens,
+                        "skip_special_tokens=false is not supported")]
         for name, bad, msg in unsupported:
             if bad:
                 raise BadRequest(msg, name)
         if self.stream_options is not None and not self.stream:
             raise BadRequest("stream_options is only allowed with stream=true", "stream_options")
+        if self.stream and self.prompt_logprobs is not None:
+            raise BadRequest("prompt_logprobs is not available with stream=true", "prompt_logprobs")
 
     def requested_max_tokens(self) -> int | None:
         """The request's token limit (each request type declares max_tokens with its own default)."""
@@ -157,11 +156,17 @@ class _Sampling(_Strict):
     def sampling_kwargs(self, defaults: dict, vocab_size: int) -> dict:
         """SamplingParams keywords but max_tokens; unset values fall back to the model's defaults
         (generation_config.json), then to OpenAI's (temperature 1, top_p 1). top_k of -1 or at
-        least the vocabulary is off (0), as in vLLM."""
+        least the vocabulary is off (0), as in vLLM. Token ids (stop_token_ids, logit_bias keys)
+        past the vocabulary are a 400 naming the field."""
         kw = {"temperature": self.temperature if self.temperature is not None else defaults.get("temperature", 1.0),
               "top_p": self.top_p if self.top_p is not None else defaults.get("top_p", 1.0),
               "top_k": self.top_k if self.top_k is not None else defaults.get("top_k", 0),
-              "seed": self.seed, "ignore_eos": self.ignore_eos}
+              "seed": self.seed, "ignore_eos": self.ignore_eos, "n": self.n,
+              "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+              "repetition_penalty": self.repetition_penalty if self.repetition_penalty is not None else 1.0,
+              "min_tokens": self.min_tokens, "prompt_logprobs": self.prompt_logprobs,
+              "logprobs_mode": self.logprobs_mode, "stop": tuple(self.stop or ()) or None,
+              "include_stop_str_in_output": self.include_stop_str_in_output}
         if kw["top_k"] == -1 or kw["top_k"] >= vocab_size:
             kw["top_k"] = 0
         if self.min_p is not None:
@@ -170,6 +175,12 @@ class _Sampling(_Strict):
             if any(t >= vocab_size for t in self.stop_token_ids):
                 raise BadRequest(f"stop_token_ids must be token ids in [0, {vocab_size})", "stop_token_ids")
             kw["stop_token_ids"] = tuple(self.stop_token_ids)
+        if self.logit_bias:
+            bias = {int(k): v for k, v in self.logit_bias.items()}
+            if max(bias) >= vocab_size:
+                raise BadRequest(f"logit_bias: token id {max(bias)} is not in the vocabulary [0, {vocab_size})",
+                                 "logit_bias")
+            kw["logit_bias"] = bias
         return kw
 
 
@@ -189,12 +200,21 @@ class CompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        for name, bad, msg in (("echo", self.echo, "echo is not supported"),
-                               ("logprobs", self.logprobs is not None, "logprobs is not supported"),
-                               ("best_of", self.best_of not in (None, 1), "best_of is not supported"),
+        for name, bad, msg in (("best_of", self.best_of not in (None, 1), "best_of is not supported"),
                                ("suffix", bool(self.suffix), "suffix is not supported")):
             if bad:
                 raise BadRequest(msg, name)
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            raise BadRequest(f"n x prompts = {len(self.prompts()) * self.n}: at most {MAX_CHOICES} choices "
+                             "per request", "n")
+
+    def sampling_kwargs(self, defaults: dict, vocab_size: int) -> dict:
+        """logprobs k per generated token; with echo, the prompt's logprobs too (its top k)."""
+        kw = super().sampling_kwargs(defaults, vocab_size)
+        kw["logprobs"] = self.logprobs
+        if self.echo and self.logprobs is not None:
+            kw["prompt_logprobs"] = max(self.logprobs, self.prompt_logprobs or 0)
+        return kw
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -274,10 +294,14 @@ class ChatCompletionRequest(_Sampling):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise BadRequest("logprobs is not supported", "logprobs")
         if self.continue_final_message:
             raise BadRequest("continue_final_message is not supported", "continue_final_message")
+
+    def sampling_kwargs(self, defaults: dict, vocab_size: int) -> dict:
+        """logprobs: true asks for each generated token's logprob and its top_logprobs alternatives."""
+        kw = super().sampling_kwargs(defaults, vocab_size)
+        kw["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
+        return kw
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

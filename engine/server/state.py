@@ -13,6 +13,7 @@ from ..chat_template import ChatTemplate
 from ..params import SamplingParams
 from . import DEFAULT_MAX_REQUEST_BYTES
 from .generation import EngineError, EventPump, Submitted
+from .logprobs import TokenStrings
 from .metrics import ServerMetrics
 from .protocol import BadRequest
 
@@ -20,6 +21,9 @@ log = logging.getLogger("moepipe.server")
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 # NFC normalisation (Qwen's tokenizer applies it) composes up to 3 characters into 1 (Hangul jamo)
 NORMALIZE_SLACK = 4
+# most logprob values (k + 1 per token) one request may ask for, over its prompts x n choices: each is
+# a Python float and int on the host, several hundred bytes per token at k = 20
+MAX_LOGPROB_VALUES = 2**22
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class ServerState:
         tok = llm.tokenizer
         # no token decodes to more characters than this: a longer text has more tokens than the context
         self.max_token_chars = tok.max_token_chars() if tok is not None and hasattr(tok, "max_token_chars") else None
+        self.token_strings = TokenStrings(tok)  # logprobs' token texts and bytes
 
     def _engine_stats(self) -> dict | None:
         return self.llm.stats()
@@ -103,14 +108,29 @@ class ServerState:
         try:
             return SamplingParams(max_tokens=max_tokens, structured_outputs=structured, **kw)
         except ValueError as e:
-            raise BadRequest(str(e).removeprefix("SamplingParams: ")) from None
+            msg = str(e).removeprefix("SamplingParams: ")
+            raise BadRequest(msg, msg.split(" ", 1)[0] if msg.split(" ", 1)[0] in kw else None) from None
 
-    def submit(self, ids: list[int], params: SamplingParams, stops: list[str], rid: str, arrival: float,
-               reasoning: bool = False) -> Submitted:
+    def check_logprob_budget(self, params: list[SamplingParams], prompt_lens: list[int]) -> None:
+        """400 when logprobs over every choice's max_tokens and prompt_logprobs over its prompt would
+        hold more than MAX_LOGPROB_VALUES values (the API process would keep them all)."""
+        total = 0
+        for p, n in zip(params, prompt_lens):
+            per = (p.max_tokens * (p.logprobs + 1) if p.logprobs is not None else 0) + \
+                  (n * (p.prompt_logprobs + 1) if p.prompt_logprobs is not None else 0)
+            total += p.n * per
+        if total > MAX_LOGPROB_VALUES:
+            param = "logprobs" if any(p.logprobs is not None for p in params) else "prompt_logprobs"
+            raise BadRequest(f"{param}: n x (max_tokens x (logprobs + 1) + prompt tokens x (prompt_logprobs + 1)) "
+                             f"over the prompts is {total} values, more than the {MAX_LOGPROB_VALUES} one request "
+                             "may ask for: lower n, max_tokens or the number of logprobs", param)
+
+    def submit(self, ids: list[int], params: SamplingParams, rid: str, arrival: float,
+               cache_salt: str | None = None, reasoning: bool = False) -> Submitted:
         if self.pump is None:
             self.pump = EventPump(asyncio.get_running_loop())
         try:
-            return Submitted(self.llm, ids, params, stops, rid, self.metrics, arrival, self.pump, reasoning)
+            return Submitted(self.llm, ids, params, rid, self.metrics, arrival, self.pump, cache_salt, reasoning)
         except ValueError as e:
             raise BadRequest(str(e), None, "context_length_exceeded" if "exceeds" in str(e) else None) from None
         except RuntimeError as e:  # StageDied / EngineClosed: the detail (PIDs, tracebacks) goes to the log only
