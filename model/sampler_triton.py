@@ -217,7 +217,7 @@ def filtered_gumbel_argmax(x_RV: torch.Tensor, rows_R: torch.Tensor, floor_R: to
     thr = torch.full((R,), float("-inf"), dtype=torch.float32, device=dev)
     n_pass = torch.zeros(R, dtype=torch.int32, device=dev)
     filtered = floor_R is not None
-    if block is None:  # few rows: more warps per row; many: more rows per SM (timed on an H200)
+    if block is None:  # few rows: more warps per row; many: more rows per SM
         block, num_warps = (2048, 16) if R < 128 else (1024, 8)
     if R:
         _filtered_gumbel_kernel[(R,)](
