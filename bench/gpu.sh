@@ -95,7 +95,7 @@ from loader.writer import write_tokenizer; d = Path(sys.argv[1]); d.mkdir(parent
     sv --input-len 1024 --mix-share 0.5 --out "$OUT/serving_mix_$TAG.json"
     sv --input-len 2304 --out "$OUT/serving_noshare_$TAG.json"
     sv --input-len 256 --shared-prefix-tokens 2048 --out "$OUT/serving_shared_$TAG.json"; } > "$OUT/serving_$TAG.log"
-  kill -INT $srv; wait $srv
+  kill -INT $srv; for _ in $(seq 40); do kill -0 $srv 2>/dev/null || break; sleep 1; done; kill -9 $srv 2>/dev/null
   # 3. the multi-turn conversation to 90k and 128k with the cache on; turn 1 computes the whole prompt,
   # which is what every turn costs with the cache off
   timeout 150 python3 bench/bench_multiturn.py --target 90000,128000 --turns 4 --cache on \
