@@ -24,8 +24,10 @@ def parse_slow_layers(text: str | None) -> dict[int, float]:
 
 
 def _spin(ms: float) -> None:
-    end = time.process_time() + ms / 1e3
-    while time.process_time() < end:
+    # this thread's CPU time: the process's also counts torch's worker threads, so it can pass 30 ms
+    # while less than 30 ms of wall time has gone by
+    end = time.thread_time() + ms / 1e3
+    while time.thread_time() < end:
         pass
 
 
@@ -55,7 +57,8 @@ def patch_load_stage() -> None:
 
 
 def inject_into_workers(monkeypatch, tmp_path: Path, spec: str) -> None:
-    """Stage workers started after this call load their stages with the layers of spec slowed."""
+    """Stage workers started after this call load their stages with the layers of spec slowed
+    (monkeypatch: pytest's fixture, or a pytest.MonkeyPatch.context() around a module fixture's start)."""
     site = tmp_path / "slow_site"
     site.mkdir()
     (site / "sitecustomize.py").write_text("import slow_layers\nslow_layers.patch_load_stage()\n")

@@ -3,7 +3,6 @@ engine without the cache on 1, 2 and 3 stages for prefixes ending inside a block
 boundary, follow-up turns and repeated blocks; preemption in a pool so small that cached blocks are
 evicted; aborts in prefill and decode; cache_salt; reset_prefix_cache; the layers='auto' restart;
 a small soak. The hit counts are checked, so each test fails without the cache."""
-import os
 import random
 import time
 
@@ -13,6 +12,7 @@ import torch
 from engine import LLM, SamplingParams
 from loader.presets import preset_config
 from loader.writer import write_checkpoint
+from slow_layers import inject_into_workers
 
 BS = 16
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -100,15 +100,13 @@ def test_greedy_tokens_equal_without_the_cache_and_hits_are_counted(model, ref, 
 
 
 @pytest.fixture(scope="module")
-def small(model):
+def small(model, tmp_path_factory):
     """2 stages, a pool of 16 blocks (256 tokens): concurrent requests preempt each other. Layer 0
     spins 10 ms per forward, so a prefill of several chunks lasts long enough to abort it."""
-    os.environ["MOEPIPE_SLOW_LAYERS"] = "0:10"
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # the workers keep the hook; this process's env is restored
+        inject_into_workers(mp, tmp_path_factory.mktemp("slow"), "0:10")
         llm = LLM(model, stages=2, verbose=False, kv_cache_gib=16 * KV_GIB_PER_BLOCK, max_num_batched_tokens=32,
                   max_num_seqs=8)
-    finally:
-        del os.environ["MOEPIPE_SLOW_LAYERS"]
     with llm:
         assert llm.info["num_blocks"] == 16
         yield llm
@@ -200,9 +198,9 @@ def test_options_validate_the_switch():
         EngineOptions(enable_prefix_caching="no").validate()
 
 
-def test_auto_split_restart_keeps_caching(model, ref, monkeypatch):
+def test_auto_split_restart_keeps_caching(model, ref, monkeypatch, tmp_path):
     """layers='auto' restarts the stages on another split: the new engine caches and stays exact."""
-    monkeypatch.setenv("MOEPIPE_SLOW_LAYERS", "0:80")
+    inject_into_workers(monkeypatch, tmp_path, "0:80")
     g = torch.Generator().manual_seed(10)
     pre = _rand(g, 33)
     prompts = [pre + _rand(g, 4), pre + _rand(g, 6)]
