@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "LLM": ".llm", "EngineClosed": ".llm", "RequestStream": ".llm", "StageDied": ".llm", "TokenEvent": ".llm",
+    "LLM": ".llm", "EngineClosed": ".client", "StageDied": ".client",
+    "RequestStream": ".request_stream", "TokenEvent": ".request_stream",
     "EngineOptions": ".options",
     "RequestOutput": ".params", "SamplingParams": ".params",
     "RequestRefused": ".scheduler",

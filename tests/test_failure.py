@@ -60,7 +60,7 @@ def test_local_stages_listen_on_loopback_only(tiny):
     """The rendezvous (a TCPStore binds every interface) and gloo's sockets: nothing is reachable
     from another host when every stage runs here."""
     with LLM(str(tiny), stages=2, verbose=False) as llm:
-        addrs = _listening([p.pid for p in llm._procs])
+        addrs = _listening([p.pid for p in llm.client.procs])
         assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids
     loopback = ("0100007F:", "00000000000000000000000001000000:", "0000000000000000FFFF00000100007F:")
     assert addrs and all(a.startswith(loopback) for a in addrs), addrs
@@ -69,7 +69,7 @@ def test_local_stages_listen_on_loopback_only(tiny):
 @pytest.mark.parametrize("victim", [1, 0])
 def test_dead_stage_ends_generate_within_30s(tiny, victim):
     llm = LLM(str(tiny), stages=2, verbose=False)
-    pids = [p.pid for p in llm._procs]
+    pids = [p.pid for p in llm.client.procs]
     stream = llm.stream([[5, 6, 7]], LONG)
     for _ in range(3):
         next(stream)
@@ -85,6 +85,9 @@ def test_dead_stage_ends_generate_within_30s(tiny, victim):
     with pytest.raises(StageDied):
         llm.generate([[5, 6]], LONG)
     assert time.monotonic() - t1 < 1
+    assert isinstance(llm.dead_error, StageDied) and not llm.is_closed
+    llm.close()
+    assert llm.is_closed and isinstance(llm.dead_error, StageDied)
     time.sleep(0.5)
     assert not any(_alive(p) for p in pids), "a stage process outlived the failure"
 

@@ -115,7 +115,7 @@ def _make_server(uvicorn, config, state, llm, a, banner: str):
         async def _watch_engine(self):
             while not self.should_exit:
                 await asyncio.sleep(DEATH_POLL_S)
-                dead = getattr(llm, "_dead", None)
+                dead = llm.dead_error
                 if dead is not None:
                     log.error("the engine died: %s", dead)
                     print(f"error: the engine died: {str(dead).splitlines()[0]}", file=sys.stderr, flush=True)
