@@ -16,7 +16,7 @@ from multiprocessing.connection import Listener, wait
 from pathlib import Path
 from typing import Any, Callable
 
-from .launch import AUTHKEY_ENV
+from .runtime.launch import AUTHKEY_ENV
 
 POLL_S = 0.25  # how often blocked waits look at the engine's health
 GATHER_FAILURES_S = 0.3  # after a first failure, wait this long for the others before picking the culprit
@@ -42,7 +42,7 @@ class EngineClosed(RuntimeError):
 
 
 class EngineClient:
-    """The stage processes of one engine split (args.stages of them, `python -m engine.worker`),
+    """The stage processes of one engine split (args.stages of them, `python -m engine.runtime.worker`),
     their pipes, and a router thread that reads them. Rank 0's "events" and "refused" messages go to
     on_message(msg) on the router thread; replies to call() are handled here. When a stage fails
     (or close() is called) every later send/call raises, and on_end(err) runs so the owner can end
@@ -80,7 +80,7 @@ class EngineClient:
         try:
             for rank in range(S):
                 # own session: the terminal's Ctrl-C reaches only this process, which ends the stages
-                p = subprocess.Popen([sys.executable, "-m", "engine.worker", host, str(port), str(rank)],
+                p = subprocess.Popen([sys.executable, "-m", "engine.runtime.worker", host, str(port), str(rank)],
                                      env=env, start_new_session=True, cwd=_REPO_ROOT)
                 self.procs.append(p)
                 _WORKERS.add(p)

@@ -1,5 +1,5 @@
 """LLM: the importable engine. Starts one worker process per pipeline stage (`python -m
-engine.worker`, NCCL on CUDA, gloo on CPU), keeps them for repeated calls, and ends them on close()
+engine.runtime.worker`, NCCL on CUDA, gloo on CPU), keeps them for repeated calls, and ends them on close()
 or when one dies, through one EngineClient (engine/client.py). Requests are submitted one by one
 (thread-safe); the client's router thread hands rank 0's events here, and each goes to the stream of
 its request."""
@@ -13,15 +13,16 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterator, Sequence as Seq
 
+from loader.model_files import load_tokenizer
+
 from .client import EngineClient, EngineClosed
-from .launch import resolve_engine
-from .model_files import load_tokenizer
 from .options import EngineOptions, options_from_kwargs
 from .outputs import OutputBuilder
 from .params import RequestOutput, SamplingParams
 from .request_checks import check_params, encode_prompt, prompt_list
 from .request_stream import _ABORTED, POLL_S, RequestStream, StopChecker, TokenEvent, _Entry
-from .scheduler import cache_salts
+from .runtime.launch import resolve_engine
+from .runtime.scheduler import cache_salts
 from .structured.requests import GrammarPayload, GrammarRequests, starts_in_reasoning
 
 Prompt = str | list[int]
@@ -290,7 +291,7 @@ class LLM:
         apply_chat_template renders them (chat_template_kwargs, e.g. {"enable_thinking": False},
         reach the template). One conversation or a list of them; one output each (thinking on:
         structured_outputs apply after `</think>`)."""
-        from .chat_template import ChatTemplate, ChatTemplateError
+        from .tools.chat_template import ChatTemplate, ChatTemplateError
         if self._chat_template is None:
             self._chat_template = ChatTemplate.from_folder(self.folder)
             if self._chat_template is None:
@@ -308,7 +309,7 @@ class LLM:
         "scheduler": {running, waiting, free_blocks, num_blocks, preemptions, prompt_tokens,
         generation_tokens, prefix_cache_queries, prefix_cache_hits, ...}}: a snapshot taken behind the
         micro-batches already in flight, without draining them. per_step adds the (bounded) per-step
-        lists. profile: a command for the stages' profilers (engine/trace.py StageProfiler), carried
+        lists. profile: a command for the stages' profilers (engine/runtime/trace.py StageProfiler), carried
         by this request."""
         self._check_usable()
         return self.client.call("stats", bool(reset), bool(per_step), profile)
@@ -321,18 +322,18 @@ class LLM:
 
     def start_profile(self) -> None:
         """Record a timeline on every stage from here on (behind the work already in flight)."""
-        from .trace import start_profile
+        from .runtime.trace import start_profile
         start_profile(self)
 
     def stop_profile(self, path: str | Path | None = None) -> dict:
         """Stop recording and write a Chrome trace-event file to `path` (ui.perfetto.dev,
         chrome://tracing). Returns {"path", "bubble": {stage: idle fraction}, "stages": stats}."""
-        from .trace import stop_profile
+        from .runtime.trace import stop_profile
         return stop_profile(self, path)
 
     def _auto_split(self, model: str, opts: EngineOptions) -> None:
         """layers='auto': measure on the even split, restart on the balanced split if it differs."""
-        from .auto_split import auto_layers
+        from .tools.auto_split import auto_layers
         counts, report = auto_layers(self)
         if self.options.verbose:
             print(f"[moepipe] auto split: {report['summary']}", file=sys.stderr, flush=True)

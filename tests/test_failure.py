@@ -129,7 +129,7 @@ def test_ctrl_c_in_cli_ends_every_stage(tiny):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.read(20)  # tokens are streaming: the stages are up
     kids = _children(proc.pid)
-    stage_pids = [k for k in kids if "engine.worker" in Path(f"/proc/{k}/cmdline").read_text()]
+    stage_pids = [k for k in kids if "engine.runtime.worker" in Path(f"/proc/{k}/cmdline").read_text()]
     assert len(stage_pids) == 2
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.launch import build_rank, resolve_engine
+from engine.runtime.launch import build_rank, resolve_engine
 from engine.options import EngineOptions
 from loader.writer import ensure_cached_preset
 

@@ -143,7 +143,7 @@ def run(a) -> int:
         from ..server.app import build_app
     except ImportError as e:
         raise RuntimeError(f"serve needs the serve extra ({e.name} is missing): pip install 'moepipe[serve]'") from None
-    from ..chat_template import ChatTemplate
+    from ..tools.chat_template import ChatTemplate
     from ..llm import LLM
 
     stages = a.stages if a.stages is not None else (1 if a.model else 2)

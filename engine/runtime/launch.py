@@ -1,6 +1,6 @@
 """Resolve the options against the model, then start one pipeline rank: join torch.distributed, load
 the rank's stage, size and allocate the KV pool (minimum over ranks), build the engine on rank 0.
-Used by the worker processes LLM starts (engine/worker.py) and under torchrun."""
+Used by the worker processes LLM starts (engine/runtime/worker.py) and under torchrun."""
 from __future__ import annotations
 
 import os
@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from loader.model_files import resolve_model, stop_token_ids
 from loader.partition import partition
 from model.config import ModelConfig, parse_dtype
 
+from ..options import EngineOptions
 from .block_manager import BlockManager
-from .model_files import resolve_model, stop_token_ids
-from .options import EngineOptions
 from .pipeline import PipelineEngine
 from .scheduler import Scheduler
 from .stage_worker import StageWorker, agree_min
@@ -68,7 +68,7 @@ def resolve_engine(model: str, opts: EngineOptions) -> tuple[EngineArgs, ModelCo
                          f"(max_position_embeddings of {cfg.source})")
     layers = opts.layers
     if layers == "auto":
-        layers = None  # the measured split (engine/auto_split.py) plugs in here; until then an even split
+        layers = None  # the measured split (engine/tools/auto_split.py) plugs in here; until then an even split
     if layers is not None:
         partition(cfg.num_hidden_layers, opts.stages, list(layers))  # validates
     if opts.attention not in (None, "ref") and device != "cuda":

@@ -34,7 +34,7 @@ class StageWorker:
         self.graphs: DecodeGraphs | None = None
         self.profiler = StageProfiler(stage, rank)
         self.tracer = self.profiler.tracer  # off until LLM.start_profile: one attribute test per slice
-        self.late = LateCompiles(rank)  # installed once start-up is over (engine/launch.py)
+        self.late = LateCompiles(rank)  # installed once start-up is over (engine/runtime/launch.py)
         self.sampler = LastStageSampler(stage.cfg.vocab_size, self.device) if self.is_last else None
 
     @property
@@ -57,7 +57,7 @@ class StageWorker:
         return out
 
     def sample(self, logits: torch.Tensor, view: PlanView) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(sampled ids [R], logprob table [R + P, W] or None): engine/stage_sampling.py."""
+        """(sampled ids [R], logprob table [R + P, W] or None): engine/runtime/stage_sampling.py."""
         t = self.sample_timer.start()
         g = self.tracer.gpu_start()
         out = self.sampler(logits, view)
@@ -100,7 +100,7 @@ class StageWorker:
                 continue
             n = plan_len(header)
             view = PlanView(header, self.fwd.recv(prev, torch.empty(n, dtype=torch.int32, device=self.device)))
-            if not self.is_last:  # ahead of the hidden states, as stage 0 does (engine/pipeline.py)
+            if not self.is_last:  # ahead of the hidden states, as stage 0 does (engine/runtime/pipeline.py)
                 self.fwd.send(self.rank + 1, np.asarray(header), [view.plan])
             H = self.stage.cfg.hidden_size
             x = self.fwd.recv(prev, torch.empty(view.T, H, dtype=self.stage.dtype, device=self.device))

@@ -1,4 +1,4 @@
-"""Point-to-point messages between stages, no pickle: a fixed int64 header (engine/step_plan.py)
+"""Point-to-point messages between stages, no pickle: a fixed int64 header (engine/runtime/step_plan.py)
 first, then the tensors whose sizes it gives. Sends are asynchronous; their tensors stay alive until
 the next send on the link completes them."""
 from __future__ import annotations

@@ -13,13 +13,13 @@ import torch
 
 from model.sampler_logprobs import width
 
+from ..params import SamplingParams
+from ..structured.requests import GrammarPayload
+from ..structured.rows import GrammarRows
 from .p2p import BATCH, STATS, STOP, to_device
-from .params import SamplingParams
 from .sampling_plan import SamplingExtras, SamplingPlanner
 from .scheduler import MicroBatch, RequestRefused, Scheduler
 from .sequence import Sequence
-from .structured.requests import GrammarPayload
-from .structured.rows import GrammarRows
 from .stage_worker import STATS_BYTES, StageWorker, stats_buffer
 from .step_plan import H_AUX0, H_AUX1, H_KIND, H_LPK, HEADER, PlanView, build_plan
 
