@@ -130,10 +130,11 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
     t0 = time.perf_counter()
     stage = _load(args, cfg, spec, device, dtype, log)
     load_s = time.perf_counter() - t0
-    groups = (None, None)
-    if o.stages > 1:
-        groups = (dist.new_group(list(range(o.stages))), dist.new_group(list(range(o.stages))))
-    worker = StageWorker(stage, rank, o.stages, o.block_size, *groups)
+    groups = None
+    if o.stages > 1:  # the hop's fwd and ret groups (the default backend) and its host-memory ctrl group
+        ranks = list(range(o.stages))
+        groups = (dist.new_group(ranks), dist.new_group(ranks), dist.new_group(ranks, backend="gloo"))
+    worker = StageWorker(stage, rank, o.stages, o.block_size, groups)
     max_len = min(o.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     blocks = worker.size_kv_pool(o.kv_cache_gib, o.gpu_memory_utilization, min(o.max_num_batched_tokens, max_len))
     blocks = agree_min(blocks, device)

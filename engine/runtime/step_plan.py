@@ -30,6 +30,7 @@ HEADER = 20
  H_NB, H_NR, H_NP, H_NO, H_P, H_LPK, H_SLOTS, H_SPARE) = range(HEADER)
 H_FED = H_AUX2  # batch plans: 1 when the ids are indices into returned ids (async scheduling)
 H_NS, H_MASKW = H_SPARE, H_AUX0  # batch plans: structured rows NS, and W (their bitmask's words per row)
+# H_KIND: BATCH, STATS or STOP (engine/runtime/channel.py); a control header's H_AUX0: its message's bytes
 # H_LPK: 0, or 1 + k when a logprob table with top-k (model/sampler_logprobs.py) comes back with
 # the ids; H_SLOTS: the penalty slots the last stage keeps (engine/runtime/sampling_plan.py)
 _SEED_MIX = 0x9E3779B97F4A7C15
