@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import LLM, SamplingParams, StageDied
+from engine import LLM, EngineClosed, SamplingParams, StageDied
 from loader.presets import preset_config
 from loader.writer import write_checkpoint
 
@@ -109,6 +109,25 @@ def test_stage_load_error_names_the_file_and_ends_every_stage(tiny, tmp_path, ba
     assert f"stage {bad_rank} failed" in first and victim.name in first and "truncated" in first, first
     assert "Traceback (most recent call last)" in str(e.value) and "load.py" in str(e.value)
     assert not [p for p in set(_children(os.getpid())) - before if _alive(p)], "a stage outlived the failure"
+
+
+def test_dropped_llm_ends_its_stages_and_its_streams(tiny):
+    """The engine client holds its LLM only weakly (router callbacks, stream aborts): an LLM dropped
+    without close() is collected, which ends its stages; a stream that outlives it ends with
+    EngineClosed after the tokens it already had."""
+    llm = LLM(str(tiny), stages=2, verbose=False)
+    pids = [p.pid for p in llm.client.procs]
+    stream = llm.submit([5, 6, 7], LONG)
+    first = next(stream)
+    del llm
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+    with pytest.raises(EngineClosed):
+        for ev in stream:
+            assert ev.finish_reason is None
+    assert first.finish_reason is None and stream.finished
 
 
 def _children(pid: int) -> list[int]:
