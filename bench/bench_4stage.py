@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.plan import GIB, default_reserve_gib, stage_plan  # noqa: E402
+from engine.tools.plan import GIB, default_reserve_gib, stage_plan  # noqa: E402
 from loader.dummy import dummy_config  # noqa: E402
 from model.config import parse_dtype  # noqa: E402
 

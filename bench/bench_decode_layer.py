@@ -97,7 +97,7 @@ def decode_table(cfg, layers: int, bw: float, batches, contexts, out: dict, prof
             n = -(-ctx // bs)
             tables = [[(i * n + j) % pool for j in range(n)] for i in range(B)]  # distinct blocks
             batch = AttnBatch.build([1] * B, [ctx] * B, tables, bs, [True] * B, dev)
-            # as in the engine's decode graphs, captured once at max_model_len (engine/decode_graphs.py):
+            # as in the engine's decode graphs, captured once at max_model_len (engine/runtime/decode_graphs.py):
             # the split count follows that bound, each step's context sets how many splits hold keys
             batch.max_context = max(ctx, cfg.max_position_embeddings)
             row = {}

@@ -1,7 +1,7 @@
 """sample() on CUDA at the real vocabulary: greedy against temperature 0.8 with top-p 0.9, top-k 50
 and min-p 0.05 (+ top-p 0.9), the torch path (filter_logits' sort + the fused draw) against the
 filtering kernel (model/sampler_triton.py), timed by CUDA events (median of --iters). Then the
-last stage's whole sampling step (engine/stage_sampling.py, from a real plan) at 16/64/256 rows:
+last stage's whole sampling step (engine/runtime/stage_sampling.py, from a real plan) at 16/64/256 rows:
 plain top-p against penalties, logprobs (raw and processed) and logit_bias rows.
 
     python bench/bench_sampler.py --out sampler.json
@@ -71,10 +71,10 @@ def extras_rows(V: int, iters: int, rows_list: tuple[int, ...] = (16, 64, 256)) 
     from types import SimpleNamespace
 
     from engine.params import SamplingParams
-    from engine.sampling_plan import SamplingPlanner
-    from engine.sequence import Sequence, Status
-    from engine.stage_sampling import LastStageSampler
-    from engine.step_plan import PlanView, build_plan
+    from engine.runtime.sampling_plan import SamplingPlanner
+    from engine.runtime.sequence import Sequence, Status
+    from engine.runtime.stage_sampling import LastStageSampler
+    from engine.runtime.step_plan import PlanView, build_plan
     out = []
     for R in rows_list:
         g = torch.Generator().manual_seed(R)

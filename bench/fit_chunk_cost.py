@@ -1,4 +1,4 @@
-"""Fit the prefill chunk cost model of engine/chunking.py from measured stage time.
+"""Fit the prefill chunk cost model of engine/runtime/chunking.py from measured stage time.
 
 Model, per layer, in ms:  ms(n, p) = c0 + a * n + b * (n * p + n * (n + 1) / 2)
   n tokens in the chunk, p cached tokens before it; c0 per chunk (launches, small-chunk
@@ -8,7 +8,7 @@ Model, per layer, in ms:  ms(n, p) = c0 + a * n + b * (n * p + n * (n + 1) / 2)
 weights, block size 16, attention --attention) over a grid of (n, p), fits, and writes timings,
 fit and the stage's peak memory beyond weights + pool per chunk to --out. Without --measure it
 refits the points of an earlier --out (--from). Prints the coefficients to paste into
-engine/chunking.py, and a short table last.
+engine/runtime/chunking.py, and a short table last.
 
     python bench/fit_chunk_cost.py --measure --out bench/results/chunk_cost_H100_<date>.json
     python bench/fit_chunk_cost.py --from bench/results/chunk_cost_H100_<date>.json

@@ -6,10 +6,10 @@ The scheduler and metadata building run on every step of every micro-batch, so t
 step bounds decode speed from the host side."""
 import torch
 
-from engine.block_manager import BlockManager
+from engine.runtime.block_manager import BlockManager
 from engine.params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.runtime.scheduler import Scheduler
+from engine.runtime.sequence import Sequence
 from model.batch import AttnBatch
 from model.moe import experts_grouped, experts_loop, route
 

@@ -23,9 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _interrupted(signum, frame) -> None:
     """Ctrl-C at any moment (even inside an import that swallows KeyboardInterrupt): one line,
     the stage processes ended, exit 130."""
-    llm = sys.modules.get("engine.llm")
-    if llm is not None:
-        llm.kill_workers()
+    client = sys.modules.get("engine.client")
+    if client is not None:
+        client.kill_workers()
     sys.stdout.flush()
     print("error: interrupted", file=sys.stderr, flush=True)
     os._exit(130)

@@ -1,40 +1,36 @@
 """LLM: the importable engine. Starts one worker process per pipeline stage (`python -m
-engine.worker`, NCCL on CUDA, gloo on CPU), keeps them for repeated calls, and ends them on close()
-or when one dies. Requests are submitted one by one (thread-safe); a router thread reads rank 0's
-events and hands each to the stream of its request."""
+engine.runtime.worker`, NCCL on CUDA, gloo on CPU), keeps them for repeated calls, and ends them on close()
+or when one dies, through one EngineClient (engine/client.py). Requests are submitted one by one
+(thread-safe); the client's router thread hands rank 0's events here, and each goes to the stream of
+its request."""
 from __future__ import annotations
 
 import itertools
 import queue
-import subprocess
 import sys
 import threading
 import weakref
-from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Callable, Iterator, Sequence as Seq
 
-from .launch import resolve_engine
-from .model_files import load_tokenizer
+from loader.model_files import load_tokenizer
+
+from .client import EngineClient, EngineClosed
 from .options import EngineOptions, options_from_kwargs
 from .outputs import OutputBuilder
 from .params import RequestOutput, SamplingParams
 from .request_checks import check_params, encode_prompt, prompt_list
 from .request_stream import _ABORTED, POLL_S, RequestStream, StopChecker, TokenEvent, _Entry
-from .scheduler import cache_salts
+from .runtime.launch import resolve_engine
+from .runtime.scheduler import cache_salts
 from .structured.requests import GrammarPayload, GrammarRequests, starts_in_reasoning
-from .stage_processes import EngineClosed, StageDied, StageProcesses
-from .stage_processes import GATHER_FAILURES_S, kill_workers  # noqa: F401  (engine/__main__.py: engine.llm.kill_workers)
 
 Prompt = str | list[int]
 
 
-class LLM(StageProcesses):
+class LLM:
     def __init__(self, model: str, options: EngineOptions | None = None, **kwargs):
-        self._procs: list[subprocess.Popen] = []
-        self._conns: list = []
-        self._dead: BaseException | None = None
-        self._closed = False
+        self.client: EngineClient | None = None
         if options is not None and kwargs:
             raise TypeError("give either options=EngineOptions(...) or keyword options, not both")
         opts = options.validate() if options is not None else options_from_kwargs(**kwargs)
@@ -46,48 +42,26 @@ class LLM(StageProcesses):
         self.stop_ids = self.args.stop_ids
         self.grammars = GrammarRequests(folder, self.config.vocab_size, self.stop_ids, self.tokenizer)
         self._lock = threading.RLock()
-        self._send_lock = threading.RLock()
         self._entries: dict[int, _Entry] = {}
         self._by_request: dict[str, int] = {}  # running or waiting requests
         self._streams: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # request id -> its stream
         self._seq_ids = itertools.count()
         self._auto_ids = itertools.count()
-        self._stats_waiters: dict[int, list] = {}
-        self._stats_tokens = itertools.count()
         self.auto_split: dict | None = None  # layers='auto': the measured split and its report
-        self._start()
-        self._router = threading.Thread(target=self._route, name="moepipe-router", daemon=True)
-        self._router.start()
+        self._connect()
         if opts.layers == "auto":
             self._auto_split(model, opts)
 
-    # ---- the router thread -------------------------------------------------------------------
-    def _route(self) -> None:
-        conns = list(self._conns)
-        try:
-            while not self._closed:
-                for c in wait(conns, timeout=POLL_S):
-                    rank = conns.index(c)
-                    try:
-                        msg = c.recv()
-                    except (EOFError, OSError):
-                        if self._closed:
-                            return
-                        self._fail({rank: None})
-                    if msg[0] == "error":
-                        self._fail({rank: msg})
-                    self._handle(msg)
-                if not self._closed and any(p.poll() is not None for p in self._procs):
-                    dead = next(r for r, p in enumerate(self._procs) if p.poll() is not None)
-                    self._fail({dead: None})
-        except StageDied as e:
-            self._broadcast(e)
-        except BaseException as e:  # a bug here must not leave callers waiting forever
-            self._dead = StageDied(f"engine router failed: {type(e).__name__}: {e}")
-            self._kill_all()
-            self._broadcast(self._dead)
+    def _connect(self) -> None:
+        """Start the stages of self.args (the client holds this LLM only weakly through its callbacks)."""
+        me = weakref.ref(self)
+        self.client = EngineClient(self.args, lambda msg: (llm := me()) is not None and llm._handle(msg),
+                                   lambda err: (llm := me()) is not None and llm._broadcast(err))
+        info = self.client.info
+        self.info, self.stage_info, self.max_model_len = info, self.client.stage_info, info["max_model_len"]
 
-    def _handle(self, msg) -> None:
+    # ---- messages from the router thread -----------------------------------------------------
+    def _handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "events":
             for sid, tok, reason, extra in msg[1]:
@@ -103,12 +77,6 @@ class LLM(StageProcesses):
                 self._forget(msg[1])
             if entry is not None:
                 entry.deliver(ValueError(msg[2]))
-        elif kind in ("stats", "reset_prefix_cache"):
-            with self._lock:
-                w = self._stats_waiters.get(msg[1])
-            if w is not None:
-                w[1] = msg[2]
-                w[0].set()
 
     def _event(self, sid: int, entry: _Entry, tok: int, reason: str | None, extra: dict | None) -> TokenEvent:
         """The TokenEvent of a token; a stop string it completes ends the sequence in the engine too."""
@@ -116,11 +84,7 @@ class LLM(StageProcesses):
         if ev.finish_reason is not None and reason is None:
             with self._lock:
                 self._forget(sid)
-            if self._dead is None and not self._closed:
-                try:
-                    self._send(("abort", [sid]))
-                except (StageDied, EngineClosed):
-                    pass
+            self.client.send_if_running(("abort", [sid]))
         return ev
 
     def _forget(self, sid: int) -> None:
@@ -132,41 +96,30 @@ class LLM(StageProcesses):
         with self._lock:
             entries, self._entries = list(self._entries.values()), {}
             self._by_request = {}
-            waiters = list(self._stats_waiters.values())
         for e in entries:
             e.deliver(err)
-        for w in waiters:
-            w[0].set()
 
-    def _send(self, msg) -> None:
-        self._check_usable()
-        with self._send_lock:
-            try:
-                self._conns[0].send(msg)
-            except (OSError, AttributeError):
-                self._check_usable()
-                raise StageDied("stage 0 is gone") from None
+    @property
+    def dead_error(self) -> BaseException | None:
+        """The StageDied that ended the engine (a stage failed), or None (vLLM's name)."""
+        return self.client.dead if self.client is not None else None
+
+    @property
+    def is_closed(self) -> bool:
+        """close() was called (or the stages never started)."""
+        return self.client is None or self.client.closed
+
+    _dead, _closed = dead_error, is_closed  # engine/server/state.py reads these names
 
     def _check_usable(self) -> None:
-        if self._dead is not None:
-            raise self._dead
-        if self._closed or not self._procs:
+        if self.client is None:
             raise EngineClosed("the engine is closed")
+        self.client.check_usable()
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._procs and self._dead is None and all(p.poll() is None for p in self._procs):
-            try:
-                with self._send_lock:
-                    self._conns[0].send(("shutdown",))
-                for p in self._procs:
-                    p.wait(timeout=10)
-            except (OSError, AttributeError, subprocess.TimeoutExpired):
-                pass
-        self._kill_all()
-        self._broadcast(EngineClosed("the engine was closed"))
+        """End the stage processes; requests still running end with EngineClosed."""
+        if self.client is not None:
+            self.client.close()
 
     def __enter__(self) -> "LLM":
         return self
@@ -216,14 +169,14 @@ class LLM(StageProcesses):
             for ids, params, rid, on_event, salt, grammar in reqs:
                 rid = rid if rid is not None else f"req-{next(self._auto_ids)}"
                 sid = next(self._seq_ids)
-                s = RequestStream(self, rid, sid)
-                self._entries[sid] = _Entry(rid, on_event if on_event is not None else s._queue.put, on_event is None,
+                s = RequestStream(rid, sid, self._abort_callback(sid))
+                self._entries[sid] = _Entry(rid, on_event if on_event is not None else s.feed, on_event is None,
                                             weakref.ref(s), StopChecker.of(params, self.tokenizer))
                 self._by_request[rid] = sid
                 self._streams[rid] = s
                 streams.append(s)
                 adds.append((sid, ids, params, salt, grammar))
-            self._send(("add", adds))
+            self.client.send(("add", adds))
         return streams
 
     def abort(self, request_ids: str | Seq[str]) -> None:
@@ -252,11 +205,13 @@ class LLM(StageProcesses):
                 stream.finished = True  # tokens already queued are not yielded
             if e.own_queue:
                 e.deliver(_ABORTED)  # wakes an iterator blocked on the queue
-        if sids and self._dead is None and not self._closed:
-            try:
-                self._send(("abort", sids))
-            except (StageDied, EngineClosed):
-                pass
+        if sids:
+            self.client.send_if_running(("abort", sids))
+
+    def _abort_callback(self, sid: int) -> Callable[[], None]:
+        """A stream's abort: ends sequence sid here and in the engine (holds this LLM weakly)."""
+        me = weakref.ref(self)
+        return lambda: (llm := me()) is not None and llm._abort_seqs([sid])
 
     def _prepare(self, prompts, params, cache_salt=None, reasoning: Seq[bool] = ()) -> tuple[list, list, list, list]:
         """Prompt ids, params, cache salts and grammar payloads, one per prompt (n not expanded), checked."""
@@ -300,7 +255,7 @@ class LLM(StageProcesses):
                     remaining -= 1
                 yield i, ev
         finally:
-            self._abort_seqs([s._seq_id for s in streams if not s.finished])
+            self._abort_seqs([s.seq_id for s in streams if not s.finished])
             for s in streams:
                 s.finished = True
 
@@ -336,7 +291,7 @@ class LLM(StageProcesses):
         apply_chat_template renders them (chat_template_kwargs, e.g. {"enable_thinking": False},
         reach the template). One conversation or a list of them; one output each (thinking on:
         structured_outputs apply after `</think>`)."""
-        from .chat_template import ChatTemplate, ChatTemplateError
+        from .tools.chat_template import ChatTemplate, ChatTemplateError
         if self._chat_template is None:
             self._chat_template = ChatTemplate.from_folder(self.folder)
             if self._chat_template is None:
@@ -354,54 +309,38 @@ class LLM(StageProcesses):
         "scheduler": {running, waiting, free_blocks, num_blocks, preemptions, prompt_tokens,
         generation_tokens, prefix_cache_queries, prefix_cache_hits, ...}}: a snapshot taken behind the
         micro-batches already in flight, without draining them. per_step adds the (bounded) per-step
-        lists. profile: a command for the stages' profilers (engine/trace.py StageProfiler), carried
+        lists. profile: a command for the stages' profilers (engine/runtime/trace.py StageProfiler), carried
         by this request."""
-        return self._call("stats", bool(reset), bool(per_step), profile)
+        self._check_usable()
+        return self.client.call("stats", bool(reset), bool(per_step), profile)
 
     def reset_prefix_cache(self) -> bool:
         """Drop every prefix-cache block that no running request holds. True when nothing stays
         cached; False when blocks of running requests keep their place (as vLLM's)."""
-        return self._call("reset_prefix_cache")
-
-    def _call(self, kind: str, *args):
-        """Send (kind, token, *args) to rank 0 and wait for its (kind, token, reply)."""
         self._check_usable()
-        token = next(self._stats_tokens)
-        w = [threading.Event(), None]
-        with self._lock:
-            self._stats_waiters[token] = w
-        try:
-            self._send((kind, token, *args))
-            while not w[0].wait(POLL_S):
-                self._check_usable()
-            if w[1] is None:
-                self._check_usable()
-                raise EngineClosed("the engine was closed")
-            return w[1]
-        finally:
-            with self._lock:
-                self._stats_waiters.pop(token, None)
+        return self.client.call("reset_prefix_cache")
 
     def start_profile(self) -> None:
         """Record a timeline on every stage from here on (behind the work already in flight)."""
-        from .trace import start_profile
+        from .runtime.trace import start_profile
         start_profile(self)
 
     def stop_profile(self, path: str | Path | None = None) -> dict:
         """Stop recording and write a Chrome trace-event file to `path` (ui.perfetto.dev,
         chrome://tracing). Returns {"path", "bubble": {stage: idle fraction}, "stages": stats}."""
-        from .trace import stop_profile
+        from .runtime.trace import stop_profile
         return stop_profile(self, path)
 
     def _auto_split(self, model: str, opts: EngineOptions) -> None:
         """layers='auto': measure on the even split, restart on the balanced split if it differs."""
-        from .auto_split import auto_layers
+        from .tools.auto_split import auto_layers
         counts, report = auto_layers(self)
         if self.options.verbose:
             print(f"[moepipe] auto split: {report['summary']}", file=sys.stderr, flush=True)
         if counts != report["before"]:
-            self.close()
-            self._router.join(timeout=10)
-            self.__init__(model, options=opts.with_(layers=counts))
+            self.client.close(join=True)
+            self.args = resolve_engine(model, opts.with_(layers=counts))[0]
+            self.options = self.args.options
+            self._connect()
         self.auto_split = report
 

@@ -3,7 +3,7 @@ params that could never run."""
 from __future__ import annotations
 
 from .params import SamplingParams
-from .scheduler import check_request
+from .runtime.scheduler import check_request
 
 
 def encode_prompt(prompt: str | list[int], tokenizer, vocab_size: int) -> list[int]:

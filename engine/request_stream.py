@@ -1,15 +1,12 @@
-"""RequestStream: one request's tokens as TokenEvents, fed by the LLM's router thread."""
+"""RequestStream: one request's tokens as TokenEvents, fed by the engine client's router thread."""
 from __future__ import annotations
 
 import queue
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-if TYPE_CHECKING:
-    from .llm import LLM
-
-POLL_S = 0.25
+from .client import POLL_S
 
 
 @dataclass(frozen=True)
@@ -63,13 +60,18 @@ _ABORTED = object()  # ends the iteration of a stream aborted through LLM.abort
 
 class RequestStream:
     """The tokens of one request as TokenEvents (blocking iterator). abort() or close() ends it
-    early; so does garbage collection of an unfinished stream, and LLM.abort of its id."""
+    early; so does garbage collection of an unfinished stream, and LLM.abort of its id.
+    on_abort() ends the request in the engine (called once, by the first abort of an unfinished stream)."""
 
-    def __init__(self, llm: "LLM", request_id: str, seq_id: int):
-        self.request_id, self._seq_id = request_id, seq_id
-        self._llm = weakref.ref(llm)
+    def __init__(self, request_id: str, seq_id: int, on_abort: Callable[[], None]):
+        self.request_id, self.seq_id = request_id, seq_id
+        self._on_abort = on_abort
         self._queue: queue.Queue = queue.Queue()
         self.finished = False
+
+    def feed(self, item) -> None:
+        """Queue a TokenEvent, an exception (raised by the iterator) or _ABORTED (ends it)."""
+        self._queue.put(item)
 
     def __iter__(self) -> "RequestStream":
         return self
@@ -96,9 +98,7 @@ class RequestStream:
     def abort(self) -> None:
         if not self.finished:
             self.finished = True
-            llm = self._llm()
-            if llm is not None:
-                llm._abort_seqs([self._seq_id])
+            self._on_abort()
 
     close = abort
 

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from engine.auto_split import Costs, LayerClock, MemoryModel, choose_split, costs_from_stats, even_counts
+from engine.runtime.clock import LayerClock
+from engine.tools.auto_split import Costs, MemoryModel, choose_split, costs_from_stats, even_counts
 from slow_layers import inject_into_workers, install_slow_layers
 
 
@@ -108,8 +109,8 @@ def test_llm_auto_split_evens_a_heavy_stage(monkeypatch, tmp_path, capsys):
 def test_plan_weights_match_loaded_stages(tmp_path, tied):
     """The plan's per-stage weight bytes (the split's memory model) equal the parameter bytes of
     the stages the loader builds, for 2 and 3 stages (embedding on the first, head on the last)."""
-    from engine.auto_split import memory_model
-    from engine.plan import stage_plan
+    from engine.tools.auto_split import memory_model
+    from engine.tools.plan import stage_plan
     from loader.load import load_stage
     from loader.partition import partition
     from loader.presets import preset_config

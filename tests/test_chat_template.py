@@ -1,4 +1,4 @@
-"""engine.chat_template renders conversations exactly as transformers' apply_chat_template does,
+"""engine.tools.chat_template renders conversations exactly as transformers' apply_chat_template does,
 with the Qwen3 template the presets ship and with templates that use the sandbox's extras."""
 import json
 import shutil
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.chat_template import ChatTemplate, ChatTemplateError, render_chat
+from engine.tools.chat_template import ChatTemplate, ChatTemplateError, render_chat
 from loader.presets import preset_config
 from loader.writer import write_checkpoint
 
@@ -93,7 +93,7 @@ def test_qwen3_template_equals_transformers(tiny, hf_tok, name, gen, thinking):
 
 
 def test_rendered_ids_equal_and_thinking_switch(tiny, hf_tok):
-    from engine.model_files import load_tokenizer
+    from loader.model_files import load_tokenizer
     msgs = CONVERSATIONS["system_multi_turn"]
     off = render_chat(tiny, msgs, chat_template_kwargs={"enable_thinking": False})
     on = render_chat(tiny, msgs)

@@ -1,4 +1,4 @@
-"""Dynamic prefill chunk sizes (engine/chunking.py): the cost model's inverse, the sizes it gives,
+"""Dynamic prefill chunk sizes (engine/runtime/chunking.py): the cost model's inverse, the sizes it gives,
 and that a prefill chunked at those sizes gives the logits of an unchunked one (CPU, torch
 reference attention) and of transformers (GPU, the paged flash-attention kernel)."""
 import math
@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine.chunking import H100_QWEN3_30B, ChunkCost, ChunkSizer
+from engine.runtime.chunking import H100_QWEN3_30B, ChunkCost, ChunkSizer
 from loader.load import load_stage
 from loader.partition import partition
 from loader.presets import preset_config
@@ -184,10 +184,10 @@ def drive(sched, in_flight: int = 2) -> list[list[tuple[int, int, int]]]:
 
 
 def make_sched(prompt_len: int, budget: int, stages: int, dynamic: bool, sizer: ChunkSizer | None = None):
-    from engine.block_manager import BlockManager
+    from engine.runtime.block_manager import BlockManager
     from engine.params import SamplingParams
-    from engine.scheduler import Scheduler
-    from engine.sequence import Sequence
+    from engine.runtime.scheduler import Scheduler
+    from engine.runtime.sequence import Sequence
     s = Scheduler(BlockManager(4096, 16), 4, budget, 100_000, num_stages=stages, dynamic_chunks=dynamic)
     if sizer is not None:
         s.chunk_sizer = sizer

@@ -1,10 +1,10 @@
-"""engine/clock.py: the stage timer reads device timings from completed events only (a stats
+"""engine/runtime/clock.py: the stage timer reads device timings from completed events only (a stats
 request never waits for the GPU), on CPU with a fake event whose synchronize() fails the test."""
 from __future__ import annotations
 
 import pytest
 
-from engine.clock import MAX_STEP_RECORDS, Clock, Spans, StageTimer
+from engine.runtime.clock import MAX_STEP_RECORDS, Clock, Spans, StageTimer
 
 
 class FakeDevice:

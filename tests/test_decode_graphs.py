@@ -1,11 +1,11 @@
 """The logic of the decode CUDA graphs, on CPU: which batch sizes are captured, which one a step
-replays, and how the graph's padding rows are filled (engine/decode_graphs.py, fill_batch)."""
+replays, and how the graph's padding rows are filled (engine/runtime/decode_graphs.py, fill_batch)."""
 from __future__ import annotations
 
 import torch
 
-from engine.decode_graphs import BUCKETS, bucket_for, graph_buckets
-from engine.step_plan import BatchBuffers, PlanView, decode_plan, fill_batch
+from engine.runtime.decode_graphs import BUCKETS, bucket_for, graph_buckets
+from engine.runtime.step_plan import BatchBuffers, PlanView, decode_plan, fill_batch
 
 
 def test_buckets_end_at_max_batch_and_a_step_takes_the_smallest_that_holds_it():

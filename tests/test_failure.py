@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import LLM, SamplingParams, StageDied
+from engine import LLM, EngineClosed, SamplingParams, StageDied
 from loader.presets import preset_config
 from loader.writer import write_checkpoint
 
@@ -60,7 +60,7 @@ def test_local_stages_listen_on_loopback_only(tiny):
     """The rendezvous (a TCPStore binds every interface) and gloo's sockets: nothing is reachable
     from another host when every stage runs here."""
     with LLM(str(tiny), stages=2, verbose=False) as llm:
-        addrs = _listening([p.pid for p in llm._procs])
+        addrs = _listening([p.pid for p in llm.client.procs])
         assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0))[0].token_ids
     loopback = ("0100007F:", "00000000000000000000000001000000:", "0000000000000000FFFF00000100007F:")
     assert addrs and all(a.startswith(loopback) for a in addrs), addrs
@@ -69,7 +69,7 @@ def test_local_stages_listen_on_loopback_only(tiny):
 @pytest.mark.parametrize("victim", [1, 0])
 def test_dead_stage_ends_generate_within_30s(tiny, victim):
     llm = LLM(str(tiny), stages=2, verbose=False)
-    pids = [p.pid for p in llm._procs]
+    pids = [p.pid for p in llm.client.procs]
     stream = llm.stream([[5, 6, 7]], LONG)
     for _ in range(3):
         next(stream)
@@ -85,6 +85,9 @@ def test_dead_stage_ends_generate_within_30s(tiny, victim):
     with pytest.raises(StageDied):
         llm.generate([[5, 6]], LONG)
     assert time.monotonic() - t1 < 1
+    assert isinstance(llm.dead_error, StageDied) and not llm.is_closed
+    llm.close()
+    assert llm.is_closed and isinstance(llm.dead_error, StageDied)
     time.sleep(0.5)
     assert not any(_alive(p) for p in pids), "a stage process outlived the failure"
 
@@ -108,6 +111,25 @@ def test_stage_load_error_names_the_file_and_ends_every_stage(tiny, tmp_path, ba
     assert not [p for p in set(_children(os.getpid())) - before if _alive(p)], "a stage outlived the failure"
 
 
+def test_dropped_llm_ends_its_stages_and_its_streams(tiny):
+    """The engine client holds its LLM only weakly (router callbacks, stream aborts): an LLM dropped
+    without close() is collected, which ends its stages; a stream that outlives it ends with
+    EngineClosed after the tokens it already had."""
+    llm = LLM(str(tiny), stages=2, verbose=False)
+    pids = [p.pid for p in llm.client.procs]
+    stream = llm.submit([5, 6, 7], LONG)
+    first = next(stream)
+    del llm
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+    with pytest.raises(EngineClosed):
+        for ev in stream:
+            assert ev.finish_reason is None
+    assert first.finish_reason is None and stream.finished
+
+
 def _children(pid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -126,7 +148,7 @@ def test_ctrl_c_in_cli_ends_every_stage(tiny):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.read(20)  # tokens are streaming: the stages are up
     kids = _children(proc.pid)
-    stage_pids = [k for k in kids if "engine.worker" in Path(f"/proc/{k}/cmdline").read_text()]
+    stage_pids = [k for k in kids if "engine.runtime.worker" in Path(f"/proc/{k}/cmdline").read_text()]
     assert len(stage_pids) == 2
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)

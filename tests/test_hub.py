@@ -12,7 +12,7 @@ import pytest
 import torch
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-from engine.model_files import load_tokenizer, resolve_model, stop_token_ids
+from loader.model_files import load_tokenizer, resolve_model, stop_token_ids
 from loader.checkpoint import INDEX_NAME, SINGLE_NAME, CheckpointError, CheckpointIndex
 from loader.hub import fetch_metadata, fetch_stage_shards, is_hub_id
 from loader.load import load_stage, stage_placements

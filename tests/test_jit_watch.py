@@ -1,8 +1,8 @@
-"""engine/jit_watch.py against Triton's own hook contract (the GPU test in test_gpu.py runs a real
+"""engine/runtime/jit_watch.py against Triton's own hook contract (the GPU test in test_gpu.py runs a real
 workload and asserts no late compile)."""
 import pytest
 
-from engine.jit_watch import LateCompiles
+from engine.runtime.jit_watch import LateCompiles
 
 knobs = pytest.importorskip("triton").knobs
 

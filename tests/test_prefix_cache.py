@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from engine.block_manager import BlockManager, block_hash, root_hash
+from engine.runtime.block_manager import BlockManager, block_hash, root_hash
 from engine.params import SamplingParams
-from engine.scheduler import Scheduler, cache_salts
-from engine.sequence import Sequence
+from engine.runtime.scheduler import Scheduler, cache_salts
+from engine.runtime.sequence import Sequence
 from fake_kv import check_pool, drive, reference
 
 

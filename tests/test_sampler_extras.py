@@ -14,8 +14,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 from engine.params import SamplingParams  # noqa: E402
-from engine.sampling_plan import SamplingPlanner  # noqa: E402
-from engine.sequence import Sequence, Status  # noqa: E402
+from engine.runtime.sampling_plan import SamplingPlanner  # noqa: E402
+from engine.runtime.sequence import Sequence, Status  # noqa: E402
 from model.sampler import F_PENALTY, filter_logits, pack_rows, sample, sample_with  # noqa: E402
 from model.sampler_logprobs import logprob_table, unpack_row  # noqa: E402
 from model.sampler_penalties import PenaltyState, add_sparse  # noqa: E402

@@ -2,10 +2,10 @@
 preemption and recompute, finish, refusal. Plain Python, no model."""
 import pytest
 
-from engine.block_manager import BlockManager
+from engine.runtime.block_manager import BlockManager
 from engine.params import SamplingParams
-from engine.scheduler import RequestRefused, Scheduler
-from engine.sequence import Sequence, Status
+from engine.runtime.scheduler import RequestRefused, Scheduler
+from engine.runtime.sequence import Sequence, Status
 
 
 def seq(i, n, max_tokens=4, stop=()):
@@ -132,7 +132,7 @@ def test_step_plan_matches_attn_batch_and_abort_frees_blocks():
     import numpy as np
     import torch
 
-    from engine.step_plan import PlanView, build_plan, eager_batch
+    from engine.runtime.step_plan import PlanView, build_plan, eager_batch
     from model.batch import AttnBatch
     from model.sampler import ROW
 
@@ -180,7 +180,7 @@ def test_continuation_is_queued_before_its_token_and_feeds_from_the_sampling_mic
     sampling row; a stop token arriving meanwhile drops the continuation's token and frees the pool."""
     import torch
 
-    from engine.step_plan import H_FED, PlanView, build_plan
+    from engine.runtime.step_plan import H_FED, PlanView, build_plan
 
     s = Scheduler(BlockManager(16, 4), max_num_seqs=8, max_num_batched_tokens=64, max_model_len=1000)
     a = seq(0, 5, max_tokens=10, stop=(3,))

@@ -27,7 +27,7 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny):
-    from engine.model_files import load_tokenizer
+    from loader.model_files import load_tokenizer
     return load_tokenizer(tiny)
 
 
@@ -167,7 +167,7 @@ def test_openai_client_completions_equal_llm_generate(server, ref_llm):
 
 def test_openai_client_chat_equals_llm_generate_of_rendered_prompt(server, ref_llm, tiny):
     from engine import SamplingParams
-    from engine.chat_template import render_chat
+    from engine.tools.chat_template import render_chat
     c = server.client()
     for kwargs in ({}, {"enable_thinking": False}):
         rendered = render_chat(tiny, CHAT, chat_template_kwargs=kwargs)
@@ -340,13 +340,13 @@ def test_metrics_text(server):
 
 
 def _stage_pids(pid: int) -> list[int]:
-    """The engine.worker children of a process."""
+    """The engine.runtime.worker children of a process."""
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         f = task / "children"
         if f.exists():
             out += [int(x) for x in f.read_text().split()]
-    return [p for p in out if b"engine.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return [p for p in out if b"engine.runtime.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def test_sigterm_drains_in_flight_then_ends_every_stage(server):

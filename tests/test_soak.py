@@ -11,7 +11,7 @@ import time
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.launch import build_rank, resolve_engine
+from engine.runtime.launch import build_rank, resolve_engine
 from engine.options import EngineOptions
 from loader.writer import ensure_cached_preset
 
@@ -81,7 +81,7 @@ def test_soak():
     with LLM(model, stages=2, verbose=False, block_size=BLOCK, kv_cache_gib=KV_GIB, max_num_seqs=32,
              max_num_batched_tokens=256) as llm:
         assert llm.info["num_blocks"] == BLOCKS
-        pids = [p.pid for p in llm._procs]
+        pids = [p.pid for p in llm.client.procs]
         per_wave = N // WAVES
         for w in range(WAVES):
             wave = range(w * per_wave, (w + 1) * per_wave)

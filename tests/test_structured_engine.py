@@ -12,7 +12,7 @@ pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
 from engine import LLM, SamplingParams, StructuredOutputsParams
-from engine.chat_template import ChatTemplate
+from engine.tools.chat_template import ChatTemplate
 from engine.structured.requests import starts_in_reasoning
 from loader.presets import preset_config
 from loader.writer import write_checkpoint
@@ -205,11 +205,11 @@ def test_mask_touches_only_its_rows():
     import numpy as np
     import torch
 
-    from engine.sampling_plan import SamplingPlanner
-    from engine.scheduler import Chunk
-    from engine.sequence import Sequence
-    from engine.stage_sampling import LastStageSampler
-    from engine.step_plan import PlanView, build_plan
+    from engine.runtime.sampling_plan import SamplingPlanner
+    from engine.runtime.scheduler import Chunk
+    from engine.runtime.sequence import Sequence
+    from engine.runtime.stage_sampling import LastStageSampler
+    from engine.runtime.step_plan import PlanView, build_plan
     from engine.structured import allocate_bitmask
     V = 100
     params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=1),

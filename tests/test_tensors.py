@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from engine.plan import model_totals, stage_plan
+from engine.tools.plan import model_totals, stage_plan
 from loader.names import checkpoint_layout, placements, required_parts
 from loader.partition import partition
 from loader.presets import preset_config

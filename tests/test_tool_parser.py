@@ -113,7 +113,7 @@ def test_call_after_thinking():
 def test_parses_what_the_chat_template_renders():
     """An assistant turn with calls, rendered by Qwen3's template, parses back to the same calls and
     reasoning (the format the model is trained on is the one the parsers read)."""
-    from engine.chat_template import ChatTemplate
+    from engine.tools.chat_template import ChatTemplate
     from loader.presets import QWEN3_CHAT_TEMPLATE
     calls = [{"id": "a", "type": "function", "function": {"name": "f", "arguments": '{"x": "</tool_call>"}'}},
              {"id": "b", "type": "function", "function": {"name": "g", "arguments": {"y": [1, "é"]}}}]

@@ -7,7 +7,7 @@ import re
 import time
 from pathlib import Path
 
-from engine.trace import LANES, NAMES, Tracer, bubble_fractions, forward_name, write_trace
+from engine.runtime.trace import LANES, NAMES, Tracer, bubble_fractions, forward_name, write_trace
 
 
 def check_trace(path: Path, stages: int) -> dict:

@@ -24,7 +24,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run_parity_cli(a: argparse.Namespace) -> int:
     """0 when every row passes, 1 otherwise (the first failing sub-layer is named last)."""
-    from ..parity import format_report, run_parity
+    from ..tools.parity import format_report, run_parity
     model = a.model
     if model is None:
         from loader.writer import ensure_cached_preset

@@ -1,5 +1,5 @@
 """`python -m engine plan`: will a model fit N cards of a given size, and how much KV cache (tokens,
-sequences) is left? The arithmetic lives in engine/plan.py; no weights are read and no GPU is needed."""
+sequences) is left? The arithmetic lives in engine/tools/plan.py; no weights are read and no GPU is needed."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from dataclasses import asdict
 from loader.partition import parse_layout
 from model.config import parse_dtype
 
-from ..plan import GIB, _default_gpu_gib, default_reserve_gib, format_plan, resolve_model, stage_plan
+from ..tools.plan import GIB, _default_gpu_gib, default_reserve_gib, format_plan, resolve_model, stage_plan
 
 __all__ = ["GIB", "add_parser", "default_reserve_gib", "resolve_model", "run_plan", "stage_plan"]
 

@@ -1,6 +1,6 @@
 """`python -m engine profile`: run a workload, report how long each stage was busy and idle (per
 step and in total) and its bubble fraction on the timeline, optionally write the timeline
-(--trace), and the split of layers that would even the stages out (engine/auto_split.py)."""
+(--trace), and the split of layers that would even the stages out (engine/tools/auto_split.py)."""
 from __future__ import annotations
 
 import json
@@ -29,7 +29,7 @@ def suggest(llm, stages: list[dict]):
     """The balanced split for the measured costs, each stage's predicted busy ms, and the costs."""
     from model.config import parse_dtype
 
-    from ..auto_split import choose_split, costs_from_stats, memory_model
+    from ..tools.auto_split import choose_split, costs_from_stats, memory_model
     costs = costs_from_stats(stages, llm.config.num_hidden_layers)
     o, memory = llm.options, None
     if o.device == "cuda" and o.kv_cache_gib is None and all("card_bytes" in s for s in stages):
@@ -43,7 +43,7 @@ def run_profile(a) -> int:
     import torch
 
     from ..llm import LLM
-    from ..trace import stop_profile
+    from ..runtime.trace import stop_profile
     for name in ("batch", "prompt_len", "max_tokens"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")

@@ -115,7 +115,7 @@ def _make_server(uvicorn, config, state, llm, a, banner: str):
         async def _watch_engine(self):
             while not self.should_exit:
                 await asyncio.sleep(DEATH_POLL_S)
-                dead = getattr(llm, "_dead", None)
+                dead = llm.dead_error
                 if dead is not None:
                     log.error("the engine died: %s", dead)
                     print(f"error: the engine died: {str(dead).splitlines()[0]}", file=sys.stderr, flush=True)
@@ -143,7 +143,7 @@ def run(a) -> int:
         from ..server.app import build_app
     except ImportError as e:
         raise RuntimeError(f"serve needs the serve extra ({e.name} is missing): pip install 'moepipe[serve]'") from None
-    from ..chat_template import ChatTemplate
+    from ..tools.chat_template import ChatTemplate
     from ..llm import LLM
 
     stages = a.stages if a.stages is not None else (1 if a.model else 2)

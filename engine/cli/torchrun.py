@@ -7,10 +7,11 @@ import time
 
 import torch.distributed as dist
 
-from ..launch import build_rank, init_distributed, resolve_engine
-from ..model_files import load_tokenizer
+from loader.model_files import load_tokenizer
+
 from ..options import EngineOptions
 from ..params import SamplingParams
+from ..runtime.launch import build_rank, init_distributed, resolve_engine
 from .common import print_summary, stream_print
 
 

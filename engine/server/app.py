@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..chat_template import ChatTemplate, ChatTemplateError
 from ..structured.requests import starts_in_reasoning
+from ..tools.chat_template import ChatTemplate, ChatTemplateError
 from .body import PayloadTooLarge, parse_json, read_body
 from .chat_output import ChatDeltas, chat_message, finish_reason
 from .gate import Gate

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Callable
 
-from ..chat_template import ChatTemplate
+from ..tools.chat_template import ChatTemplate
 from ..params import SamplingParams
 from . import DEFAULT_MAX_REQUEST_BYTES
 from .generation import EngineError, EventPump, Submitted

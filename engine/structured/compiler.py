@@ -87,7 +87,7 @@ class GrammarCompiler:
     @classmethod
     def from_folder(cls, folder: str | Path, vocab_size: int | None = None) -> "GrammarCompiler":
         """From a checkpoint folder: tokenizer.json, config.json's vocab_size, the eos ids."""
-        from engine.model_files import stop_token_ids
+        from loader.model_files import stop_token_ids
         folder = Path(folder)
         if vocab_size is None:
             vocab_size = int(json.loads((folder / "config.json").read_text())["vocab_size"])

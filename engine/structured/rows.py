@@ -24,7 +24,7 @@ class GrammarRows:
         self._batch: Any = None  # xgrammar's BatchGrammarMatcher: fills many rows on its threads
 
     def attach(self, seq, payload: GrammarPayload) -> None:
-        """Give seq (engine/sequence.py) a fresh matcher; ValueError if the grammar cannot be rebuilt."""
+        """Give seq (engine/runtime/sequence.py) a fresh matcher; ValueError if the grammar cannot be rebuilt."""
         seq.matcher = self.matchers[seq.seq_id] = StructuredMatcher(self._grammar(payload), payload.reasoning_end_id)
 
     def release(self, seq_id: int) -> None:

@@ -319,7 +319,7 @@ def compare(ref: dict, got: dict, layers: list[int], dtype: torch.dtype) -> list
 # ---- entry -----------------------------------------------------------------------------------
 def prompt_ids(folder: Path, vocab_size: int, prompt: str | None, tokens: int, seed: int = 0) -> torch.Tensor:
     if prompt is not None:
-        from .model_files import load_tokenizer
+        from loader.model_files import load_tokenizer
         tok = load_tokenizer(folder)
         if tok is None:
             raise ValueError(f"{folder}: no tokenizer.json to encode --prompt; use --tokens N instead")
@@ -339,7 +339,7 @@ def run_parity(model: str, layers: str | list[int] | None = None, device: str | 
     sub-layer of the chosen layers; see ParityReport.passed / first_failure."""
     from model.config import parse_dtype
 
-    from .model_files import resolve_model
+    from loader.model_files import resolve_model
     require_transformers()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cuda", "cpu"):

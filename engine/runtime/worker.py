@@ -1,6 +1,7 @@
-"""One stage process started by LLM as `python -m engine.worker HOST PORT RANK` (never importing the
-user's main module). It connects back to LLM's listener, says its rank, receives (EngineArgs, store path),
-loads its stage and serves. Rank 0 also takes requests from LLM and sends events back.
+"""One stage process started by EngineClient as `python -m engine.runtime.worker HOST PORT RANK`
+(never importing the user's main module). It connects back to the client's listener, says its rank,
+receives (EngineArgs, store path), loads its stage and serves. Rank 0 also takes requests from the
+client and sends events back.
 
 Messages LLM -> rank 0: ("add", [(seq_id, prompt ids, params, cache_salt, grammar payload or None)]),
 ("abort", [seq_id]), ("stats", token, reset, per_step, profile command or None), ("reset_prefix_cache", token),

@@ -2,15 +2,14 @@
 from measured costs (each layer's, the embedding's on stage 0, head + sampling on the last stage),
 without letting any stage cut the shared KV pool short (the pool is the minimum over stages).
 
-Measurement: LayerClock puts timing hooks on a Stage's layers for a warm-up workload, on the
-stage's clock (engine/clock.py), the one its busy time is measured on."""
+Measurement: LayerClock (engine/runtime/clock.py) puts timing hooks on a Stage's layers for a warm-up
+workload, on the stage's clock, the one its busy time is measured on."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from .clock import Clock, Spans
 
 @dataclass(frozen=True)
 class Costs:
@@ -143,42 +142,6 @@ def costs_from_stats(stats: list[dict], num_layers: int) -> Costs:
     return Costs(layer_ms, embed_ms, head_ms)
 
 
-class LayerClock:
-    """Per-layer time of a Stage's eager forwards while installed (forward pre/post hooks), and the
-    whole forwards' under key -1 (CUDA-graph replays run no hooks and are not seen), on the stage's
-    clock (engine/clock.py)."""
-
-    def __init__(self, stage):
-        self.clock = Clock.for_device(stage.device)
-        self.spans = Spans(self.clock)  # payload: the layer index
-        self.ms: dict[int, float] = {}
-        self._open: dict[int, object] = {}
-        self._hooks = []
-        for i, mod in [(-1, stage)] + [(int(n), layer) for n, layer in stage.layers.items()]:
-            # outermost: the clock also sees what other hooks on the module do (a test's slow layer)
-            self._hooks.append(mod.register_forward_pre_hook(lambda m, a, i=i: self._begin(i), prepend=True))
-            self._hooks.append(mod.register_forward_hook(lambda m, a, o, i=i: self._end(i)))
-
-    def _begin(self, i: int) -> None:
-        self._open[i] = self.clock.mark()
-
-    def _end(self, i: int) -> None:
-        self.spans.add(self._open.pop(i), self.clock.mark(), i)
-
-    def collect(self) -> dict[int, float]:
-        """Milliseconds per layer so far (waits for the device: a measurement is whole)."""
-        for ms, _, i in self.spans.drain(wait=True):
-            self.ms[i] = self.ms.get(i, 0.0) + ms
-        return dict(self.ms)
-
-    def remove(self) -> dict[int, float]:
-        out = self.collect()
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        return out
-
-
 def warmup_workload(vocab_size: int, num_stages: int, max_len: int, device: str = "cuda",
                     seed: int = 0) -> tuple[list[list[int]], int]:
     """The built-in workload: 2 x stages requests of mixed prompt lengths (64..512 tokens on CUDA,
@@ -200,7 +163,7 @@ def describe(counts: list[int], costs: Costs, before: list[int]) -> str:
 
 def memory_model(cfg, num_stages: int, dtype: torch.dtype, card_bytes: list[int],
                  reserve_gib: float | None = None) -> MemoryModel:
-    """The plan's arithmetic (engine/plan.py) as a MemoryModel: weights as the engine allocates
+    """The plan's arithmetic (engine/tools/plan.py) as a MemoryModel: weights as the engine allocates
     them, the plan's runtime + activation reserve per stage."""
     from model.tensors import layer_params
 
@@ -218,7 +181,7 @@ def memory_model(cfg, num_stages: int, dtype: torch.dtype, card_bytes: list[int]
 def measure_costs(llm) -> tuple[Costs, list[dict]]:
     """Run the built-in warm-up workload on a started LLM with per-layer clocks on every stage;
     the costs and the stages' stats entries."""
-    from .params import SamplingParams
+    from ..params import SamplingParams
     llm.stats(reset=True, profile={"op": "start", "trace": False, "layers": True})
     prompts, new = warmup_workload(llm.config.vocab_size, llm.args.stages, llm.max_model_len, llm.options.device)
     llm.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))

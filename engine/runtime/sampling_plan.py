@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .params import SamplingParams
+from ..params import SamplingParams
 
 PROCESSED = "processed_logprobs"
 
@@ -41,7 +41,7 @@ class SamplingExtras:
                 len(self.prompt_positions), self.k + 1, self.slots]
 
     def sections(self) -> list[np.ndarray]:
-        """The int32 plan sections after the sampling rows (engine/step_plan.py's layout)."""
+        """The int32 plan sections after the sampling rows (engine/runtime/step_plan.py's layout)."""
         bias = np.zeros((len(self.bias), 3), dtype=np.int32)
         if self.bias:
             bias[:, :2] = [(r, t) for r, t, _ in self.bias]
@@ -65,7 +65,7 @@ class SamplingPlanner:
         self.prompt_next: dict[int, int] = {}  # seq id -> the next prompt token whose logprob is owed
 
     def prepare(self, chunks) -> SamplingExtras | None:
-        """The extras of a micro-batch's chunks (engine/scheduler.py Chunk); None if no row asks."""
+        """The extras of a micro-batch's chunks (engine/runtime/scheduler.py Chunk); None if no row asks."""
         if not any(_wants_extras(c.seq.params) for c in chunks):
             return None
         ex = SamplingExtras(slots=self.num_slots)

@@ -1,40 +1,35 @@
 """StageWorker: everything one pipeline rank does on its device: prepare the micro-batch's metadata
-from its plan, run its Stage, time it, sample on the last stage, and (ranks > 0) serve messages
-until STOP."""
+from its plan, run its Stage, time it, sample on the last stage, pass the result on (`run`, the step
+every rank shares), and (ranks > 0) serve the hop's messages until Stop."""
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from model.stage import Stage
 
+from .channel import HopChannel, Stats, Stop
 from .clock import StageTimer
 from .decode_graphs import DecodeGraphs
 from .jit_watch import LateCompiles
-from .p2p import BATCH, STATS, STOP, Link
 from .stage_sampling import LastStageSampler
-from .step_plan import H_AUX0, H_AUX1, H_KIND, H_MAXQ, H_MB, PlanView, eager_batch, plan_len
+from .step_plan import H_MAXQ, H_MB, PlanView, eager_batch
 from .trace import StageProfiler, forward_name
-
-STATS_BYTES = 1 << 20  # a stats reply travels as a fixed-size JSON buffer (its size is known in advance)
 
 
 class StageWorker:
-    def __init__(self, stage: Stage, rank: int, num_stages: int, block_size: int, fwd_group=None,
-                 ret_group=None):
+    def __init__(self, stage: Stage, rank: int, num_stages: int, block_size: int, groups: tuple | None = None):
+        """groups: the (fwd, ret, ctrl) process groups of the hop (engine/runtime/channel.py) when
+        num_stages > 1."""
         self.stage, self.rank, self.num_stages, self.block_size = stage, rank, num_stages, block_size
         self.device = stage.device
-        self.fwd = Link(fwd_group, self.device) if num_stages > 1 else None
-        self.ret = Link(ret_group, self.device) if num_stages > 1 else None
+        self.channel = HopChannel(rank, num_stages, self.device, *groups) if num_stages > 1 else None
         self.timer = StageTimer(self.device)
         self.sample_timer = StageTimer(self.device)
         self.graphs: DecodeGraphs | None = None
         self.profiler = StageProfiler(stage, rank)
         self.tracer = self.profiler.tracer  # off until LLM.start_profile: one attribute test per slice
-        self.late = LateCompiles(rank)  # installed once start-up is over (engine/launch.py)
+        self.late = LateCompiles(rank)  # installed once start-up is over (engine/runtime/launch.py)
         self.sampler = LastStageSampler(stage.cfg.vocab_size, self.device) if self.is_last else None
 
     @property
@@ -57,7 +52,7 @@ class StageWorker:
         return out
 
     def sample(self, logits: torch.Tensor, view: PlanView) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(sampled ids [R], logprob table [R + P, W] or None): engine/stage_sampling.py."""
+        """(sampled ids [R], logprob table [R + P, W] or None): engine/runtime/stage_sampling.py."""
         t = self.sample_timer.start()
         g = self.tracer.gpu_start()
         out = self.sampler(logits, view)
@@ -83,57 +78,55 @@ class StageWorker:
             out["peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS
         return out
 
+    def run(self, x: torch.Tensor, view: PlanView) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The step every rank runs on a micro-batch: forward, then pass the hidden states to the
+        next rank, or (the last stage) sample. Returns (ids, logprob table or None) on a single
+        stage; a last stage behind rank 0 sends them back to it instead; otherwise None."""
+        out = self.forward(x, view)
+        if not self.is_last:
+            self._timed_send(self.channel.send_hidden, [out], view, self.rank + 1)
+            return None
+        if not self.sampler.has_work(view):
+            return None
+        ids, table = self.sample(out, view)
+        if self.rank == 0:
+            return ids, table
+        self._timed_send(self.channel.send_return, [[ids] + ([table] if table is not None else [])], view, 0)
+        return None
+
+    def _timed_send(self, send, args: list, view: PlanView, to: int) -> None:
+        s = self.tracer.host_start()
+        send(*args)
+        if s is not None:
+            self.tracer.host_end(s, "send", {"mb": view.header[H_MB], "to": to})
+
     def serve(self) -> None:
-        """Ranks > 0: receive from the previous stage until STOP; forward, or sample and return."""
-        prev = self.rank - 1
+        """Ranks > 0: take the hop's messages from the previous rank until Stop; run each
+        micro-batch (its header and plan relayed ahead of the forward, as stage 0 sends them)."""
+        ch = self.channel
         while True:
             w = self.tracer.host_start()
-            header = self.fwd.recv_header(prev)
-            kind = header[H_KIND]
-            if kind == STOP:
+            msg = ch.recv_batch()
+            if isinstance(msg, Stop):
                 if not self.is_last:
-                    self.fwd.send(self.rank + 1, np.asarray(header), [])
-                    self.fwd.flush()
+                    ch.send_ctrl(msg)
+                ch.flush()
                 return
-            if kind == STATS:
-                self._pass_stats(header, prev)
+            if isinstance(msg, Stats):
+                self.add_stats(msg)
+                ch.send_ctrl(msg)  # the last stage's goes back to rank 0
                 continue
-            n = plan_len(header)
-            view = PlanView(header, self.fwd.recv(prev, torch.empty(n, dtype=torch.int32, device=self.device)))
-            if not self.is_last:  # ahead of the hidden states, as stage 0 does (engine/pipeline.py)
-                self.fwd.send(self.rank + 1, np.asarray(header), [view.plan])
-            H = self.stage.cfg.hidden_size
-            x = self.fwd.recv(prev, torch.empty(view.T, H, dtype=self.stage.dtype, device=self.device))
+            if not self.is_last:
+                ch.send_batch(msg.header, msg.plan)
+            x = ch.recv_hidden(msg, self.stage.cfg.hidden_size, self.stage.dtype)
             if w is not None:
-                self.tracer.host_end(w, "wait", {"mb": header[H_MB]})
-            out = self.forward(x, view)
-            if self.is_last:
-                if self.sampler.has_work(view):
-                    ids, table = self.sample(out, view)
-                    s = self.tracer.host_start()
-                    self.ret.send(0, None, [ids] + ([table] if table is not None else []))
-                    if s is not None:
-                        self.tracer.host_end(s, "send", {"mb": header[H_MB], "to": 0})
-            else:
-                s = self.tracer.host_start()
-                self.fwd.send(self.rank + 1, None, [out])
-                if s is not None:
-                    self.tracer.host_end(s, "send", {"mb": header[H_MB], "to": self.rank + 1})
+                self.tracer.host_end(w, "wait", {"mb": msg.header[H_MB]})
+            self.run(x, msg)
 
-    def _pass_stats(self, header: list[int], prev: int) -> None:
-        """Append this stage's stats to the JSON list and pass it on (the last stage returns it)."""
-        buf = self.fwd.recv(prev, torch.empty(STATS_BYTES, dtype=torch.uint8, device=self.device))
-        n = header[H_AUX0]
-        stages = json.loads(bytes(buf[:n].cpu().numpy()).decode())
-        done = self.profiler.apply(stages[0].get("profile"))  # LLM.start_profile / stop_profile
-        stages.append({**self.stats(bool(header[H_AUX1] & 1), bool(header[H_AUX1] & 2)), **done})
-        raw = stats_buffer(stages, self.device)
-        header = list(header)
-        header[H_AUX0] = len(json.dumps(stages).encode())
-        if self.is_last:
-            self.ret.send(0, None, [raw])
-        else:
-            self.fwd.send(self.rank + 1, np.asarray(header), [raw])
+    def add_stats(self, msg: Stats) -> None:
+        """Run the request's profiler command on this stage and append this stage's stats."""
+        done = self.profiler.apply(msg.profile)  # LLM.start_profile / stop_profile
+        msg.stages.append({**self.stats(msg.reset, msg.per_step), **done})
 
     # ---- KV pool -----------------------------------------------------------------------------
     def size_kv_pool(self, kv_cache_gib: float | None, gpu_memory_utilization: float, warmup_tokens: int) -> int:
@@ -197,15 +190,6 @@ class StageWorker:
     def capture_graphs(self, max_model_len: int, max_batch: int) -> None:
         self.graphs = DecodeGraphs(self.stage, self.block_size, max_model_len, max_batch, self.scratch_block)
         self.timer.collect(reset=True)
-
-
-def stats_buffer(stages: list[dict], device: torch.device) -> torch.Tensor:
-    raw = json.dumps(stages).encode()
-    if len(raw) > STATS_BYTES:
-        raise RuntimeError(f"stats of {len(raw)} bytes exceed the {STATS_BYTES}-byte reply buffer")
-    buf = torch.zeros(STATS_BYTES, dtype=torch.uint8)
-    buf[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return buf.to(device)
 
 
 def agree_min(value: int, device: torch.device) -> int:

@@ -4,24 +4,22 @@ per-request events. A stats request travels down the pipeline behind the micro-b
 flight, so it never disturbs them."""
 from __future__ import annotations
 
-import json
 from collections import deque
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from model.sampler_logprobs import width
 
-from .p2p import BATCH, STATS, STOP, to_device
-from .params import SamplingParams
+from ..params import SamplingParams
+from ..structured.requests import GrammarPayload
+from ..structured.rows import GrammarRows
+from .channel import BATCH, Stats, Stop, to_device
 from .sampling_plan import SamplingExtras, SamplingPlanner
 from .scheduler import MicroBatch, RequestRefused, Scheduler
 from .sequence import Sequence
-from .structured.requests import GrammarPayload
-from .structured.rows import GrammarRows
-from .stage_worker import STATS_BYTES, StageWorker, stats_buffer
-from .step_plan import H_AUX0, H_AUX1, H_KIND, H_LPK, HEADER, PlanView, build_plan
+from .stage_worker import StageWorker
+from .step_plan import H_LPK, PlanView, build_plan
 
 # (sequence id, new token, finish reason or None, extra): extra is None, or a dict with "logprobs":
 # the token's (logprob, rank, top ids, top logprobs), and on a sequence's first token
@@ -63,7 +61,7 @@ class _Returns:
         self.stream = torch.cuda.Stream(worker.device) if self.cuda else None
 
     def post(self, tensor: torch.Tensor):
-        return self.worker.ret.irecv(self.worker.num_stages - 1, tensor)
+        return self.worker.channel.post_return(tensor)
 
     def read(self, work, tensor: torch.Tensor, waited: bool = False) -> torch.Tensor:
         if work is None:
@@ -100,7 +98,8 @@ class PipelineEngine:
         # schedule_continuation), its id gathered on the device. One stage then keeps two in flight.
         self.async_scheduling = async_scheduling
         self.max_in_flight = max(self.num_stages, 2) if async_scheduling else self.num_stages
-        # (micro-batch, _Sampled) or ("stats", token, scheduler snapshot, (work, buffer))
+        # (micro-batch, _Sampled) or ("stats", token, scheduler snapshot): the last stage's Stats reply
+        # comes back on the channel in this order
         self.inflight: deque = deque()
         self.sampled: dict[int, _Sampled] = {}  # micro-batch id -> its sampled ids, while in flight
         self.replies: list = []
@@ -150,11 +149,9 @@ class PipelineEngine:
             return []
         entry = self.inflight.popleft()
         if entry[0] == "stats":
-            _, token, own, (work, buf) = entry
-            raw = self.returns.read(work, buf)
-            n = int(raw.nonzero().max()) + 1 if raw.any() else 0
-            self.replies.append(("stats", token, {"stages": json.loads(bytes(raw[:n].numpy()).decode()),
-                                                  "scheduler": own}))
+            _, token, own = entry
+            reply = self.worker.channel.recv_ctrl()
+            self.replies.append(("stats", token, {"stages": reply.stages, "scheduler": own}))
             return []
         mb, got = entry
         del self.sampled[mb.mb_id]
@@ -216,25 +213,19 @@ class PipelineEngine:
         if self.num_stages > 1:
             # header and plan go ahead of the forward: the next stage receives them, prepares its
             # metadata and queues its launch while this stage computes; only the hidden states wait
-            self.worker.fwd.send(1, header, [dev_plan])
+            self.worker.channel.send_batch(header, dev_plan)
         x = view.part("ids")
         if sources:  # a continuation: its ids are the returned ids of micro-batches still in flight
             for got in sources:
                 got.ready_on_device()
             src = sources[0].ids if len(sources) == 1 else torch.cat([g.ids for g in sources])
             x = src.index_select(0, x)
-        out = self.worker.forward(x, view)
+        sampled = self.worker.run(x, view)  # the step every rank runs (engine/runtime/stage_worker.py)
         rows = {c.seq.seq_id: i for i, c in enumerate(c for c in mb.chunks if c.sample)}
         if self.num_stages == 1:
-            ids, table = torch.empty(0, dtype=torch.int64), None
-            if self.worker.sampler.has_work(view):
-                ids, table = self.worker.sample(out, view)
+            ids, table = sampled if sampled is not None else (torch.empty(0, dtype=torch.int64), None)
             self._in_flight(mb, _Sampled(ids, None, rows, True, extras, table))
             return
-        t = self.worker.tracer.host_start()
-        self.worker.fwd.send(1, None, [out])
-        if t is not None:
-            self.worker.tracer.host_end(t, "send", {"mb": mb.mb_id, "to": 1})
         ids = torch.empty(view.R, dtype=torch.int64, device=self.worker.device)
         work = self.returns.post(ids)  # the last stage sends the ids, then the logprob table
         table = table_work = None
@@ -269,20 +260,13 @@ class PipelineEngine:
         """Queue a stats reply ("stats", token, snapshot) for take_replies(): the scheduler and
         stage 0 now, every later stage when the request reaches it behind the work in flight."""
         own = {**self.scheduler.snapshot(reset), "grammar_matchers": len(self.grammar.matchers)}
-        done = self.worker.profiler.apply(profile)  # LLM.start_profile / stop_profile
-        stage0 = {**self.worker.stats(reset, per_step), **done}
-        if profile:
-            stage0["profile"] = profile  # the later stages read their command from stage 0's entry
+        msg = Stats(reset, per_step, profile)
+        self.worker.add_stats(msg)  # stage 0's, as every stage adds its own (StageWorker.serve)
         if self.num_stages == 1:
-            self.replies.append(("stats", token, {"stages": [stage0], "scheduler": own}))
+            self.replies.append(("stats", token, {"stages": msg.stages, "scheduler": own}))
             return
-        header = np.zeros(HEADER, dtype=np.int64)
-        header[H_KIND] = STATS
-        header[H_AUX0] = len(json.dumps([stage0]).encode())
-        header[H_AUX1] = int(reset) | (int(per_step) << 1)
-        self.worker.fwd.send(1, header, [stats_buffer([stage0], self.worker.device)])
-        buf = torch.empty(STATS_BYTES, dtype=torch.uint8, device=self.worker.device)
-        self.inflight.append(("stats", token, own, (self.returns.post(buf), buf)))
+        self.worker.channel.send_ctrl(msg)
+        self.inflight.append(("stats", token, own))
 
     def take_replies(self) -> list:
         out, self.replies = self.replies, []
@@ -290,7 +274,5 @@ class PipelineEngine:
 
     def shutdown(self) -> None:
         if self.num_stages > 1:
-            header = np.zeros(HEADER, dtype=np.int64)
-            header[H_KIND] = STOP
-            self.worker.fwd.send(1, header, [])
-            self.worker.fwd.flush()
+            self.worker.channel.send_ctrl(Stop())
+            self.worker.channel.flush()

@@ -121,3 +121,39 @@ class StageTimer:
         if reset:
             self.reset()
         return out
+
+
+class LayerClock:
+    """Per-layer time of a Stage's eager forwards while installed (forward pre/post hooks), and the
+    whole forwards' under key -1 (CUDA-graph replays run no hooks and are not seen), on the stage's
+    clock (Clock)."""
+
+    def __init__(self, stage):
+        self.clock = Clock.for_device(stage.device)
+        self.spans = Spans(self.clock)  # payload: the layer index
+        self.ms: dict[int, float] = {}
+        self._open: dict[int, object] = {}
+        self._hooks = []
+        for i, mod in [(-1, stage)] + [(int(n), layer) for n, layer in stage.layers.items()]:
+            # outermost: the clock also sees what other hooks on the module do (a test's slow layer)
+            self._hooks.append(mod.register_forward_pre_hook(lambda m, a, i=i: self._begin(i), prepend=True))
+            self._hooks.append(mod.register_forward_hook(lambda m, a, o, i=i: self._end(i)))
+
+    def _begin(self, i: int) -> None:
+        self._open[i] = self.clock.mark()
+
+    def _end(self, i: int) -> None:
+        self.spans.add(self._open.pop(i), self.clock.mark(), i)
+
+    def collect(self) -> dict[int, float]:
+        """Milliseconds per layer so far (waits for the device: a measurement is whole)."""
+        for ms, _, i in self.spans.drain(wait=True):
+            self.ms[i] = self.ms.get(i, 0.0) + ms
+        return dict(self.ms)
+
+    def remove(self) -> dict[int, float]:
+        out = self.collect()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        return out

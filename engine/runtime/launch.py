@@ -1,6 +1,6 @@
 """Resolve the options against the model, then start one pipeline rank: join torch.distributed, load
 the rank's stage, size and allocate the KV pool (minimum over ranks), build the engine on rank 0.
-Used by the worker processes LLM starts (engine/worker.py) and under torchrun."""
+Used by the worker processes LLM starts (engine/runtime/worker.py) and under torchrun."""
 from __future__ import annotations
 
 import os
@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from loader.model_files import resolve_model, stop_token_ids
 from loader.partition import partition
 from model.config import ModelConfig, parse_dtype
 
+from ..options import EngineOptions
 from .block_manager import BlockManager
-from .model_files import resolve_model, stop_token_ids
-from .options import EngineOptions
 from .pipeline import PipelineEngine
 from .scheduler import Scheduler
 from .stage_worker import StageWorker, agree_min
@@ -68,7 +68,7 @@ def resolve_engine(model: str, opts: EngineOptions) -> tuple[EngineArgs, ModelCo
                          f"(max_position_embeddings of {cfg.source})")
     layers = opts.layers
     if layers == "auto":
-        layers = None  # the measured split (engine/auto_split.py) plugs in here; until then an even split
+        layers = None  # the measured split (engine/tools/auto_split.py) plugs in here; until then an even split
     if layers is not None:
         partition(cfg.num_hidden_layers, opts.stages, list(layers))  # validates
     if opts.attention not in (None, "ref") and device != "cuda":
@@ -130,10 +130,11 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
     t0 = time.perf_counter()
     stage = _load(args, cfg, spec, device, dtype, log)
     load_s = time.perf_counter() - t0
-    groups = (None, None)
-    if o.stages > 1:
-        groups = (dist.new_group(list(range(o.stages))), dist.new_group(list(range(o.stages))))
-    worker = StageWorker(stage, rank, o.stages, o.block_size, *groups)
+    groups = None
+    if o.stages > 1:  # the hop's fwd and ret groups (the default backend) and its host-memory ctrl group
+        ranks = list(range(o.stages))
+        groups = (dist.new_group(ranks), dist.new_group(ranks), dist.new_group(ranks, backend="gloo"))
+    worker = StageWorker(stage, rank, o.stages, o.block_size, groups)
     max_len = min(o.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     blocks = worker.size_kv_pool(o.kv_cache_gib, o.gpu_memory_utilization, min(o.max_num_batched_tokens, max_len))
     blocks = agree_min(blocks, device)

@@ -1,5 +1,5 @@
 """The last stage's sampling step: apply a plan's grammar bitmask (structured output) and sampling
-extras (engine/sampling_plan.py) to the logits on the device, draw, count the drawn tokens of rows
+extras (engine/runtime/sampling_plan.py) to the logits on the device, draw, count the drawn tokens of rows
 with penalties, and build the logprob table stage 0 asked for. No per-row loop and no host sync; a
 plan without a bitmask or extras takes exactly the plain sampler's path."""
 from __future__ import annotations
@@ -56,7 +56,7 @@ def grammar_masked(logits_RV: torch.Tensor, view: PlanView) -> torch.Tensor:
     """The logits with -inf where the plan's bitmask forbids a token, on its NS structured rows
     (gathered, masked in one op, scattered back; the other rows are untouched). This is what the
     rest of sampling sees, raw logprobs included (as vLLM applies the bitmask before its sampler)."""
-    from .structured.bitmask import apply_token_bitmask
+    from ..structured.bitmask import apply_token_bitmask
     idx = view.part("mask_rows").long()
     masked = apply_token_bitmask(logits_RV.index_select(0, idx),
                                  view.part("bitmask").view(view.header[H_NS], view.header[H_MASKW]))

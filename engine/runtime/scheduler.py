@@ -192,7 +192,7 @@ class Scheduler:
     def schedule_continuation(self) -> MicroBatch | None:
         """Async scheduling: the next decode step of sequences whose current token is still being
         sampled (Sequence.can_continue). Its input id is fed on the device from the returned ids of
-        the micro-batch that samples it (Chunk.pending; engine/pipeline.py), so the step is queued
+        the micro-batch that samples it (Chunk.pending; engine/runtime/pipeline.py), so the step is queued
         before that token reaches the host. No preemption for it: only free blocks are used.
         At most the decode cap's rows, as schedule() takes: on several stages the decodes then stay
         split in one group per stage, each stage running one group while the next stage runs

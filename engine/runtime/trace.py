@@ -8,7 +8,7 @@ Slices ("X" complete events, ts and dur in microseconds on the host's monotonic 
   lane "host": "wait" (blocked for the previous stage's output, or stage 0 for the last stage's
                tokens; args: mb when known), "send" (args: mb, to), "schedule" (stage 0; args: mb,
                tokens, rows)
-GPU slices are marked on the stage's clock (engine/clock.py: CUDA events, resolved only when the
+GPU slices are marked on the stage's clock (engine/runtime/clock.py: CUDA events, resolved only when the
 trace is collected, never in the hot path); a base mark taken with the host clock at start places
 them on the host timeline. On CPU every slice is host clock. A Tracer that is off costs one
 attribute test per call site."""
@@ -137,7 +137,7 @@ class StageProfiler:
             return {}
         if cmd["op"] == "start":
             if cmd.get("layers"):
-                from .auto_split import LayerClock
+                from .clock import LayerClock
                 self.clock = LayerClock(self.stage)
             if cmd.get("trace", True):
                 self.tracer.start()

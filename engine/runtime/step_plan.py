@@ -13,8 +13,8 @@ rows; the sampling extras' counts NB, NR, NP, NO are 0 unless some row asked for
   prompt_targets[P] (the token whose logprob each prompt row gives)
   mask_rows[NS] bitmask[NS*W] (structured output: the NS sampled rows under a grammar, and each
   one's allowed tokens, W = ceil(V/32) int32 words; NS = 0 unless some sampled row has a grammar)
-(engine/sampling_plan.py builds the extras, engine/structured/rows.py the bitmask;
-engine/stage_sampling.py applies them.)"""
+(engine/runtime/sampling_plan.py builds the extras, engine/structured/rows.py the bitmask;
+engine/runtime/stage_sampling.py applies them.)"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,8 +30,9 @@ HEADER = 20
  H_NB, H_NR, H_NP, H_NO, H_P, H_LPK, H_SLOTS, H_SPARE) = range(HEADER)
 H_FED = H_AUX2  # batch plans: 1 when the ids are indices into returned ids (async scheduling)
 H_NS, H_MASKW = H_SPARE, H_AUX0  # batch plans: structured rows NS, and W (their bitmask's words per row)
+# H_KIND: BATCH, STATS or STOP (engine/runtime/channel.py); a control header's H_AUX0: its message's bytes
 # H_LPK: 0, or 1 + k when a logprob table with top-k (model/sampler_logprobs.py) comes back with
-# the ids; H_SLOTS: the penalty slots the last stage keeps (engine/sampling_plan.py)
+# the ids; H_SLOTS: the penalty slots the last stage keeps (engine/runtime/sampling_plan.py)
 _SEED_MIX = 0x9E3779B97F4A7C15
 
 
@@ -63,10 +64,10 @@ def request_seed(params_seed: int | None, engine_seed: int, seq_id: int) -> int:
 def build_plan(kind: int, mb_id: int, chunks, block_size: int, engine_seed: int,
                fed: list[int] | None = None, extras=None, mask: tuple[np.ndarray, np.ndarray] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-    """(header int64 [HEADER], plan int32) of scheduler chunks (engine/scheduler.py Chunk). A
+    """(header int64 [HEADER], plan int32) of scheduler chunks (engine/runtime/scheduler.py Chunk). A
     continuation micro-batch (every chunk one token still being sampled) gives `fed`: per chunk, the
     index of its id among the returned ids stage 0 gathers from; the plan's ids are then those
-    indices and the header's H_FED is 1. extras (engine/sampling_plan.py SamplingExtras): the
+    indices and the header's H_FED is 1. extras (engine/runtime/sampling_plan.py SamplingExtras): the
     penalty, bias and logprob fields of the sampled rows; None: none. mask (engine/structured/rows.py):
     (int32 [NS] sampled rows, int32 [NS, W] their bitmask) or None."""
     B = len(chunks)
@@ -117,7 +118,7 @@ def warmup_plan(T: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The plan of one greedy sequence of T new tokens in blocks 0, 1, ... (memory sizing)."""
     from types import SimpleNamespace
 
-    from .params import SamplingParams
+    from ..params import SamplingParams
     seq = SimpleNamespace(block_table=list(range(-(-T // block_size))), token_ids=[0] * T, seq_id=0,
                           params=SamplingParams(temperature=0), output_ids=[])
     return build_plan(0, 0, [SimpleNamespace(seq=seq, start=0, end=T, length=T, sample=True)], block_size, 0)
@@ -127,7 +128,7 @@ def decode_plan(context_lens: list[int], tables: list[list[int]], block_size: in
     """The plan of one greedy decode token per sequence (benchmarks that drive a stage directly)."""
     from types import SimpleNamespace
 
-    from .params import SamplingParams
+    from ..params import SamplingParams
     sp = SamplingParams(temperature=0)
     chunks = [SimpleNamespace(seq=SimpleNamespace(block_table=t, token_ids=[0] * c, seq_id=0, params=sp, output_ids=[]),
                               start=c - 1, end=c, length=1, sample=True) for c, t in zip(context_lens, tables)]

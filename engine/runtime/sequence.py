@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from .params import SamplingParams
+from ..params import SamplingParams
 
 
 class Status(Enum):
@@ -23,7 +23,7 @@ class Sequence:
         self.status = Status.WAITING
         self.block_table: list[int] = []
         self.cache_salt = cache_salt  # prefix-cache isolation: only sequences of the same salt share blocks
-        self.block_hashes: list[bytes] = []  # prefix keys of its full blocks (engine/block_manager.py)
+        self.block_hashes: list[bytes] = []  # prefix keys of its full blocks (engine/runtime/block_manager.py)
         self.num_committed_blocks = 0  # leading blocks of block_table already offered to the prefix cache
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its latest admission
         self.num_scheduled = 0  # tokens already sent down the pipeline (their KV is or will be cached)

@@ -1,0 +1,2 @@
+"""Tools over the engine: the automatic layer split, the memory plan, the parity check against
+transformers, and chat-template rendering."""
