@@ -24,7 +24,7 @@ Folders: runtime/ runs in the stage processes, tools/ measure and check (auto sp
 chat template), cli/ and server/ are the front ends, structured/ holds grammar-constrained output."""
 from __future__ import annotations
 
-import importlib
+from .lazy import lazy_getattr
 
 _EXPORTS = {
     "LLM": ".llm", "EngineClosed": ".client", "StageDied": ".client",
@@ -37,7 +37,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

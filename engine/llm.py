@@ -109,8 +109,6 @@ class LLM:
         """close() was called (or the stages never started)."""
         return self.client is None or self.client.closed
 
-    _dead, _closed = dead_error, is_closed  # engine/server/state.py reads these names
-
     def _check_usable(self) -> None:
         if self.client is None:
             raise EngineClosed("the engine is closed")

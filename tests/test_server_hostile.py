@@ -185,18 +185,19 @@ def test_random_json_never_500_and_a_greedy_stream_stays_identical(server):
 # ---- off the event loop (in process, over a stand-in engine) --------------------------------------
 class _SlowEngine:
     """What build_app reads of an LLM, with a tokenizer that takes 1 s and notes its thread."""
-    max_model_len, info, tokenizer, _dead, _closed = 256, {"num_blocks": 64, "block_size": 16}, None, None, False
+    max_model_len, info, dead_error, is_closed = 256, {"num_blocks": 64, "block_size": 16}, None, False
 
     class config:
         vocab_size = 512
 
     def __init__(self):
         self.threads = []
+        self.tokenizer = self
 
-    def _encode(self, prompt):
+    def encode(self, prompt):  # the tokenizer's
         self.threads.append(threading.get_ident())
         time.sleep(1.0)
-        raise ValueError("stand-in engine: no tokenizer")
+        raise ValueError("stand-in engine: the tokenizer refuses")
 
     def stats(self):
         return {}

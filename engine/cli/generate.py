@@ -40,8 +40,9 @@ def run(a) -> int:
         from .torchrun import run_torchrun_generate
         return run_torchrun_generate(model, opts, prompt, params)
     from ..llm import LLM
+    from ..request_checks import encode_prompt
     with LLM(model, options=opts) as llm:
-        ids = llm._encode(prompt)
+        ids = encode_prompt(prompt, llm.tokenizer, llm.config.vocab_size)
         t0 = time.perf_counter()
         new = stream_print(llm.stream([ids], params), llm.tokenizer)
         dt = time.perf_counter() - t0

@@ -11,6 +11,7 @@ from typing import Callable
 
 from ..tools.chat_template import ChatTemplate
 from ..params import SamplingParams
+from ..request_checks import encode_prompt
 from . import DEFAULT_MAX_REQUEST_BYTES
 from .generation import EngineError, EventPump, Submitted
 from .logprobs import TokenStrings
@@ -69,7 +70,7 @@ class ServerState:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def engine_down(self) -> bool:
-        return getattr(self.llm, "_dead", None) is not None or getattr(self.llm, "_closed", False)
+        return self.llm.dead_error is not None or self.llm.is_closed
 
     def expire_drain(self) -> None:
         """Tell every request still in flight that it is cut off (streams end with an error event)."""
@@ -85,7 +86,7 @@ class ServerState:
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         try:
-            return self.llm._encode(prompt)
+            return encode_prompt(prompt, self.llm.tokenizer, self.llm.config.vocab_size)
         except ValueError as e:
             raise BadRequest(str(e), "prompt") from None
 

@@ -3,7 +3,7 @@ matchers, the batched bitmask, and forced Qwen3 tool calls as a grammar. Names a
 use, so that engine/params.py can use StructuredOutputsParams without importing torch."""
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_getattr
 
 _EXPORTS = {
     "allowed_mask": ".bitmask", "apply_token_bitmask": ".bitmask",
@@ -18,7 +18,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module 'engine.structured' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
