@@ -137,7 +137,7 @@ class LLM:
 
     def _check(self, ids: list[int], params: SamplingParams, reasoning: bool = False) -> GrammarPayload | None:
         check_params(ids, params, self.max_model_len, self.info, self.config.vocab_size, self.tokenizer)
-        return self.grammars.payload(params, reasoning)
+        return self.grammars.payload(params.structured_outputs, reasoning)
 
     def submit(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None,
                on_event: Callable | None = None, cache_salt: str | None = None, reasoning: bool = False

@@ -56,6 +56,6 @@ def check_grammar(llm, params, param: str | None) -> None:
     """Compile params.structured_outputs now (on the server's thread pool; LLM.submit then finds it
     cached): a schema xgrammar cannot compile, or xgrammar missing, is a 400 naming the field."""
     try:
-        llm.grammars.payload(params)
+        llm.grammars.payload(params.structured_outputs)
     except (ValueError, ImportError) as e:
         raise BadRequest(f"{param}: {e}" if param else str(e), param) from None

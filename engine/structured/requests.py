@@ -7,9 +7,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from .params import StructuredOutputsParams
+
 if TYPE_CHECKING:
-    from engine.params import SamplingParams
-    from engine.structured.compiler import GrammarCompiler
+    from .compiler import GrammarCompiler
 
 THINK_END = "</think>"  # Qwen3's end of reasoning: a reasoning-aware grammar applies after it
 THINK_START = "<think>"
@@ -42,10 +43,10 @@ class GrammarRequests:
                 self._compiler = GrammarCompiler(self.folder / "tokenizer.json", self.vocab_size, self.stop_ids)
             return self._compiler
 
-    def payload(self, params: "SamplingParams", reasoning: bool = False) -> GrammarPayload | None:
-        """None without structured_outputs; else its grammar compiled (a ValueError naming the
-        problem if it cannot be). reasoning: the output starts in the model's reasoning."""
-        so = params.structured_outputs
+    def payload(self, so: StructuredOutputsParams | None, reasoning: bool = False) -> GrammarPayload | None:
+        """None without structure (a request's SamplingParams.structured_outputs); else its grammar
+        compiled (a ValueError naming the problem if it cannot be). reasoning: the output starts in
+        the model's reasoning."""
         if so is None:
             return None
         text = self.compiler.serialized(so)
