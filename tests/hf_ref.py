@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from engine import parity
+from engine.tools import parity
 from loader.load import load_stage
 from loader.partition import partition
 from model.batch import AttnBatch

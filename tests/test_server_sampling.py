@@ -198,7 +198,7 @@ def _top(d: dict, k: int) -> list[tuple[int, float]]:
 
 def test_token_bytes_are_exact_across_split_characters(tiny):
     """Tokens that each hold part of a character: each token's bytes joined give the text's bytes."""
-    from engine.model_files import load_tokenizer
+    from loader.model_files import load_tokenizer
     from engine.server.logprobs import TokenStrings
     tok = load_tokenizer(tiny)
     strings = TokenStrings(tok)

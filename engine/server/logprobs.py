@@ -30,7 +30,7 @@ class TokenStrings:
 
     def __init__(self, tokenizer):
         self._tok = tokenizer
-        inner = getattr(tokenizer, "_tok", None)  # engine.model_files.Tokenizer wraps a tokenizers.Tokenizer
+        inner = getattr(tokenizer, "_tok", None)  # loader.model_files.Tokenizer wraps a tokenizers.Tokenizer
         self._inner = inner if inner is not None and hasattr(inner, "id_to_token") else None
         self._added = set(self._inner.get_added_tokens_decoder()) if self._inner is not None else set()
         self._bytes_of = _byte_decoder()
