@@ -135,7 +135,7 @@ def _children(pid: int) -> list[int]:
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, IndexError):
+        except (OSError, IndexError):  # the process ended between the listing and the read
             continue
         if int(fields[1]) == pid:
             out.append(int(stat.parent.name))
