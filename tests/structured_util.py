@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from engine.structured import StructuredMatcher, allocate_bitmask, apply_token_bitmask
@@ -98,3 +99,21 @@ def generate(matcher: StructuredMatcher, model: RandomModel, max_steps: int = 80
             return out
         out.append(token)
     raise AssertionError(f"no stop within {max_steps} tokens")
+
+
+# fixtures shared by the grammar test files (import them by name into the module)
+@pytest.fixture(scope="module")
+def tok_path(tmp_path_factory):
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("structured_tok"))
+
+
+@pytest.fixture(scope="module")
+def tok(tok_path):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(tok_path))
+
+
+@pytest.fixture(scope="module")
+def compiler(tok_path):
+    from engine.structured import GrammarCompiler
+    return GrammarCompiler(tok_path, MODEL_VOCAB, [STOP_ID])

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from engine.runtime.chunking import H100_QWEN3_30B, ChunkCost, ChunkSizer
+from engine.runtime.chunking import QWEN3_30B_FIT, ChunkCost, ChunkSizer
 from loader.load import load_stage
 from loader.partition import partition
 from loader.presets import preset_config
@@ -20,7 +20,7 @@ STEEP = ChunkCost(c0=0.05, a=1e-3, b=2e-5)
 
 
 def test_tokens_for_inverts_cost():
-    for cost in (STEEP, H100_QWEN3_30B, ChunkCost(0.0, 1e-3, 0.0)):
+    for cost in (STEEP, QWEN3_30B_FIT, ChunkCost(0.0, 1e-3, 0.0)):
         for p in (1, 100, 4096, 90000):
             for t in (0.3, 2.0, 40.0):
                 n = cost.tokens_for(p, t)
@@ -81,7 +81,7 @@ def test_long_prompt_target_minimises_modeled_ttft():
     """For a long prompt on 2 stages the raised target beats both the budget-cost target (many
     small chunks, each paying c0) and fixed full-budget chunks (stages out of step), and its
     neighbours (half, twice)."""
-    cost, L = H100_QWEN3_30B, 90_000
+    cost, L = QWEN3_30B_FIT, 90_000
     s = ChunkSizer(8192, cost, num_stages=2)
     assert s.target_ms(L) > s.base_ms and ChunkSizer(8192, cost, num_stages=1).target_ms(L) == s.base_ms
     assert s.target_ms(1000) == s.base_ms  # short prompts: the budget chunk's cost
@@ -96,7 +96,7 @@ def test_long_prompt_target_minimises_modeled_ttft():
 
 def test_fitted_coefficients_shrink_deep_chunks():
     """The shipped model's costs grow with tokens and with the prefix, so deep chunks shrink."""
-    c = H100_QWEN3_30B
+    c = QWEN3_30B_FIT
     assert c.a > 0 and c.b > 0 and c.c0 >= 0
     s = ChunkSizer(8192, c)
     assert s(0) == 8192 and s(90_000) < s(30_000) < 8192

@@ -12,24 +12,9 @@ jsonschema = pytest.importorskip("jsonschema")
 
 from engine.structured import (GrammarCompiler, StructuredMatcher, StructuredOutputsParams, allocate_bitmask,
                                allowed_mask, apply_token_bitmask)
-from tests.structured_util import (DEEP, INT, MODEL_VOCAB, SCHEMAS, STOP_ID, STR, TOKENIZER_VOCAB, RandomModel,
-                                   generate, write_tiny_tokenizer)
+from tests.structured_util import (DEEP, INT, MODEL_VOCAB, SCHEMAS, STOP_ID, STR, TOKENIZER_VOCAB, RandomModel,  # noqa: F401
+                                   compiler, generate, tok, tok_path, write_tiny_tokenizer)  # (fixtures)
 
-
-@pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-    return write_tiny_tokenizer(tmp_path_factory.mktemp("structured_tok"))
-
-
-@pytest.fixture(scope="module")
-def tok(tok_path):
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(str(tok_path))
-
-
-@pytest.fixture(scope="module")
-def compiler(tok_path):
-    return GrammarCompiler(tok_path, MODEL_VOCAB, [STOP_ID])
 
 
 def decode(tok, ids: list[int]) -> str:

@@ -11,7 +11,8 @@ jsonschema = pytest.importorskip("jsonschema")
 from engine.server.reasoning import split_reasoning
 from engine.server.tool_parser import ToolCallStreamParser, parse_tool_calls
 from engine.structured import GrammarCompiler, StructuredMatcher, tool_call_params
-from tests.structured_util import MODEL_VOCAB, STOP_ID, RandomModel, generate, write_tiny_tokenizer
+from tests.structured_util import (MODEL_VOCAB, STOP_ID, RandomModel, compiler, generate, tok,  # noqa: F401 (fixtures)
+                                   tok_path, write_tiny_tokenizer)
 
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
@@ -27,21 +28,6 @@ TOOLS = [
 ]
 SCHEMAS = {t["function"]["name"]: t["function"].get("parameters", {"type": "object"}) for t in TOOLS}
 
-
-@pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-    return write_tiny_tokenizer(tmp_path_factory.mktemp("tool_tok"))
-
-
-@pytest.fixture(scope="module")
-def tok(tok_path):
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(str(tok_path))
-
-
-@pytest.fixture(scope="module")
-def compiler(tok_path):
-    return GrammarCompiler(tok_path, MODEL_VOCAB, [STOP_ID])
 
 
 def check_calls(text: str) -> list:

@@ -45,8 +45,8 @@ class ChunkCost:
 # 128 experts), bf16, block 16, attention 'fa', 2 layers of dummy weights, over chunk lengths n and
 # prefixes p; the points and the fit's error are in `source`. Refit: bench/fit_chunk_cost.py --measure.
 # c0 is mostly the expert weights, read once per chunk.
-H100_QWEN3_30B = ChunkCost(c0=1.126, a=2.592e-4, b=5.054e-8,
-                           source="NVIDIA H100 80GB HBM3, bench/results/chunk_cost_H100_2026-11-28_v1.json")
+QWEN3_30B_FIT = ChunkCost(c0=1.126, a=2.592e-4, b=5.054e-8,
+                          source="NVIDIA H100 80GB HBM3, bench/results/chunk_cost_H100_2026-11-28_v1.json")
 
 
 class ChunkSizer:
@@ -60,7 +60,7 @@ class ChunkSizer:
     Smaller chunks keep the stages in step but each pays c0 (the expert weights are read per chunk).
     """
 
-    def __init__(self, budget: int, cost: ChunkCost = H100_QWEN3_30B, num_stages: int = 2,
+    def __init__(self, budget: int, cost: ChunkCost = QWEN3_30B_FIT, num_stages: int = 2,
                  min_tokens: int = 512, align: int = 64):
         if budget < 1:
             raise ValueError(f"chunk budget must be at least 1 token, got {budget}")
