@@ -8,6 +8,9 @@
 #                                            the card's ceilings (bench/ceilings.py) and, on 2+ GPUs, 1 GPU
 #   bash bench/gpu.sh serving                bench_serving: 1024 in / 256 out at 1, 8, 64, 256 clients
 #   bash bench/gpu.sh kernels                bench_decode_layer, bench_sampler, bench_attention
+#   bash bench/gpu.sh compare REV            bench_e2e's batch-1/16 decode and 8k prefill rows of the code
+#                                            of REV (a tree made here by `git archive REV --prefix=REV/ |
+#                                            tar -x -C .old`, carried as .old) and of this tree, in one call
 #   bash bench/gpu.sh record                 the tests, a 64-client serving sample (plain, json, logprobs +
 #                                            penalties, a shared prefix) and the multi-turn prefix cache
 # Results (JSON and logs) go to $OUT (default bench/results/run), named <kind>_<card>x<gpus>_<date>;
@@ -67,6 +70,26 @@ kernels)
   timeout 200 python3 bench/bench_attention.py --out "$OUT/attention_kernels_$TAG.json" > "$OUT/attention_$TAG.log" 2>&1
   tail -14 "$OUT/decode_layer_$TAG.log"; tail -10 "$OUT/sampler_$TAG.log"; tail -16 "$OUT/attention_$TAG.log"
   ;;
+compare)  # one model, two versions of the code, one call: the old tree first, then this one
+  rev=${1:?usage: bash bench/gpu.sh compare REV}
+  [ -d ".old/$rev" ] || { echo "error: .old/$rev is missing: git archive $rev --prefix=$rev/ | tar -x -C .old"; exit 2; }
+  e2e() { timeout 260 python3 bench/bench_e2e.py --preset qwen3-30b-a3b --stages 1 --prefill 8192 --long "" \
+    --decode-ctx 8192 --requests 16 --out "$1" 2>&1 | quiet | tail -4; }
+  (cd ".old/$rev" && PYTHONPATH=$PWD e2e "$OLDPWD/$OUT/compare_${rev}_$TAG.json")
+  e2e "$OUT/compare_this_$TAG.json"
+  python3 - "$OUT/compare_${rev}_$TAG.json" "$OUT/compare_this_$TAG.json" "$rev" <<'PY'
+import json, sys
+def pick(path):
+    rows = json.load(open(path))["moepipe"]
+    dec = {r["batch"]: r["ms_per_step"] for r in rows if r["what"] == "decode" and r["prompt"] == 128}
+    pre = {r["tokens"]: r["tok_per_s"] for r in rows if r["what"] == "prefill"}
+    return [dec.get(1), dec.get(16), pre.get(8192)]
+old, new = pick(sys.argv[1]), pick(sys.argv[2])
+print(f"{'':<22}{sys.argv[3]:>12}{'this tree':>12}{'new/old':>9}")
+for name, a, b in zip(["decode b1 ms/step", "decode b16 ms/step", "prefill 8k tok/s"], old, new):
+    print(f"{name:<22}{str(a):>12}{str(b):>12}{(b / a if a and b else float('nan')):>9.3f}")
+PY
+  ;;
 record)  # the short record for a one-call budget: every GPU test, then one server, then the cache
   # 1. every GPU test at once on this GPU: the slow real-shape MoE checks (fp64 references) in their
   # own processes beside the other kernel tests and the engine's
@@ -104,7 +127,7 @@ from loader.writer import write_tokenizer; d = Path(sys.argv[1]); d.mkdir(parent
   (cd "$OUT" && tar czf "record_$TAG.tgz" --remove-files ./*_"$TAG".log ./*_"$TAG".json)  # a device call returns 8 files
   ;;
 *)
-  echo "usage: bash bench/gpu.sh tests|e2e|serving|kernels|record [pytest args for tests]" >&2
+  echo "usage: bash bench/gpu.sh tests|e2e|serving|kernels|compare REV|record [pytest args for tests]" >&2
   exit 2
   ;;
 esac
