@@ -1,20 +1,25 @@
 """Time the paged attention kernels at Qwen3-30B-A3B's shape and the other head layouts.
 
-N=32 query heads, K=4 kv heads, D=128, bf16, block size 16, shuffled block tables (prefill also
-at N/K = 48/8 and 64/4). Median of triton.testing.do_bench. Decode reports GB/s of KV read
-(sum(ctx) * K * D * 2 tensors * 2 bytes); prefill reports TFLOP/s counting only the causal work
-(4 * N * D per visible (query, key) pair) and that as % of the bf16 matmul rate measured in the
-same run (torch.matmul 8192^3).
+N=32 query heads, K=4 kv heads, D=128, bf16, block size 16 (cases named S128: 128), shuffled block
+tables (prefill also at N/K = 48/8 and 64/4). Median of triton.testing.do_bench. Decode reports
+GB/s of KV read (sum(ctx) * K * D * 2 tensors * 2 bytes) and that as % of the device copy rate
+measured in the same run (bytes read + written by a 2 GiB clone); prefill reports TFLOP/s counting
+only the causal work (4 * N * D per visible (query, key) pair) and that as % of the bf16 matmul
+rate measured in the same run (torch.matmul 8192^3).
 
-Prefill implementations: "fa" (model/attention_prefill_triton.py, paged flash attention with the
-group's heads packed into one tile) and "sdpa" (model/attention_sdpa.py, the engine's SDPA path: gather the prefix contiguous, then
-SDPA with a lower-right causal mask, gather included in the time). Peer: torch SDPA on contiguous
-tensors where it computes the same thing: fresh causal prefill and decode (one query, no mask).
+Prefill implementations: "fa3" (model/attention_prefill_fa3.py: TMA tiles where the block holds a
+key tile, else gathered; split-KV when the grid underfills the SMs; "splits=1" rows turn the split
+off), "fa" (model/attention_prefill_triton.py, the FA2-style paged kernel) and "sdpa"
+(model/attention_sdpa.py, the engine's SDPA path: gather the prefix contiguous, then SDPA with a
+lower-right causal mask, gather included in the time). Peer: torch SDPA on contiguous tensors
+where it computes the same thing: fresh causal prefill and decode (one query, no mask).
 
     python bench/bench_attention.py [--out bench/results/attention_kernels.json] [--sweep]
-                                    [--only prefill|decode]
+                                    [--only prefill|decode] [--cases NAME,...]
 
---sweep also times a few tile configurations (prefill) and block_n / num_splits (decode).
+Prints every row, then a short table (per case: each implementation's default) last. The JSON is
+rewritten after each case.
+--sweep also times a few tile configurations (prefill, SWEEP_CASES) and block_n / num_splits (decode).
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ CASES = [  # (kind, name, a, b)
     ("prefill", "prefill 4k at 86k", 4096, 92160),
     ("prefill", "prefill 4k at 128k", 4096, 135168),
     ("prefill", "prefill 216 at 90k", 216, 92376),
+    ("prefill 32/4/128", "prefill 8k fresh S128", 8192, 8192),
     ("prefill 32/4/128", "prefill 4k at 8k S128", 4096, 12288),
     ("prefill 32/4/128", "prefill 4k at 32k S128", 4096, 36864),
     ("prefill 32/4/128", "prefill 4k at 86k S128", 4096, 92160),
@@ -67,8 +73,8 @@ CASES = [  # (kind, name, a, b)
 ]
 FA_SWEEP = [(256, 64, 16, 3), (256, 64, 16, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3),
             (128, 64, 4, 3), (64, 64, 4, 3)]  # BLOCK_M, BLOCK_N, num_warps, num_stages
-FA3_SWEEP = [(128, 128, 8, 2, 0), (128, 128, 8, 3, 0), (128, 128, 8, 2, 1), (128, 128, 8, 3, 1),
-             (256, 64, 16, 3, 0), (128, 64, 8, 3, 0)]  # ... and WS (warp specialisation)
+FA3_SWEEP = [(128, 128, 8, 2, 0), (128, 128, 8, 2, 1), (128, 64, 4, 3, 0), (128, 64, 4, 3, 1),
+             (256, 64, 16, 3, 0), (256, 128, 16, 2, 0), (128, 64, 8, 3, 1)]  # ... and WS (warp specialisation)
 
 
 def matmul_tflops() -> float:
@@ -145,6 +151,7 @@ def decode_case(name, ctxs, rows, sweep, copy):
         tag = "auto" if kw["num_splits"] is None else f"splits={kw['num_splits']} block_n={kw['block_n']}"
         rows.append(dict(case=name, impl="triton", variant=tag, ms=ms, GBps=gbytes / ms * 1e3,
                          num_splits=kw["num_splits"] or splits, pct_of_copy=100 * gbytes / ms * 1e3 / copy))
+        print(f"    decode {tag}: {ms:.4f} ms {gbytes / ms * 1e3:.0f} GB/s", flush=True)
     if len(set(ctxs)) == 1:  # peer: SDPA on contiguous [B, K, ctx, D] K/V, one query, no mask
         kvs = [contiguous_kv(kc, vc, bt[b], ctxs[b]) for b in range(B)]
         k1, v1 = torch.cat([x[0] for x in kvs]), torch.cat([x[1] for x in kvs])
@@ -242,6 +249,7 @@ def main() -> None:
             prefill_case(name, a, b, rows, args.sweep and name in SWEEP_CASES, nks[0], nks[1], mm,
                          nks[2] if len(nks) > 2 else S)
         torch.cuda.empty_cache()
+        write(args.out, rows, mm, cp)  # after each case: a run cut short keeps what it measured
 
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"matmul {mm:.0f} TFLOP/s")
@@ -259,15 +267,19 @@ def main() -> None:
         print(f"{r['case']:<26} {r['impl'][:12]:<12} {r['variant'][:40]:<40} {r['ms']:>9.4f} {gb:>6} {tf:>8} "
               f"{pct:>5}" + extra)
 
-    out = Path(args.out)
+    write(args.out, rows, mm, cp)
+    print(f"\nwrote {args.out}")
+    summary(rows, mm, cp)
+
+
+def write(path: str, rows: list[dict], mm: float, cp: float) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
         card=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         torch=torch.__version__, triton=triton.__version__, matmul_tflops=mm,
         copy_GBps=cp, shape=dict(N=N, K=K, D=D, block_size=S, dtype="bfloat16"), results=rows), indent=1))
-    print(f"\nwrote {out}")
-    summary(rows, mm, cp)
 
 
 def summary(rows: list[dict], mm: float, cp: float) -> None:

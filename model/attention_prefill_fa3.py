@@ -34,8 +34,8 @@ from .attention_prefill_triton import _LOG2E, _dot, _interpreted, _num_sms, _til
 
 # bf16/fp16, D 128, sm_90. One tile config per path (each is a compiled variant the warm-up must
 # cover); bench/bench_attention.py --sweep times the alternatives.
-TILES_TMA = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, WS=False)
-TILES_GATHER = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, WS=False)
+TILES_TMA = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, WS=False)  # 3 stages: >227 KB smem
+TILES_GATHER = dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3, WS=False)  # = TILES_BIG
 TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, WS=False)  # 2x bytes per tile
 MAX_SPLITS = 16
 MIN_SPLIT_KEYS = 2048  # keys per split at least: below it the merge and the diagonal dominate
