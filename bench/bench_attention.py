@@ -236,10 +236,12 @@ def main() -> None:
     mm = matmul_tflops()
     cp = copy_gbps()
     print(f"bf16 matmul 8192^3: {mm:.0f} TFLOP/s; device copy {cp:.0f} GB/s", flush=True)
-    for kind, name, a, b in CASES:
+    cases = CASES
+    if args.cases:  # in the order given
+        by_name = {c[1]: c for c in CASES}
+        cases = [by_name[n.strip()] for n in args.cases.split(",")]
+    for kind, name, a, b in cases:
         if args.only and not kind.startswith(args.only):
-            continue
-        if args.cases and name not in [c.strip() for c in args.cases.split(",")]:
             continue
         print(f"... {name}", flush=True)
         if kind == "decode":
