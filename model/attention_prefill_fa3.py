@@ -11,9 +11,10 @@ query r // G, head r % G), so one K/V tile serves the whole group.
 - TMA (S >= BLOCK_N, D a power of two): K/V tiles come through tensor descriptors over the pool seen
   as a [P * S, K * D] matrix; a tile lies inside one block, so its row is table[n0 // S] * S + n0 % S
   and its column kh * D (the block table is read in place, one entry per tile). The unmasked loop is
-  a `tl.range(..., warp_specialize=WS)`: a producer warp issues the TMA loads into a num_stages ring
-  while the consumer warp groups run the two wgmma and the softmax. Otherwise the tile rows are
-  gathered with pointer loads (attention_prefill_triton._tile).
+  software-pipelined over num_stages TMA buffers (wgmma on one tile while the next ones load), and
+  with WS a `tl.range(..., warp_specialize=True)`: a producer warp issues the loads, the consumer
+  warps run the two wgmma and the softmax. Otherwise (S < BLOCK_N) the tile rows are gathered with
+  pointer loads (attention_prefill_triton._tile).
 - Split-KV (splits > 1, for short chunks deep in a context, whose grid underfills the SMs): split s
   of a program takes a contiguous share of its unmasked key tiles (the last split also the diagonal)
   and writes its unnormalised partial (acc, m, l) to fp32 workspaces [splits, T, N, (D)]; a merge
@@ -30,12 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_prefill_triton import _LOG2E, _dot, _interpreted, _num_sms, _tile, check_inputs
+from .attention_prefill_triton import (_LOG2E, _dot, _interpreted, _num_sms, _tile, check_inputs,
+                                       paged_prefill_fa)
 
-# bf16/fp16, D 128, sm_90. One tile config per path (each is a compiled variant the warm-up must
-# cover); bench/bench_attention.py --sweep times the alternatives.
-TILES_TMA = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, WS=False)  # 3 stages: >227 KB smem
-TILES_GATHER = dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3, WS=False)  # = TILES_BIG
+# bf16/fp16, D 128, sm_90: the fastest TMA tiles of bench_attention.py --sweep (warp
+# specialisation, WS, times the same there, so the plain pipelined loop is the default). Gathered
+# tiles (S < BLOCK_N) run only split (unsplit, attention_prefill_triton's kernel is as fast), with
+# that kernel's big tiles. Each config is a compiled variant the warm-up must cover.
+TILES_TMA = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, WS=False)
+TILES_GATHER = dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3, WS=False)  # = its TILES_BIG
 TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, WS=False)  # 2x bytes per tile
 MAX_SPLITS = 16
 MIN_SPLIT_KEYS = 2048  # keys per split at least: below it the merge and the diagonal dominate
@@ -225,7 +229,7 @@ def paged_prefill_fa3(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     """paged_prefill_fa's contract (see there), plus: max_prefix, a host int >= no sequence's
     cached prefix (context - query length), which sizes the KV split; num_splits forces one.
     config: BLOCK_M, BLOCK_N, num_warps, num_stages, WS (warp specialisation, TMA path only), TMA
-    (False forces the gather path)."""
+    (False forces the gather path). Unsplit gathered tiles without a config take paged_prefill_fa."""
     T = q_TND.shape[0]
     N, K, D = check_inputs(q_TND, k_cache, v_cache)
     G, B = N // K, context_lens_B.shape[0]
@@ -251,6 +255,9 @@ def paged_prefill_fa3(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         sms = 132 if _interpreted() else _num_sms(q_TND.device.index or 0)
         num_splits = choose_kv_splits(tiles * K * B, max_prefix, sms)
     split = num_splits > 1
+    if not tma and not split and config is None:
+        return paged_prefill_fa(q_TND, k_cache, v_cache, block_tables_BM, query_start_B1, context_lens_B,
+                                scale, max_query_len, out=out, skip_single=skip_single)
     wo = torch.empty((num_splits, T, N, D) if split else (1,), dtype=torch.float32, device=q_TND.device)
     wml = torch.empty((num_splits, T, N, 2) if split else (1,), dtype=torch.float32, device=q_TND.device)
     if tma:

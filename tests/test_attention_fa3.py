@@ -133,10 +133,11 @@ def test_gpu_fa3_groups_and_blocks(N, K, S):
 
 @pytest.mark.gpu
 @gpu_hopper
-@pytest.mark.parametrize("ws,stages", [(True, 2), (False, 2)])
-def test_gpu_fa3_warp_specialized(ws, stages):
-    run_fa3([4096], [40_000], 32, 4, 128, 128, torch.bfloat16, want_tma=True,
-            BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=stages, WS=ws)
+@pytest.mark.parametrize("n,warps,stages", [(128, 8, 2), (64, 4, 3)])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_gpu_fa3_warp_specialized(n, warps, stages, splits):
+    run_fa3([4096], [40_000], 32, 4, 128, 128, torch.bfloat16, num_splits=splits, want_tma=True,
+            BLOCK_M=128, BLOCK_N=n, num_warps=warps, num_stages=stages, WS=True)
 
 
 def test_warm_shapes_compile_the_split_variants():
