@@ -296,7 +296,8 @@ def summary(rows: list[dict], mm: float, cp: float) -> None:
         key = {"sdpa": "sdpa", "sdpa (contiguous)": "sdpa", "fa": "fa" if r["variant"] == "default" else None,
                "triton": "fa" if r["variant"] == "auto" else None}.get(r["impl"])  # triton: decode
         if r["impl"] == "fa3":
-            key = "fa3" if r["variant"].endswith(" auto") else "fa3 1split" if r["variant"].endswith("splits=1") else None
+            v = r["variant"]
+            key = "fa3" if v.endswith(" auto") else "fa3 1split" if v.endswith("splits=1") else None
         if key:
             rate = f"{r['TFLOPs']:.0f}T" if "TFLOPs" in r else f"{r['GBps']:.0f}G"
             pct = r.get("pct_of_matmul", r.get("pct_of_copy", 0))

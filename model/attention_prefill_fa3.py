@@ -69,6 +69,23 @@ def _tile_tma(q, m_i, l_i, acc, k_desc, v_desc, bt_row, col, n0, hi, qpos, qk_sc
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
+@triton.jit
+def _rows(qstart_ptr, b, kh, G: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The rows of program (query tile program_id(0), kv head kh, sequence b): row r of the tile is
+    query qi[r] (of the chunk; token rows[r] of q) and head heads[r]; mask_m: real rows. Also the
+    chunk's length, its query tile count and the tile's first query mq0 (the last, longest tiles
+    start first)."""
+    QM: tl.constexpr = BLOCK_M // G
+    q0 = tl.load(qstart_ptr + b)
+    qlen = tl.load(qstart_ptr + b + 1) - q0
+    n_tiles = tl.cdiv(qlen, QM)
+    mq0 = (n_tiles - 1 - tl.program_id(0)) * QM
+    r = tl.arange(0, BLOCK_M)
+    qi = mq0 + r // G
+    mask_m = (r < QM * G) & (qi < qlen)
+    return qlen, n_tiles, mq0, qi, kh * G + r % G, mask_m, (q0 + qi).to(tl.int64)
+
+
 @triton.jit(do_not_specialize=["T", "num_splits", "stride_btb"])  # (warm-up covers fewer classes)
 def _fa3_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, wo_ptr, wml_ptr, bt_ptr, qstart_ptr, ctx_ptr,
@@ -81,28 +98,17 @@ def _fa3_kernel(
 ):
     QM: tl.constexpr = BLOCK_M // G
     b = tl.program_id(2)
-    q0 = tl.load(qstart_ptr + b)
-    qlen = tl.load(qstart_ptr + b + 1) - q0
-    n_tiles = tl.cdiv(qlen, QM)
-    pid = tl.program_id(0)
-    if pid >= n_tiles:
+    kh = tl.program_id(1) // num_splits
+    split = tl.program_id(1) % num_splits
+    qlen, n_tiles, mq0, qi, heads, mask_m, rows = _rows(qstart_ptr, b, kh, G, BLOCK_M)
+    if tl.program_id(0) >= n_tiles:
         return
     if SKIP_SINGLE:  # single-query rows go to the split-K decode kernel
         if qlen == 1:
             return
-    mq0 = (n_tiles - 1 - pid) * QM  # the last (longest) query tiles start first
-    kh = tl.program_id(1) // num_splits
-    split = tl.program_id(1) % num_splits
-    ctx = tl.load(ctx_ptr + b)
-    pos0 = ctx - qlen
-
-    r = tl.arange(0, BLOCK_M)
-    qi = mq0 + r // G
-    heads = kh * G + r % G
-    mask_m = (r < QM * G) & (qi < qlen)
+    pos0 = tl.load(ctx_ptr + b) - qlen
     offs_d = tl.arange(0, D)
     mask_d = offs_d < D
-    rows = (q0 + qi).to(tl.int64)
     q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qn + offs_d[None, :],
                 mask=mask_m[:, None], other=0.0)  # [BLOCK_M, D]
     qpos = pos0 + qi
@@ -160,22 +166,13 @@ def _merge_kernel(o_ptr, wo_ptr, wml_ptr, qstart_ptr, T, num_splits, stride_ot, 
                   SKIP_SINGLE: tl.constexpr):
     """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits, M = max_s m_s; the
     rows of the main kernel's program with the same (query tile, kv head, sequence)."""
-    QM: tl.constexpr = BLOCK_M // G
-    b = tl.program_id(2)
-    q0 = tl.load(qstart_ptr + b)
-    qlen = tl.load(qstart_ptr + b + 1) - q0
-    n_tiles = tl.cdiv(qlen, QM)
-    pid = tl.program_id(0)
-    if pid >= n_tiles:
+    qlen, n_tiles, mq0, qi, heads, mask_m, rows = _rows(qstart_ptr, tl.program_id(2), tl.program_id(1),
+                                                        G, BLOCK_M)
+    if tl.program_id(0) >= n_tiles:
         return
     if SKIP_SINGLE:
         if qlen == 1:
             return
-    r = tl.arange(0, BLOCK_M)
-    qi = (n_tiles - 1 - pid) * QM + r // G
-    heads = tl.program_id(1) * G + r % G
-    mask_m = (r < QM * G) & (qi < qlen)
-    rows = (q0 + qi).to(tl.int64)
     offs_d = tl.arange(0, D)
     m_run = tl.full([BLOCK_M], -1e30, tl.float32)
     l_run = tl.zeros([BLOCK_M], tl.float32)
