@@ -92,6 +92,17 @@ def test_choose_kv_splits():
     assert waves[s - 1] == min(waves) and waves[s - 1] < waves[0] / 2
 
 
+def test_tma_ok_on_the_engine_pool_views():
+    """A layer's K and V of the stage's [layers, 2, P, S, K, D] pool read by TMA when a key tile
+    fits in a block; a view with heads not packed per row, or a smaller block, does not."""
+    q = torch.zeros(4, 8, 128, dtype=torch.bfloat16)
+    for S, ok in ((64, True), (128, True), (16, False)):
+        kv = torch.zeros(3, 2, 5, S, 4, 128, dtype=torch.bfloat16)
+        assert f3.tma_ok(q, kv[1, 0], kv[1, 1], 64) == ok
+    kv = torch.zeros(3, 5, 2, 128, 4, 128, dtype=torch.bfloat16)  # [layers, P, 2, S, K, D]: pages apart
+    assert not f3.tma_ok(q, kv[1, :, 0], kv[1, :, 1], 64)
+
+
 def test_fa3_rejects_bad_head_dim():
     q = torch.zeros(4, 4, 24, dtype=torch.bfloat16, device=tak.DEV)
     kc = torch.zeros(2, 16, 2, 24, dtype=torch.bfloat16, device=tak.DEV)
