@@ -244,16 +244,23 @@ def paged_prefill_fa(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 def prefill_attend(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch,
-                   scale: float) -> torch.Tensor:
+                   scale: float, hopper: bool = False) -> torch.Tensor:
     """The engine's attend(q, k_cache, v_cache, AttnBatch, scale) on CUDA: decode-only batches and
-    the single-query rows of a mixed batch take the split-K decode kernel, the chunks this kernel."""
+    the single-query rows of a mixed batch take the split-K decode kernel, the chunks this kernel
+    (hopper: the TMA / split-KV kernel of attention_prefill_fa3)."""
     from .attention_triton import paged_decode
     if batch.max_query_len == 1:
         return paged_decode(q_TND, k_cache, v_cache, batch.block_tables, batch.context_lens_t, scale,
                             batch.max_context)
     single = [b for b, ql in enumerate(batch.query_lens) if ql == 1]
-    out = paged_prefill_fa(q_TND, k_cache, v_cache, batch.block_tables, batch.query_start,
-                           batch.context_lens_t, scale, batch.max_query_len, skip_single=bool(single))
+    args = (q_TND, k_cache, v_cache, batch.block_tables, batch.query_start, batch.context_lens_t, scale,
+            batch.max_query_len)
+    if hopper:
+        from .attention_prefill_fa3 import paged_prefill_fa3
+        max_prefix = max(c - ql for ql, c in zip(batch.query_lens, batch.context_lens) if ql > 1)
+        out = paged_prefill_fa3(*args, max_prefix, skip_single=bool(single))
+    else:
+        out = paged_prefill_fa(*args, skip_single=bool(single))
     if single:
         dev = q_TND.device
         starts = list(itertools.accumulate(batch.query_lens, initial=0))
