@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_prefill_triton import (_LOG2E, _dot, _interpreted, _num_sms, _tile, check_inputs,
+from .attention_prefill_triton import (_LOG2E, _dot, _interpreted, _num_sms, _rows, _tile, _tile_start, check_inputs,
                                        paged_prefill_fa)
 
 # bf16/fp16, D 128, sm_90: the fastest TMA tiles of bench_attention.py --sweep (warp
@@ -69,23 +69,6 @@ def _tile_tma(q, m_i, l_i, acc, k_desc, v_desc, bt_row, col, n0, hi, qpos, qk_sc
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@triton.jit
-def _rows(qstart_ptr, b, kh, G: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The rows of program (query tile program_id(0), kv head kh, sequence b): row r of the tile is
-    query qi[r] (of the chunk; token rows[r] of q) and head heads[r]; mask_m: real rows. Also the
-    chunk's length, its query tile count and the tile's first query mq0 (the last, longest tiles
-    start first)."""
-    QM: tl.constexpr = BLOCK_M // G
-    q0 = tl.load(qstart_ptr + b)
-    qlen = tl.load(qstart_ptr + b + 1) - q0
-    n_tiles = tl.cdiv(qlen, QM)
-    mq0 = (n_tiles - 1 - tl.program_id(0)) * QM
-    r = tl.arange(0, BLOCK_M)
-    qi = mq0 + r // G
-    mask_m = (r < QM * G) & (qi < qlen)
-    return qlen, n_tiles, mq0, qi, kh * G + r % G, mask_m, (q0 + qi).to(tl.int64)
-
-
 @triton.jit(do_not_specialize=["T", "num_splits", "stride_btb"])  # (warm-up covers fewer classes)
 def _fa3_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, wo_ptr, wml_ptr, bt_ptr, qstart_ptr, ctx_ptr,
@@ -96,34 +79,18 @@ def _fa3_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
     SPLIT: tl.constexpr, SKIP_SINGLE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    QM: tl.constexpr = BLOCK_M // G
     b = tl.program_id(2)
     kh = tl.program_id(1) // num_splits
     split = tl.program_id(1) % num_splits
-    qlen, n_tiles, mq0, qi, heads, mask_m, rows = _rows(qstart_ptr, b, kh, G, BLOCK_M)
-    if tl.program_id(0) >= n_tiles:
+    idle, rows, heads, mask_m, offs_d, mask_d, q, qpos, m_i, l_i, acc, bt_row, kh64, full, hi = _tile_start(
+        q_ptr, ctx_ptr, bt_ptr, qstart_ptr, b, kh, stride_qt, stride_qn, stride_btb, G, D, D, BLOCK_M, BLOCK_N,
+        SKIP_SINGLE)
+    if idle:
         return
-    if SKIP_SINGLE:  # single-query rows go to the split-K decode kernel
-        if qlen == 1:
-            return
-    pos0 = tl.load(ctx_ptr + b) - qlen
-    offs_d = tl.arange(0, D)
-    mask_d = offs_d < D
-    q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qn + offs_d[None, :],
-                mask=mask_m[:, None], other=0.0)  # [BLOCK_M, D]
-    qpos = pos0 + qi
-    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-    kh64 = kh.to(tl.int64)
-
-    # keys < pos0 + mq0 + 1 are visible to every row; this split's share of them is [lo, mid)
-    full = ((pos0 + mq0 + 1) // BLOCK_N) * BLOCK_N
+    # keys < full are visible to every row; this split's share of them is [lo, mid)
     per = tl.cdiv(full // BLOCK_N, num_splits) * BLOCK_N
     lo = tl.minimum(split * per, full)
     mid = tl.minimum(lo + per, full)
-    hi = pos0 + tl.minimum(mq0 + QM, qlen)  # one past the tile's last visible key
     if TMA:
         k_desc = tl.make_tensor_descriptor(k_ptr, shape=[PS, N // G * D], strides=[stride_ks, 1],
                                            block_shape=[BLOCK_N, D])
@@ -166,13 +133,10 @@ def _merge_kernel(o_ptr, wo_ptr, wml_ptr, qstart_ptr, T, num_splits, stride_ot, 
                   SKIP_SINGLE: tl.constexpr):
     """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits, M = max_s m_s; the
     rows of the main kernel's program with the same (query tile, kv head, sequence)."""
-    qlen, n_tiles, mq0, qi, heads, mask_m, rows = _rows(qstart_ptr, tl.program_id(2), tl.program_id(1),
-                                                        G, BLOCK_M)
-    if tl.program_id(0) >= n_tiles:
+    _, _, _, heads, mask_m, rows, idle = _rows(qstart_ptr, tl.program_id(2), tl.program_id(1), G, BLOCK_M,
+                                               SKIP_SINGLE)
+    if idle:
         return
-    if SKIP_SINGLE:
-        if qlen == 1:
-            return
     offs_d = tl.arange(0, D)
     m_run = tl.full([BLOCK_M], -1e30, tl.float32)
     l_run = tl.zeros([BLOCK_M], tl.float32)
