@@ -98,7 +98,7 @@ def _rows(qstart_ptr, b, kh, G: tl.constexpr, BLOCK_M: tl.constexpr, SKIP_SINGLE
     mq0 = (n_tiles - 1 - tl.program_id(0)) * QM
     r = tl.arange(0, BLOCK_M)
     qi = mq0 + r // G
-    mask_m = (r < QM * G) & (qi < qlen) & (qi >= 0) & (idle == 0)
+    mask_m = (r < tl.where(idle, 0, QM * G)) & (qi < qlen) & (qi >= 0)
     return qlen, mq0, qi, kh * G + r % G, mask_m, (q0 + qi).to(tl.int64), idle
 
 
