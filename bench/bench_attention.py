@@ -11,7 +11,9 @@ Prefill implementations: "fa3" (model/attention_prefill_fa3.py: TMA tiles where 
 key tile, else gathered; split-KV when the grid underfills the SMs; "splits=1" rows turn the split
 off), "fa" (model/attention_prefill_triton.py, the FA2-style paged kernel) and "sdpa"
 (model/attention_sdpa.py, the engine's SDPA path: gather the prefix contiguous, then SDPA with a
-lower-right causal mask, gather included in the time). Peer: torch SDPA on contiguous tensors
+lower-right causal mask, gather included in the time), "split" (model/attention_split.py: the
+prefix with no mask and the chunk's own keys causal through cuDNN's or FlashAttention's kernel,
+merged by log-sum-exp, gather included). Peer: torch SDPA on contiguous tensors
 where it computes the same thing: fresh causal prefill and decode (one query, no mask).
 
     python bench/bench_attention.py [--out bench/results/attention_kernels.json] [--sweep]
@@ -40,6 +42,7 @@ from model import attention_prefill_fa3 as fa3  # noqa: E402
 from model import attention_prefill_triton as fa  # noqa: E402
 from model import attention_triton as at  # noqa: E402
 from model.attention_sdpa import prefill_sdpa  # noqa: E402
+from model.attention_split import prefill_split  # noqa: E402
 
 N, K, D, S = 32, 4, 128, 16
 DT = torch.bfloat16
@@ -211,6 +214,8 @@ def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=
     for tag, cfg, splits in variants:
         add("fa3", f"{tma} {tag}", lambda cfg=cfg, splits=splits: fa3.paged_prefill_fa3(
             q, kc, vc, bt, qs, cl, SCALE, qlen, ctx - qlen, out=out, config=cfg, num_splits=splits), ref)
+    for backend in ("cudnn", "flash"):  # prefix without a mask + own keys causal, merged by lse
+        add("split", backend, lambda backend=backend: prefill_split(q, kc, vc, batch, SCALE, None, backend), ref)
     if qlen == ctx:  # fresh prefill: SDPA causal on contiguous tensors is the same maths
         k1, v1 = contiguous_kv(kc, vc, bt[0], ctx, kv_heads, block)
         qq = q.transpose(0, 1)[None].contiguous()  # [1, N, T, D]
@@ -288,7 +293,8 @@ def summary(rows: list[dict], mm: float, cp: float) -> None:
     """The short table: per case, each implementation's default (prefill: TFLOP/s and % of the
     matmul rate; decode: GB/s of KV and % of the copy rate)."""
     print(f"\nsummary (matmul {mm:.0f} TFLOP/s, copy {cp:.0f} GB/s)")
-    print(f"{'case':<30} {'sdpa':>11} {'fa/decode':>11} {'fa3':>11} {'fa3 1split':>11}")
+    cols = ("sdpa", "fa", "fa3", "fa3 1split", "split cudnn", "split flash")
+    print(f"{'case':<30} " + " ".join(f"{c if c != 'fa' else 'fa/decode':>11}" for c in cols))
     cases: dict[str, dict] = {}
     for r in rows:
         if "error" in r:
@@ -298,12 +304,14 @@ def summary(rows: list[dict], mm: float, cp: float) -> None:
         if r["impl"] == "fa3":
             v = r["variant"]
             key = "fa3" if v.endswith(" auto") else "fa3 1split" if v.endswith("splits=1") else None
+        if r["impl"] == "split":
+            key = f"split {r['variant']}"
         if key:
             rate = f"{r['TFLOPs']:.0f}T" if "TFLOPs" in r else f"{r['GBps']:.0f}G"
             pct = r.get("pct_of_matmul", r.get("pct_of_copy", 0))
             cases.setdefault(r["case"], {})[key] = f"{rate} {pct:.0f}%"
     for case, v in cases.items():
-        print(f"{case:<30} " + " ".join(f"{v.get(k, '-'):>11}" for k in ("sdpa", "fa", "fa3", "fa3 1split")))
+        print(f"{case:<30} " + " ".join(f"{v.get(k, '-'):>11}" for k in cols))
 
 
 if __name__ == "__main__":

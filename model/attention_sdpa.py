@@ -20,22 +20,20 @@ def _heads(kv_ctxKD: torch.Tensor, q_1NqD: torch.Tensor) -> torch.Tensor:
     return kv_ctxKD.to(q_1NqD.dtype).transpose(0, 1)[None]
 
 
-def prefill_sdpa(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttnBatch,
-                 scale: float, decode: Callable) -> torch.Tensor:
-    """decode(q_BND, k_cache, v_cache, block_tables, context_lens_t, scale, max_context) handles the
-    single-query rows (decodes mixed into a prefill micro-batch) in one call."""
+def per_chunk(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttnBatch, scale: float,
+              decode: Callable, attend: Callable) -> torch.Tensor:
+    """attend(q [ql, N, D], k [ctx, K, D], v [ctx, K, D]) -> [ql, N, D] on each chunk of two or more
+    queries, its K/V gathered contiguous from the pool (in q's dtype); decode(q_BND, k_cache,
+    v_cache, block_tables, context_lens_t, scale, max_context) on the single-query rows (decodes mixed
+    into a prefill micro-batch) in one call."""
     out = torch.empty_like(q_TND)
     single, start = [], 0
     for b, (ql, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)):
         if ql == 1:
             single.append((b, start))
         else:
-            q = q_TND[start:start + ql].transpose(0, 1)[None]  # [1, N, ql, D]
-            k, v = (_heads(gather_kv(c, batch.block_tables[b], ctx), q) for c in (k_cache, v_cache))
-            mask = None if ql == ctx else causal_lower_right(ql, ctx)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=ql == ctx, scale=scale,
-                                               enable_gqa=True)
-            out[start:start + ql] = o[0].transpose(0, 1)
+            k, v = (gather_kv(c, batch.block_tables[b], ctx).to(q_TND.dtype) for c in (k_cache, v_cache))
+            out[start:start + ql] = attend(q_TND[start:start + ql], k, v)
         start += ql
     if single:
         seqs = torch.tensor([b for b, _ in single], device=q_TND.device)
@@ -44,3 +42,16 @@ def prefill_sdpa(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                            batch.context_lens_t[seqs].contiguous(), scale,
                            max(batch.context_lens[b] for b, _ in single))
     return out
+
+
+def prefill_sdpa(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttnBatch,
+                 scale: float, decode: Callable) -> torch.Tensor:
+    """Each chunk through SDPA with a lower-right causal mask (per_chunk); decode: as per_chunk's."""
+    def attend(q_QND, k_ctxKD, v_ctxKD):
+        ql, ctx = q_QND.shape[0], k_ctxKD.shape[0]
+        q = q_QND.transpose(0, 1)[None]  # [1, N, ql, D]
+        k, v = _heads(k_ctxKD, q), _heads(v_ctxKD, q)
+        mask = None if ql == ctx else causal_lower_right(ql, ctx)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=ql == ctx, scale=scale, enable_gqa=True)
+        return o[0].transpose(0, 1)
+    return per_chunk(q_TND, k_cache, v_cache, batch, scale, decode, attend)
