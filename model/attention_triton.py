@@ -27,7 +27,7 @@ import triton.language as tl
 from .pdl import launch_args, pdl_enter, pdl_release
 
 _LOG2E = 1.4426950408889634
-DECODE_BLOCK_N = 64  # keys per step of the decode split kernel, and the granularity of its slices
+DECODE_BLOCK_N = 128  # keys per step of the decode split kernel, and the granularity of its slices
 
 
 @triton.jit
@@ -178,13 +178,18 @@ def _num_sms(device_index: int) -> int:
 
 def choose_num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device,
                       min_tokens_per_split: int = 128, max_splits: int = 128) -> int:
-    """Enough (B, K, split) programs for ~4 per SM, slices of at least min_tokens_per_split.
+    """Splits of each (sequence, kv head)'s keys, for about 4 programs per SM when there are at most
+    8 (sequence, kv head) pairs (batch 1-2: the merge is cheap beside the latency of few long
+    programs) and about 2 per SM above that (each program then streams a longer slice, fewer partial
+    results to merge); slices of at least min_tokens_per_split keys (bench/bench_attention.py
+    --sweep --only decode times other counts).
 
-    B=1, K=4, 90k context on 132 SMs: 128 splits of ~720 tokens (512 programs).
+    B=1, K=4, 90k context on 132 SMs: 128 splits of 720 tokens; B=16: 4 splits.
     """
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 132
-    want = triton.cdiv(4 * sms, max(1, batch * kv_heads))
+    pairs = max(1, batch * kv_heads)
+    want = max(1, (4 if pairs <= 8 else 2) * sms // pairs)
     cap = max(1, triton.cdiv(max(1, max_context), min_tokens_per_split))
     return max(1, min(want, cap, max_splits))
 

@@ -198,7 +198,8 @@ def test_choose_num_splits():
     cpu = torch.device("cpu")  # assumes 132 SMs
     assert at.choose_num_splits(1, 4, 92160, cpu) == 128
     assert at.choose_num_splits(1, 4, 100, cpu) == 1
-    assert at.choose_num_splits(64, 4, 8192, cpu) == 3
+    assert at.choose_num_splits(16, 4, 131072, cpu) == 4  # 2 programs an SM past 8 (seq, head) pairs
+    assert at.choose_num_splits(64, 4, 8192, cpu) == 1
     assert at.choose_num_splits(512, 4, 8192, cpu) == 1
 
 
