@@ -7,7 +7,7 @@ import math
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
-ATTENTION_CHOICES = ("ref", "sdpa", "fa", "auto")
+ATTENTION_CHOICES = ("ref", "sdpa", "fa", "split", "auto")
 LOAD_FORMATS = ("auto", "dummy")
 
 

@@ -16,6 +16,7 @@ Letters: T tokens, N query heads, K kv heads (G = N // K), D head_dim, P blocks,
 Rows with a single query (decodes in a prefill micro-batch) go to a paged decode function."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -24,6 +25,18 @@ from .attention_sdpa import per_chunk
 from .batch import AttnBatch
 
 BACKENDS = ("cudnn", "flash", "math")  # math: fp32 torch maths with the same lse (CPU, tests)
+
+
+@functools.lru_cache(maxsize=None)
+def cudnn_ok(device_index: int) -> bool:
+    """Whether this torch build runs cuDNN's fused attention on that GPU (a tiny call, once)."""
+    try:
+        q = torch.zeros(1, 1, 128, 128, device=f"cuda:{device_index}", dtype=torch.bfloat16)
+        _attend_lse(q, q, q, True, 1.0, "cudnn")
+        torch.cuda.synchronize(device_index)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _attend_lse(q_1HQD: torch.Tensor, k_1HKD: torch.Tensor, v_1HKD: torch.Tensor, causal: bool, scale: float,

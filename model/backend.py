@@ -21,6 +21,12 @@ MOE_SMALL_MAX_PAIRS = 64
 # the weights with no split-K second kernel; from two tokens on cuBLAS's tiles reuse each weight
 # load (bench/bench_linear_small.py times both).
 LINEAR_SMALL_MAX_TOKENS = 1
+# Chunks of at least this many queries with a cached prefix take attention_split on Hopper (the
+# prefix without a mask and the chunk causal through cuDNN's fused kernel, merged by lse): its
+# gather of the prefix is small beside the work there. Shorter chunks deep in a context underfill
+# the grid in whole-head calls, where attention_prefill_fa3's KV splits do better
+# (bench/bench_attention.py times both).
+SPLIT_MIN_QUERIES = 1024
 
 
 def reference_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
@@ -51,18 +57,32 @@ def fa_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tens
     return prefill_attend(q, k_cache, v_cache, batch, scale, hopper=hopper_prefill(q))
 
 
+def split_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
+    """Decode: the Triton split-K kernel; prefill: attention_split through cuDNN's fused kernel."""
+    from .attention_split import prefill_split
+    from .attention_triton import paged_decode
+    if batch.max_query_len == 1:
+        return paged_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens_t, scale, batch.max_context)
+    return prefill_split(q, k_cache, v_cache, batch, scale, paged_decode, "cudnn")
+
+
 def auto_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
     """The CUDA default. Micro-batches whose chunks all start at position 0 (fresh prompts, with
-    decode rows) take SDPA, whose causal flash kernel is faster there; any chunk with a cached
-    prefix sends the batch to the paged flash kernel, which reads the prefix straight from the pool
-    instead of gathering a copy (bench/bench_attention.py times both)."""
+    decode rows) take SDPA, whose causal flash kernel is faster there; a chunk of SPLIT_MIN_QUERIES
+    or more with a cached prefix takes attention_split on Hopper where cuDNN's attention runs;
+    other chunks with a prefix take the paged flash kernels, which read the prefix straight from
+    the pool (bench/bench_attention.py times them all)."""
     if all(ql == ctx or ql == 1 for ql, ctx in zip(batch.query_lens, batch.context_lens)):
         return sdpa_attend(q, k_cache, v_cache, batch, scale)
+    if batch.max_query_len >= SPLIT_MIN_QUERIES and hopper_prefill(q):
+        from .attention_split import cudnn_ok
+        if cudnn_ok(q.device.index if q.device.index is not None else torch.cuda.current_device()):
+            return split_attend(q, k_cache, v_cache, batch, scale)
     return fa_attend(q, k_cache, v_cache, batch, scale)
 
 
 ATTENTION: dict[str, Callable] = {"ref": reference_attend, "sdpa": sdpa_attend, "fa": fa_attend,
-                                  "auto": auto_attend}
+                                  "split": split_attend, "auto": auto_attend}
 MOE_PATHS = ("loop", "torch", "triton")  # per-expert loop, sort + grouped GEMM in torch, fused Triton
 
 
