@@ -8,6 +8,8 @@
 #                                            the card's ceilings (bench/ceilings.py) and, on 2+ GPUs, 1 GPU
 #   bash bench/gpu.sh serving                bench_serving: 1024 in / 256 out at 1, 8, 64, 256 clients
 #   bash bench/gpu.sh kernels                bench_decode_layer, bench_sampler, bench_attention
+#   bash bench/gpu.sh breakdown              bench_breakdown: the engine's decode step at batch 16, 64, 256
+#                                            (1k context; 256 also with penalties), per kernel group
 #   bash bench/gpu.sh record                 the tests, a 64-client serving sample (plain, json, logprobs +
 #                                            penalties, a shared prefix) and the multi-turn prefix cache
 # Results (JSON and logs) go to $OUT (default bench/results/run), named <kind>_<card>x<gpus>_<date>;
@@ -67,6 +69,11 @@ kernels)
   timeout 200 python3 bench/bench_attention.py --out "$OUT/attention_kernels_$TAG.json" > "$OUT/attention_$TAG.log" 2>&1
   tail -14 "$OUT/decode_layer_$TAG.log"; tail -10 "$OUT/sampler_$TAG.log"; tail -16 "$OUT/attention_$TAG.log"
   ;;
+breakdown)
+  timeout 420 python3 bench/bench_breakdown.py --out "$OUT/breakdown_$TAG.json" 2>&1 | quiet \
+    | grep -v "^USDT\|^STAGE:" > "$OUT/breakdown_$TAG.log"
+  tail -60 "$OUT/breakdown_$TAG.log"
+  ;;
 record)  # the short record for a one-call budget: every GPU test, then one server, then the cache
   # 1. every GPU test at once on this GPU: the slow real-shape MoE checks (fp64 references) in their
   # own processes beside the other kernel tests and the engine's
@@ -104,7 +111,7 @@ from loader.writer import write_tokenizer; d = Path(sys.argv[1]); d.mkdir(parent
   (cd "$OUT" && tar czf "record_$TAG.tgz" --remove-files ./*_"$TAG".log ./*_"$TAG".json)  # a device call returns 8 files
   ;;
 *)
-  echo "usage: bash bench/gpu.sh tests|e2e|serving|kernels|record [pytest args for tests]" >&2
+  echo "usage: bash bench/gpu.sh tests|e2e|serving|kernels|breakdown|record [pytest args for tests]" >&2
   exit 2
   ;;
 esac
