@@ -19,6 +19,7 @@ from model.config import ModelConfig, parse_dtype
 
 from ..options import EngineOptions
 from .block_manager import BlockManager
+from .chunking import StepCost
 from .pipeline import PipelineEngine
 from .scheduler import Scheduler
 from .stage_worker import StageWorker, agree_min
@@ -165,8 +166,9 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
             f"KV pool {blocks} blocks x {o.block_size} tokens ({info['kv_gib']:.2f} GiB)")
     engine = None
     if rank == 0:
+        cost = StepCost.for_model(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok)
         sched = Scheduler(BlockManager(blocks, o.block_size, o.enable_prefix_caching), o.max_num_seqs, o.max_num_batched_tokens,
-                          max_len, o.stages, o.dynamic_chunks)
+                          max_len, o.stages, o.dynamic_chunks, o.max_step_ms, cost)
         engine = PipelineEngine(worker, sched, args.stop_ids, o.seed, o.async_scheduling, o.logprobs_mode,
                                 Path(args.model_dir) / "tokenizer.json")
     return Rank(rank, worker, engine, info)
