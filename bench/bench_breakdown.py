@@ -43,8 +43,11 @@ def ints(s: str) -> list[int]:
 def build_engine(model: str, device: str | None, max_batch: int, context: int, extra_tokens: int, kv_cache_gib):
     from engine.options import EngineOptions
     from engine.runtime.launch import build_rank, resolve_engine
+    # max_step_ms off: the prompts are prefilled in full-budget chunks, so the first sequences have
+    # decoded only a few tokens when the last prompt is in (the measured steps are pure decode)
     opts = EngineOptions(load_format="dummy", device=device, max_num_seqs=max_batch, enable_prefix_caching=False,
-                         max_model_len=context + extra_tokens, kv_cache_gib=kv_cache_gib, verbose=True)
+                         max_model_len=context + extra_tokens, kv_cache_gib=kv_cache_gib, verbose=True,
+                         max_step_ms=0.0)
     args, cfg, _ = resolve_engine(model, opts)
     if args.options.device == "cpu":
         torch.set_num_threads(max(1, min(4, torch.get_num_threads())))

@@ -27,7 +27,7 @@ _GPU_RULES = [  # (group, pattern on the lower-cased kernel name), first match w
     ("copies", r"memcpy|memset|copy|fill"),
     ("attention", r"_decode_split|_decode_merge|_prefill_fa|flash|fmha|attention|sdpa"),
     ("moe", r"_gate_up|_down_combine|_down_grouped|_topk_softmax|moe"),
-    ("norm_rope", r"rms_norm|norm_rope|rope"),
+    ("norm_rope", r"rms_norm|qkv_norm_rope"),
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitk|_linear_small"),
 ]
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")

@@ -110,3 +110,34 @@ def test_floor_bytes_counts():
     assert f["moe"] == pytest.approx(L * (E * 3 * I * H * 2 + E * H * 2), rel=1e-3)
     assert f["dense"] == L * ((32 * 128 + 2 * 4 * 128) * H + 32 * 128 * H) * 2
     assert f["lm_head"] == 151936 * H * 2 + 256 * 151936 * 2
+
+
+@pytest.mark.gpu
+def test_real_kineto_trace_ties_graph_kernels_and_labels(tmp_path):
+    """The trace format bench_breakdown relies on: kernels replayed from a CUDA graph tie to their
+    launch (correlation), so a GEMM in a graph is counted, and a kernel launched inside 'bd.sample'
+    is the sampler's."""
+    import json
+
+    import torch
+    a = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+    a @ w.T
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = a @ w.T
+    steps = 3
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            with torch.profiler.record_function("bd.forward"):
+                graph.replay()
+            with torch.profiler.record_function("bd.sample"):
+                out.float().argmax(-1)
+        torch.cuda.synchronize()
+    path = tmp_path / "t.json"
+    prof.export_chrome_trace(str(path))
+    m = from_chrome_trace(json.loads(path.read_text())["traceEvents"], steps, wall_ms=1.0)
+    assert m.group_ms["lm_head"] > 0  # the graph's GEMMs (the longest per step) were seen
+    assert m.group_ms["sampler"] > 0 and m.busy_ms > 0

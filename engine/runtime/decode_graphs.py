@@ -12,7 +12,9 @@ from model.stage import Stage
 
 from .step_plan import H_MAXCTX, BatchBuffers, PlanView, decode_plan, fill_batch
 
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Past 256 (the default max_num_seqs) every 64 rows, up to 512: a larger max_num_seqs runs its
+# decodes past 512 rows eager.
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512)
 
 
 def graph_buckets(max_batch: int) -> list[int]:
