@@ -194,8 +194,9 @@ def floor_bytes(cfg, batch: int, context: float, wbytes: int = 2, logits_bytes: 
         "norm_rope": L * act,
         "lm_head": V * H * wbytes + batch * V * wbytes,
         "sampler": batch * V * logits_bytes,
-        # the engine's decode path: logits cast to fp32 (read bf16, write fp32), then cloned out of the graph
-        "copies": batch * V * (wbytes + logits_bytes) + 2 * batch * V * logits_bytes,
+        # the engine's decode path: the logits cast to fp32 in the graph (read bf16, write fp32); the
+        # sampler reads them in place (StageWorker.forward: no copy out of the graph on the last stage)
+        "copies": batch * V * (wbytes + logits_bytes),
     }
 
 

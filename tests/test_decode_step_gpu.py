@@ -31,9 +31,9 @@ def test_256_row_decode_step_replays_a_graph_and_never_syncs():
         eng.step()
     replays, run, graph_run = [], w.run, w.graphs.run
 
-    def counted(x, view, *a):
+    def counted(x, view, *a, **k):
         replays.append(view.B)
-        return graph_run(x, view, *a)
+        return graph_run(x, view, *a, **k)
 
     def strict(x, view):
         torch.cuda.set_sync_debug_mode("error")
