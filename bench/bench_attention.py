@@ -1,20 +1,25 @@
 """Time the paged attention kernels at Qwen3-30B-A3B's shape and the other head layouts.
 
-N=32 query heads, K=4 kv heads, D=128, bf16, block size 16, shuffled block tables (prefill also
-at N/K = 48/8 and 64/4). Median of triton.testing.do_bench. Decode reports GB/s of KV read
-(sum(ctx) * K * D * 2 tensors * 2 bytes); prefill reports TFLOP/s counting only the causal work
-(4 * N * D per visible (query, key) pair) and that as % of the bf16 matmul rate measured in the
-same run (torch.matmul 8192^3).
+N=32 query heads, K=4 kv heads, D=128, bf16, block size 16 (cases named S128: 128), shuffled block
+tables (prefill also at N/K = 48/8 and 64/4). Median of triton.testing.do_bench. Decode reports
+GB/s of KV read (sum(ctx) * K * D * 2 tensors * 2 bytes) and that as % of the device copy rate
+measured in the same run (bytes read + written by a 2 GiB clone); prefill reports TFLOP/s counting
+only the causal work (4 * N * D per visible (query, key) pair) and that as % of the bf16 matmul
+rate measured in the same run (torch.matmul 8192^3).
 
-Prefill implementations: "fa" (model/attention_prefill_triton.py, paged flash attention with the
-group's heads packed into one tile) and "sdpa" (model/attention_sdpa.py, the engine's SDPA path: gather the prefix contiguous, then
-SDPA with a lower-right causal mask, gather included in the time). Peer: torch SDPA on contiguous
-tensors where it computes the same thing: fresh causal prefill and decode (one query, no mask).
+Prefill implementations: "fa3" (model/attention_prefill_fa3.py: TMA tiles where the block holds a
+key tile, else gathered; split-KV when the grid underfills the SMs; "splits=1" rows turn the split
+off), "fa" (model/attention_prefill_triton.py, the FA2-style paged kernel) and "sdpa"
+(model/attention_sdpa.py, the engine's SDPA path: gather the prefix contiguous, then SDPA with a
+lower-right causal mask, gather included in the time). Peer: torch SDPA on contiguous tensors
+where it computes the same thing: fresh causal prefill and decode (one query, no mask).
 
     python bench/bench_attention.py [--out bench/results/attention_kernels.json] [--sweep]
-                                    [--only prefill|decode]
+                                    [--only prefill|decode] [--cases NAME,...]
 
---sweep also times a few tile configurations (prefill) and block_n / num_splits (decode).
+Prints every row, then a short table (per case: each implementation's default) last. The JSON is
+rewritten after each case.
+--sweep also times a few tile configurations (prefill, SWEEP_CASES) and block_n / num_splits (decode).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import attention_prefill_fa3 as fa3  # noqa: E402
 from model import attention_prefill_triton as fa  # noqa: E402
 from model import attention_triton as at  # noqa: E402
 from model.attention_sdpa import prefill_sdpa  # noqa: E402
@@ -47,16 +53,28 @@ CASES = [  # (kind, name, a, b)
     ("decode", "decode B=1 ctx=90k", 92160, 1),
     ("decode", "decode B=1 ctx=128k", 131072, 1),
     ("decode", "decode B=16 ctx=4k", 4096, 16),
+    ("decode", "decode B=16 ctx=32k", 32768, 16),
+    ("decode", "decode B=16 ctx=90k", 92160, 16),
+    ("decode", "decode B=16 ctx=128k", 131072, 16),
     ("prefill", "prefill 8k fresh", 8192, 8192),
-    ("prefill", "prefill 4k at 0", 4096, 4096),
+    ("prefill", "prefill 4k at 8k", 4096, 12288),
     ("prefill", "prefill 4k at 32k", 4096, 36864),
     ("prefill", "prefill 4k at 86k", 4096, 92160),
+    ("prefill", "prefill 4k at 128k", 4096, 135168),
+    ("prefill", "prefill 216 at 90k", 216, 92376),
+    ("prefill 32/4/128", "prefill 8k fresh S128", 8192, 8192),
+    ("prefill 32/4/128", "prefill 4k at 8k S128", 4096, 12288),
+    ("prefill 32/4/128", "prefill 4k at 32k S128", 4096, 36864),
+    ("prefill 32/4/128", "prefill 4k at 86k S128", 4096, 92160),
+    ("prefill 32/4/128", "prefill 4k at 128k S128", 4096, 135168),
+    ("prefill 32/4/128", "prefill 216 at 90k S128", 216, 92376),
     ("prefill 48/8", "prefill 4k at 86k N48 K8", 4096, 92160),
-    ("prefill 64/4", "prefill 4k at 86k N64 K4", 4096, 92160),
-    ("prefill 32/4/128", "prefill 4k at 86k block 128", 4096, 92160),
+    ("prefill 64/4/128", "prefill 4k at 86k N64 K4 S128", 4096, 92160),
 ]
 FA_SWEEP = [(256, 64, 16, 3), (256, 64, 16, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3),
             (128, 64, 4, 3), (64, 64, 4, 3)]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+FA3_SWEEP = [(128, 128, 8, 2, 0), (128, 128, 8, 2, 1), (128, 64, 4, 3, 0), (128, 64, 4, 3, 1),
+             (256, 64, 16, 3, 0), (256, 128, 16, 2, 0), (128, 64, 8, 3, 1)]  # ... and WS (warp specialisation)
 
 
 def matmul_tflops() -> float:
@@ -65,6 +83,15 @@ def matmul_tflops() -> float:
     b = torch.randn(8192, 8192, device=DEV, dtype=DT)
     ms = bench(lambda: a @ b)
     return 2 * 8192 ** 3 / ms / 1e9
+
+
+def copy_gbps() -> float:
+    """Measured device copy rate, GB/s of bytes read plus written (a 2 GiB bf16 clone), the
+    reference for decode's KV read rate."""
+    a = torch.empty(2 ** 30, device=DEV, dtype=DT)
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a))
+    return 2 * a.numel() * a.element_size() / ms / 1e6
 
 
 def make(qlens: list[int], ctxs: list[int], seed: int = 0, N: int = N, K: int = K, S: int = S):
@@ -107,7 +134,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def decode_case(name, ctxs, rows, sweep):
+def decode_case(name, ctxs, rows, sweep, copy):
     B = len(ctxs)
     q, kc, vc, bt, _, cl = make([1] * B, ctxs)
     gbytes = sum(ctxs) * K * D * 2 * 2 / 1e9
@@ -123,7 +150,8 @@ def decode_case(name, ctxs, rows, sweep):
         ms = bench(fn)
         tag = "auto" if kw["num_splits"] is None else f"splits={kw['num_splits']} block_n={kw['block_n']}"
         rows.append(dict(case=name, impl="triton", variant=tag, ms=ms, GBps=gbytes / ms * 1e3,
-                         num_splits=kw["num_splits"] or splits))
+                         num_splits=kw["num_splits"] or splits, pct_of_copy=100 * gbytes / ms * 1e3 / copy))
+        print(f"    decode {tag}: {ms:.4f} ms {gbytes / ms * 1e3:.0f} GB/s", flush=True)
     if len(set(ctxs)) == 1:  # peer: SDPA on contiguous [B, K, ctx, D] K/V, one query, no mask
         kvs = [contiguous_kv(kc, vc, bt[b], ctxs[b]) for b in range(B)]
         k1, v1 = torch.cat([x[0] for x in kvs]), torch.cat([x[1] for x in kvs])
@@ -148,6 +176,7 @@ def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=
             ms = bench(fn)
         except Exception as e:  # a sweep config may not fit shared memory on this card
             rows.append(dict(case=name, shape=shape, impl=impl, variant=variant, error=repr(e)[:200]))
+            print(f"    {impl} {variant}: error {repr(e)[:300]}", flush=True)
             return None
         r = dict(case=name, shape=shape, impl=impl, variant=variant, qlen=qlen, offset=ctx - qlen,
                  ms=ms, TFLOPs=tflop / ms * 1e3)
@@ -156,6 +185,7 @@ def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=
         if ref is not None:
             r["rel_err_vs_sdpa"] = rel_err(fn(), ref)
         rows.append(r)
+        print(f"    {impl} {variant}: {ms:.3f} ms {r['TFLOPs']:.0f} TFLOP/s", flush=True)
         return ms
 
     batch = SimpleNamespace(query_lens=[qlen], context_lens=[ctx], block_tables=bt, context_lens_t=cl)
@@ -169,13 +199,25 @@ def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=
         tag = "default" if cfg is None else "M{BLOCK_M} N{BLOCK_N} warps{num_warps} stages{num_stages}".format(**cfg)
         add("fa", tag, lambda cfg=cfg: fa.paged_prefill_fa(q, kc, vc, bt, qs, cl, SCALE, qlen, out=out, config=cfg),
             ref)
+    variants = [("auto", None, None)]
+    if fa3.choose_kv_splits(triton.cdiv(qlen, fa3.TILES_TMA["BLOCK_M"] // (n_heads // kv_heads)) * kv_heads,
+                            ctx - qlen, torch.cuda.get_device_properties(DEV).multi_processor_count) > 1:
+        variants.append(("splits=1", None, 1))
+    if sweep:
+        variants += [("M{} N{} warps{} stages{} ws{}".format(*c),
+                      dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3], WS=bool(c[4])), None)
+                     for c in FA3_SWEEP]
+    tma = "tma" if fa3.tma_ok(q, kc, vc, fa3.TILES_TMA["BLOCK_N"]) else "gather"
+    for tag, cfg, splits in variants:
+        add("fa3", f"{tma} {tag}", lambda cfg=cfg, splits=splits: fa3.paged_prefill_fa3(
+            q, kc, vc, bt, qs, cl, SCALE, qlen, ctx - qlen, out=out, config=cfg, num_splits=splits), ref)
     if qlen == ctx:  # fresh prefill: SDPA causal on contiguous tensors is the same maths
         k1, v1 = contiguous_kv(kc, vc, bt[0], ctx, kv_heads, block)
         qq = q.transpose(0, 1)[None].contiguous()  # [1, N, T, D]
         add("sdpa (contiguous, is_causal)", "", lambda: sdpa(qq, k1, v1, True))
 
 
-SWEEP_CASES = ("prefill 4k at 86k", "prefill 4k at 0")  # the tile sweep runs on these only
+SWEEP_CASES = ("prefill 4k at 86k S128",)  # the tile sweep runs on these only
 
 
 def main() -> None:
@@ -192,44 +234,76 @@ def main() -> None:
         FA_SWEEP[:] = [tuple(int(x) for x in c.split(",")) for c in args.configs.split(";")]
     rows: list[dict] = []
     mm = matmul_tflops()
-    print(f"bf16 matmul 8192^3: {mm:.0f} TFLOP/s", flush=True)
-    for kind, name, a, b in CASES:
+    cp = copy_gbps()
+    print(f"bf16 matmul 8192^3: {mm:.0f} TFLOP/s; device copy {cp:.0f} GB/s", flush=True)
+    cases = CASES
+    if args.cases:  # in the order given
+        by_name = {c[1]: c for c in CASES}
+        cases = [by_name[n.strip()] for n in args.cases.split(",")]
+    for kind, name, a, b in cases:
         if args.only and not kind.startswith(args.only):
-            continue
-        if args.cases and name not in [c.strip() for c in args.cases.split(",")]:
             continue
         print(f"... {name}", flush=True)
         if kind == "decode":
-            decode_case(name, [a] * b, rows, args.sweep)  # a: context, b: batch
+            decode_case(name, [a] * b, rows, args.sweep, cp)  # a: context, b: batch
         else:  # a: chunk length, b: context after it; "prefill N/K[/S]" names heads and block size
             nks = [int(x) for x in kind.split()[1].split("/")] if " " in kind else [N, K]
             prefill_case(name, a, b, rows, args.sweep and name in SWEEP_CASES, nks[0], nks[1], mm,
                          nks[2] if len(nks) > 2 else S)
         torch.cuda.empty_cache()
+        write(args.out, rows, mm, cp)  # after each case: a run cut short keeps what it measured
 
     print(f"\n{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
           f"matmul {mm:.0f} TFLOP/s")
-    print(f"{'case':<26} {'impl':<12} {'variant':<40} {'ms':>9} {'GB/s':>6} {'TFLOP/s':>8} {'%mm':>5}")
+    print(f"{'case':<26} {'impl':<12} {'variant':<40} {'ms':>9} {'GB/s':>6} {'TFLOP/s':>8} {'%mm/%copy':>5}")
     for r in rows:
         if "error" in r:
             print(f"{r['case']:<26} {r['impl'][:12]:<12} {r['variant'][:40]:<40} error: {r['error'][:60]}")
             continue
         gb = f"{r['GBps']:.0f}" if "GBps" in r else ""
         tf = f"{r['TFLOPs']:.1f}" if "TFLOPs" in r else ""
-        pct = f"{r['pct_of_matmul']:.0f}" if "pct_of_matmul" in r else ""
+        pct = r.get("pct_of_matmul", r.get("pct_of_copy"))
+        pct = f"{pct:.0f}" if pct is not None else ""
         err = r.get("rel_err_triton_vs_sdpa", r.get("rel_err_vs_sdpa"))
         extra = f"  (rel err vs sdpa {err:.1e})" if err is not None else ""
         print(f"{r['case']:<26} {r['impl'][:12]:<12} {r['variant'][:40]:<40} {r['ms']:>9.4f} {gb:>6} {tf:>8} "
               f"{pct:>5}" + extra)
 
-    out = Path(args.out)
+    write(args.out, rows, mm, cp)
+    print(f"\nwrote {args.out}")
+    summary(rows, mm, cp)
+
+
+def write(path: str, rows: list[dict], mm: float, cp: float) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(
         card=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
         command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         torch=torch.__version__, triton=triton.__version__, matmul_tflops=mm,
-        shape=dict(N=N, K=K, D=D, block_size=S, dtype="bfloat16"), results=rows), indent=1))
-    print(f"\nwrote {out}")
+        copy_GBps=cp, shape=dict(N=N, K=K, D=D, block_size=S, dtype="bfloat16"), results=rows), indent=1))
+
+
+def summary(rows: list[dict], mm: float, cp: float) -> None:
+    """The short table: per case, each implementation's default (prefill: TFLOP/s and % of the
+    matmul rate; decode: GB/s of KV and % of the copy rate)."""
+    print(f"\nsummary (matmul {mm:.0f} TFLOP/s, copy {cp:.0f} GB/s)")
+    print(f"{'case':<30} {'sdpa':>11} {'fa/decode':>11} {'fa3':>11} {'fa3 1split':>11}")
+    cases: dict[str, dict] = {}
+    for r in rows:
+        if "error" in r:
+            continue
+        key = {"sdpa": "sdpa", "sdpa (contiguous)": "sdpa", "fa": "fa" if r["variant"] == "default" else None,
+               "triton": "fa" if r["variant"] == "auto" else None}.get(r["impl"])  # triton: decode
+        if r["impl"] == "fa3":
+            v = r["variant"]
+            key = "fa3" if v.endswith(" auto") else "fa3 1split" if v.endswith("splits=1") else None
+        if key:
+            rate = f"{r['TFLOPs']:.0f}T" if "TFLOPs" in r else f"{r['GBps']:.0f}G"
+            pct = r.get("pct_of_matmul", r.get("pct_of_copy", 0))
+            cases.setdefault(r["case"], {})[key] = f"{rate} {pct:.0f}%"
+    for case, v in cases.items():
+        print(f"{case:<30} " + " ".join(f"{v.get(k, '-'):>11}" for k in ("sdpa", "fa", "fa3", "fa3 1split")))
 
 
 if __name__ == "__main__":

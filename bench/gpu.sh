@@ -8,6 +8,10 @@
 #                                            the card's ceilings (bench/ceilings.py) and, on 2+ GPUs, 1 GPU
 #   bash bench/gpu.sh serving                bench_serving: 1024 in / 256 out at 1, 8, 64, 256 clients
 #   bash bench/gpu.sh kernels                bench_decode_layer, bench_sampler, bench_attention
+#   bash bench/gpu.sh compare REV            bench_e2e's batch-1/16 decode and 8k prefill rows of the code
+#                                            of REV (a tree made here by `git archive REV --prefix=REV/ |
+#                                            tar -x -C .old`, carried as .old) and of this tree, in one call
+#   bash bench/gpu.sh prefix                 the prefix cache on and off: shared-prefix and plain serving, multi-turn
 #   bash bench/gpu.sh breakdown              bench_breakdown: the engine's decode step at batch 16, 64, 256
 #                                            (1k context; 256 also with penalties), per kernel group
 #   bash bench/gpu.sh record                 the tests, a 64-client serving sample (plain, json, logprobs +
@@ -34,6 +38,20 @@ pt() { timeout "$1" python3 -m pytest -v -m gpu -rf -p no:cacheprovider --durati
   --continue-on-collection-errors "${@:2}"; }
 KERNEL_TESTS="tests/test_fused_moe.py tests/test_fused_kernels.py tests/test_linear_small.py tests/test_attention_kernels.py tests/test_chunking.py"
 ignore() { for f in $KERNEL_TESTS; do printf -- "--ignore=%s " "$f"; done; }
+
+# one server of the 30b config beside the project's small test tokenizer on :8123 (json_schema requests
+# need a tokenizer.json; ids past its 512 are never allowed by a grammar, plain requests sample the
+# whole vocabulary); serve_up LOG [engine serve flags], serve_down
+serve_up() {
+  python3 -c "import json, sys; from pathlib import Path; from loader.presets import preset_config
+from loader.writer import write_tokenizer; d = Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True)
+(d / 'config.json').write_text(json.dumps(preset_config('qwen3-30b-a3b'))); write_tokenizer(d, 512)" /tmp/q30tok
+  python3 -m engine serve --model /tmp/q30tok --load-format dummy --stages "$NGPU" --host 127.0.0.1 --port 8123 \
+    --quiet "${@:2}" > "$1" 2>&1 &
+  srv=$!
+  for _ in $(seq 240); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health', timeout=2)" 2>/dev/null && break; sleep 1; done
+}
+serve_down() { kill -INT $srv; for _ in $(seq 40); do kill -0 $srv 2>/dev/null || break; sleep 1; done; kill -9 $srv 2>/dev/null; }
 
 case "$suite" in
 tests)
@@ -76,6 +94,59 @@ breakdown)  # this branch's GPU tests first (no late compile at a shape no prese
     | grep -v "^USDT\|^STAGE:" > "$OUT/breakdown_$TAG.log"
   tail -60 "$OUT/breakdown_$TAG.log"
   ;;
+compare)  # one model, two versions of the code, one call: the old tree first, then this one
+  rev=${1:?usage: bash bench/gpu.sh compare REV}
+  [ -d ".old/$rev" ] || { echo "error: .old/$rev is missing: git archive $rev --prefix=$rev/ | tar -x -C .old"; exit 2; }
+  e2e() { timeout 260 python3 bench/bench_e2e.py --preset qwen3-30b-a3b --stages 1 --prefill 8192 --long "" \
+    --decode-ctx 8192 --requests 16 --out "$1" 2>&1 | quiet | tail -4; }
+  (cd ".old/$rev" && PYTHONPATH=$PWD e2e "$OLDPWD/$OUT/compare_${rev}_$TAG.json")
+  e2e "$OUT/compare_this_$TAG.json"
+  python3 - "$OUT/compare_${rev}_$TAG.json" "$OUT/compare_this_$TAG.json" "$rev" <<'PY'
+import json, sys
+def pick(path):
+    rows = json.load(open(path))["moepipe"]
+    dec = {r["batch"]: r["ms_per_step"] for r in rows if r["what"] == "decode" and r["prompt"] == 128}
+    pre = {r["tokens"]: r["tok_per_s"] for r in rows if r["what"] == "prefill"}
+    return [dec.get(1), dec.get(16), pre.get(8192)]
+old, new = pick(sys.argv[1]), pick(sys.argv[2])
+print(f"{'':<22}{sys.argv[3]:>12}{'this tree':>12}{'new/old':>9}")
+for name, a, b in zip(["decode b1 ms/step", "decode b16 ms/step", "prefill 8k tok/s"], old, new):
+    print(f"{name:<22}{str(a):>12}{str(b):>12}{(b / a if a and b else float('nan')):>9.3f}")
+PY
+  ;;
+prefix)  # the prefix cache on and off: a 2,048-token shared system prompt + 256 own at 64 and 256 clients,
+  # the plain 1024/256 sample at 64 clients (nothing shared), then the multi-turn conversation
+  for c in on off; do
+    serve_up "$OUT/server_${c}_$TAG.log" $([ $c = off ] && echo --no-enable-prefix-caching)
+    sp() { timeout 150 python3 bench/bench_serving.py --url http://127.0.0.1:8123 --vocab-size 151936 --output-len 256 \
+      "$@" 2>&1 | quiet; }
+    { sp --concurrency 64 --num-prompts 64 --input-len 256 --shared-prefix-tokens 2048 --seed 1 --out "$OUT/prefix_shared64_${c}_$TAG.json"
+      sp --concurrency 256 --num-prompts 256 --input-len 256 --shared-prefix-tokens 2048 --seed 2 --out "$OUT/prefix_shared256_${c}_$TAG.json"
+      sp --concurrency 64 --num-prompts 64 --input-len 1024 --seed 3 --out "$OUT/prefix_plain64_${c}_$TAG.json"
+    } > "$OUT/prefix_serving_${c}_$TAG.log"
+    serve_down
+  done
+  # 8 turns to 90k and 128k with the cache on; 2 with it off (each turn computes the whole prompt)
+  timeout 170 python3 bench/bench_multiturn.py --target 90000,128000 --turns 8 --cache on \
+    --out "$OUT/multiturn_on_$TAG.json" 2>&1 | quiet > "$OUT/multiturn_on_$TAG.log"
+  timeout 150 python3 bench/bench_multiturn.py --target 90000,128000 --turns 2 --cache off \
+    --out "$OUT/multiturn_off_$TAG.json" 2>&1 | quiet > "$OUT/multiturn_off_$TAG.log"
+  python3 - "$OUT" "$TAG" <<'PY'
+import json, sys
+from pathlib import Path
+out, tag = Path(sys.argv[1]), sys.argv[2]
+print(f"{'run':<16}{'cache':>6}{'out tok/s':>11}{'TTFT p50 ms':>13}{'TPOT p50 ms':>13}")
+for run in ("shared64", "shared256", "plain64"):
+    for c in ("on", "off"):
+        f = out / f"prefix_{run}_{c}_{tag}.json"
+        if not f.exists():
+            print(f"{run:<16}{c:>6}  (missing)"); continue
+        r = json.loads(f.read_text())["results"][0]
+        print(f"{run:<16}{c:>6}{r['output_throughput']:>11.0f}{r['median_ttft_ms']:>13.1f}{r['median_tpot_ms']:>13.1f}")
+PY
+  tail -5 "$OUT/multiturn_on_$TAG.log"; tail -4 "$OUT/multiturn_off_$TAG.log"
+  (cd "$OUT" && tar czf "prefix_$TAG.tgz" --remove-files ./*_"$TAG".log ./*_"$TAG".json)
+  ;;
 record)  # the short record for a one-call budget: every GPU test, then one server, then the cache
   # 1. every GPU test at once on this GPU: the slow real-shape MoE checks (fp64 references) in their
   # own processes beside the other kernel tests and the engine's
@@ -91,20 +162,14 @@ record)  # the short record for a one-call budget: every GPU test, then one serv
   # then 2,048 shared prompt tokens + 256 own against 2,304 own (nothing shared), the cache on in both
   # the 30b config beside the project's small test tokenizer: json_schema requests need a tokenizer.json
   # (ids past its 512 are never allowed by a grammar; plain requests sample the whole vocabulary)
-  python3 -c "import json, sys; from pathlib import Path; from loader.presets import preset_config
-from loader.writer import write_tokenizer; d = Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True)
-(d / 'config.json').write_text(json.dumps(preset_config('qwen3-30b-a3b'))); write_tokenizer(d, 512)" /tmp/q30tok
-  python3 -m engine serve --model /tmp/q30tok --load-format dummy --stages "$NGPU" --host 127.0.0.1 --port 8123 \
-    --quiet > "$OUT/server_$TAG.log" 2>&1 &
-  srv=$!
-  for _ in $(seq 240); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8123/health', timeout=2)" 2>/dev/null && break; sleep 1; done
+  serve_up "$OUT/server_$TAG.log"
   sv() { timeout 120 python3 bench/bench_serving.py --url http://127.0.0.1:8123 --concurrency 64 --num-prompts 64 \
     --vocab-size 151936 --output-len 256 "$@" 2>&1 | quiet; }
   { sv --input-len 1024 --json-share 0,0.5 --out "$OUT/serving_json_$TAG.json"
     sv --input-len 1024 --mix-share 0.5 --out "$OUT/serving_mix_$TAG.json"
     sv --input-len 2304 --out "$OUT/serving_noshare_$TAG.json"
     sv --input-len 256 --shared-prefix-tokens 2048 --out "$OUT/serving_shared_$TAG.json"; } > "$OUT/serving_$TAG.log"
-  kill -INT $srv; for _ in $(seq 40); do kill -0 $srv 2>/dev/null || break; sleep 1; done; kill -9 $srv 2>/dev/null
+  serve_down
   # 3. the multi-turn conversation to 90k and 128k with the cache on; turn 1 computes the whole prompt,
   # which is what every turn costs with the cache off
   timeout 150 python3 bench/bench_multiturn.py --target 90000,128000 --turns 4 --cache on \
@@ -113,7 +178,7 @@ from loader.writer import write_tokenizer; d = Path(sys.argv[1]); d.mkdir(parent
   (cd "$OUT" && tar czf "record_$TAG.tgz" --remove-files ./*_"$TAG".log ./*_"$TAG".json)  # a device call returns 8 files
   ;;
 *)
-  echo "usage: bash bench/gpu.sh tests|e2e|serving|kernels|breakdown|record [pytest args for tests]" >&2
+  echo "usage: bash bench/gpu.sh tests|e2e|serving|kernels|breakdown|compare REV|prefix|record [pytest args for tests]" >&2
   exit 2
   ;;
 esac

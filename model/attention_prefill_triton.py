@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_triton import kv_offsets
+
 _LOG2E = 1.4426950408889634
 
 
@@ -54,9 +56,7 @@ def _tile(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh, n0, hi, qpos, offs_d, mask
         page = tl.load(bt_row + offs_n // S, mask=offs_n < hi, other=0).to(tl.int64)
     else:
         page = tl.load(bt_row + offs_n // S).to(tl.int64)
-    slot = (offs_n % S).to(tl.int64)
-    k_off = page * stride_kp + slot * stride_ks + kh * stride_kk  # [BLOCK_N]
-    v_off = page * stride_vp + slot * stride_vs + kh * stride_vk
+    k_off, v_off = kv_offsets(page, offs_n, S, kh, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk)
     if MASKED:
         mask_kv = (offs_n < hi)[:, None] & mask_d[None, :]
         k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=mask_kv, other=0.0)
@@ -82,6 +82,52 @@ def _tile(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh, n0, hi, qpos, offs_d, mask
 
 
 @triton.jit
+def _rows(qstart_ptr, b, kh, G: tl.constexpr, BLOCK_M: tl.constexpr, SKIP_SINGLE: tl.constexpr):
+    """The rows of program (query tile program_id(0), kv head kh, sequence b): row r of the tile is
+    query qi[r] (of the chunk; token rows[r] of q) and head heads[r]; mask_m: real rows. Also the
+    chunk's length and the tile's first query mq0 (the last, longest tiles start first). idle: the
+    program has nothing to do (past the chunk's tiles, or with SKIP_SINGLE a one-query row, which
+    the split-K decode kernel owns); its mask_m is all false."""
+    QM: tl.constexpr = BLOCK_M // G
+    q0 = tl.load(qstart_ptr + b)
+    qlen = tl.load(qstart_ptr + b + 1) - q0
+    n_tiles = tl.cdiv(qlen, QM)
+    idle = tl.program_id(0) >= n_tiles
+    if SKIP_SINGLE:
+        idle = idle | (qlen == 1)
+    mq0 = (n_tiles - 1 - tl.program_id(0)) * QM
+    r = tl.arange(0, BLOCK_M)
+    qi = mq0 + r // G
+    mask_m = (r < tl.where(idle, 0, QM * G)) & (qi < qlen) & (qi >= 0)
+    return qlen, mq0, qi, kh * G + r % G, mask_m, (q0 + qi).to(tl.int64), idle
+
+
+@triton.jit
+def _tile_start(q_ptr, ctx_ptr, bt_ptr, qstart_ptr, b, kh, stride_qt, stride_qn, stride_btb, G: tl.constexpr,
+                D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                SKIP_SINGLE: tl.constexpr):
+    """A program's start: its rows (_rows; idle: return at once), its q tile [BLOCK_M, DP] (zero
+    past D and on padding rows), each row's position qpos, the empty online-softmax state (m in log2
+    units, l, acc), the block-table row of sequence b, kh as int64, the head-dim offsets and mask,
+    and the key ranges: keys < full are visible to every row (full a multiple of BLOCK_N), hi is one
+    past the tile's last visible key."""
+    QM: tl.constexpr = BLOCK_M // G
+    qlen, mq0, qi, heads, mask_m, rows, idle = _rows(qstart_ptr, b, kh, G, BLOCK_M, SKIP_SINGLE)
+    pos0 = tl.load(ctx_ptr + b) - qlen  # position of the chunk's first query
+    offs_d = tl.arange(0, DP)
+    mask_d = offs_d < D
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qn + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
+    full = ((pos0 + mq0 + 1) // BLOCK_N) * BLOCK_N
+    hi = pos0 + tl.minimum(mq0 + QM, qlen)
+    return (idle, rows, heads, mask_m, offs_d, mask_d, q, pos0 + qi, m_i, l_i, acc,
+            bt_ptr + b.to(tl.int64) * stride_btb, kh.to(tl.int64), full, hi)
+
+
+@triton.jit
 def _prefill_fa_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, qstart_ptr, ctx_ptr,
     qk_scale,  # scale * log2(e)
@@ -93,42 +139,12 @@ def _prefill_fa_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SKIP_SINGLE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    QM: tl.constexpr = BLOCK_M // G  # queries per program
     b = tl.program_id(2)
-    q0 = tl.load(qstart_ptr + b)
-    qlen = tl.load(qstart_ptr + b + 1) - q0
-    n_tiles = tl.cdiv(qlen, QM)
-    pid = tl.program_id(0)
-    if pid >= n_tiles:
+    idle, rows, heads, mask_m, offs_d, mask_d, q, qpos, m_i, l_i, acc, bt_row, kh64, full, hi = _tile_start(
+        q_ptr, ctx_ptr, bt_ptr, qstart_ptr, b, tl.program_id(1), stride_qt, stride_qn, stride_btb, G, D, DP,
+        BLOCK_M, BLOCK_N, SKIP_SINGLE)
+    if idle:
         return
-    if SKIP_SINGLE:  # single-query rows go to the split-K decode kernel
-        if qlen == 1:
-            return
-    mq0 = (n_tiles - 1 - pid) * QM  # the last (longest) query tiles start first
-    kh = tl.program_id(1)
-    ctx = tl.load(ctx_ptr + b)
-    pos0 = ctx - qlen  # position of the chunk's first query
-
-    r = tl.arange(0, BLOCK_M)
-    qi = mq0 + r // G  # query index within the chunk
-    heads = kh * G + r % G
-    mask_m = (r < QM * G) & (qi < qlen)
-    offs_d = tl.arange(0, DP)
-    mask_d = offs_d < D
-    rows = (q0 + qi).to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qn + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, DP]
-    qpos = pos0 + qi
-
-    m_i = tl.full([BLOCK_M], -1e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, DP], tl.float32)
-    bt_row = bt_ptr + b.to(tl.int64) * stride_btb
-    kh64 = kh.to(tl.int64)
-
-    # keys < pos0 + mq0 + 1 are visible to every row; hi: one past the tile's last visible key
-    full = ((pos0 + mq0 + 1) // BLOCK_N) * BLOCK_N
-    hi = pos0 + tl.minimum(mq0 + QM, qlen)
     for n0 in range(0, full, BLOCK_N):
         m_i, l_i, acc = _tile(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh64, n0, hi, qpos, offs_d,
                               mask_d, qk_scale, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs,
@@ -247,16 +263,23 @@ def paged_prefill_fa(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 def prefill_attend(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch,
-                   scale: float) -> torch.Tensor:
+                   scale: float, hopper: bool = False) -> torch.Tensor:
     """The engine's attend(q, k_cache, v_cache, AttnBatch, scale) on CUDA: decode-only batches and
-    the single-query rows of a mixed batch take the split-K decode kernel, the chunks this kernel."""
+    the single-query rows of a mixed batch take the split-K decode kernel, the chunks this kernel
+    (hopper: the TMA / split-KV kernel of attention_prefill_fa3)."""
     from .attention_triton import paged_decode
     if batch.max_query_len == 1:
         return paged_decode(q_TND, k_cache, v_cache, batch.block_tables, batch.context_lens_t, scale,
                             batch.max_context)
     single = [b for b, ql in enumerate(batch.query_lens) if ql == 1]
-    out = paged_prefill_fa(q_TND, k_cache, v_cache, batch.block_tables, batch.query_start,
-                           batch.context_lens_t, scale, batch.max_query_len, skip_single=bool(single))
+    args = (q_TND, k_cache, v_cache, batch.block_tables, batch.query_start, batch.context_lens_t, scale,
+            batch.max_query_len)
+    if hopper:
+        from .attention_prefill_fa3 import paged_prefill_fa3
+        max_prefix = max(c - ql for ql, c in zip(batch.query_lens, batch.context_lens) if ql > 1)
+        out = paged_prefill_fa3(*args, max_prefix, skip_single=bool(single))
+    else:
+        out = paged_prefill_fa(*args, skip_single=bool(single))
     if single:
         dev = q_TND.device
         starts = list(itertools.accumulate(batch.query_lens, initial=0))

@@ -31,6 +31,15 @@ DECODE_BLOCK_N = 64  # keys per step of the decode split kernel, and the granula
 
 
 @triton.jit
+def kv_offsets(page, offs_n, S: tl.constexpr, kh, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk):
+    """Element offsets (int64, [BLOCK_N]) of key positions offs_n of kv head kh in the K and V pools,
+    given each position's block id `page` (int64): slot = pos % S within the block."""
+    slot = (offs_n % S).to(tl.int64)
+    return (page * stride_kp + slot * stride_ks + kh * stride_kk,
+            page * stride_vp + slot * stride_vs + kh * stride_vk)
+
+
+@triton.jit
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:  # TRITON_INTERPRET: its numpy dot reads bf16 as raw uint16, so go through fp32
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -56,9 +65,7 @@ def _attend_tile(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh, n0, end, qpos, qk_s
         page = tl.load(bt_row + offs_n // S, mask=mask_n, other=0).to(tl.int64)
     else:
         page = tl.load(bt_row + offs_n // S).to(tl.int64)
-    slot = (offs_n % S).to(tl.int64)
-    k_off = page * stride_kp + slot * stride_ks + kh * stride_kk  # [BLOCK_N]
-    v_off = page * stride_vp + slot * stride_vs + kh * stride_vk
+    k_off, v_off = kv_offsets(page, offs_n, S, kh, stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk)
     if MASK_END:
         kT = tl.load(k_ptr + k_off[None, :] + offs_d[:, None], mask=mask_n[None, :], other=0.0)
     else:

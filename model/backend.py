@@ -36,10 +36,19 @@ def sdpa_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Te
     return prefill_sdpa(q, k_cache, v_cache, batch, scale, paged_decode)
 
 
+def hopper_prefill(q: torch.Tensor) -> bool:
+    """Chunks on sm_90 in bf16/fp16 take attention_prefill_fa3 (TMA loads where the block size
+    holds a whole key tile, warp specialisation, and KV splits when the grid underfills the SMs:
+    attention_prefill_fa3.choose_kv_splits states that rule); other cards and fp32 keep the FA2-style
+    kernel of attention_prefill_triton."""
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(q.device)[0] == 9)
+
+
 def fa_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
     """Decode: the Triton split-K kernel; prefill: paged flash attention straight from the pool."""
     from .attention_prefill_triton import prefill_attend
-    return prefill_attend(q, k_cache, v_cache, batch, scale)
+    return prefill_attend(q, k_cache, v_cache, batch, scale, hopper=hopper_prefill(q))
 
 
 def auto_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:

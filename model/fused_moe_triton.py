@@ -163,16 +163,22 @@ def align_by_expert(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor
 
 
 @triton.jit
+def _block_rows(pairs_ptr, bexp_ptr, P, E, BM: tl.constexpr):
+    """This program's block of align_by_expert's output: its expert (int64; E past the end), its BM
+    pair rows (padding and blocks past the end read as P) and which of them are real."""
+    b = tl.program_id(0)
+    e = tl.load(bexp_ptr + b).to(tl.int64)
+    rows = tl.load(pairs_ptr + b * BM + tl.arange(0, BM), mask=tl.arange(0, BM) < tl.where(e < E, BM, 0), other=P)
+    return e, rows, rows < P
+
+
+@triton.jit
 def _gate_up_grouped_kernel(x_ptr, w_ptr, pairs_ptr, bexp_ptr, act_ptr, P, H, I, E, stride_xt, stride_we,
                             stride_wn, stride_at, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                             BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    b = tl.program_id(0)
-    e = tl.load(bexp_ptr + b)
-    if e >= E:
+    e, rows, rmask = _block_rows(pairs_ptr, bexp_ptr, P, E, BM)
+    if e >= E:  # a block past the last expert's padded run
         return
-    e = e.to(tl.int64)
-    rows = tl.load(pairs_ptr + b * BM + tl.arange(0, BM))
-    rmask = rows < P
     tok = rows // TOPK
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < I
@@ -198,13 +204,9 @@ def _gate_up_grouped_kernel(x_ptr, w_ptr, pairs_ptr, bexp_ptr, act_ptr, P, H, I,
 def _down_grouped_kernel(act_ptr, w_ptr, pairs_ptr, bexp_ptr, tw_ptr, y_ptr, P, H, I, E, stride_at, stride_we,
                          stride_wn, stride_yt, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          PREC: tl.constexpr, UPCAST: tl.constexpr):
-    b = tl.program_id(0)
-    e = tl.load(bexp_ptr + b)
-    if e >= E:
+    e, rows, rmask = _block_rows(pairs_ptr, bexp_ptr, P, E, BM)
+    if e >= E:  # a block past the last expert's padded run
         return
-    e = e.to(tl.int64)
-    rows = tl.load(pairs_ptr + b * BM + tl.arange(0, BM))
-    rmask = rows < P
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     nmask = n < H
     acc = tl.zeros([BM, BN], dtype=tl.float32)

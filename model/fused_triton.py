@@ -28,15 +28,21 @@ def _round(x, DT: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_rows, H, stride_x, stride_o, eps,
-                     BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
-    pdl_release(PDL)  # the GEMV after the norm may stream its weights beside it
+def _norm_tile(n_rows, H, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    """This program's ROWS rows (int64) x BLOCK_H columns of an [n_rows, H] norm, with the masks.
+    Releases the dependent launch first: the GEMV after the norm may stream its weights beside it."""
+    pdl_release(PDL)
     pdl_enter(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < H
-    mask = (rows[:, None] < n_rows) & cmask[None, :]
-    rows64 = rows.to(tl.int64)
+    return rows.to(tl.int64), cols, cmask, (rows[:, None] < n_rows) & cmask[None, :]
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_rows, H, stride_x, stride_o, eps,
+                     BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
+    rows64, cols, cmask, mask = _norm_tile(n_rows, H, BLOCK_H, ROWS, PDL)
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     r = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
     DT: tl.constexpr = o_ptr.dtype.element_ty
@@ -48,13 +54,7 @@ def _rms_norm_kernel(x_ptr, w_ptr, o_ptr, n_rows, H, stride_x, stride_o, eps,
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, o_ptr, h_ptr, n_rows, H, stride_x, stride_r, stride_o, eps,
                          BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr):
-    pdl_release(PDL)  # the GEMV after the norm may stream its weights beside it
-    pdl_enter(PDL)
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_H)
-    cmask = cols < H
-    mask = (rows[:, None] < n_rows) & cmask[None, :]
-    rows64 = rows.to(tl.int64)
+    rows64, cols, cmask, mask = _norm_tile(n_rows, H, BLOCK_H, ROWS, PDL)
     DT: tl.constexpr = o_ptr.dtype.element_ty
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     res = tl.load(r_ptr + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)

@@ -45,6 +45,10 @@ def warm_shapes(max_tokens: int, max_batch: int, max_context: int, small_max: in
     T = min(max_tokens, 512)
     if max_context > 2 * T:
         shapes.append(([T], [max_context]))  # a chunk deep in a long context
+    if max_context > 64 and max_tokens > 16:  # short chunks deep in a context: on sm_90 the
+        shapes.append(([16], [max_context]))  # split-KV variants of the prefill kernel, alone
+        if max_batch > 1:                     # and beside decode rows
+            shapes.append(([16, 1], [max_context, 16]))
     S = block_size
     contexts = sorted({c for c in (16, 2048, max_context) if c <= max_context})
     few = sorted(set(contexts) | ({3 * S} if 3 * S <= max_context else set()))  # + a table width M of 3

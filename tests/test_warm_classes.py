@@ -28,7 +28,7 @@ def request_batches(prompt: int, budget: int, stages: int, decodes: int) -> list
     return out
 
 
-def variants(batches, hd, g, k, max_batch=256):
+def variants(batches, hd, g, k):
     return {v for q, c in batches if (v := launch_variant(torch.bfloat16, hd, g, k, q, c, S, SMS)) is not None}
 
 

@@ -58,6 +58,12 @@ class ChunkSizer:
     stages: with S stages and chunks of equal cost t, time to first token is about
     W + n_chunks * c0 + (S - 1) * t (W: the prompt's work), smallest at t = c0 + sqrt(c0 W / (S - 1)).
     Smaller chunks keep the stages in step but each pays c0 (the expert weights are read per chunk).
+
+    Kernel size: on one stage the scheduler builds no sizer, so every chunk takes the full budget
+    (nothing to keep in step; a budget of 8192 is 512 query tiles x 4 kv heads of the prefill
+    kernel, many waves on 132 SMs). On several stages a chunk shrinks to min_tokens at most; the
+    grid of such a short chunk deep in the context underfills the SMs, which the Hopper kernel
+    makes up by splitting the keys (model/attention_prefill_fa3.choose_kv_splits).
     """
 
     def __init__(self, budget: int, cost: ChunkCost = QWEN3_30B_FIT, num_stages: int = 2,
