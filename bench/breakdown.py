@@ -25,7 +25,7 @@ LAYER_GROUPS = ("attention", "moe", "dense", "norm_rope")  # inside the decoder 
 
 _GPU_RULES = [  # (group, pattern on the lower-cased kernel name), first match wins
     ("copies", r"memcpy|memset|copy|fill"),
-    ("attention", r"_decode_split|_decode_merge|_prefill_fa|flash|fmha|attention|sdpa"),
+    ("attention", r"_decode_split|_decode_merge|_prefill_fa|_fa3_kernel|_merge_kernel|flash|fmha|attention|sdpa"),
     ("moe", r"_gate_up|_down_combine|_down_grouped|_topk_softmax|moe"),
     ("norm_rope", r"rms_norm|qkv_norm_rope"),
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitk|_linear_small"),

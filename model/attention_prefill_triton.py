@@ -303,7 +303,9 @@ def launch_variant(dtype: torch.dtype, head_dim: int, group: int, kv_heads: int,
     prefill_attend (None: it does not launch the kernel): the tile config (default_config, from the
     longest query, the group, kv heads and sequences), SKIP_SINGLE (some row decodes) and the class
     of the block-table row stride M (the longest context's block count). Strides of q, out and the
-    pool are the model's own, the same in every step."""
+    pool are the model's own, the same in every step. On sm_90 a chunk that attention_prefill_fa3
+    splits runs that module's kernel instead (its int arguments unspecialized; warm_shapes' short
+    chunks deep in a context compile it): counting it here only asks for more warm-up."""
     if max(query_lens) == 1:
         return None
     cfg = default_config(dtype, head_dim, max(query_lens), group, kv_heads, len(query_lens), sms=sms)
