@@ -18,7 +18,7 @@ Per step: group ms (bench/breakdown.py says how kernels are grouped), % of the s
 bytes floor (weights read once, for the MoE the experts a uniform router is expected to touch; KV of
 the actual contexts; the passes over the logits the decode path makes) at the measured copy
 bandwidth, and host = step wall time - device busy (the union of device activity). Prints one table
-per batch last; JSON to --out."""
+per run, then one line per run; JSON to --out."""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from breakdown import floor_bytes, format_table, from_chrome_trace, from_cpu_events, table  # noqa: E402
+from breakdown import floor_bytes, format_table, from_chrome_trace, from_cpu_events, summary, table  # noqa: E402
 
 
 def ints(s: str) -> list[int]:
@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"\n[{r['sampling']}, context {r['context']:.0f}, unprofiled step {r['step_ms_unprofiled']:.3f} ms, "
               f"copy bandwidth {r['copy_gbs']:.0f} GB/s, late compiles {r['late_compiles']}]")
         print(format_table(r["batch"], r["rows"], r["step_ms"], r["overlap_ms"]))
+    print("\nms per step (profiled; 'outside': the step minus attention, MoE, dense and norms)")
+    print(summary(results))
     return results
 
 

@@ -233,3 +233,16 @@ def format_table(batch: int, rows: list[dict], step_ms: float, overlap_ms: float
     out.append(f"{'(layers)':<11}{layers:>9.3f}{100 * layers / step_ms if step_ms else 0:>7.1f}%"
                f"   outside the layers: {step_ms - layers:.3f} ms")
     return "\n".join(out)
+
+
+def summary(results: list[dict]) -> str:
+    """One line per run: the step, each group's ms per step, host, and the time outside the layers."""
+    short = {"attention": "attn", "moe": "moe", "dense": "dense", "norm_rope": "norm", "lm_head": "head",
+             "sampler": "sampl", "copies": "copy", "other": "other", "host": "host"}
+    out = [f"{'run':<14}{'step':>8}" + "".join(f"{v:>7}" for v in short.values()) + f"{'outside':>9}"]
+    for r in results:
+        ms = {x["group"]: x["ms"] for x in r["rows"]}
+        layers = sum(ms[g] for g in LAYER_GROUPS)
+        out.append(f"{r['sampling'][:6] + ' b' + str(r['batch']):<14}{r['step_ms']:>8.2f}"
+                   + "".join(f"{ms[g]:>7.2f}" for g in short) + f"{r['step_ms'] - layers:>9.2f}")
+    return "\n".join(out)

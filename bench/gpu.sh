@@ -92,7 +92,7 @@ breakdown)  # this branch's GPU tests first (no late compile at a shape no prese
   grep -E "passed|failed|FAILED|Error|late" "$OUT/gpu_tests_breakdown_$TAG.log" | tail -8
   timeout 360 python3 bench/bench_breakdown.py --out "$OUT/breakdown_$TAG.json" 2>&1 | quiet \
     | grep -v "^USDT\|^STAGE:" > "$OUT/breakdown_$TAG.log"
-  tail -60 "$OUT/breakdown_$TAG.log"
+  tail -66 "$OUT/breakdown_$TAG.log"
   ;;
 compare)  # one model, two versions of the code, one call: the old tree first, then this one
   rev=${1:?usage: bash bench/gpu.sh compare REV}
