@@ -9,13 +9,23 @@ import time
 import pytest
 import torch
 
+from engine.options import EngineOptions
+from engine.params import SamplingParams
+from engine.runtime.launch import build_rank, resolve_engine
+
 pytestmark = pytest.mark.gpu
 
 
 def test_256_row_decode_step_replays_a_graph_and_never_syncs():
-    from engine.options import EngineOptions
-    from engine.params import SamplingParams
-    from engine.runtime.launch import build_rank, resolve_engine
+    from triton import knobs
+    hooks = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+    try:
+        _run_256()
+    finally:  # build_rank installs the late-compile watch process-wide: later tests are not requests
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = hooks
+
+
+def _run_256() -> None:
     args, cfg, _ = resolve_engine("tiny", EngineOptions(load_format="dummy", device="cuda", dtype="bfloat16",
                                                         max_num_seqs=256, max_model_len=512, verbose=False))
     r = build_rank(args, 0, 0)
@@ -45,6 +55,7 @@ def test_256_row_decode_step_replays_a_graph_and_never_syncs():
     for _ in range(6):
         eng.step()
     assert replays and max(replays) == 256, replays
+    assert w.late.stats()["late_compiles"] == 0, w.late.stats()["late_kernels"]
 
 
 def test_stats_never_waits_for_the_device():
