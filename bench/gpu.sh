@@ -88,9 +88,9 @@ kernels)
   tail -14 "$OUT/decode_layer_$TAG.log"; tail -10 "$OUT/sampler_$TAG.log"; tail -16 "$OUT/attention_$TAG.log"
   ;;
 breakdown)  # this branch's GPU tests first (no late compile at a shape no preset has; the 256-row step), then the bench
-  pt 200 tests/test_breakdown.py tests/test_warm_classes.py tests/test_decode_step_gpu.py > "$OUT/gpu_tests_breakdown_$TAG.log" 2>&1
+  pt 240 --timeout=230 tests/test_breakdown.py tests/test_warm_classes.py tests/test_decode_step_gpu.py > "$OUT/gpu_tests_breakdown_$TAG.log" 2>&1
   grep -E "passed|failed|FAILED|Error|late" "$OUT/gpu_tests_breakdown_$TAG.log" | tail -8
-  timeout 360 python3 bench/bench_breakdown.py --out "$OUT/breakdown_$TAG.json" 2>&1 | quiet \
+  timeout 330 python3 bench/bench_breakdown.py --out "$OUT/breakdown_$TAG.json" 2>&1 | quiet \
     | grep -v "^USDT\|^STAGE:" > "$OUT/breakdown_$TAG.log"
   tail -66 "$OUT/breakdown_$TAG.log"
   ;;
