@@ -13,7 +13,8 @@
 #                                            tar -x -C .old`, carried as .old) and of this tree, in one call
 #   bash bench/gpu.sh prefix                 the prefix cache on and off: shared-prefix and plain serving, multi-turn
 #   bash bench/gpu.sh breakdown              bench_breakdown: the engine's decode step at batch 16, 64, 256
-#                                            (1k context; 256 also with penalties), per kernel group
+#                                            (1k context; 256 also with penalties), per kernel group, after
+#                                            this suite's GPU tests (BD_TESTS=0: the bench alone)
 #   bash bench/gpu.sh record                 the tests, a 64-client serving sample (plain, json, logprobs +
 #                                            penalties, a shared prefix) and the multi-turn prefix cache
 # Results (JSON and logs) go to $OUT (default bench/results/run), named <kind>_<card>x<gpus>_<date>;
@@ -88,8 +89,11 @@ kernels)
   tail -14 "$OUT/decode_layer_$TAG.log"; tail -10 "$OUT/sampler_$TAG.log"; tail -16 "$OUT/attention_$TAG.log"
   ;;
 breakdown)  # this branch's GPU tests first (no late compile at a shape no preset has; the 256-row step), then the bench
-  pt 240 --timeout=230 tests/test_breakdown.py tests/test_warm_classes.py tests/test_decode_step_gpu.py > "$OUT/gpu_tests_breakdown_$TAG.log" 2>&1
-  grep -E "passed|failed|FAILED|Error|late" "$OUT/gpu_tests_breakdown_$TAG.log" | tail -8
+  if [ "${BD_TESTS:-1}" = 1 ]; then  # BD_TESTS=0: the bench alone
+    pt 240 --timeout=230 tests/test_breakdown.py tests/test_warm_classes.py tests/test_decode_step_gpu.py \
+      > "$OUT/gpu_tests_breakdown_$TAG.log" 2>&1
+    grep -E "passed|failed|FAILED|Error|late" "$OUT/gpu_tests_breakdown_$TAG.log" | tail -8
+  fi
   timeout 330 python3 bench/bench_breakdown.py --out "$OUT/breakdown_$TAG.json" 2>&1 | quiet \
     | grep -v "^USDT\|^STAGE:" > "$OUT/breakdown_$TAG.log"
   tail -66 "$OUT/breakdown_$TAG.log"
