@@ -12,6 +12,9 @@
 #                                            of REV (a tree made here by `git archive REV --prefix=REV/ |
 #                                            tar -x -C .old`, carried as .old) and of this tree, in one call
 #   bash bench/gpu.sh prefix                 the prefix cache on and off: shared-prefix and plain serving, multi-turn
+#   bash bench/gpu.sh breakdown              bench_breakdown: the engine's decode step at batch 16, 64, 256
+#                                            (1k context; 256 also with penalties), per kernel group, after
+#                                            this suite's GPU tests (BD_TESTS=0: the bench alone)
 #   bash bench/gpu.sh record                 the tests, a 64-client serving sample (plain, json, logprobs +
 #                                            penalties, a shared prefix) and the multi-turn prefix cache
 # Results (JSON and logs) go to $OUT (default bench/results/run), named <kind>_<card>x<gpus>_<date>;
@@ -84,6 +87,16 @@ kernels)
   timeout 100 python3 bench/bench_sampler.py --out "$OUT/sampler_$TAG.json" > "$OUT/sampler_$TAG.log" 2>&1
   timeout 200 python3 bench/bench_attention.py --out "$OUT/attention_kernels_$TAG.json" > "$OUT/attention_$TAG.log" 2>&1
   tail -14 "$OUT/decode_layer_$TAG.log"; tail -10 "$OUT/sampler_$TAG.log"; tail -16 "$OUT/attention_$TAG.log"
+  ;;
+breakdown)  # this branch's GPU tests first (no late compile at a shape no preset has; the 256-row step), then the bench
+  if [ "${BD_TESTS:-1}" = 1 ]; then  # BD_TESTS=0: the bench alone
+    pt 240 --timeout=230 tests/test_breakdown.py tests/test_warm_classes.py tests/test_decode_step_gpu.py \
+      > "$OUT/gpu_tests_breakdown_$TAG.log" 2>&1
+    grep -E "passed|failed|FAILED|Error|late" "$OUT/gpu_tests_breakdown_$TAG.log" | tail -8
+  fi
+  timeout 330 python3 bench/bench_breakdown.py --out "$OUT/breakdown_$TAG.json" 2>&1 | quiet \
+    | grep -v "^USDT\|^STAGE:" > "$OUT/breakdown_$TAG.log"
+  tail -66 "$OUT/breakdown_$TAG.log"
   ;;
 compare)  # one model, two versions of the code, one call: the old tree first, then this one
   rev=${1:?usage: bash bench/gpu.sh compare REV}
@@ -169,7 +182,7 @@ record)  # the short record for a one-call budget: every GPU test, then one serv
   (cd "$OUT" && tar czf "record_$TAG.tgz" --remove-files ./*_"$TAG".log ./*_"$TAG".json)  # a device call returns 8 files
   ;;
 *)
-  echo "usage: bash bench/gpu.sh tests|e2e|serving|kernels|compare REV|prefix|record [pytest args for tests]" >&2
+  echo "usage: bash bench/gpu.sh tests|e2e|serving|kernels|breakdown|compare REV|prefix|record [pytest args for tests]" >&2
   exit 2
   ;;
 esac

@@ -41,6 +41,9 @@ class EngineOptions:
     gpu_memory_utilization: float = _opt(0.9, "fraction of each GPU's memory the engine may use, in (0, 1]", float)
     max_num_seqs: int = _opt(256, "most sequences running at once", int)
     max_num_batched_tokens: int = _opt(8192, "token budget per step (the prefill chunk)", int)
+    max_step_ms: float = _opt(90.0, "while sequences decode, a step's prefill tokens are cut so that its time, as the "
+                              "chunk-cost model predicts it, stays within this many ms (decodes always run; a "
+                              "prefill with nothing decoding is not bounded; 0: off, only the token budget)", float)
     max_model_len: int | None = _opt(None, "context limit in tokens (default: the model's max_position_embeddings)",
                                      int)
     attention: str | None = _opt(None, "attention backend (default: auto on cuda, ref on cpu)", str,
@@ -92,6 +95,8 @@ class EngineOptions:
             bad("kv_cache_gib", f"must be a number > 0, got {self.kv_cache_gib!r}")
         if not (_num(self.gpu_memory_utilization) and 0 < self.gpu_memory_utilization <= 1):
             bad("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if not (_num(self.max_step_ms) and self.max_step_ms >= 0):
+            bad("max_step_ms", f"must be a number >= 0 (0: off), got {self.max_step_ms!r}")
         if not (_num(self.load_timeout_s) and self.load_timeout_s > 0):
             bad("load_timeout_s", f"must be a number > 0, got {self.load_timeout_s!r}")
         if self.attention is not None and self.attention not in ATTENTION_CHOICES:

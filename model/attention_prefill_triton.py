@@ -187,14 +187,17 @@ def _num_sms(device_index: int) -> int:
 
 
 def default_config(dtype: torch.dtype, head_dim: int, max_query_len: int = 0, group: int = 1,
-                   kv_heads: int = 1, batch: int = 1, device: torch.device | None = None) -> dict:
+                   kv_heads: int = 1, batch: int = 1, device: torch.device | None = None,
+                   sms: int | None = None) -> dict:
+    """sms: the device's SM count (default: read from a CUDA device; none: the CPU choice)."""
     if dtype == torch.float32:  # twice the bytes per tile: smaller tiles to fit shared memory
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if device is None or device.type != "cuda" or group > TILES_BIG["BLOCK_M"] // 2:
+    if sms is None and device is not None and device.type == "cuda":
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if sms is None or group > TILES_BIG["BLOCK_M"] // 2:
         return dict(TILES_MID)
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     return choose_tiles(max_query_len, group, kv_heads, batch, sms)
 
 
@@ -286,3 +289,47 @@ def prefill_attend(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                                  batch.context_lens_t[seqs].contiguous(), scale,
                                  max(batch.context_lens[b] for b in single))
     return out
+
+
+# ---- warm-up: the variants this kernel compiles ------------------------------------------------
+def stride_class(n: int) -> str:
+    """How Triton specializes an int argument: 'one', 'div16' (multiple of 16) or 'other'."""
+    return "one" if n == 1 else "div16" if n % 16 == 0 else "other"
+
+
+def launch_variant(dtype: torch.dtype, head_dim: int, group: int, kv_heads: int, query_lens: list[int],
+                   context_lens: list[int], block_size: int, sms: int | None) -> tuple | None:
+    """What selects a separately compiled _prefill_fa_kernel for one micro-batch through
+    prefill_attend (None: it does not launch the kernel): the tile config (default_config, from the
+    longest query, the group, kv heads and sequences), SKIP_SINGLE (some row decodes) and the class
+    of the block-table row stride M (the longest context's block count). Strides of q, out and the
+    pool are the model's own, the same in every step. On sm_90 a chunk that attention_prefill_fa3
+    splits runs that module's kernel instead (its int arguments unspecialized; warm_shapes' short
+    chunks deep in a context compile it): counting it here only asks for more warm-up."""
+    if max(query_lens) == 1:
+        return None
+    cfg = default_config(dtype, head_dim, max(query_lens), group, kv_heads, len(query_lens), sms=sms)
+    M = max(1, max(-(-c // block_size) for c in context_lens))
+    return tuple(sorted(cfg.items())), any(q == 1 for q in query_lens), stride_class(M)
+
+
+def warm_classes(dtype: torch.dtype, head_dim: int, group: int, kv_heads: int, max_tokens: int, max_batch: int,
+                 max_context: int, block_size: int, sms: int | None) -> list[tuple[list[int], list[int]]]:
+    """Micro-batches (query_lens, context_lens) that between them launch every variant of
+    launch_variant the engine can reach within max_tokens per step, max_batch sequences and
+    max_context: one chunk behind a cached prefix (the 'auto' backend sends those here), alone or
+    beside decode rows (1, 2, 4, 16, 64 sequences and max_batch: the tile choice weighs the rows),
+    at each tile config its length can select, with each block-table width class its context can
+    have (M == 1 only below one block)."""
+    S = block_size
+    found: dict[tuple, tuple[list[int], list[int]]] = {}
+    for B in sorted({1, 2, 4, 16, 64, max_batch} & set(range(1, max_batch + 1))):
+        for T in range(2, max_tokens - (B - 1) + 1):
+            cfg = tuple(sorted(default_config(dtype, head_dim, T, group, kv_heads, B, sms=sms).items()))
+            m = -(-(T + 1) // S)  # the fewest blocks of a context with a cached prefix
+            for ctx in (T + 1, -(-m // 16) * 16 * S, (m + 1 if m % 16 == 0 or m == 1 else m) * S):
+                cls = stride_class(-(-ctx // S))
+                key = (cfg, B > 1, cls)
+                if ctx <= max_context and key not in found:
+                    found[key] = ([T] + [1] * (B - 1), [ctx] + [min(ctx, S)] * (B - 1))
+    return list(found.values())

@@ -322,3 +322,19 @@ def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor,
     """Route (the reference's expert choice) then the fused experts."""
     w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob, linear)
     return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs)
+
+
+# ---- warm-up: the variants these kernels compile -------------------------------------------------
+def warm_token_counts(num_experts: int, top_k: int, small_max_pairs: int, max_tokens: int) -> list[int]:
+    """Token counts whose MoE launches between them compile every variant the engine can reach:
+    the GEMV path's two tile sets (model.fused_moe_triton.small_tiles: up to 16 pairs or more), and
+    the grouped path's tiles (grouped_tiles) at each class Triton gives the pair count P (== 1, a
+    multiple of 16, other). The other int arguments are the model's own sizes."""
+    from .attention_prefill_triton import stride_class
+    found: dict[tuple, int] = {}
+    for n in range(1, max_tokens + 1):
+        P = n * top_k
+        key = ("small", P <= 16) if P <= small_max_pairs else ("grouped", grouped_tiles(P, num_experts),
+                                                               stride_class(P))
+        found.setdefault(key, n)
+    return sorted(found.values())

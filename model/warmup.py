@@ -2,8 +2,11 @@
 compiles per constexpr tile choice (the kernels pick tiles from the token count) and per integer
 argument class (== 1, divisible by 16, other), so a forward is run at each class of token count,
 each side of the MoE path switch, fresh prefills (one and several per micro-batch) and chunks
-behind a cached context, and decode batches at short and long contexts. Outputs are thrown away; the k/v written land in blocks the
-pool hands out later, whose contents are always written before they are read."""
+behind a cached context, and decode batches at short and long contexts; then the micro-batches
+each kernel module declares for the variants its own launch choices reach at this model's shape
+(declared_shapes: tile configs chosen from the token and row counts, which a token ladder can miss).
+Outputs are thrown away; the k/v written land in blocks the pool hands out later, whose contents
+are always written before they are read."""
 from __future__ import annotations
 
 import time
@@ -60,6 +63,27 @@ def warm_shapes(max_tokens: int, max_batch: int, max_context: int, small_max: in
     return shapes
 
 
+def declared_shapes(stage: Stage, max_tokens: int, max_batch: int, max_context: int
+                    ) -> list[tuple[list[int], list[int]]]:
+    """The micro-batches the kernel modules declare for their own variants, beyond the token
+    ladder: each tile config and int-argument class their launch choices can reach at this model's
+    shape (model/attention_prefill_triton.warm_classes, model/fused_moe_triton.warm_token_counts)."""
+    cfg, be, S = stage.cfg, stage.backend, stage.kv_cache.shape[3]
+    out: list[tuple[list[int], list[int]]] = []
+    if be.attention in ("fa", "auto"):
+        from .attention_prefill_triton import _num_sms, warm_classes
+        dev = stage.device
+        sms = _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
+        K = cfg.num_key_value_heads
+        out += warm_classes(stage.dtype, cfg.head_dim, cfg.num_attention_heads // K, K, max_tokens, max_batch,
+                            max_context, S, sms)
+    if be.moe == "triton" and cfg.num_experts:
+        from .fused_moe_triton import warm_token_counts
+        out += [([n], [n]) for n in warm_token_counts(cfg.num_experts, cfg.num_experts_per_tok,
+                                                      be.moe_small_max_pairs, max_tokens)]
+    return out
+
+
 @torch.inference_mode()
 def precompile(stage: Stage, max_tokens: int, max_batch: int, max_context: int | None = None) -> float:
     """Run the stage once at every shape class the engine will use (after allocate_kv; the KV pool
@@ -72,7 +96,10 @@ def precompile(stage: Stage, max_tokens: int, max_batch: int, max_context: int |
     max_context = min(max_context or stage.cfg.max_position_embeddings, stage.cfg.max_position_embeddings)
     dev, H = stage.device, stage.cfg.hidden_size
     small_max = max(1, stage.backend.moe_small_max_pairs // max(1, stage.cfg.num_experts_per_tok))
-    for qlens, ctxs in warm_shapes(max_tokens, max_batch, max_context, small_max, S):
+    shapes = warm_shapes(max_tokens, max_batch, max_context, small_max, S)
+    if dev.type == "cuda" and len(stage.layers):
+        shapes += declared_shapes(stage, max_tokens, max_batch, max_context)
+    for qlens, ctxs in shapes:
         tables = [[(j + 7 * i) % num_blocks for j in range(-(-c // S))] for i, c in enumerate(ctxs)]
         batch = AttnBatch.build(qlens, ctxs, tables, S, [True] * len(qlens), dev)
         T = sum(qlens)

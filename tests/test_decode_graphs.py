@@ -42,3 +42,37 @@ def test_fill_batch_pads_graph_rows_into_the_scratch_block():
     assert buf.slots[3:].tolist() == [scratch * bs] * 5
     assert buf.context_lens[3:].tolist() == [1] * 5
     assert buf.block_tables[3:, 0].tolist() == [scratch] * 5
+
+
+def test_every_decode_micro_batch_the_scheduler_builds_has_a_graph():
+    """Up to max_num_seqs 512 (the engine captures graph_buckets(min(max_num_seqs, BUCKETS[-1])),
+    engine/runtime/launch.py), every decode-only micro-batch the scheduler builds, on one or
+    several stages and with continuations in flight, has a captured bucket; at 256 and 512 the
+    largest bucket is the one full decode steps use."""
+    from collections import deque
+
+    from engine.params import SamplingParams
+    from engine.runtime.block_manager import BlockManager
+    from engine.runtime.scheduler import Scheduler
+    from engine.runtime.sequence import Sequence
+    for max_seqs in (3, 100, 256, 300, 512):
+        for stages in (1, 2):
+            s = Scheduler(BlockManager(8192, 16), max_num_seqs=max_seqs, max_num_batched_tokens=8192,
+                          max_model_len=1000, num_stages=stages)
+            for i in range(max_seqs + 7):
+                s.add(Sequence(i, [3 + i % 50] * 9, SamplingParams(max_tokens=4, temperature=0), ()))
+            sizes, flight = [], deque()
+            while s.has_work or flight:
+                while len(flight) < max(stages, 2):
+                    mb = s.schedule() or s.schedule_continuation()
+                    if mb is None:
+                        break
+                    flight.append(mb)
+                    if all(c.length == 1 and c.start >= c.seq.prompt_len for c in mb.chunks):
+                        sizes.append(len(mb.chunks))
+                mb = flight.popleft()
+                s.complete(mb, [7] * len(mb.sampled))
+            top = graph_buckets(min(max_seqs, BUCKETS[-1]))[-1]
+            assert sizes and max(sizes) <= top, (max_seqs, stages, max(sizes), top)
+            if stages == 1 and max_seqs in (256, 512):
+                assert max(sizes) == top == max_seqs

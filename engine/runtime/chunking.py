@@ -100,3 +100,74 @@ class ChunkSizer:
             sizes.append(n)
             pos += n
         return sizes
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Modeled time of one whole micro-batch through every layer, for `max_step_ms`: per layer
+    c0 * f(T) + a * T + b * pairs, with the coefficients of a ChunkCost, T the micro-batch's tokens
+    and pairs its causal (query, key) pairs (a decode at context c: c; a prefill chunk of n after p:
+    n p + n (n + 1) / 2). f(T) = 1 - (1 - k/E)^T is the share of the E experts that T tokens routed
+    to k each touch, about uniformly (c0 is mostly the expert weights, read once per step); 1 for a
+    dense model. The scale is the fit's card and model: a bound in these units is a modeled bound."""
+    per_layer: ChunkCost
+    layers: int
+    experts: int = 0
+    top_k: int = 0
+
+    @classmethod
+    def for_model(cls, num_layers: int, num_experts: int, top_k: int, per_layer: ChunkCost = QWEN3_30B_FIT
+                  ) -> "StepCost":
+        return cls(per_layer, num_layers, num_experts, top_k)
+
+    def ms(self, tokens: int, pairs: float) -> float:
+        if tokens <= 0:
+            return 0.0
+        frac = 1 - (1 - self.top_k / self.experts) ** tokens if self.experts > self.top_k > 0 else 1.0
+        c = self.per_layer
+        return self.layers * (c.c0 * frac + c.a * tokens + c.b * pairs)
+
+    def fit_tokens(self, tokens: int, pairs: float, prefix: int, limit: int, bound_ms: float) -> int:
+        """The most prefill tokens n <= limit of one chunk after `prefix` cached tokens that a
+        micro-batch already holding (tokens, pairs) can add with ms() <= bound_ms (0 if none)."""
+        def fits(n: int) -> bool:
+            return self.ms(tokens + n, pairs + n * prefix + n * (n + 1) / 2) <= bound_ms
+        if limit <= 0 or not fits(1):
+            return 0
+        lo, hi = 1, limit  # fits(lo); ms grows with n
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+def chunk_pairs(n: int, prefix: int) -> float:
+    """Causal (query, key) pairs of n new tokens after `prefix` cached ones."""
+    return n * prefix + n * (n + 1) / 2
+
+
+class StepBudget:
+    """The prefill tokens one micro-batch may still take under a bound: starts from the decodes
+    it will carry, then each prefill chunk takes what keeps the modeled step within bound_ms. When
+    the decodes alone leave no room, the first chunk still gets min_chunk tokens, so that prefill
+    always progresses (decodes are never dropped for it)."""
+
+    def __init__(self, cost: StepCost, bound_ms: float, decode_contexts: list[int], min_chunk: int):
+        self.cost, self.bound_ms, self.min_chunk = cost, bound_ms, min_chunk
+        self.tokens = len(decode_contexts)
+        self.pairs = float(sum(decode_contexts))
+        self.prefilled = False
+
+    def take(self, prefix: int, n: int) -> int:
+        """Tokens (<= n) granted to a prefill chunk after `prefix` cached tokens; recorded."""
+        m = self.cost.fit_tokens(self.tokens, self.pairs, prefix, n, self.bound_ms)
+        if m == 0 and not self.prefilled:
+            m = min(n, self.min_chunk)
+        if m:
+            self.tokens += m
+            self.pairs += chunk_pairs(m, prefix)
+            self.prefilled = True
+        return m

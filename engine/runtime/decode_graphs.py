@@ -12,7 +12,9 @@ from model.stage import Stage
 
 from .step_plan import H_MAXCTX, BatchBuffers, PlanView, decode_plan, fill_batch
 
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Past 256 (the default max_num_seqs) every 64 rows, up to 512: a larger max_num_seqs runs its
+# decodes past 512 rows eager.
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512)
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -67,9 +69,12 @@ class DecodeGraphs:
     def fits(self, view: PlanView) -> bool:
         return view.decode_only and view.B <= self.max_batch and view.M <= self.max_blocks
 
-    def run(self, x: torch.Tensor, view: PlanView, tables: list[list[int]] | None = None) -> torch.Tensor:
+    def run(self, x: torch.Tensor, view: PlanView, tables: list[list[int]] | None = None,
+            copy: bool = True) -> torch.Tensor:
         """x: token ids [n] or hidden [n, H] of the plan's n decoding sequences; returns the stage's
-        output for those n rows (a copy: the graph's buffers are reused by the next replay).
+        output for those n rows: a copy, as the graph's buffers are reused by the next replay, or
+        with copy=False a view of them, for a caller that consumes it in this stream before the
+        next replay is queued (the last stage's sampler: the fp32 logits are R x V).
         (x, context_lens, tables) lists are accepted too, for benchmarks that drive a stage."""
         if tables is not None:
             header, plan = decode_plan(list(view), tables, self.block_size)
@@ -83,4 +88,4 @@ class DecodeGraphs:
         fill_batch(view, sub, pad_slot=self.scratch * self.block_size, pad_block=self.scratch)
         self.x[:n].copy_(x)
         self.graphs[b].replay()
-        return self.outs[b][:n].clone()
+        return self.outs[b][:n].clone() if copy else self.outs[b][:n]

@@ -19,6 +19,8 @@ from model.config import ModelConfig, parse_dtype
 
 from ..options import EngineOptions
 from .block_manager import BlockManager
+from .chunking import StepCost
+from .decode_graphs import BUCKETS
 from .pipeline import PipelineEngine
 from .scheduler import Scheduler
 from .stage_worker import StageWorker, agree_min
@@ -144,14 +146,14 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
     worker.allocate(blocks)
     if device.type == "cuda":  # compile every Triton kernel shape now, not in the first request
         from model.warmup import precompile
-        secs = precompile(stage, min(o.max_num_batched_tokens, max_len), min(o.max_num_seqs, 256), max_len)
+        secs = precompile(stage, min(o.max_num_batched_tokens, max_len), min(o.max_num_seqs, BUCKETS[-1]), max_len)
         if worker.is_last:
             worker.warm_sampler(cfg.vocab_size)
         if log:
             log(f"stage {rank}: compiled kernels for every shape class in {secs:.1f} s")
     if device.type == "cuda" and not o.enforce_eager:
         t1 = time.perf_counter()
-        worker.capture_graphs(max_len, min(o.max_num_seqs, 256))
+        worker.capture_graphs(max_len, min(o.max_num_seqs, BUCKETS[-1]))
         if log:
             log(f"stage {rank}: captured decode graphs for batch sizes {worker.graphs.buckets} "
                 f"in {time.perf_counter() - t1:.1f} s")
@@ -165,8 +167,9 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
             f"KV pool {blocks} blocks x {o.block_size} tokens ({info['kv_gib']:.2f} GiB)")
     engine = None
     if rank == 0:
+        cost = StepCost.for_model(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok)
         sched = Scheduler(BlockManager(blocks, o.block_size, o.enable_prefix_caching), o.max_num_seqs, o.max_num_batched_tokens,
-                          max_len, o.stages, o.dynamic_chunks)
+                          max_len, o.stages, o.dynamic_chunks, o.max_step_ms, cost)
         engine = PipelineEngine(worker, sched, args.stop_ids, o.seed, o.async_scheduling, o.logprobs_mode,
                                 Path(args.model_dir) / "tokenizer.json")
     return Rank(rank, worker, engine, info)

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
-from .chunking import ChunkSizer
+from .chunking import ChunkSizer, StepBudget, StepCost
 from .sequence import Sequence, Status
 
 
@@ -80,8 +80,14 @@ def cache_salts(cache_salt, n: int) -> list[str | None]:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, num_stages: int = 1, dynamic_chunks: bool = True):
+                 max_model_len: int, num_stages: int = 1, dynamic_chunks: bool = True,
+                 max_step_ms: float | None = None, step_cost: StepCost | None = None):
+        """max_step_ms (with step_cost): while any sequence decodes, each micro-batch's prefill tokens
+        are cut so that its modeled time (step_cost) stays within it (engine/runtime/chunking.py
+        StepBudget); None or 0: only the token budget bounds a step."""
         self.blocks = blocks
+        self.max_step_ms = max_step_ms if max_step_ms and step_cost is not None else None
+        self.step_cost = step_cost
         # several stages: a prefill chunk's tokens shrink with its prefix so chunks cost alike
         self.chunk_sizer = ChunkSizer(max_num_batched_tokens, num_stages=num_stages) \
             if dynamic_chunks and num_stages > 1 else None
@@ -97,6 +103,7 @@ class Scheduler:
         self.dropped_tokens = 0  # tokens sampled by such steps for sequences that had stopped meanwhile
         self.prefix_cache_queries = 0  # tokens of admitted sequences looked up in the prefix cache, since reset
         self.prefix_cache_hits = 0  # of them, tokens found cached (not computed), since reset
+        self.step_bound_cuts = 0  # prefill chunks shortened (or held back) by max_step_ms, since reset
         self.seqs: dict[int, Sequence] = {}  # every unfinished sequence by id
 
     # ---- admission ---------------------------------------------------------------------------
@@ -130,11 +137,12 @@ class Scheduler:
                "prompt_tokens": self.prompt_tokens, "generation_tokens": self.generation_tokens,
                "continuations": self.continuations, "dropped_tokens": self.dropped_tokens,
                "prefix_cache_queries": self.prefix_cache_queries, "prefix_cache_hits": self.prefix_cache_hits,
-               "cached_blocks": self.blocks.num_cached_idle, "prefix_cache_evictions": self.blocks.num_evicted}
+               "cached_blocks": self.blocks.num_cached_idle, "prefix_cache_evictions": self.blocks.num_evicted,
+               "step_bound_cuts": self.step_bound_cuts}
         if reset:
             self.num_preemptions = self.prompt_tokens = self.generation_tokens = 0
             self.continuations = self.dropped_tokens = 0
-            self.prefix_cache_queries = self.prefix_cache_hits = self.blocks.num_evicted = 0
+            self.prefix_cache_queries = self.prefix_cache_hits = self.blocks.num_evicted = self.step_bound_cuts = 0
         return out
 
     def reset_prefix_cache(self) -> bool:
@@ -149,6 +157,7 @@ class Scheduler:
     def schedule(self) -> MicroBatch | None:
         budget, chunks = self.budget, []
         decode_cap, n_decode = self._decode_cap(), 0
+        step = self._step_budget(decode_cap)
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -160,6 +169,8 @@ class Scheduler:
             n = min(seq.num_unscheduled, budget)
             if self.chunk_sizer is not None and not is_decode:
                 n = min(n, self.chunk_sizer(seq.num_scheduled, seq.prompt_len))
+            if step is not None and not is_decode and (n := self._bounded(step, seq.num_scheduled, n)) == 0:
+                continue
             if not self._grow(seq, seq.num_scheduled + n, chunks):
                 continue
             chunks.append(self._chunk(seq, n))
@@ -172,6 +183,8 @@ class Scheduler:
             n = min(len(seq) - start, budget)
             if self.chunk_sizer is not None:
                 n = min(n, self.chunk_sizer(start, seq.prompt_len))
+            if step is not None and (n := self._bounded(step, start, n)) == 0:
+                break
             if not self.blocks.admit(seq, hits, start + n):
                 break
             seq.num_scheduled = seq.num_cached_tokens = start
@@ -213,6 +226,21 @@ class Scheduler:
             return None
         self._next_mb += 1
         return MicroBatch(self._next_mb, chunks)
+
+    def _step_budget(self, decode_cap: int) -> StepBudget | None:
+        """The bound on this micro-batch's prefill tokens while some sequence decodes (None: no
+        bound): it starts from the decodes schedule() will take (at most decode_cap schedulable
+        ones; a decode at position p attends to p + 1 keys)."""
+        if self.max_step_ms is None or not any(s.num_scheduled >= s.prompt_len for s in self.running):
+            return None
+        ctx = [s.num_scheduled + 1 for s in self.running
+               if s.schedulable and s.status == Status.RUNNING and s.num_scheduled >= s.prompt_len][:decode_cap]
+        return StepBudget(self.step_cost, self.max_step_ms, ctx, self.blocks.block_size)
+
+    def _bounded(self, step: StepBudget, prefix: int, n: int) -> int:
+        m = step.take(prefix, n)
+        self.step_bound_cuts += m < n
+        return m
 
     def _decode_cap(self) -> int:
         """Decode rows per micro-batch: the decoding sequences spread over the stages."""

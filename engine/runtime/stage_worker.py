@@ -42,7 +42,9 @@ class StageWorker:
         t = self.timer.start()
         g = self.tracer.gpu_start()
         if self.graphs is not None and self.graphs.fits(view):
-            out = self.graphs.run(x, view)
+            # the last stage samples from the logits in this stream before the next replay is queued
+            # (run): no copy of them; a hidden state sent on goes out as a copy
+            out = self.graphs.run(x, view, copy=not self.is_last)
         else:
             out = self.stage(x, eager_batch(view, self.device))
         self.timer.stop(t, view.T)

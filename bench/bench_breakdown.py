@@ -1,0 +1,184 @@
+"""Per-step breakdown of decode inside the engine: batch 16, 64 and 256 at a ~1k context (30B-A3B
+shape, dummy weights, one GPU), every kernel group's time per step, its share of the bytes floor and
+the host time between steps.
+
+    python bench/bench_breakdown.py                        (bench/gpu.sh breakdown runs this)
+    python bench/bench_breakdown.py --model tiny --batches 2,4 --context 32 --penalties-at 4   (CPU)
+
+It builds rank 0 of a one-stage engine in this process (engine/runtime/launch.build_rank: the same
+load, KV sizing, kernel warm-up and decode graphs as a served engine) and drives its PipelineEngine
+with `step()`, exactly the loop the worker runs: scheduling, the step plan, the graph replay (eager
+on CPU), the sampler, the host read-back. For each batch size it adds B prompts of --context random
+tokens, steps until every sequence decodes, steps --warm more, then profiles --steps engine steps
+with torch.profiler (CUDA: kernels, memcpys, launches; CPU: ops with their Python stacks). The only
+instrumentation is two record_function labels around the stage's forward and sampler (StageWorker.
+forward / .sample, wrapped on the instance), which tie the sampler's kernels to it.
+
+Per step: group ms (bench/breakdown.py says how kernels are grouped), % of the step, the group's
+bytes floor (weights read once, for the MoE the experts a uniform router is expected to touch; KV of
+the actual contexts; the passes over the logits the decode path makes) at the measured copy
+bandwidth, and host = step wall time - device busy (the union of device activity). Prints one table
+per run, then one line per run; JSON to --out."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from breakdown import floor_bytes, format_table, from_chrome_trace, from_cpu_events, summary, table  # noqa: E402
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def build_engine(model: str, device: str | None, max_batch: int, context: int, extra_tokens: int, kv_cache_gib):
+    from engine.options import EngineOptions
+    from engine.runtime.launch import build_rank, resolve_engine
+    # max_step_ms off: the prompts are prefilled in full-budget chunks, so the first sequences have
+    # decoded only a few tokens when the last prompt is in (the measured steps are pure decode)
+    opts = EngineOptions(load_format="dummy", device=device, max_num_seqs=max_batch, enable_prefix_caching=False,
+                         max_model_len=context + extra_tokens, kv_cache_gib=kv_cache_gib, verbose=True,
+                         max_step_ms=0.0)
+    args, cfg, _ = resolve_engine(model, opts)
+    if args.options.device == "cpu":
+        torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    return build_rank(args, 0, 0), cfg
+
+
+def label(name: str, fn):
+    """fn run inside a record_function range `name` (the trace ties the kernels it launches to it)."""
+    def wrapped(*a, **k):
+        with torch.profiler.record_function(name):
+            return fn(*a, **k)
+    return wrapped
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Measured read + write bandwidth of a large device copy, GB/s."""
+    n = (1 << 30) if device.type == "cuda" else (64 << 20)
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        y.copy_(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n / sorted(times)[len(times) // 2] / 1e9
+
+
+def sampling_params(kind: str, max_tokens: int):
+    from engine.params import SamplingParams
+    if kind == "greedy":
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    if kind == "penalties":  # sampled with top-p and all three penalties: the sampler's heaviest plain path
+        return SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.9, repetition_penalty=1.1,
+                              frequency_penalty=0.2, presence_penalty=0.2, ignore_eos=True)
+    raise ValueError(f"--sampling {kind!r}: expected greedy or penalties")
+
+
+def measure(rank, cfg, batch: int, context: int, steps: int, warm: int, sampling: str, first_id: int,
+            budget: int) -> dict:
+    """Profile `steps` decode steps of `batch` sequences at ~`context` tokens; returns the JSON row."""
+    engine, worker = rank.engine, rank.worker
+    device = worker.device
+    cuda = device.type == "cuda"
+    g = torch.Generator().manual_seed(first_id)
+    max_tokens = -(-batch * context // budget) + warm + 2 * steps + 8
+    sids = list(range(first_id, first_id + batch))
+    for sid in sids:
+        prompt = torch.randint(10, cfg.vocab_size, (context,), generator=g).tolist()
+        engine.add(sid, prompt, sampling_params(sampling, max_tokens))
+    sched = engine.scheduler
+    while sched.waiting or any(s.num_scheduled < s.prompt_len or not s.output_ids for s in sched.running):
+        engine.step()
+    for _ in range(warm):
+        engine.step()
+    if len(sched.running) != batch:
+        raise RuntimeError(f"batch {batch}: only {len(sched.running)} sequences decoding (KV pool too small?)")
+    t0 = time.perf_counter()  # the same steps without the profiler (its per-op cost is host time)
+    for _ in range(steps):
+        engine.step()
+    plain_ms = (time.perf_counter() - t0) * 1e3 / steps
+    mean_ctx = sum(len(s) for s in sched.running) / batch + steps / 2
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts, with_stack=not cuda) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+        if cuda:
+            torch.cuda.synchronize(device)
+    if cuda:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "trace.json"
+            prof.export_chrome_trace(str(path))
+            events = json.loads(path.read_text())["traceEvents"]
+        m = from_chrome_trace(events, steps, wall_ms)
+    else:
+        m = from_cpu_events(prof.events(), steps, wall_ms)
+    engine.abort(sids)
+    while engine.has_work:
+        engine.step()
+    wbytes = worker.stage.dtype.itemsize
+    bw = copy_bandwidth_gbs(device)
+    rows = table(m, floor_bytes(cfg, batch, mean_ctx, wbytes), bw)
+    step_ms = m.wall_ms / m.steps
+    overlap = (sum(m.group_ms.values()) - m.busy_ms) / m.steps
+    return {"batch": batch, "context": mean_ctx, "sampling": sampling, "steps": steps, "step_ms": step_ms,
+            "step_ms_unprofiled": plain_ms,
+            "busy_ms": m.busy_ms / m.steps, "overlap_ms": overlap, "copy_gbs": bw, "rows": rows,
+            "late_compiles": worker.late.stats()["late_compiles"]}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="qwen3-30b-a3b", help="preset or config.json (dummy weights)")
+    p.add_argument("--device", default=None, choices=("cuda", "cpu"))
+    p.add_argument("--batches", type=ints, default=[16, 64, 256])
+    p.add_argument("--context", type=int, default=1024, help="prompt tokens per sequence")
+    p.add_argument("--steps", type=int, default=20, help="profiled engine steps per batch")
+    p.add_argument("--warm", type=int, default=5, help="decode steps before the profiled ones")
+    p.add_argument("--penalties-at", type=ints, default=[256],
+                   help="batch sizes also run sampled with top-p and repetition/frequency/presence penalties")
+    p.add_argument("--kv-cache-gib", type=float, default=None)
+    p.add_argument("--out", default=None, help="JSON results")
+    a = p.parse_args(argv)
+    budget = 8192  # EngineOptions' max_num_batched_tokens default
+    extra = -(-max(a.batches) * a.context // budget) + a.warm + 2 * a.steps + 64
+    rank, cfg = build_engine(a.model, a.device, max(a.batches), a.context, extra, a.kv_cache_gib)
+    w = rank.worker
+    w.forward, w.sample = label("bd.forward", w.forward), label("bd.sample", w.sample)
+    results, first = [], 0
+    runs = [("greedy", b) for b in a.batches] + [("penalties", b) for b in a.penalties_at if b <= max(a.batches)]
+    for kind, b in runs:
+        r = measure(rank, cfg, b, a.context, a.steps, a.warm, kind, first, budget)
+        first += b
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps({"model": a.model, "device": str(w.device), "results": results}, indent=1))
+    for r in results:
+        print(f"\n[{r['sampling']}, context {r['context']:.0f}, unprofiled step {r['step_ms_unprofiled']:.3f} ms, "
+              f"copy bandwidth {r['copy_gbs']:.0f} GB/s, late compiles {r['late_compiles']}]")
+        print(format_table(r["batch"], r["rows"], r["step_ms"], r["overlap_ms"]))
+    print("\nms per step (profiled; 'outside': the step minus attention, MoE, dense and norms)")
+    print(summary(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

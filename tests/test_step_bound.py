@@ -1,0 +1,123 @@
+"""max_step_ms: the modeled step cost (engine/runtime/chunking.py StepCost) and the scheduler's bound
+on the prefill tokens that ride with running decodes; the engine's greedy tokens do not change."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.params import SamplingParams
+from engine.runtime.block_manager import BlockManager
+from engine.runtime.chunking import QWEN3_30B_FIT, StepCost, chunk_pairs
+from engine.runtime.scheduler import Scheduler
+from engine.runtime.sequence import Sequence
+
+COST = StepCost.for_model(48, 128, 8)
+
+
+def test_fit_tokens_is_the_largest_that_fits():
+    rng = random.Random(0)
+    for _ in range(300):
+        tokens, prefix, limit = rng.randrange(0, 300), rng.randrange(0, 5000), rng.randrange(0, 3000)
+        pairs = tokens * rng.randrange(1, 2000)
+        bound = rng.uniform(1, 200)
+        naive = max((n for n in range(limit + 1)
+                     if n == 0 or COST.ms(tokens + n, pairs + n * prefix + n * (n + 1) / 2) <= bound), default=0)
+        assert COST.fit_tokens(tokens, pairs, prefix, limit, bound) == naive
+
+
+def test_step_cost_terms():
+    c = QWEN3_30B_FIT
+    # a dense model reads all its weights at any token count
+    dense = StepCost.for_model(2, 0, 0)
+    assert dense.ms(3, 10) == pytest.approx(2 * (c.c0 + 3 * c.a + 10 * c.b))
+    # one token of a 128-expert top-8 model reads 8 experts' weights
+    assert COST.ms(1, 1) == pytest.approx(48 * (c.c0 * 8 / 128 + c.a + c.b))
+    assert COST.ms(0, 0) == 0.0
+
+
+def _seq(i, n, max_tokens):
+    """Sequence i of n prompt tokens that share no prefix with another's."""
+    return Sequence(i, list(range(100_000 * i + 1, 100_000 * i + n + 1)),
+                    SamplingParams(max_tokens=max_tokens, temperature=0), ())
+
+
+def _cost_of(mb) -> float:
+    return COST.ms(mb.num_tokens, sum(chunk_pairs(c.length, c.start) for c in mb.chunks))
+
+
+def _drive(s: Scheduler, limit=5000):
+    """One micro-batch in flight, as the engine without async scheduling; returns (mb, decoding
+    sequences when it was scheduled) per step."""
+    log = []
+    while s.has_work and limit:
+        decoding = sum(1 for q in s.running if q.num_scheduled >= q.prompt_len)
+        mb = s.schedule()
+        assert mb is not None
+        log.append((mb, decoding))
+        s.complete(mb, [7] * len(mb.sampled))
+        limit -= 1
+    return log
+
+
+def test_mixed_steps_stay_within_the_bound_and_prefill_progresses():
+    bound = 80.0
+    s = Scheduler(BlockManager(4096, 16), max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=20000,
+                  max_step_ms=bound, step_cost=COST)
+    seqs = [_seq(i, 1000 + 37 * i, 40) for i in range(24)]
+    for q in seqs[:8]:
+        s.add(q)
+    log = _drive(s, limit=1)  # the first prompts: nothing decodes yet, the whole token budget
+    assert log[0][0].num_tokens == 8192 and log[0][1] == 0
+    for q in seqs[8:]:
+        s.add(q)
+    log += _drive(s)
+    assert all(q.finish_reason == "length" for q in seqs)  # every prompt prefilled, every sequence done
+    mixed = [(mb, d) for mb, d in log if d > 0 and any(not c.sample or c.length > 1 for c in mb.chunks)]
+    assert len(mixed) >= 8 and s.step_bound_cuts > 0
+    for mb, d in mixed:
+        assert _cost_of(mb) <= bound, [(c.seq.seq_id, c.start, c.length) for c in mb.chunks]
+        decodes = sum(1 for c in mb.chunks if c.start >= c.seq.prompt_len)
+        assert decodes == d  # every decoding sequence rides in every mixed step
+    # unbounded, the same work takes bigger steps
+    assert max(mb.num_tokens for mb, d in mixed) < 8192
+
+
+def test_decodes_alone_over_the_bound_still_let_prefill_progress():
+    s = Scheduler(BlockManager(4096, 16), max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=20000,
+                  max_step_ms=1.0, step_cost=COST)  # below any decode step's modeled cost
+    a, b = _seq(0, 20, 200), _seq(1, 300, 5)
+    s.add(a)
+    _drive(s, limit=2)  # a decodes
+    s.add(b)
+    log = _drive(s)
+    lens = [c.length for mb, _ in log for c in mb.chunks if c.seq is b and not c.sample]
+    assert lens and set(lens) == {16}  # one block a step
+    assert b.finish_reason == "length" and all(len(mb.chunks) >= 1 for mb, _ in log)
+
+
+def test_off_by_default_and_at_zero():
+    for kw in ({}, {"max_step_ms": 0, "step_cost": COST}):
+        s = Scheduler(BlockManager(4096, 16), max_num_seqs=8, max_num_batched_tokens=8192, max_model_len=20000, **kw)
+        s.add(_seq(0, 10, 50))
+        _drive(s, limit=2)
+        s.add(_seq(1, 5000, 2))
+        mb = s.schedule()
+        assert [c.length for c in mb.chunks] == [1, 5000] and s.step_bound_cuts == 0
+
+
+def test_engine_greedy_tokens_unchanged_by_the_bound():
+    import torch
+
+    from engine import LLM
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (5, 90, 140, 9, 64)]
+    # unequal lengths: a sequence still decodes when the next prompt is admitted
+    sp = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (4, 12, 7, 16, 9)]
+    out = {}
+    for ms in (0.0, 2.0):  # 2 modeled ms: the tiny model's decodes leave room for a token or two
+        with LLM("tiny", load_format="dummy", device="cpu", max_num_seqs=2, max_step_ms=ms, verbose=False) as llm:
+            out[ms] = [o.token_ids for o in llm.generate(prompts, sp)]
+            cuts = llm.stats()["scheduler"]["step_bound_cuts"]
+        assert (cuts > 0) == (ms > 0)
+    assert out[2.0] == out[0.0]

@@ -1,0 +1,91 @@
+"""No Triton compile inside a request, for any model shape: the warm-up walks the variants each
+kernel module declares (model/attention_prefill_triton.warm_classes, model/fused_moe_triton.
+warm_token_counts). CPU: the variants a long request's chunks launch, as the scheduler cuts them,
+are all among the warm-up's. GPU: a config no preset has, at a long prompt, compiles nothing late."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.runtime.chunking import ChunkSizer
+from model.attention_prefill_triton import launch_variant, warm_classes
+from model.warmup import warm_shapes
+
+S, SMS = 16, 132  # block size; an H100 / H200's SMs
+# (name, head_dim, q heads per kv head, kv heads): hidden 1024 with 16/4 heads (no preset), the 30B-A3B
+SHAPES = [("h1024-16/4", 128, 4, 4), ("qwen3-30b-a3b", 128, 8, 4), ("hd64", 64, 4, 4)]
+
+
+def request_batches(prompt: int, budget: int, stages: int, decodes: int) -> list[tuple[list[int], list[int]]]:
+    """The micro-batches of one prompt prefilled in chunks as the scheduler cuts them (dynamic
+    chunks on several stages), beside `decodes` decoding sequences of short context."""
+    sizer = ChunkSizer(budget, num_stages=stages) if stages > 1 else None
+    out, pos = [], 0
+    while pos < prompt:
+        n = min(prompt - pos, budget if sizer is None else sizer(pos, prompt))
+        out.append(([n] + [1] * decodes, [pos + n] + [40] * decodes))
+        pos += n
+    return out
+
+
+def variants(batches, hd, g, k):
+    return {v for q, c in batches if (v := launch_variant(torch.bfloat16, hd, g, k, q, c, S, SMS)) is not None}
+
+
+@pytest.mark.parametrize("name,hd,g,k", SHAPES)
+def test_long_requests_launch_only_warmed_variants(name, hd, g, k):
+    budget, max_ctx = 8192, 40960
+    warmed = variants(warm_classes(torch.bfloat16, hd, g, k, budget, 256, max_ctx, S, SMS), hd, g, k)
+    seen = set()
+    for prompt in (32000, 9000, 20011, 40000):
+        for stages in (1, 2, 4):
+            for decodes in (0, 1, 3, 63):
+                seen |= variants(request_batches(prompt, budget, stages, decodes), hd, g, k)
+    assert seen and seen <= warmed, seen - warmed
+
+
+def test_the_token_ladder_alone_misses_tile_choices():
+    """Why the 16/4-head config compiled inside a request: the warm-up's token ladder (powers of two
+    and their +1) never selects one of the tile configs that dynamic chunk lengths select."""
+    name, hd, g, k = SHAPES[0]
+    ladder = variants(warm_shapes(8192, 256, 40960, 8, S), hd, g, k)
+    seen = set()
+    for stages in (1, 2):
+        for decodes in (0, 1):
+            seen |= variants(request_batches(32000, 8192, stages, decodes), hd, g, k)
+    assert seen - ladder
+
+
+def test_moe_token_counts_cover_every_tile_and_pair_class():
+    from model.attention_prefill_triton import stride_class
+    from model.fused_moe_triton import grouped_tiles, warm_token_counts
+    for E, top_k, small in ((128, 8, 64), (16, 4, 64), (64, 6, 64)):
+        counts = warm_token_counts(E, top_k, small, 8192)
+        def key(n):
+            P = n * top_k
+            return ("small", P <= 16) if P <= small else ("grouped", grouped_tiles(P, E), stride_class(P))
+        assert {key(n) for n in range(1, 8193)} == {key(n) for n in counts}
+
+
+@pytest.mark.gpu
+def test_no_compile_inside_a_long_request_of_a_shape_no_preset_has(tmp_path):
+    import json
+
+    from engine import LLM, SamplingParams
+    cfg = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=1024, hidden_size=1024,
+               num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+               intermediate_size=1024, moe_intermediate_size=256, num_experts=16, num_experts_per_tok=4,
+               norm_topk_prob=True, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+               hidden_act="silu", tie_word_embeddings=False, torch_dtype="bfloat16", eos_token_id=2)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(3)
+    with LLM(str(tmp_path), load_format="dummy", device="cuda", verbose=False, max_model_len=40960,
+             max_num_seqs=8) as llm:
+        long = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (32000, 20011)]
+        short = [torch.randint(3, 1000, (40,), generator=g).tolist()]
+        sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        llm.generate(long[:1], sp)
+        llm.generate(short + long[1:], [SamplingParams(max_tokens=64, temperature=0, ignore_eos=True), sp])
+        st = llm.stats()["stages"]
+    late = {s["rank"]: s["late_kernels"] for s in st if s["late_compiles"]}
+    assert not late, f"Triton kernels compiled inside requests: {late}"
