@@ -58,12 +58,19 @@ def fa_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tens
 
 
 def split_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
-    """Decode: the Triton split-K kernel; prefill: attention_split through cuDNN's fused kernel."""
+    """Prefill: attention_split through cuDNN's fused kernel (CUDA, bf16/fp16), else its torch maths
+    (CPU, fp32); decode rows: the Triton split-K kernel on CUDA, the reference maths on CPU."""
     from .attention_split import prefill_split
-    from .attention_triton import paged_decode
+    if q.is_cuda:
+        from .attention_triton import paged_decode as decode
+    else:
+        def decode(q_BND, kc, vc, tables, ctx_t, sc, max_context):
+            ctxs = ctx_t.tolist()
+            return attention_ref(q_BND, kc, vc, tables, [1] * len(ctxs), ctxs, sc)
     if batch.max_query_len == 1:
-        return paged_decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens_t, scale, batch.max_context)
-    return prefill_split(q, k_cache, v_cache, batch, scale, paged_decode, "cudnn")
+        return decode(q, k_cache, v_cache, batch.block_tables, batch.context_lens_t, scale, batch.max_context)
+    vendor = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    return prefill_split(q, k_cache, v_cache, batch, scale, decode, "cudnn" if vendor else "math")
 
 
 def auto_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
@@ -113,15 +120,15 @@ class Backend:
 def pick_backend(device: torch.device | str, attention: str | None = None, moe: str | None = None,
                  fused: bool | None = None) -> Backend:
     """CUDA: 'auto' attention, Triton MoE and fused norms; CPU: the torch reference paths.
-    attention: 'ref' (torch, any device), 'sdpa' (Triton decode + SDPA prefill), 'fa' (Triton
-    decode + paged flash prefill) or 'auto' (fresh prompts 'sdpa', chunks
-    with a prefix 'fa'). moe: 'loop', 'torch' or 'triton'. fused: the Triton norm kernels."""
+    attention: 'ref' (torch, any device), 'split' (any device: attention_split, cuDNN on CUDA),
+    'sdpa' (Triton decode + SDPA prefill), 'fa' (Triton decode + paged flash prefill) or 'auto'
+    (fresh prompts 'sdpa', long chunks with a prefix 'split' on Hopper, other chunks 'fa'). moe: 'loop', 'torch' or 'triton'. fused: the Triton norm kernels."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     attention = attention or ("auto" if cuda else "ref")
     if attention not in ATTENTION:
         raise ValueError(f"attention backend {attention!r}: expected one of {', '.join(ATTENTION)}")
-    if attention != "ref" and not cuda:
+    if attention not in ("ref", "split") and not cuda:
         raise ValueError(f"attention backend {attention!r} needs a CUDA device")
     moe = moe or ("triton" if cuda else "torch")
     if moe not in MOE_PATHS:

@@ -129,6 +129,22 @@ def prefill_logits(stage, ids: torch.Tensor, sizes: list[int], block_size: int, 
     return torch.cat(out).cpu()
 
 
+def test_split_attention_chunked_equals_reference_cpu(tiny):
+    """attention='split' (model/attention_split.py's torch maths on CPU): a prompt fed in chunks
+    behind cached prefixes (mid-block and on block boundaries), with a decode row after it, gives
+    the reference path's logits."""
+    from dataclasses import replace
+    cfg = ModelConfig.from_file(tiny)
+    spec = partition(cfg.num_hidden_layers, 1)[0]
+    ids = torch.randint(3, 500, (300,), generator=torch.Generator().manual_seed(6))
+    got = {}
+    for attn in ("split", "ref"):
+        stage = load_stage(tiny, cfg, spec, "cpu", torch.float32, attention=attn)
+        stage.backend = replace(stage.backend, attention=attn)
+        got[attn] = prefill_logits(stage, ids, [37, 75, 60, 127, 1], 16, seed=2)
+    assert (got["split"] - got["ref"]).abs().max().item() <= 1e-4
+
+
 def test_dynamic_chunks_equal_unchunked_cpu(tiny):
     cfg = ModelConfig.from_file(tiny)
     stage = load_stage(tiny, cfg, partition(cfg.num_hidden_layers, 1)[0], "cpu", torch.float32)
