@@ -19,7 +19,6 @@ No buffer depends on the prefix length: the kernel reads the pool and writes `ou
 from __future__ import annotations
 
 import functools
-import itertools
 
 import torch
 import triton
@@ -259,35 +258,6 @@ def paged_prefill_fa(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         SKIP_SINGLE=skip_single, PRECISION="ieee" if q_TND.dtype == torch.float32 else "tf32",
         UPCAST=_interpreted(), **cfg,
     )
-    return out
-
-
-def prefill_attend(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch,
-                   scale: float, hopper: bool = False) -> torch.Tensor:
-    """The engine's attend(q, k_cache, v_cache, AttnBatch, scale) on CUDA: decode-only batches and
-    the single-query rows of a mixed batch take the split-K decode kernel, the chunks this kernel
-    (hopper: the TMA / split-KV kernel of attention_prefill_fa3)."""
-    from .attention_triton import paged_decode
-    if batch.max_query_len == 1:
-        return paged_decode(q_TND, k_cache, v_cache, batch.block_tables, batch.context_lens_t, scale,
-                            batch.max_context)
-    single = [b for b, ql in enumerate(batch.query_lens) if ql == 1]
-    args = (q_TND, k_cache, v_cache, batch.block_tables, batch.query_start, batch.context_lens_t, scale,
-            batch.max_query_len)
-    if hopper:
-        from .attention_prefill_fa3 import paged_prefill_fa3
-        max_prefix = max(c - ql for ql, c in zip(batch.query_lens, batch.context_lens) if ql > 1)
-        out = paged_prefill_fa3(*args, max_prefix, skip_single=bool(single))
-    else:
-        out = paged_prefill_fa(*args, skip_single=bool(single))
-    if single:
-        dev = q_TND.device
-        starts = list(itertools.accumulate(batch.query_lens, initial=0))
-        rows = torch.tensor([starts[b] for b in single], device=dev)
-        seqs = torch.tensor(single, device=dev)
-        out[rows] = paged_decode(q_TND[rows], k_cache, v_cache, batch.block_tables[seqs].contiguous(),
-                                 batch.context_lens_t[seqs].contiguous(), scale,
-                                 max(batch.context_lens[b] for b in single))
     return out
 
 

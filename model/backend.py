@@ -53,7 +53,7 @@ def hopper_prefill(q: torch.Tensor) -> bool:
 
 def fa_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
     """Decode: the Triton split-K kernel; prefill: paged flash attention straight from the pool."""
-    from .attention_prefill_triton import prefill_attend
+    from .attention_paged import prefill_attend
     return prefill_attend(q, k_cache, v_cache, batch, scale, hopper=hopper_prefill(q))
 
 

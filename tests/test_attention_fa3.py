@@ -70,7 +70,7 @@ def test_fa3_fp32_and_more_splits_than_tiles():
 
 def test_fa3_through_prefill_attend():
     """The engine path on sm_90 (hopper=True): chunks here, single-query rows by the decode kernel."""
-    from model.attention_prefill_triton import prefill_attend
+    prefill_attend = tak.prefill_attend  # bound to the kernels as (re)loaded for this process
     qlens, ctxs = [1, 30, 1], [33, 500, 9]
     q, kc, vc, bt, _, _ = tak.make_case(qlens, ctxs, 8, 2, 16, 16, torch.bfloat16)
     batch = AttnBatch.build(qlens, ctxs, [bt[b].tolist() for b in range(3)], 16, [True] * 3, tak.DEV)

@@ -34,6 +34,10 @@ if not _CUDA and not at._interpreted():  # imported earlier in this process with
     at = importlib.reload(at)
 if not _CUDA and not fa._interpreted():
     fa = importlib.reload(fa)
+from model import attention_paged  # noqa: E402  (after the reloads: it binds their kernels)
+if not _CUDA:
+    attention_paged = importlib.reload(attention_paged)
+prefill_attend = attention_paged.prefill_attend
 
 DEV = torch.device("cuda" if _CUDA else "cpu")
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
@@ -230,7 +234,7 @@ def test_fa_attend_mixed_batch():
     q, kc, vc, bt, _, _ = make_case(qlens, ctxs, N, K, D, S, torch.float32, seed=5)
     tables = [bt[b, :-(-c // S)].tolist() for b, c in enumerate(ctxs)]
     batch = AttnBatch.build(qlens, ctxs, tables, S, [True] * 4, DEV)
-    got = fa.prefill_attend(q, kc, vc, batch, D ** -0.5)
+    got = prefill_attend(q, kc, vc, batch, D ** -0.5)
     check(got, ref_fp32(q, kc, vc, batch.block_tables, qlens, ctxs, D ** -0.5), torch.float32, "fa attend mixed")
 
 

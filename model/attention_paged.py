@@ -1,0 +1,40 @@
+"""The paged flash-attention path of the engine ('fa'): decode-only micro-batches and the single-query
+rows of a mixed one take the split-K decode kernel (attention_triton), chunks the FA2-style paged
+kernel (attention_prefill_triton) or, on Hopper, the TMA / split-KV kernel (attention_prefill_fa3).
+Letters: T tokens, N query heads, D head_dim."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from .attention_prefill_fa3 import paged_prefill_fa3
+from .attention_prefill_triton import paged_prefill_fa
+from .attention_triton import paged_decode
+
+
+def prefill_attend(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch,
+                   scale: float, hopper: bool = False) -> torch.Tensor:
+    """The engine's attend(q, k_cache, v_cache, AttnBatch, scale) on CUDA: decode-only batches and
+    the single-query rows of a mixed batch take the split-K decode kernel, the chunks the FA2-style kernel
+    of attention_prefill_triton (hopper: the TMA / split-KV kernel of attention_prefill_fa3)."""
+    if batch.max_query_len == 1:
+        return paged_decode(q_TND, k_cache, v_cache, batch.block_tables, batch.context_lens_t, scale,
+                            batch.max_context)
+    single = [b for b, ql in enumerate(batch.query_lens) if ql == 1]
+    args = (q_TND, k_cache, v_cache, batch.block_tables, batch.query_start, batch.context_lens_t, scale,
+            batch.max_query_len)
+    if hopper:
+        max_prefix = max(c - ql for ql, c in zip(batch.query_lens, batch.context_lens) if ql > 1)
+        out = paged_prefill_fa3(*args, max_prefix, skip_single=bool(single))
+    else:
+        out = paged_prefill_fa(*args, skip_single=bool(single))
+    if single:
+        dev = q_TND.device
+        starts = list(itertools.accumulate(batch.query_lens, initial=0))
+        rows = torch.tensor([starts[b] for b in single], device=dev)
+        seqs = torch.tensor(single, device=dev)
+        out[rows] = paged_decode(q_TND[rows], k_cache, v_cache, batch.block_tables[seqs].contiguous(),
+                                 batch.context_lens_t[seqs].contiguous(), scale,
+                                 max(batch.context_lens[b] for b in single))
+    return out
