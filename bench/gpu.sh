@@ -136,16 +136,19 @@ prefix)  # the prefix cache on and off: a 2,048-token shared system prompt + 256
     serve_up "$OUT/server_${c}_$TAG.log" $([ $c = off ] && echo --no-enable-prefix-caching)
     sp() { timeout 150 python3 bench/bench_serving.py --url http://127.0.0.1:8123 --vocab-size 151936 --output-len 256 \
       "$@" 2>&1 | quiet; }
-    { sp --concurrency 64 --num-prompts 64 --input-len 256 --shared-prefix-tokens 2048 --seed 1 --out "$OUT/prefix_shared64_${c}_$TAG.json"
-      sp --concurrency 256 --num-prompts 256 --input-len 256 --shared-prefix-tokens 2048 --seed 2 --out "$OUT/prefix_shared256_${c}_$TAG.json"
-      sp --concurrency 64 --num-prompts 64 --input-len 1024 --seed 3 --out "$OUT/prefix_plain64_${c}_$TAG.json"
-    } > "$OUT/prefix_serving_${c}_$TAG.log"
+    log="$OUT/prefix_serving_${c}_$TAG.log"  # each run's table row printed as it ends (a cut call keeps them)
+    sp --concurrency 64 --num-prompts 64 --input-len 256 --shared-prefix-tokens 2048 --seed 1 \
+      --out "$OUT/prefix_shared64_${c}_$TAG.json" >> "$log"; echo "cache $c, shared 2048 + 256, 64 clients:"; tail -1 "$log"
+    sp --concurrency 256 --num-prompts 256 --input-len 256 --shared-prefix-tokens 2048 --seed 2 \
+      --out "$OUT/prefix_shared256_${c}_$TAG.json" >> "$log"; echo "cache $c, shared 2048 + 256, 256 clients:"; tail -1 "$log"
+    sp --concurrency 64 --num-prompts 64 --input-len 1024 --seed 3 --out "$OUT/prefix_plain64_${c}_$TAG.json" >> "$log"
+    echo "cache $c, plain 1024, 64 clients:"; tail -1 "$log"
     serve_down
   done
   # 8 turns to 90k and 128k with the cache on (turn 1 computes the whole prompt: what every turn costs
   # with the cache off, as `--cache off` shows)
   timeout 170 python3 bench/bench_multiturn.py --target 90000,128000 --turns 8 --cache on \
-    --out "$OUT/multiturn_on_$TAG.json" 2>&1 | quiet > "$OUT/multiturn_on_$TAG.log"
+    --out "$OUT/multiturn_on_$TAG.json" 2>&1 | quiet | tee "$OUT/multiturn_on_$TAG.log" | grep "^{"
   python3 - "$OUT" "$TAG" <<'PY'
 import json, sys
 from pathlib import Path

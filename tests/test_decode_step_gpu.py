@@ -26,9 +26,19 @@ def test_256_row_decode_step_replays_a_graph_and_never_syncs():
 
 
 def _run_256() -> None:
+    # a small pool: the engine otherwise sizes it from free memory, and this process runs other tests after
     args, cfg, _ = resolve_engine("tiny", EngineOptions(load_format="dummy", device="cuda", dtype="bfloat16",
-                                                        max_num_seqs=256, max_model_len=512, verbose=False))
+                                                        max_num_seqs=256, max_model_len=512, verbose=False,
+                                                        kv_cache_gib=2.0))
     r = build_rank(args, 0, 0)
+    try:
+        _steps(r, cfg)
+    finally:
+        del r
+        torch.cuda.empty_cache()
+
+
+def _steps(r, cfg) -> None:
     eng, w = r.engine, r.worker
     sp = SamplingParams(max_tokens=60, temperature=0.8, top_p=0.9, repetition_penalty=1.1, frequency_penalty=0.3,
                         presence_penalty=0.2, ignore_eos=True)

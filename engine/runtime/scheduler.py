@@ -155,6 +155,8 @@ class Scheduler:
 
     # ---- one micro-batch ---------------------------------------------------------------------
     def schedule(self) -> MicroBatch | None:
+        if self._decodes_would_split():
+            return None
         budget, chunks = self.budget, []
         decode_cap, n_decode = self._decode_cap(), 0
         step = self._step_budget(decode_cap)
@@ -211,6 +213,8 @@ class Scheduler:
         split in one group per stage, each stage running one group while the next stage runs
         another. Uncapped, every decode joined one continuation chained to the last, and the
         stages took turns (batch 16 on 2 stages ran no faster than on 1 GPU)."""
+        if self.num_stages == 1 and any(self._free_decode(s) for s in self.running):
+            return None  # it would leave those out: the two groups would then alternate (_decodes_would_split)
         chunks, budget = [], min(self.budget, self._decode_cap())
         for seq in self.running:
             if budget == 0:
@@ -226,6 +230,29 @@ class Scheduler:
             return None
         self._next_mb += 1
         return MicroBatch(self._next_mb, chunks)
+
+    @staticmethod
+    def _free_decode(seq: Sequence) -> bool:
+        return seq.schedulable and seq.status == Status.RUNNING and seq.num_scheduled >= seq.prompt_len
+
+    def _decodes_would_split(self) -> bool:
+        """One stage, no prefill to schedule, some decoding sequences free and others still being
+        sampled: a micro-batch now would hold only the free ones, and the two groups would then
+        alternate for as long as they decode (each waiting while the other is in flight), every
+        step reading all the weights for part of the batch. Waiting for the in-flight micro-batch
+        instead lets the next one take them all. Several stages keep one group per stage on purpose
+        (_decode_cap)."""
+        if self.num_stages != 1 or self.waiting:
+            return False
+        free = awaiting = False
+        for s in self.running:
+            if s.status != Status.RUNNING:
+                continue
+            if s.num_scheduled < s.prompt_len and s.schedulable:
+                return False  # a prefill chunk to run: schedule it (with the free decodes)
+            free |= self._free_decode(s)
+            awaiting |= s.awaiting_sample and s.num_scheduled >= s.prompt_len
+        return free and awaiting
 
     def _step_budget(self, decode_cap: int) -> StepBudget | None:
         """The bound on this micro-batch's prefill tokens while some sequence decodes (None: no
