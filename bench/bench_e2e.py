@@ -189,10 +189,9 @@ def run(a, result: dict, save, ckpt: Path) -> int:
     rows += decode_rows(llm, rand, a.decode_ctx, a.requests)
     save()
     for i, L in enumerate(ints(a.prefill)):
-        p = rand(L)
-        for _ in range(2 if i == 0 else 1):
+        for _ in range(2 if i == 0 else 1):  # a fresh prompt each time: the prefix cache would serve a repeat
             llm.stats(reset=True)
-            dt = timed(llm, [p], 1)
+            dt = timed(llm, [rand(L)], 1)
         st = stage_stats(llm.stats(reset=True))
         rows.append({"what": "prefill", "tokens": L, "s": round(dt, 4), "tok_per_s": round(L / dt, 1),
                      "busy_s": [round(s["busy_ms"] / 1e3, 3) for s in st],
