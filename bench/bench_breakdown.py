@@ -108,6 +108,12 @@ def measure(rank, cfg, batch: int, context: int, steps: int, warm: int, sampling
         engine.step()
     if len(sched.running) != batch:
         raise RuntimeError(f"batch {batch}: only {len(sched.running)} sequences decoding (KV pool too small?)")
+    rows_seen, dispatch = [], engine._dispatch  # the rows of each micro-batch the measured steps run
+
+    def counted(mb):
+        rows_seen.append(len(mb.chunks))
+        return dispatch(mb)
+    engine._dispatch = counted
     t0 = time.perf_counter()  # the same steps without the profiler (its per-op cost is host time)
     for _ in range(steps):
         engine.step()
@@ -129,6 +135,7 @@ def measure(rank, cfg, batch: int, context: int, steps: int, warm: int, sampling
         m = from_chrome_trace(events, steps, wall_ms)
     else:
         m = from_cpu_events(prof.events(), steps, wall_ms)
+    engine._dispatch = dispatch
     engine.abort(sids)
     while engine.has_work:
         engine.step()
@@ -140,7 +147,8 @@ def measure(rank, cfg, batch: int, context: int, steps: int, warm: int, sampling
     return {"batch": batch, "context": mean_ctx, "sampling": sampling, "steps": steps, "step_ms": step_ms,
             "step_ms_unprofiled": plain_ms,
             "busy_ms": m.busy_ms / m.steps, "overlap_ms": overlap, "copy_gbs": bw, "rows": rows,
-            "late_compiles": worker.late.stats()["late_compiles"]}
+            "rows_per_micro_batch": sorted(set(rows_seen)),
+            "late_compiles": worker.late.stats()["late_compiles"], "late_kernels": worker.late.stats()["late_kernels"]}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -173,7 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         Path(a.out).write_text(json.dumps({"model": a.model, "device": str(w.device), "results": results}, indent=1))
     for r in results:
         print(f"\n[{r['sampling']}, context {r['context']:.0f}, unprofiled step {r['step_ms_unprofiled']:.3f} ms, "
-              f"copy bandwidth {r['copy_gbs']:.0f} GB/s, late compiles {r['late_compiles']}]")
+              f"copy bandwidth {r['copy_gbs']:.0f} GB/s, micro-batch rows {r['rows_per_micro_batch']}, "
+              f"late compiles {r['late_compiles']}: {r['late_kernels']}]")
         print(format_table(r["batch"], r["rows"], r["step_ms"], r["overlap_ms"]))
     print("\nms per step (profiled; 'outside': the step minus attention, MoE, dense and norms)")
     print(summary(results))
