@@ -141,29 +141,13 @@ class PlanView:
     header: list[int]
     plan: torch.Tensor
 
-    @property
-    def T(self) -> int:
-        return self.header[H_T]
-
-    @property
-    def B(self) -> int:
-        return self.header[H_B]
-
-    @property
-    def R(self) -> int:
-        return self.header[H_R]
-
-    @property
-    def M(self) -> int:
-        return self.header[H_M]
-
-    @property
-    def P(self) -> int:
-        return self.header[H_P]
-
-    @property
-    def flags(self) -> int:
-        return self.header[H_FLAGS]
+    # header fields: T tokens, B sequences, R sampled rows, M block-table width, P prompt-logprob rows
+    T = property(lambda self: self.header[H_T])
+    B = property(lambda self: self.header[H_B])
+    R = property(lambda self: self.header[H_R])
+    M = property(lambda self: self.header[H_M])
+    P = property(lambda self: self.header[H_P])
+    flags = property(lambda self: self.header[H_FLAGS])
 
     @property
     def decode_only(self) -> bool:
