@@ -12,6 +12,9 @@ GQA without a kernel that knows it: in (1) no row depends on its position, so th
 kv head k are stacked as G * ql rows of one head: q [1, K, G * ql, D] against k/v [1, K, o, D]. Part
 (2) is small (ql x ql) and repeats the chunk's kv heads G times.
 
+Opt-in (attention="split"), not the default: torch's cuDNN attention builds an execution plan for
+every new (queries, keys) shape, which the engine meets at every chunk of every request.
+
 Letters: T tokens, N query heads, K kv heads (G = N // K), D head_dim, P blocks, S block size.
 Rows with a single query (decodes in a prefill micro-batch) go to a paged decode function."""
 from __future__ import annotations

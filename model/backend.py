@@ -21,12 +21,6 @@ MOE_SMALL_MAX_PAIRS = 64
 # the weights with no split-K second kernel; from two tokens on cuBLAS's tiles reuse each weight
 # load (bench/bench_linear_small.py times both).
 LINEAR_SMALL_MAX_TOKENS = 1
-# Chunks of at least this many queries with a cached prefix take attention_split on Hopper (the
-# prefix without a mask and the chunk causal through cuDNN's fused kernel, merged by lse): its
-# gather of the prefix is small beside the work there. Shorter chunks deep in a context underfill
-# the grid in whole-head calls, where attention_prefill_fa3's KV splits do better
-# (bench/bench_attention.py times both).
-SPLIT_MIN_QUERIES = 1024
 
 
 def reference_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
@@ -75,16 +69,12 @@ def split_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.T
 
 def auto_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
     """The CUDA default. Micro-batches whose chunks all start at position 0 (fresh prompts, with
-    decode rows) take SDPA, whose causal flash kernel is faster there; a chunk of SPLIT_MIN_QUERIES
-    or more with a cached prefix takes attention_split on Hopper where cuDNN's attention runs;
-    other chunks with a prefix take the paged flash kernels, which read the prefix straight from
-    the pool (bench/bench_attention.py times them all)."""
+    decode rows) take SDPA, whose causal flash kernel is faster there; any chunk with a cached
+    prefix sends the batch to the paged flash kernels, which read the prefix straight from the pool
+    (bench/bench_attention.py times them all). Not 'split': its kernel is faster on long chunks, but
+    cuDNN builds an execution plan for every new (queries, prefix) shape, i.e. inside requests."""
     if all(ql == ctx or ql == 1 for ql, ctx in zip(batch.query_lens, batch.context_lens)):
         return sdpa_attend(q, k_cache, v_cache, batch, scale)
-    if batch.max_query_len >= SPLIT_MIN_QUERIES and hopper_prefill(q):
-        from .attention_split import cudnn_ok
-        if cudnn_ok(q.device.index if q.device.index is not None else torch.cuda.current_device()):
-            return split_attend(q, k_cache, v_cache, batch, scale)
     return fa_attend(q, k_cache, v_cache, batch, scale)
 
 
@@ -122,7 +112,7 @@ def pick_backend(device: torch.device | str, attention: str | None = None, moe: 
     """CUDA: 'auto' attention, Triton MoE and fused norms; CPU: the torch reference paths.
     attention: 'ref' (torch, any device), 'split' (any device: attention_split, cuDNN on CUDA),
     'sdpa' (Triton decode + SDPA prefill), 'fa' (Triton decode + paged flash prefill) or 'auto'
-    (fresh prompts 'sdpa', long chunks with a prefix 'split' on Hopper, other chunks 'fa'). moe: 'loop', 'torch' or 'triton'. fused: the Triton norm kernels."""
+    (fresh prompts 'sdpa', chunks with a prefix 'fa'). moe: 'loop', 'torch' or 'triton'. fused: the Triton norm kernels."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     attention = attention or ("auto" if cuda else "ref")
