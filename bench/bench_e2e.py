@@ -209,7 +209,7 @@ def run(a, result: dict, save, ckpt: Path) -> int:
         prompt = rand(L)
         ttft1 = timed(llm, [prompt], 1)
         st = stage_stats(llm.stats(reset=True))
-        ttft, ms = stream_times(llm, prompt, 33)
+        ttft, ms = stream_times(llm, prompt, 33)  # the same prompt again: its TTFT is the prefix cache's
         st2 = stage_stats(llm.stats(reset=True))
         rows.append({"what": "long", "tokens": L, "ttft_s": round(ttft1, 3), "ttft_stream_s": round(ttft, 3),
                      "decode_ms_per_step": round(ms, 3), "prefill_tok_per_s": round(L / ttft1, 1),
