@@ -12,7 +12,7 @@ from engine.runtime.chunking import QWEN3_30B_FIT, StepCost, chunk_pairs
 from engine.runtime.scheduler import Scheduler
 from engine.runtime.sequence import Sequence
 
-COST = StepCost.for_model(48, 128, 8)
+COST = StepCost(48, 128, 8)
 
 
 def test_fit_tokens_is_the_largest_that_fits():
@@ -29,7 +29,7 @@ def test_fit_tokens_is_the_largest_that_fits():
 def test_step_cost_terms():
     c = QWEN3_30B_FIT
     # a dense model reads all its weights at any token count
-    dense = StepCost.for_model(2, 0, 0)
+    dense = StepCost(2, 0, 0)
     assert dense.ms(3, 10) == pytest.approx(2 * (c.c0 + 3 * c.a + 10 * c.b))
     # one token of a 128-expert top-8 model reads 8 experts' weights
     assert COST.ms(1, 1) == pytest.approx(48 * (c.c0 * 8 / 128 + c.a + c.b))

@@ -103,6 +103,11 @@ class ChunkSizer:
         return sizes
 
 
+def chunk_pairs(n: int, prefix: int) -> float:
+    """Causal (query, key) pairs of n new tokens after `prefix` cached ones."""
+    return n * prefix + n * (n + 1) / 2
+
+
 @dataclass(frozen=True)
 class StepCost:
     """Modeled time of one whole micro-batch through every layer, for `max_step_ms`: per layer
@@ -111,15 +116,10 @@ class StepCost:
     n p + n (n + 1) / 2). f(T) = 1 - (1 - k/E)^T is the share of the E experts that T tokens routed
     to k each touch, about uniformly (c0 is mostly the expert weights, read once per step); 1 for a
     dense model. The scale is the fit's card and model: a bound in these units is a modeled bound."""
-    per_layer: ChunkCost
     layers: int
-    experts: int = 0
+    experts: int = 0  # 0: a dense model
     top_k: int = 0
-
-    @classmethod
-    def for_model(cls, num_layers: int, num_experts: int, top_k: int, per_layer: ChunkCost = QWEN3_30B_FIT
-                  ) -> "StepCost":
-        return cls(per_layer, num_layers, num_experts, top_k)
+    per_layer: ChunkCost = QWEN3_30B_FIT
 
     def ms(self, tokens: int, pairs: float) -> float:
         if tokens <= 0:
@@ -132,7 +132,7 @@ class StepCost:
         """The most prefill tokens n <= limit of one chunk after `prefix` cached tokens that a
         micro-batch already holding (tokens, pairs) can add with ms() <= bound_ms (0 if none)."""
         def fits(n: int) -> bool:
-            return self.ms(tokens + n, pairs + n * prefix + n * (n + 1) / 2) <= bound_ms
+            return self.ms(tokens + n, pairs + chunk_pairs(n, prefix)) <= bound_ms
         if limit <= 0 or not fits(1):
             return 0
         lo, hi = 1, limit  # fits(lo); ms grows with n
@@ -143,11 +143,6 @@ class StepCost:
             else:
                 hi = mid - 1
         return lo
-
-
-def chunk_pairs(n: int, prefix: int) -> float:
-    """Causal (query, key) pairs of n new tokens after `prefix` cached ones."""
-    return n * prefix + n * (n + 1) / 2
 
 
 class StepBudget:

@@ -167,7 +167,7 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
             f"KV pool {blocks} blocks x {o.block_size} tokens ({info['kv_gib']:.2f} GiB)")
     engine = None
     if rank == 0:
-        cost = StepCost.for_model(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok)
+        cost = StepCost(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok)
         sched = Scheduler(BlockManager(blocks, o.block_size, o.enable_prefix_caching), o.max_num_seqs, o.max_num_batched_tokens,
                           max_len, o.stages, o.dynamic_chunks, o.max_step_ms, cost)
         engine = PipelineEngine(worker, sched, args.stop_ids, o.seed, o.async_scheduling, o.logprobs_mode,
