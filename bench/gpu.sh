@@ -137,31 +137,34 @@ for name, a, b in zip(["decode b1 ms/step", "decode b16 ms/step", "prefill 8k to
     print(f"{name:<22}{str(a):>12}{str(b):>12}{(b / a if a and b else float('nan')):>9.3f}")
 PY
   ;;
-prefix)  # the prefix cache on and off: a 2,048-token shared system prompt + 256 own at 64 and 256 clients,
-  # the plain 1024/256 sample at 64 clients (nothing shared), then the multi-turn conversation
+prefix)  # the prefix cache: the multi-turn conversation first (cache on; turn 1 computes the whole
+  # prompt, what every turn costs with the cache off), then one server per setting: the plain 1024/256
+  # sample at 64 clients (nothing shared), a 2,048-token shared system prompt + 256 own at 64 and 256
+  # clients, and the plain sample again (two nothing-shared samples per setting: the on/off gap beside
+  # the run-to-run spread)
+  timeout 170 python3 bench/bench_multiturn.py --target 90000,128000 --turns 8 --cache on \
+    --out "$OUT/multiturn_on_$TAG.json" 2>&1 | quiet | tee "$OUT/multiturn_on_$TAG.log" | tail -4
   for c in on off; do
     serve_up "$OUT/server_${c}_$TAG.log" $([ $c = off ] && echo --no-enable-prefix-caching)
     sp() { timeout 150 python3 bench/bench_serving.py --url http://127.0.0.1:8123 --vocab-size 151936 --output-len 256 \
       "$@" 2>&1 | quiet; }
     log="$OUT/prefix_serving_${c}_$TAG.log"  # each run's table row printed as it ends (a cut call keeps them)
+    sp --concurrency 64 --num-prompts 64 --input-len 1024 --seed 3 --out "$OUT/prefix_plain64_${c}_$TAG.json" >> "$log"
+    echo "cache $c, plain 1024, 64 clients:"; tail -1 "$log"
     sp --concurrency 64 --num-prompts 64 --input-len 256 --shared-prefix-tokens 2048 --seed 1 \
       --out "$OUT/prefix_shared64_${c}_$TAG.json" >> "$log"; echo "cache $c, shared 2048 + 256, 64 clients:"; tail -1 "$log"
     sp --concurrency 256 --num-prompts 256 --input-len 256 --shared-prefix-tokens 2048 --seed 2 \
       --out "$OUT/prefix_shared256_${c}_$TAG.json" >> "$log"; echo "cache $c, shared 2048 + 256, 256 clients:"; tail -1 "$log"
-    sp --concurrency 64 --num-prompts 64 --input-len 1024 --seed 3 --out "$OUT/prefix_plain64_${c}_$TAG.json" >> "$log"
-    echo "cache $c, plain 1024, 64 clients:"; tail -1 "$log"
+    sp --concurrency 64 --num-prompts 64 --input-len 1024 --seed 4 --out "$OUT/prefix_plainb64_${c}_$TAG.json" >> "$log"
+    echo "cache $c, plain 1024 (second sample), 64 clients:"; tail -1 "$log"
     serve_down
   done
-  # 8 turns to 90k and 128k with the cache on (turn 1 computes the whole prompt: what every turn costs
-  # with the cache off, as `--cache off` shows)
-  timeout 170 python3 bench/bench_multiturn.py --target 90000,128000 --turns 8 --cache on \
-    --out "$OUT/multiturn_on_$TAG.json" 2>&1 | quiet | tee "$OUT/multiturn_on_$TAG.log" | grep "^{"
   python3 - "$OUT" "$TAG" <<'PY'
 import json, sys
 from pathlib import Path
 out, tag = Path(sys.argv[1]), sys.argv[2]
 print(f"{'run':<16}{'cache':>6}{'out tok/s':>11}{'TTFT p50 ms':>13}{'TPOT p50 ms':>13}")
-for run in ("shared64", "shared256", "plain64"):
+for run in ("shared64", "shared256", "plain64", "plainb64"):
     for c in ("on", "off"):
         f = out / f"prefix_{run}_{c}_{tag}.json"
         if not f.exists():
@@ -169,7 +172,7 @@ for run in ("shared64", "shared256", "plain64"):
         r = json.loads(f.read_text())["results"][0]
         print(f"{run:<16}{c:>6}{r['output_throughput']:>11.0f}{r['median_ttft_ms']:>13.1f}{r['median_tpot_ms']:>13.1f}")
 PY
-  tail -5 "$OUT/multiturn_on_$TAG.log"
+  tail -4 "$OUT/multiturn_on_$TAG.log"
   (cd "$OUT" && tar czf "prefix_$TAG.tgz" --remove-files ./*_"$TAG".log ./*_"$TAG".json)
   ;;
 record)  # the short record for a one-call budget: every GPU test, then one server, then the cache
