@@ -145,25 +145,58 @@ def test_disabled_cache_finds_nothing():
 
 # ---- when a block becomes cacheable ------------------------------------------------------------
 
-def test_blocks_are_cached_after_the_micro_batch_that_writes_them_is_built():
-    """Two requests with one new prefix in one micro-batch both compute it (a chunk never reads
-    another chunk's writes of the same micro-batch); a third in the next micro-batch finds it,
-    while the first two are still in flight."""
+def test_a_new_prefix_arriving_twice_is_computed_once():
+    """Two requests with one new prefix in one call: a chunk never reads another chunk's writes of
+    the same micro-batch, so the second follows the first one micro-batch later and starts after
+    its blocks; a third added beside the follower finds them too, while the first two are still in
+    flight. With the cache off both compute it in one micro-batch."""
     s = sched(bs=4, budget=64)
+    a, b = seq(0, range(12)), seq(1, range(12))
+    s.add(a)
+    s.add(b)
+    m1 = s.schedule()
+    assert [(c.seq.seq_id, c.start, c.length) for c in m1.chunks] == [(0, 0, 12)]
+    assert list(s.waiting) == [b] and not b.block_table
+    assert len(s.blocks.cached) == 3 and all(s.blocks.key[x] for x in a.block_table)
+    c = seq(2, list(range(12)) + [40])
+    s.add(c)
+    m2 = s.schedule()
+    # b's last block holds its last token (computed, for its logits); c's whole 12 are cached
+    assert [(ch.seq.seq_id, ch.start, ch.length) for ch in m2.chunks] == [(1, 8, 4), (2, 12, 1)]
+    assert b.block_table[:2] == a.block_table[:2] and c.block_table[:3] == a.block_table
+    assert s.snapshot()["prefix_cache_hits"] == 8 + 12
+    finish(s, m1)
+    finish(s, m2)
+    assert all(x.finish_reason is None for x in (a, b, c))
+
+    s = sched(bs=4, budget=64, caching=False)
     a, b = seq(0, range(12)), seq(1, range(12))
     s.add(a)
     s.add(b)
     m1 = s.schedule()
     assert [(c.start, c.length) for c in m1.chunks] == [(0, 12), (0, 12)]
     assert set(a.block_table).isdisjoint(b.block_table)
-    assert len(s.blocks.cached) == 3 and all(s.blocks.key[x] for x in a.block_table)  # a's; b's copies uncached
-    c = seq(2, list(range(12)) + [40])
-    s.add(c)
-    m2 = s.schedule()
-    assert [(ch.seq.seq_id, ch.start) for ch in m2.chunks] == [(2, 12)] and c.block_table[:3] == a.block_table
-    finish(s, m1)
-    finish(s, m2)
-    assert all(x.finish_reason is None for x in (a, b, c))
+
+
+def test_a_follower_trails_a_chunked_prefill_and_others_pass_it():
+    """A request whose next block a running prefill writes in this micro-batch waits (keeping its
+    place) until it is cached; a request behind it with another prompt is admitted meanwhile."""
+    s = sched(bs=4, budget=16)
+    a = seq(0, range(20))
+    s.add(a)
+    m1 = s.schedule()  # a: tokens 0..15, blocks 0..3 cached at the end of the call
+    b, other = seq(1, list(range(20)) + [7, 8]), seq(2, range(100, 106))
+    s.add(b)
+    s.add(other)
+    m2 = s.schedule()  # a: 16..19 writes block 4, b's next block: b waits, other goes
+    assert [(c.seq.seq_id, c.start, c.length) for c in m2.chunks] == [(0, 16, 4), (2, 0, 6)]
+    assert list(s.waiting) == [b]
+    m3 = s.schedule()
+    assert [(c.seq.seq_id, c.start, c.length) for c in m3.chunks] == [(1, 20, 2)]
+    assert b.block_table[:5] == a.block_table
+    for mb in (m1, m2, m3):
+        finish(s, mb)
+    assert s.snapshot()["prefix_cache_hits"] == 20
 
 
 def test_mid_prefill_only_written_full_blocks_are_cached():
@@ -178,8 +211,10 @@ def test_mid_prefill_only_written_full_blocks_are_cached():
     s.add(b)
     mb = s.schedule()
     assert [(c.seq.seq_id, c.start) for c in mb.chunks] == [(0, 12)]  # the budget went to a
-    mb = s.schedule()  # a's last 2 tokens; b starts after a's blocks 0..3, all written
-    assert [(c.seq.seq_id, c.start, c.length) for c in mb.chunks] == [(0, 18, 2), (1, 16, 4)]
+    mb = s.schedule()  # a's last 2 tokens complete its block 4, b's next: b follows
+    assert [(c.seq.seq_id, c.start, c.length) for c in mb.chunks] == [(0, 18, 2)]
+    mb = s.schedule()  # b starts after a's blocks 0..4, all written
+    assert [(c.seq.seq_id, c.start, c.length) for c in mb.chunks] == [(1, 20, 6)]
 
 
 def test_a_block_completed_by_a_continuation_is_cached_when_its_token_arrives():

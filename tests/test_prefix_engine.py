@@ -99,6 +99,26 @@ def test_greedy_tokens_equal_without_the_cache_and_hits_are_counted(model, ref, 
     assert ref.stats()["scheduler"]["prefix_cache_hits"] == 0 and ref.stats()["scheduler"]["cached_blocks"] == 0
 
 
+def test_n_samples_and_a_new_prefix_sent_twice_compute_it_once(model, ref):
+    """The n samples of one prompt, and one new prompt twice in one call, compute their prefix once:
+    the followers start after every full block but the one of their last token (without following
+    they would all compute it beside the first, in the same micro-batch), and match the reference."""
+    g = torch.Generator().manual_seed(31)
+    p, q = _rand(g, 56), _rand(g, 40)  # followers find (56 - 1) // 16 = 3 and (40 - 1) // 16 = 2 blocks
+    with LLM(model, stages=2, verbose=False) as llm:
+        before = _sched(llm)["prefix_cache_hits"]
+        outs = llm.generate([p], SamplingParams(n=3, max_tokens=10, temperature=0.0, ignore_eos=True))
+        after = _sched(llm)["prefix_cache_hits"]
+        assert after - before == 2 * 48
+        assert [c.token_ids for c in outs[0].outputs] == [ref.generate([p], GREEDY)[0].token_ids] * 3
+        twice = llm.generate([q, q], GREEDY)
+        assert _sched(llm)["prefix_cache_hits"] - after == 32
+        assert [o.token_ids for o in twice] == [ref.generate([q], GREEDY)[0].token_ids] * 2
+    with LLM(model, stages=2, verbose=False, enable_prefix_caching=False) as off:
+        off.generate([q, q], GREEDY)
+        assert _sched(off)["prefix_cache_hits"] == 0
+
+
 @pytest.fixture(scope="module")
 def small(model, tmp_path_factory):
     """2 stages, a pool of 16 blocks (256 tokens): concurrent requests preempt each other. Layer 0

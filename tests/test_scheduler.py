@@ -97,11 +97,12 @@ def test_preempts_youngest_and_recomputes_it(caching):
         recompute = [c for step in log for c in step if c[0] == 1 and c[1] == 0]
         assert len(recompute) >= 2 and max(c[2] for c in recompute) > 8
         return
-    # with the cache it resumes after the cached full blocks of its 13 tokens (old's, the same
+    # with the cache it starts after old's first block (the same prompt, whose prefill it
+    # follows), and resumes after the cached full blocks of its 13 tokens (old's, the same
     # tokens): 12 found, the 13th computed; nothing recomputed from token 0
     starts = [c[1] for step in log for c in step if c[0] == 1]
-    assert starts == [0, 8, 9, 10, 11, 12, 13, 14]
-    assert young.num_cached_tokens == 12 and s.snapshot()["prefix_cache_hits"] == 12
+    assert starts == [4, 8, 9, 10, 11, 12, 13, 14]
+    assert young.num_cached_tokens == 12 and s.snapshot()["prefix_cache_hits"] == 4 + 12
 
 
 def test_refuses_requests_that_never_fit_and_others_go_on():

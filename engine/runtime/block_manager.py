@@ -64,16 +64,36 @@ class BlockManager:
         """The cached blocks of seq's longest cached prefix. At most len(seq) - 1 tokens: the last
         token is always computed (its logits give the next token), so a sequence never writes into
         a block it was handed from the cache."""
-        if not self.enable_caching or seq.params.prompt_logprobs is not None:
-            return []  # prompt logprobs are computed from each prompt position's logits: no skipping (as vLLM)
         hits = []
-        limit = (len(seq) - 1) // self.block_size
+        limit = self._lookup_limit(seq)
         for key in self.hashes(seq, limit)[:limit]:
             b = self.cached.get(key)
             if b is None:
                 break
             hits.append(b)
         return hits
+
+    def next_key(self, seq: Sequence, num_hits: int) -> bytes | None:
+        """The key of the block after seq's cached prefix of num_hits blocks (from lookup), when a
+        later lookup could offer that block; None when it never could."""
+        if num_hits >= self._lookup_limit(seq):
+            return None
+        return self.hashes(seq, num_hits + 1)[num_hits]
+
+    def prompt_keys_to_write(self, seq: Sequence) -> list[bytes]:
+        """The keys of seq's full prompt blocks not yet committed: what its prefill will cache."""
+        full = seq.prompt_len // self.block_size
+        if not self.enable_caching or seq.num_committed_blocks >= full:
+            return []
+        return self.hashes(seq, full)[seq.num_committed_blocks:full]
+
+    def _lookup_limit(self, seq: Sequence) -> int:
+        """How many leading full blocks lookup may offer seq: none without caching or with prompt
+        logprobs (computed from each prompt position's logits: no skipping, as vLLM), else all but
+        the block of its last token."""
+        if not self.enable_caching or seq.params.prompt_logprobs is not None:
+            return 0
+        return (len(seq) - 1) // self.block_size
 
     # ---- taking and giving back ----------------------------------------------------------------
     def admit(self, seq: Sequence, hits: list[int], num_tokens: int) -> bool:

@@ -10,7 +10,13 @@ calls the scheduler again (PipelineEngine.step), so a sequence that finds the bl
 later call, and its micro-batch is dispatched after the writer's. Every stage runs micro-batches in
 dispatch order (one stream, one receive order), so on every stage the write lands before the read.
 A block is never offered to a sequence of the micro-batch that writes it: chunks of one micro-batch
-do not see each other's KV writes on every attention backend."""
+do not see each other's KV writes on every attention backend.
+
+Followers: a waiting sequence whose next uncached full block is one a running prefill will write
+(the same new prefix arriving together, the n samples of one prompt) is passed over, keeping its
+place, until the writer has cached it; it then starts after it. So a shared prefix is computed
+once, and the samples of one prompt hold the same blocks. The writer's prefill is always
+scheduled (running sequences come first), so a follower waits at most for it."""
 from __future__ import annotations
 
 import math
@@ -178,9 +184,17 @@ class Scheduler:
             chunks.append(self._chunk(seq, n))
             budget -= n
             n_decode += is_decode
+        writing, deferred = None, []  # keys running prefills will cache (built when first needed)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self.blocks.lookup(seq)
+            key = self.blocks.next_key(seq, len(hits))
+            if key is not None:
+                if writing is None:
+                    writing = {k for s in self.running for k in self.blocks.prompt_keys_to_write(s)}
+                if key in writing:  # another prefill writes the block next: follow it (computed once)
+                    deferred.append(self.waiting.popleft())
+                    continue
             start = len(hits) * self.blocks.block_size
             n = min(len(seq) - start, budget)
             if self.chunk_sizer is not None:
@@ -197,6 +211,9 @@ class Scheduler:
             self.running.append(seq)
             chunks.append(self._chunk(seq, n))
             budget -= n
+            if writing is not None:
+                writing.update(self.blocks.prompt_keys_to_write(seq))
+        self.waiting.extendleft(reversed(deferred))  # back at the front, in their order
         if not chunks:
             return None
         for c in chunks:  # the micro-batch is dispatched before the next call: its blocks are cached
