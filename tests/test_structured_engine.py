@@ -164,7 +164,9 @@ def test_preemption_under_a_tiny_pool_keeps_outputs_valid(ckpt, bonus):
     gib = 24 * 16 * per_token / 2 / 2**30  # 24 blocks of 16 per stage: 384 tokens for 8 requests
     params = [structured(max_tokens=120, seed=i, bias=bonus, json=SCHEMAS[n])
               for i, n in enumerate(["array_of_str", "nested", "anyOf", "additional_props"] * 2)]
-    prompts = [list(range(3, 3 + 40 + i)) for i in range(len(params))]
+    # no two prompts share a first block: shared prefixes would be computed once and held once
+    # (the prefix cache), and the pool would no longer run short
+    prompts = [[3 + (37 * i + j) % 400 for j in range(40 + i)] for i in range(len(params))]
     with LLM(str(ckpt), stages=2, verbose=False, block_size=16, kv_cache_gib=gib) as llm:
         assert llm.info["num_blocks"] == 24
         squeezed = llm.generate(prompts, params)
