@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from breakdown import floor_bytes, format_table, from_chrome_trace, from_cpu_events, summary, table  # noqa: E402
+from breakdown import (floor_bytes, format_table, from_chrome_trace, from_cpu_events, summary, table,  # noqa: E402
+                       top_kernels)
 
 
 def ints(s: str) -> list[int]:
@@ -148,7 +149,8 @@ def measure(rank, cfg, batch: int, context: int, steps: int, warm: int, sampling
             "step_ms_unprofiled": plain_ms,
             "busy_ms": m.busy_ms / m.steps, "overlap_ms": overlap, "copy_gbs": bw, "rows": rows,
             "rows_per_micro_batch": sorted(set(rows_seen)),
-            "late_compiles": worker.late.stats()["late_compiles"], "late_kernels": worker.late.stats()["late_kernels"]}
+            "late_compiles": worker.late.stats()["late_compiles"], "late_kernels": worker.late.stats()["late_kernels"],
+            "top_other": top_kernels(m, "other"), "top_copies": top_kernels(m, "copies", 4)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -162,8 +164,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--penalties-at", type=ints, default=[256],
                    help="batch sizes also run sampled with top-p and repetition/frequency/presence penalties")
     p.add_argument("--kv-cache-gib", type=float, default=None)
+    p.add_argument("--moe-align-max-pairs", type=int, default=None,
+                   help="model.backend.MOE_ALIGN_MAX_PAIRS for this run (the one-launch MoE align up to so many pairs; 0: off)")
     p.add_argument("--out", default=None, help="JSON results")
     a = p.parse_args(argv)
+    if a.moe_align_max_pairs is not None:
+        if a.moe_align_max_pairs < 0:
+            raise SystemExit(f"error: --moe-align-max-pairs must be >= 0, got {a.moe_align_max_pairs}")
+        import model.backend
+        model.backend.MOE_ALIGN_MAX_PAIRS = a.moe_align_max_pairs
     budget = 8192  # EngineOptions' max_num_batched_tokens default
     extra = -(-max(a.batches) * a.context // budget) + a.warm + 2 * a.steps + 64
     rank, cfg = build_engine(a.model, a.device, max(a.batches), a.context, extra, a.kv_cache_gib)
@@ -178,12 +187,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(r), flush=True)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"model": a.model, "device": str(w.device), "results": results}, indent=1))
+        Path(a.out).write_text(json.dumps({"model": a.model, "device": str(w.device),
+                                           "moe_align_max_pairs": w.stage.backend.moe_align_max_pairs,
+                                           "results": results}, indent=1))
     for r in results:
         print(f"\n[{r['sampling']}, context {r['context']:.0f}, unprofiled step {r['step_ms_unprofiled']:.3f} ms, "
               f"copy bandwidth {r['copy_gbs']:.0f} GB/s, micro-batch rows {r['rows_per_micro_batch']}, "
               f"late compiles {r['late_compiles']}: {r['late_kernels']}]")
         print(format_table(r["batch"], r["rows"], r["step_ms"], r["overlap_ms"]))
+        for group in ("other", "copies"):
+            for t in r.get("top_" + group, []):
+                print(f"  {group:<7}{t['ms']:>8.3f} ms  {t['kernel']}")
     print("\nms per step (profiled; 'outside': the step minus attention, MoE, dense and norms)")
     print(summary(results))
     return results

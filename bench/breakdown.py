@@ -81,6 +81,7 @@ class Measured:
     wall_ms: float  # host wall time of the window
     group_ms: dict  # group -> summed device (or self CPU) time over the window
     busy_ms: float  # union of device activity (CPU: of top-level ops) over the window
+    by_name: dict | None = None  # GPU: (group, kernel name) -> summed time over the window, for 'other' and 'copies'
 
 
 def union_ms(intervals: list[tuple[float, float]]) -> float:
@@ -120,18 +121,27 @@ def from_chrome_trace(events: list[dict], steps: int, wall_ms: float) -> Measure
     if 2 * len(mine) >= len(device):
         device = mine
     groups = {g: 0.0 for g in GROUPS}
-    gemms = []
+    gemms, by_name = [], {}
     for e in device:
         g = "copies" if e["cat"] != "kernel" else gpu_group(e["name"], scope(e.get("args", {}).get("correlation")))
         if g == "gemm":
             gemms.append(e["dur"])
         else:
             groups[g] += e["dur"] / 1e3
+        if g in ("other", "copies"):
+            by_name[(g, e["name"])] = by_name.get((g, e["name"]), 0.0) + e["dur"] / 1e3
     gemms.sort(reverse=True)
     groups["lm_head"] += sum(gemms[:steps]) / 1e3
     groups["dense"] += sum(gemms[steps:]) / 1e3
     busy = union_ms([(e["ts"], e["ts"] + e["dur"]) for e in device])
-    return Measured(steps, wall_ms, groups, busy)
+    return Measured(steps, wall_ms, groups, busy, by_name)
+
+
+def top_kernels(m: Measured, group: str, n: int = 8) -> list[dict]:
+    """The n kernels of a group ('other' or 'copies', GPU traces) that took the most time: name
+    (cut to 80 characters) and ms per step."""
+    rows = sorted(((ms, name) for (g, name), ms in (m.by_name or {}).items() if g == group), reverse=True)
+    return [{"kernel": name[:80], "ms": ms / m.steps} for ms, name in rows[:n]]
 
 
 def _python_frame(name: str) -> bool:

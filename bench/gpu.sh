@@ -13,9 +13,10 @@
 #                                            of REV (a tree made here by `git archive REV --prefix=REV/ |
 #                                            tar -x -C .old`, carried as .old) and of this tree, in one call
 #   bash bench/gpu.sh prefix                 the prefix cache on and off: shared-prefix and plain serving, multi-turn
-#   bash bench/gpu.sh breakdown              bench_breakdown: the engine's decode step at batch 16, 64, 256
+#   bash bench/gpu.sh breakdown [args]       bench_breakdown: the engine's decode step at batch 16, 64, 256
 #                                            (1k context; 256 also with penalties), per kernel group, after
-#                                            this suite's GPU tests (BD_TESTS=0: the bench alone)
+#                                            this suite's GPU tests (BD_TESTS=0: the bench alone); args go
+#                                            to bench_breakdown (--moe-align-max-pairs N: the one-launch align)
 #   bash bench/gpu.sh record                 the tests, a 64-client serving sample (plain, json, logprobs +
 #                                            penalties, a shared prefix) and the multi-turn prefix cache
 # Results (JSON and logs) go to $OUT (default bench/results/run), named <kind>_<card>x<gpus>_<date>;
@@ -113,9 +114,11 @@ breakdown)  # this branch's GPU tests first (no late compile at a shape no prese
       > "$OUT/gpu_tests_breakdown_$TAG.log" 2>&1
     grep -E "passed|failed|FAILED|Error|late" "$OUT/gpu_tests_breakdown_$TAG.log" | tail -8
   fi
-  timeout 330 python3 bench/bench_breakdown.py --out "$OUT/breakdown_$TAG.json" 2>&1 | quiet \
-    | grep -v "^USDT\|^STAGE:" > "$OUT/breakdown_$TAG.log"
-  tail -66 "$OUT/breakdown_$TAG.log"
+  # more arguments go to bench_breakdown, e.g. --moe-align-max-pairs 4096 (files then named _align4096)
+  sfx=$(printf '%s' "$*" | grep -o 'moe-align-max-pairs[ =][0-9]*' | tr -dc '0-9' | sed 's/^/_align/')
+  timeout 330 python3 bench/bench_breakdown.py --out "$OUT/breakdown_$TAG$sfx.json" "$@" 2>&1 | quiet \
+    | grep -v "^USDT\|^STAGE:" > "$OUT/breakdown_$TAG$sfx.log"
+  tail -66 "$OUT/breakdown_$TAG$sfx.log"
   ;;
 compare)  # one model, two versions of the code, one call: the old tree first, then this one
   rev=${1:?usage: bash bench/gpu.sh compare REV}

@@ -21,6 +21,11 @@ MOE_SMALL_MAX_PAIRS = 64
 # the weights with no split-K second kernel; from two tokens on cuBLAS's tiles reuse each weight
 # load (bench/bench_linear_small.py times both).
 LINEAR_SMALL_MAX_TOKENS = 1
+# Grouped-GEMM micro-batches of up to this many pairs group them by expert in one Triton launch
+# (fused_moe_triton._align_kernel, one program) instead of align_by_expert's ~20 small torch
+# kernels per layer; 0: always the torch ops. 0 until bench/bench_breakdown.py
+# --moe-align-max-pairs has timed it on a GPU (its tests so far ran under the interpreter only).
+MOE_ALIGN_MAX_PAIRS = 0
 
 
 def reference_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
@@ -90,6 +95,7 @@ class Backend:
     fused_norms: bool  # Triton add+RMSNorm, q/k-norm+rope+KV write
     moe_small_max_pairs: int = MOE_SMALL_MAX_PAIRS
     linear_small_max: int = 0  # tokens up to which linear() runs the Triton GEMV (0: always torch)
+    moe_align_max_pairs: int = 0  # pairs up to which the grouped MoE path aligns in one launch (0: never)
 
     def linear(self, x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """x @ w^T: the small-token Triton GEMV up to linear_small_max tokens, else torch."""
@@ -128,4 +134,5 @@ def pick_backend(device: torch.device | str, attention: str | None = None, moe: 
     fused = cuda if fused is None else fused
     if fused and not cuda:
         raise ValueError("fused norm kernels need a CUDA device")
-    return Backend(attention, moe, fused, linear_small_max=LINEAR_SMALL_MAX_TOKENS if fused else 0)
+    return Backend(attention, moe, fused, linear_small_max=LINEAR_SMALL_MAX_TOKENS if fused else 0,
+                   moe_align_max_pairs=MOE_ALIGN_MAX_PAIRS)

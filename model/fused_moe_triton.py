@@ -162,6 +162,53 @@ def align_by_expert(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor
     return sorted_pairs, block_expert
 
 
+@triton.jit(do_not_specialize=["P", "NB"])  # one variant per BM: P's class needs no warm-up of its own
+def _align_kernel(ids_ptr, pairs_ptr, bexp_ptr, P, E, NB, BM: tl.constexpr, BE: tl.constexpr, C: tl.constexpr):
+    """align_by_expert in one program (decode-sized P): expert counts, each run padded to BM, the
+    pairs scattered to their expert's run in pair order (stable), then each block's expert. Work is
+    [C, BE] one-hot tiles over the pairs, twice: C * BE values live at a time, and P / C steps."""
+    ex = tl.arange(0, BE)
+    counts = tl.zeros([BE], dtype=tl.int32)
+    for c0 in range(0, P, C):  # 1. how many pairs each expert holds
+        i = c0 + tl.arange(0, C)
+        e = tl.load(ids_ptr + i, mask=i < P, other=BE).to(tl.int32)
+        counts += tl.sum((e[:, None] == ex[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BM - 1) // BM * BM
+    pend = tl.cumsum(padded, 0)  # end of each expert's padded run
+    run = pend - padded  # where the next pair of each expert goes
+    for r0 in range(0, NB * BM, C):  # 2. every row padding (P) until a pair lands on it
+        r = r0 + tl.arange(0, C)
+        tl.store(pairs_ptr + r, tl.full([C], 0, tl.int64) + P, mask=r < NB * BM)
+    tl.debug_barrier()
+    for c0 in range(0, P, C):  # 3. each pair to its expert's run, in pair order
+        i = c0 + tl.arange(0, C)
+        e = tl.load(ids_ptr + i, mask=i < P, other=BE).to(tl.int32)
+        hot = (e[:, None] == ex[None, :]).to(tl.int32)
+        before = tl.cumsum(hot, 0) - hot  # pairs of the same expert earlier in this tile
+        dest = tl.sum(hot * (run[None, :] + before), axis=1)
+        tl.store(pairs_ptr + dest, i.to(tl.int64), mask=i < P)
+        run += tl.sum(hot, axis=0)
+    for b0 in range(0, NB, C):  # 4. a block's expert: runs ending at or before its first row
+        b = b0 + tl.arange(0, C)
+        ended = (pend[None, :] <= (b * BM)[:, None]) & (ex[None, :] < E)
+        tl.store(bexp_ptr + b, tl.sum(ended.to(tl.int64), axis=1), mask=b < NB)
+
+
+def align_fused(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """align_by_expert's outputs from one launch of _align_kernel (no host sync)."""
+    flat = ids_Nk.reshape(-1)
+    P = flat.numel()
+    nblocks = triton.cdiv(P, BM) + min(E, P)
+    pairs = torch.empty(nblocks * BM, dtype=torch.int64, device=flat.device)
+    bexp = torch.empty(nblocks, dtype=torch.int64, device=flat.device)
+    _align_kernel[(1,)](flat, pairs, bexp, P, E, nblocks, BM=BM, BE=triton.next_power_of_2(E), C=ALIGN_TILE,
+                        num_warps=8)
+    return pairs, bexp
+
+
+ALIGN_TILE = 128  # pairs per step of _align_kernel
+
+
 @triton.jit
 def _block_rows(pairs_ptr, bexp_ptr, P, E, BM: tl.constexpr):
     """This program's block of align_by_expert's output: its expert (int64; E past the end), its BM
@@ -235,8 +282,9 @@ def grouped_tiles(P: int, E: int) -> tuple[int, int, int, int, int]:
 
 
 def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, ids_Nk: torch.Tensor,
-                  w_Nk: torch.Tensor, tiles: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Pairs grouped by expert into BM-row blocks; gate/up GEMM with the SiLU * up epilogue, down GEMM
+                  w_Nk: torch.Tensor, tiles: tuple[int, ...] | None = None, align_max_pairs: int = 0) -> torch.Tensor:
+    """Pairs grouped by expert into BM-row blocks (by one _align_kernel launch up to align_max_pairs
+    pairs, else by align_by_expert's torch ops); gate/up GEMM with the SiLU * up epilogue, down GEMM
     with the routing-weight epilogue written in pair order, then the fp32 sum over the k terms."""
     N, H = x_NH.shape
     k = ids_Nk.shape[1]
@@ -245,7 +293,7 @@ def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
     assert x_NH.stride(1) == 1 and w13_E2IH.is_contiguous() and w2_EHI.is_contiguous()
     BM, BN, BK, nw, ns = tiles or grouped_tiles(P, E)
     prec = "ieee"  # fp32 operands exactly (no tf32); bf16 operands are unaffected
-    pairs, bexp = align_by_expert(ids_Nk, E, BM)
+    pairs, bexp = (align_fused if P <= align_max_pairs else align_by_expert)(ids_Nk, E, BM)
     nb = bexp.numel()
     tw = w_Nk.contiguous()
     act = torch.empty(P, I, dtype=x_NH.dtype, device=x_NH.device)
@@ -308,20 +356,20 @@ def route_fused(x_NH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, norm_topk
 
 
 # ---- dispatch ------------------------------------------------------------------------------------
-def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int) -> torch.Tensor:
-    """The GEMV path up to small_max_pairs (token, expert) pairs, else the grouped GEMM (the
-    threshold: model.backend)."""
+def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int, align_max_pairs: int = 0) -> torch.Tensor:
+    """The GEMV path up to small_max_pairs (token, expert) pairs, else the grouped GEMM, whose pairs
+    are grouped by the one-launch align up to align_max_pairs (the thresholds: model.backend)."""
     if ids_Nk.numel() <= small_max_pairs:
         return experts_small(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
-    return experts_large(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
+    return experts_large(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, align_max_pairs=align_max_pairs)
 
 
 def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor,
               top_k: int, norm_topk_prob: bool, small_max_pairs: int,
-              linear=torch.nn.functional.linear) -> torch.Tensor:
+              linear=torch.nn.functional.linear, align_max_pairs: int = 0) -> torch.Tensor:
     """Route (the reference's expert choice) then the fused experts."""
     w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob, linear)
-    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs)
+    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, align_max_pairs)
 
 
 # ---- warm-up: the variants these kernels compile -------------------------------------------------
@@ -329,7 +377,9 @@ def warm_token_counts(num_experts: int, top_k: int, small_max_pairs: int, max_to
     """Token counts whose MoE launches between them compile every variant the engine can reach:
     the GEMV path's two tile sets (model.fused_moe_triton.small_tiles: up to 16 pairs or more), and
     the grouped path's tiles (grouped_tiles) at each class Triton gives the pair count P (== 1, a
-    multiple of 16, other). The other int arguments are the model's own sizes."""
+    multiple of 16, other). The other int arguments are the model's own sizes. The one-launch
+    align (_align_kernel, used up to a pair count) compiles once per BM, which the first count of
+    each grouped class reaches whenever the align is used in that class at all."""
     from .attention_prefill_triton import stride_class
     found: dict[tuple, int] = {}
     for n in range(1, max_tokens + 1):

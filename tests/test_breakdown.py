@@ -12,7 +12,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
-from breakdown import GROUPS, expected_experts, floor_bytes, from_chrome_trace, gpu_group  # noqa: E402
+from breakdown import (GROUPS, expected_experts, floor_bytes, from_chrome_trace, gpu_group,  # noqa: E402
+                       top_kernels)
 
 
 def test_cpu_smoke_rows_add_up(tmp_path):
@@ -83,6 +84,11 @@ def test_gpu_trace_groups():
         assert m.group_ms[g] == pytest.approx(want[g] / 1e3), g
     # busy: the union of device events; the memcpy overlaps nothing, so the sum of the parts
     assert m.busy_ms == pytest.approx(sum(want.values()) / 1e3)
+    # the kernels behind 'other' and 'copies', by name, in ms per step (the sampler's reduce is not 'other')
+    assert top_kernels(m, "other") == [{"kernel": "index_elementwise_kernel", "ms": pytest.approx(3 / 1e3)}]
+    assert [t["kernel"] for t in top_kernels(m, "copies")] == ["elementwise_kernel<direct_copy_kernel_cuda>",
+                                                               "Memcpy HtoD"]
+    assert top_kernels(m, "copies")[1]["ms"] == pytest.approx(1 / 1e3)
 
 
 def test_gpu_names():

@@ -140,6 +140,53 @@ def test_align_by_expert_pads_each_expert_to_the_tile():
     assert sorted(seen) == list(range(P))
 
 
+@pytest.mark.parametrize("N,k,E,BM,case", [(5, 2, 6, 4, "random"), (3, 8, 128, 128, "random"),
+                                           (40, 8, 128, 16, "random"), (37, 8, 60, 32, "random"),
+                                           (40, 8, 128, 64, "all"), (33, 4, 16, 16, "empty")])
+def test_align_in_one_launch_equals_the_torch_ops(N, k, E, BM, case):
+    """_align_kernel's (pairs, block experts) equal align_by_expert's, element for element: expert
+    counts from a few to many pair tiles (ALIGN_TILE = 128 pairs), a non-power-of-two E, every token
+    on the same k experts ("all"), and half the experts never chosen ("empty")."""
+    g = torch.Generator().manual_seed(N * 1000 + E)
+    if case == "all":
+        ids = torch.arange(k).repeat(N, 1)
+    else:
+        hi = E // 2 if case == "empty" else E
+        ids = torch.stack([torch.randperm(hi, generator=g)[:k] for _ in range(N)])
+    ids = ids.to(DEV)
+    want, got = fm.align_by_expert(ids, E, BM), fm.align_fused(ids, E, BM)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_grouped_path_with_the_one_launch_align_matches_reference():
+    """experts_large aligned by _align_kernel (align_max_pairs above P) against the torch path,
+    and through fused_moe's threshold: 3 tokens x top-4 = 12 pairs, aligned in one launch at 12."""
+    H, I, E, k = CPU_SHAPES["user-mini"]
+    w13, w2, gate = _weights(H, I, E, torch.bfloat16, 41)
+    x = _x(16, H, torch.bfloat16, 42)
+    _, w, ids = route(x, gate, k, True)
+    want = experts_grouped(x, w13, w2, ids, w)
+    assert_close(fm.experts_large(x, w13, w2, ids, w, align_max_pairs=16 * k), want, torch.bfloat16)
+    x3 = x[:3]
+    _, w3, _ = route(x3, gate, k, False)
+    assert_close(fm.fused_moe(x3, gate, w13, w2, k, False, small_max_pairs=8, align_max_pairs=12),
+                 experts_grouped(x3, w13, w2, route(x3, gate, k, False)[2], w3), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("N", [16, 64, 256, 512])
+def test_align_in_one_launch_on_gpu_at_decode_batches(N):
+    """The decode batches of the 30b shape (128 experts, top-8, the grouped path's BM for N * 8
+    pairs): _align_kernel equals align_by_expert on the device."""
+    E, k = 128, 8
+    g = torch.Generator().manual_seed(N)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)]).to(DEV)
+    BM = fm.grouped_tiles(N * k, E)[0]
+    want, got = fm.align_by_expert(ids, E, BM), fm.align_fused(ids, E, BM)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("dtype,norm_topk", [(torch.float32, False), (torch.bfloat16, True)])
 def test_routing_picks_the_reference_experts(dtype, norm_topk):
     H, E, k = 96, 16, 4
@@ -264,8 +311,9 @@ def test_routing_tie_comparison_on_cpu():
 
 def test_stage_with_every_fused_kernel_matches_reference_interpreted():
     """One user-mini layer, bf16, prefill then decode: the fused backend (qkv norm+rope+KV write,
-    add+norm, routing, both MoE paths, the small-token GEMV for the decode's projections) against the torch backend, outputs and KV cache. Both
-    round at the same steps; under the interpreter they agree to the bit."""
+    add+norm, routing, both MoE paths (the prefill's 36 pairs grouped by the one-launch align), the
+    small-token GEMV for the decode's projections) against the torch backend, outputs and KV cache.
+    Both round at the same steps; under the interpreter they agree to the bit."""
     from loader.dummy import dummy_config, fill_dummy
     from model.backend import Backend
     from model.batch import AttnBatch
@@ -274,7 +322,8 @@ def test_stage_with_every_fused_kernel_matches_reference_interpreted():
     stage = fill_dummy(Stage(cfg, 0, 1, True, True, DEV, torch.bfloat16))
     outs = {}
     for name, be in (("ref", Backend("ref", "torch", False)), ("fused", Backend("ref", "triton", True, moe_small_max_pairs=12,
-                                                                                   linear_small_max=4))):
+                                                                                   linear_small_max=4,
+                                                                                   moe_align_max_pairs=36))):
         stage.backend = be
         stage.allocate_kv(8, 16)
         ids = torch.randint(0, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(0)).to(DEV)
