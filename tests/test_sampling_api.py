@@ -106,6 +106,21 @@ def test_logprobs_and_prompt_logprobs_equal_log_softmax_of_transformers(llm, hf)
     assert [list(d) for d in zero] == [[t] for t in outs[0].token_ids[:2]]  # 0: the sampled token alone
 
 
+def test_prompt_logprobs_of_a_prompt_longer_than_a_micro_batch_holds(llm, hf):
+    """A 2,600-token prompt asking for prompt_logprobs is prefilled in chunks of at most
+    PROMPT_LOGPROB_ROWS (1,024) tokens (the logits of its rows are held in fp32); every position's
+    logprob still equals log_softmax of transformers' logits, and the answer is the plain one."""
+    from engine.runtime.scheduler import PROMPT_LOGPROB_ROWS
+    g = torch.Generator().manual_seed(8)
+    p = torch.randint(3, 500, (2 * PROMPT_LOGPROB_ROWS + 552,), generator=g).tolist()
+    o = llm.generate([p], greedy(max_tokens=2, prompt_logprobs=0))[0]
+    lp = hf_logprobs(hf, p)
+    got = torch.tensor([o.prompt_logprobs[j][p[j]].logprob for j in range(1, len(p))], dtype=torch.float64)
+    want = lp[torch.arange(len(p) - 1), torch.tensor(p[1:])]
+    assert (got - want).abs().max() < 1e-4
+    assert o.token_ids == llm.generate([p], greedy(max_tokens=2))[0].token_ids
+
+
 def test_processed_logprobs_are_of_the_sampling_distribution(llm, hf):
     """processed_logprobs: log_softmax of logits / temperature over the top-k kept; raw: of the model's
     logits; the sampled token is always there, with its rank."""

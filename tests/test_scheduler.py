@@ -303,3 +303,26 @@ def test_continuations_keep_one_decode_group_per_stage(n_seqs):
     assert len(groups) == 2 and not set.intersection(*map(set, groups))  # two disjoint groups...
     assert all(a != b for a, b in zip(decodes, decodes[1:]))  # ...taking turns
     assert s.blocks.num_free == 64 and not s.has_work
+
+
+def test_prompt_logprobs_prefill_is_cut_to_the_rows_a_micro_batch_has():
+    """A long prompt asking for prompt_logprobs takes at most PROMPT_LOGPROB_ROWS prompt tokens a
+    micro-batch; a second such request waits in its place while a plain one behind it starts, and
+    takes the rows left once the first is done with its prompt."""
+    from engine.runtime.scheduler import PROMPT_LOGPROB_ROWS as R
+    s = Scheduler(BlockManager(1024, 16), max_num_seqs=8, max_num_batched_tokens=8192, max_model_len=10_000)
+    lp = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=1)
+    a = Sequence(0, list(range(1, 2 * R + 401)), lp, ())
+    b = Sequence(1, list(range(5, R + 5)), lp, ())
+    c = Sequence(2, list(range(3000, 3700)), SamplingParams(max_tokens=4, temperature=0), ())  # shares no block
+    for q in (a, b, c):
+        s.add(q)
+    steps = []
+    while s.has_work and len(steps) < 20:
+        mb = s.schedule()
+        steps.append([(ch.seq.seq_id, ch.start, ch.length) for ch in mb.chunks])
+        s.complete(mb, [7] * len(mb.sampled))
+    assert steps[:4] == [[(0, 0, R), (2, 0, 700)], [(0, R, R), (2, 700, 1)], [(0, 2 * R, 400), (2, 701, 1), (1, 0, R - 400)],
+                         [(0, 2 * R + 400, 1), (2, 702, 1), (1, R - 400, 400)]]
+    assert all(sum(n for i, st, n in mb if i in (0, 1) and st < (a.prompt_len if i == 0 else b.prompt_len)) <= R
+               for mb in steps)

@@ -28,6 +28,12 @@ from .chunking import ChunkSizer, StepBudget, StepCost
 from .sequence import Sequence, Status
 
 
+# Prompt positions of one micro-batch whose logits feed prompt_logprobs: the last stage holds those
+# logits in fp32 ([rows, vocab]: 0.6 GB at 1024 rows of a 151,936 vocab) beyond the memory sized at
+# start-up, so a long prompt asking for them is prefilled in chunks of at most this many tokens.
+PROMPT_LOGPROB_ROWS = 1024
+
+
 class RequestRefused(ValueError):
     """A request that can never fit: past the model's context or past the whole KV pool."""
 
@@ -166,6 +172,7 @@ class Scheduler:
         budget, chunks = self.budget, []
         decode_cap, n_decode = self._decode_cap(), 0
         step = self._step_budget(decode_cap)
+        lp_left = PROMPT_LOGPROB_ROWS  # prompt_logprobs rows left in this micro-batch
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -179,11 +186,15 @@ class Scheduler:
                 n = min(n, self.chunk_sizer(seq.num_scheduled, seq.prompt_len))
             if step is not None and not is_decode and (n := self._bounded(step, seq.num_scheduled, n)) == 0:
                 continue
+            if not is_decode and (n := self._logprob_rows(seq, n, lp_left)) == 0:
+                continue
             if not self._grow(seq, seq.num_scheduled + n, chunks):
                 continue
             chunks.append(self._chunk(seq, n))
             budget -= n
             n_decode += is_decode
+            if not is_decode and seq.params.prompt_logprobs is not None:
+                lp_left -= n
         writing, deferred = None, []  # keys running prefills will cache (built when first needed)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -201,6 +212,9 @@ class Scheduler:
                 n = min(n, self.chunk_sizer(start, seq.prompt_len))
             if step is not None and (n := self._bounded(step, start, n)) == 0:
                 break
+            if (n := self._logprob_rows(seq, n, lp_left)) == 0:  # its logits would not fit: later, in place
+                deferred.append(self.waiting.popleft())
+                continue
             if not self.blocks.admit(seq, hits, start + n):
                 break
             seq.num_scheduled = seq.num_cached_tokens = start
@@ -211,6 +225,8 @@ class Scheduler:
             self.running.append(seq)
             chunks.append(self._chunk(seq, n))
             budget -= n
+            if seq.params.prompt_logprobs is not None:
+                lp_left -= n
             if writing is not None:
                 writing.update(self.blocks.prompt_keys_to_write(seq))
         self.waiting.extendleft(reversed(deferred))  # back at the front, in their order
@@ -290,6 +306,12 @@ class Scheduler:
         """Decode rows per micro-batch: the decoding sequences spread over the stages."""
         decoding = sum(1 for s in self.running if s.num_scheduled >= s.prompt_len)
         return math.ceil(decoding / self.num_stages)
+
+    @staticmethod
+    def _logprob_rows(seq: Sequence, n: int, left: int) -> int:
+        """n, or for a prefill chunk asking for prompt_logprobs at most the `left` rows the
+        micro-batch has for them (PROMPT_LOGPROB_ROWS in all)."""
+        return n if seq.params.prompt_logprobs is None else min(n, left)
 
     def _chunk(self, seq: Sequence, n: int, pending: int = 0) -> Chunk:
         c = Chunk(seq, seq.num_scheduled, n, seq.num_scheduled + n == len(seq) + pending, pending,
