@@ -11,7 +11,8 @@
 #   bash bench/gpu.sh kernels                bench_decode_layer, bench_sampler, bench_attention
 #   bash bench/gpu.sh compare REV            bench_e2e's batch-1/16 decode and 8k prefill rows of the code
 #                                            of REV (a tree made here by `git archive REV --prefix=REV/ |
-#                                            tar -x -C .old`, carried as .old) and of this tree, in one call
+#                                            tar -x -C .old`, carried as .old) and of this tree, in one call:
+#                                            ROUNDS (2) alternating rounds, medians and ranges
 #   bash bench/gpu.sh prefix                 the prefix cache on and off: shared-prefix and plain serving, multi-turn
 #   bash bench/gpu.sh breakdown [args]       bench_breakdown: the engine's decode step at batch 16, 64, 256
 #                                            (1k context; 256 also with penalties), per kernel group, after
@@ -120,24 +121,35 @@ breakdown)  # this branch's GPU tests first (no late compile at a shape no prese
     | grep -v "^USDT\|^STAGE:" > "$OUT/breakdown_$TAG$sfx.log"
   tail -66 "$OUT/breakdown_$TAG$sfx.log"
   ;;
-compare)  # one model, two versions of the code, one call: the old tree first, then this one
+compare)  # one model, two versions of the code, one call: ROUNDS (default 2) alternating rounds, the old
+  # tree first in odd rounds and second in even ones (each row's median over the rounds; one tree's own
+  # spread printed beside it)
   rev=${1:?usage: bash bench/gpu.sh compare REV}
   [ -d ".old/$rev" ] || { echo "error: .old/$rev is missing: git archive $rev --prefix=$rev/ | tar -x -C .old"; exit 2; }
-  e2e() { timeout 260 python3 bench/bench_e2e.py --preset qwen3-30b-a3b --stages 1 --prefill 8192 --long "" \
+  e2e() { timeout 200 python3 bench/bench_e2e.py --preset qwen3-30b-a3b --stages 1 --prefill 8192 --long "" \
     --decode-ctx 8192 --requests 16 --out "$1" 2>&1 | quiet | tail -4; }
-  (cd ".old/$rev" && PYTHONPATH=$PWD e2e "$OLDPWD/$OUT/compare_${rev}_$TAG.json")
-  e2e "$OUT/compare_this_$TAG.json"
-  python3 - "$OUT/compare_${rev}_$TAG.json" "$OUT/compare_this_$TAG.json" "$rev" <<'PY'
-import json, sys
+  old() { (cd ".old/$rev" && PYTHONPATH=$PWD e2e "$OLDPWD/$OUT/compare_${rev}_r$1_$TAG.json"); }
+  for r in $(seq "${ROUNDS:-2}"); do
+    if [ $((r % 2)) = 1 ]; then old "$r"; e2e "$OUT/compare_this_r${r}_$TAG.json"
+    else e2e "$OUT/compare_this_r${r}_$TAG.json"; old "$r"; fi
+  done
+  python3 - "$OUT" "$TAG" "$rev" <<'PY'
+import glob, json, statistics, sys
+out, tag, rev = sys.argv[1:]
 def pick(path):
     rows = json.load(open(path))["moepipe"]
     dec = {r["batch"]: r["ms_per_step"] for r in rows if r["what"] == "decode" and r["prompt"] == 128}
     pre = {r["tokens"]: r["tok_per_s"] for r in rows if r["what"] == "prefill"}
     return [dec.get(1), dec.get(16), pre.get(8192)]
-old, new = pick(sys.argv[1]), pick(sys.argv[2])
-print(f"{'':<22}{sys.argv[3]:>12}{'this tree':>12}{'new/old':>9}")
-for name, a, b in zip(["decode b1 ms/step", "decode b16 ms/step", "prefill 8k tok/s"], old, new):
-    print(f"{name:<22}{str(a):>12}{str(b):>12}{(b / a if a and b else float('nan')):>9.3f}")
+runs = {who: [pick(f) for f in sorted(glob.glob(f"{out}/compare_{who}_r*_{tag}.json"))] for who in (rev, "this")}
+print(f"{'':<22}{rev:>12}{'this tree':>12}{'new/old':>9}   rounds: {len(runs[rev])} / {len(runs['this'])}; each value's range")
+for i, name in enumerate(["decode b1 ms/step", "decode b16 ms/step", "prefill 8k tok/s"]):
+    col = {w: [r[i] for r in runs[w] if r[i] is not None] for w in runs}
+    med = {w: statistics.median(v) if v else None for w, v in col.items()}
+    a, b = med[rev], med["this"]
+    span = "  ".join(f"{w} {min(v):g}-{max(v):g}" for w, v in col.items() if v)
+    f = lambda v: f"{v:.4g}" if v is not None else "-"
+    print(f"{name:<22}{f(a):>12}{f(b):>12}{(b / a if a and b else float('nan')):>9.3f}   {span}")
 PY
   ;;
 prefix)  # the prefix cache: the multi-turn conversation first (cache on; turn 1 computes the whole
