@@ -148,7 +148,7 @@ for i, name in enumerate(["decode b1 ms/step", "decode b16 ms/step", "prefill 8k
     med = {w: statistics.median(v) if v else None for w, v in col.items()}
     a, b = med[rev], med["this"]
     span = "  ".join(f"{w} {min(v):g}-{max(v):g}" for w, v in col.items() if v)
-    f = lambda v: f"{v:.4g}" if v is not None else "-"
+    f = lambda v: "-" if v is None else f"{v:.0f}" if v >= 1000 else f"{v:.4g}"
     print(f"{name:<22}{f(a):>12}{f(b):>12}{(b / a if a and b else float('nan')):>9.3f}   {span}")
 PY
   ;;
