@@ -17,7 +17,8 @@
 #   bash bench/gpu.sh breakdown [args]       bench_breakdown: the engine's decode step at batch 16, 64, 256
 #                                            (1k context; 256 also with penalties), per kernel group, after
 #                                            this suite's GPU tests (BD_TESTS=0: the bench alone); args go
-#                                            to bench_breakdown (--moe-align-max-pairs N: the one-launch align)
+#                                            to bench_breakdown (--moe-align-max-pairs N, --penalties-fused:
+#                                            the kernels waiting for their A/B; BD_TAG=x names the files)
 #   bash bench/gpu.sh record                 the tests, a 64-client serving sample (plain, json, logprobs +
 #                                            penalties, a shared prefix) and the multi-turn prefix cache
 # Results (JSON and logs) go to $OUT (default bench/results/run), named <kind>_<card>x<gpus>_<date>;
@@ -115,8 +116,9 @@ breakdown)  # this branch's GPU tests first (no late compile at a shape no prese
       > "$OUT/gpu_tests_breakdown_$TAG.log" 2>&1
     grep -E "passed|failed|FAILED|Error|late" "$OUT/gpu_tests_breakdown_$TAG.log" | tail -8
   fi
-  # more arguments go to bench_breakdown, e.g. --moe-align-max-pairs 4096 (files then named _align4096)
-  sfx=$(printf '%s' "$*" | grep -o 'moe-align-max-pairs[ =][0-9]*' | tr -dc '0-9' | sed 's/^/_align/')
+  # more arguments go to bench_breakdown (--moe-align-max-pairs 4096, --penalties-fused); BD_TAG=x names
+  # the files breakdown_..._x
+  sfx=${BD_TAG:+_$BD_TAG}
   timeout 330 python3 bench/bench_breakdown.py --out "$OUT/breakdown_$TAG$sfx.json" "$@" 2>&1 | quiet \
     | grep -v "^USDT\|^STAGE:" > "$OUT/breakdown_$TAG$sfx.log"
   tail -66 "$OUT/breakdown_$TAG$sfx.log"

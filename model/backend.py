@@ -26,6 +26,11 @@ LINEAR_SMALL_MAX_TOKENS = 1
 # kernels per layer; 0: always the torch ops. 0 until bench/bench_breakdown.py
 # --moe-align-max-pairs has timed it on a GPU (its tests so far ran under the interpreter only).
 MOE_ALIGN_MAX_PAIRS = 0
+# Penalties (repetition, frequency, presence) on the last stage's CUDA device as one Triton launch
+# (model/penalties_triton.py) instead of ~15 torch passes over [rows, vocab]. False until bench/
+# bench_breakdown.py --penalties-fused has timed it on a GPU (its tests so far ran under the
+# interpreter only).
+PENALTIES_FUSED = False
 
 
 def reference_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:

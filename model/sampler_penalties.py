@@ -31,9 +31,11 @@ def add_sparse(logits_RV: torch.Tensor, entries_N3: torch.Tensor) -> torch.Tenso
 class PenaltyState:
     """Per-slot token counts and prompt masks of one last stage."""
 
-    def __init__(self, slots: int, vocab: int, device: torch.device):
+    def __init__(self, slots: int, vocab: int, device: torch.device, fused: bool = False):
+        """fused: apply() as one Triton launch (model/penalties_triton.py; model.backend.PENALTIES_FUSED)."""
         self.counts_SV = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
         self.prompt_SV = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
+        self.fused = fused
 
     @property
     def slots(self) -> int:
@@ -57,6 +59,9 @@ class PenaltyState:
 
     def apply(self, logits_RV: torch.Tensor, rows_R: torch.Tensor) -> torch.Tensor:
         """The penalised logits (fp32 [R, V], a new tensor) of rows with slots."""
+        if self.fused:
+            from .penalties_triton import apply_penalties
+            return apply_penalties(logits_RV, rows_R, self.counts_SV, self.prompt_SV)
         slot = rows_R[:, C_SLOT].to(torch.int64)
         s = slot.clamp(min=0)
         count = self.counts_SV.index_select(0, s)

@@ -36,7 +36,9 @@ def naive_penalised(logits, prompt_tokens, output_tokens, presence, frequency, r
     return torch.tensor(x)
 
 
-def test_penalties_and_bias_match_naive_maths():
+@pytest.mark.parametrize("fused", [False, True])
+def test_penalties_and_bias_match_naive_maths(fused):
+    """The torch maths, and the one-launch Triton kernel (model/penalties_triton.py; interpreted on CPU)."""
     g = torch.Generator().manual_seed(0)
     R = 6
     logits = torch.randn(R, V, generator=g) * 3
@@ -46,7 +48,7 @@ def test_penalties_and_bias_match_naive_maths():
     prompts = {0: [1, 2, 3], 1: [4], 2: [5, 6, 6, 7], 3: [8, 9, 1]}
     outputs = {s: torch.randint(0, V, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g).tolist()
                for s in range(4)}
-    state = PenaltyState(5, V, torch.device("cpu"))
+    state = PenaltyState(5, V, torch.device("cpu"), fused=fused)
     state.counts_SV[4, 2] = 9  # a stale slot: its reset must clear it
     resets = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)
     pp = torch.tensor([(s, t) for s, ts in prompts.items() for t in ts], dtype=torch.int32)
@@ -74,6 +76,32 @@ def test_penalties_and_bias_match_naive_maths():
         if s >= 0:
             assert diff[s, ids[i]] == 1
     assert diff.sum() == sum(1 for s, *_ in spec if s >= 0)
+
+
+def test_fused_penalties_equal_the_torch_maths_bit_for_bit():
+    """The one-launch kernel against PenaltyState's torch maths on a vocabulary of several partial
+    tiles (3,000 = 2,048 + 952), -inf logits, repeated counts, rows without a slot (p = f = 0,
+    r = 1, as stage 0 plans them: unchanged) and one without a slot but with penalties (both read
+    slot 0): equal to the bit, -inf included."""
+    from model.penalties_triton import BV
+    g = torch.Generator().manual_seed(4)
+    R, Vb = 6, BV + 952
+    logits = (torch.randn(R, Vb, generator=g) * 2).bfloat16().float()
+    logits[1, :5] = float("-inf")
+    spec = [(0.8, 0, 1.0, 0.0, i, i, i % 4 - 1) + ((0.5, 0.2, 1.3) if i % 4 else (0.0, 0.0, 1.0)) for i in range(R)]
+    spec[4] = spec[4][:7] + (0.3, 0.1, 1.2)
+    rows = torch.from_numpy(pack_rows(spec)[0])
+    state = PenaltyState(4, Vb, torch.device("cpu"))
+    out = torch.randint(0, Vb, (400, 2), generator=g, dtype=torch.int32)
+    out[:, 0] %= 4
+    prompt = torch.randint(0, Vb, (100, 2), generator=g, dtype=torch.int32)
+    prompt[:, 0] %= 4
+    state.init(torch.arange(4, dtype=torch.int32), prompt, out)
+    want = state.apply(logits, rows)
+    state.fused = True
+    got = state.apply(logits, rows)
+    assert torch.equal(got, want) and (got != logits).any(-1)[[1, 2, 3, 4, 5]].all()
+    assert torch.equal(got[0], logits[0])
 
 
 def test_pack_rows_flags():
@@ -218,6 +246,8 @@ def test_cuda_processed_logits_and_penalties_match_cpu():
                out.to(s.counts_SV.device))
     r = torch.from_numpy(rows)
     torch.testing.assert_close(state_g.apply(logits.cuda(), r.cuda()).cpu(), state_c.apply(logits, r))
+    state_g.fused = True  # the one-launch kernel on the device: the same fp32 steps, to the bit
+    assert torch.equal(state_g.apply(logits.cuda(), r.cuda()).cpu(), state_c.apply(logits, r))
     got, want = logprob_table(logits.cuda(), ids, 5).cpu(), logprob_table(logits, ids.cpu(), 5)
     torch.testing.assert_close(got[:, :7], want[:, :7], rtol=1e-5, atol=1e-4)  # chosen, rank, top-5 logprobs
     # the logits are bf16 values, so exact ties are common and topk may order tied ids either way:

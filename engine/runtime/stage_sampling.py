@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from model import backend
 from model.sampler import C_PROCESSED, F_LOGPROBS, F_PENALTY, F_PROCESSED, sample_with
 from model.sampler_logprobs import logprob_table, width
 from model.sampler_penalties import PenaltyState, add_sparse
@@ -28,7 +29,8 @@ class LastStageSampler:
         h, R, flags = view.header, view.R, view.flags
         if h[H_NR] or h[H_NP] or h[H_NO]:
             if self.state is None or self.state.slots < h[H_SLOTS]:
-                self.state = PenaltyState(h[H_SLOTS], self.vocab, self.device)
+                self.state = PenaltyState(h[H_SLOTS], self.vocab, self.device,
+                                          fused=self.device.type == "cuda" and backend.PENALTIES_FUSED)
             self.state.init(view.part("resets"), view.part("prompt_pairs").view(-1, 2),
                             view.part("output_pairs").view(-1, 2))
         raw = logits[:R] if not h[H_NS] else grammar_masked(logits[:R], view)

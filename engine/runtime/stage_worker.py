@@ -170,19 +170,24 @@ class StageWorker:
         >= 128 rows take different tiles: model/sampler_triton.py), unfiltered and with top-k +
         top-p + min-p, with the sampling rows 16-byte aligned and not (they are a view into the
         int32 plan at any offset; Triton specializes on a pointer's alignment), so that no sampled
-        request pays Triton's JIT. Penalties, bias and logprobs are torch ops (no kernel to compile);
-        the processed-logprobs path reads the thresholds of the same kernels."""
+        request pays Triton's JIT. Bias and logprobs are torch ops (no kernel to compile), and so are
+        penalties unless model.backend.PENALTIES_FUSED (then their kernel is compiled here too, at
+        both alignments); the processed-logprobs path reads the thresholds of the same kernels."""
+        from model import backend
         from model.sampler import ROW, pack_rows, sample
+        from model.sampler_penalties import PenaltyState
         g = torch.Generator(device=self.device).manual_seed(0)
+        penalties = PenaltyState(1, vocab_size, self.device, fused=True) \
+            if self.device.type == "cuda" and backend.PENALTIES_FUSED else None
         for R in (1, 5, 128, 256):
             logits = torch.randn(R, vocab_size, generator=g, device=self.device)
             for spec in ((1.0, 0, 1.0, 0.0, 0, 0), (1.0, 20, 0.9, 0.05, 0, 0)):  # greedy has no kernel
-                rows, flags = pack_rows([spec] * R)
+                rows, flags = pack_rows([spec + (0, 0.1, 0.1, 1.1)] * R if penalties else [spec] * R)
                 buf = torch.zeros(R * ROW + 1, dtype=torch.int32, device=self.device)
                 for shift in (0, 1):  # aligned, then 4 bytes off
                     view = buf[shift:shift + R * ROW].view(R, ROW)
                     view.copy_(torch.from_numpy(rows))
-                    sample(logits, view, flags)
+                    sample(logits if penalties is None else penalties.apply(logits, view), view, flags)
 
     def allocate(self, num_blocks: int) -> None:
         """The pool plus one scratch block (id num_blocks) that padded graph rows write into."""
