@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,7 +133,12 @@ def main() -> int:
     ap.add_argument("--one-gpu", action="store_true", help="also the decode and throughput rows on 1 GPU")
     ap.add_argument("--decode-ctx", type=int, default=32768, help="context of the long batch-1 decode row")
     ap.add_argument("--requests", type=int, default=256, help="requests of the throughput rows")
+    ap.add_argument("--load", default="", help="more throughput rows, NxPROMPTxNEW each, greedy (issue 24's: "
+                                               "256x128x1024,1000x1024x128); empty: none")
     a = ap.parse_args()
+    bad = [x for x in a.load.split(",") if x.strip() and not re.fullmatch(r"\s*[1-9]\d*x[1-9]\d*x[1-9]\d*\s*", x.lower())]
+    if bad:
+        raise SystemExit(f"error: --load {bad[0]!r}: expected NxPROMPTxNEW, positive integers (e.g. 256x128x1024)")
 
     import torch
     from engine import LLM
@@ -221,6 +227,14 @@ def run(a, result: dict, save, ckpt: Path) -> int:
                                   for s, s2 in zip(st, st2)],
                      "kv_pool_gib": [round(s.get("kv_gib", 0), 2) for s in st]})
         print(rows[-1], flush=True)
+    for spec in [x for x in a.load.split(",") if x.strip()]:
+        n_req, prompt, new = (int(v) for v in spec.lower().split("x"))
+        x = throughput(llm, rand, n_req, prompt, new)
+        x.update(what="load", total_tok_per_s=round(n_req * (prompt + new) / x["s"], 1),
+                 ms_per_out_step=round(x["s"] / new * 1e3, 2))
+        rows.append(x)
+        print(rows[-1], flush=True)
+        save()
     if a.mixed:
         # many requests of mixed lengths at once, one of them 90k tokens: served without OOM
         lens = [90000] + [int(x) for x in torch.randint(100, 8000, (31,), generator=g)]
@@ -279,6 +293,10 @@ def print_table(r: dict) -> None:
             pv = p.get("tok_per_s") if p else None
             print(f"{'prefill tok/s ' + str(x['tokens']):28s} {x['tok_per_s']:12.0f} {pv or float('nan'):12.0f} "
                   f"{(x['tok_per_s'] / pv) if pv else float('nan'):8.2f}x")
+        elif x["what"] == "load":
+            name = f"{x['requests']}x({x['prompt']}->{x['new']}) greedy"
+            print(f"{name:28s} {x['out_tok_per_s']:12.0f} out tok/s, {x['total_tok_per_s']:.0f} total tok/s, "
+                  f"{x['ms_per_out_step']:.1f} ms per output step (the call / new tokens), busy {x['busy_frac']}")
         elif x["what"] == "mixed":
             print(f"mixed: {x['requests']} requests, {x['prompt_tokens']} prompt + {x['new_tokens']} new tokens "
                   f"in {x['s']} s, peak GiB {x['peak_gib']}, preemptions {x['preemptions']}")

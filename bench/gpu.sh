@@ -7,6 +7,7 @@
 #   bash bench/gpu.sh e2e                    bench_e2e beside the transformers peer (bench/hf_peer.py),
 #                                            the card's ceilings (bench/ceilings.py) and, on 2+ GPUs, 1 GPU
 #   bash bench/gpu.sh long                   bench_e2e's 90k and 128k rows beside the transformers peer at 90k
+#   bash bench/gpu.sh load                   bench_e2e's 256 x (128 -> 1024) and 1 000 x (1024 -> 128) rows
 #   bash bench/gpu.sh serving                bench_serving: 1024 in / 256 out at 1, 8, 64, 256 clients
 #   bash bench/gpu.sh kernels                bench_decode_layer, bench_sampler, bench_attention
 #   bash bench/gpu.sh compare REV            bench_e2e's batch-1/16 decode and 8k prefill rows of the code
@@ -90,6 +91,11 @@ e2e)
     --peer bench/hf_peer.py --peer-prefill 2048,8192 "${one[@]}" --out "$OUT/e2e_$TAG.json" 2>&1 | quiet \
     > "$OUT/e2e_$TAG.log"
   tail -16 "$OUT/e2e_$TAG.log"
+  ;;
+load)  # issue 24's throughput workloads: 256 x (128 -> 1024) and 1,000 x (1024 -> 128), greedy
+  timeout 560 python3 bench/bench_e2e.py --preset qwen3-30b-a3b --stages "$NGPU" --prefill "" --long "" \
+    --requests 16 --load 256x128x1024,1000x1024x128 --out "$OUT/load_$TAG.json" 2>&1 | quiet > "$OUT/load_$TAG.log"
+  tail -10 "$OUT/load_$TAG.log"
   ;;
 long)  # 90k and 128k prompts (time to first token, decode after them) beside the transformers peer at 90k
   timeout 560 python3 bench/bench_e2e.py --preset qwen3-30b-a3b --stages "$NGPU" --prefill "" --long 90000,128000 \
@@ -211,7 +217,7 @@ record)  # the short record for a one-call budget: every GPU test, then one serv
   (cd "$OUT" && tar czf "record_$TAG.tgz" --remove-files ./*_"$TAG".log ./*_"$TAG".json)  # a device call returns 8 files
   ;;
 *)
-  echo "usage: bash bench/gpu.sh tests|e2e|serving|kernels|breakdown|long|compare REV|prefix|record [pytest args for tests]" >&2
+  echo "usage: bash bench/gpu.sh tests|e2e|long|load|serving|kernels|breakdown|compare REV|prefix|record [args]" >&2
   exit 2
   ;;
 esac
