@@ -27,13 +27,19 @@ def _ladder(limit: int) -> list[int]:
     return sorted(n for n in out if 1 <= n <= limit)
 
 
+def packed(T: int, max_context: int) -> list[int]:
+    """T tokens as fresh prompts of at most max_context each (a micro-batch holds several prompts,
+    so its token count can pass the context limit; the kernels' variants follow the total)."""
+    return [max_context] * (T // max_context) + ([T % max_context] if T % max_context else [])
+
+
 def warm_shapes(max_tokens: int, max_batch: int, max_context: int, small_max: int,
                 block_size: int = 16) -> list[tuple[list[int], list[int]]]:
     """(query_lens, context_lens) of each warm-up micro-batch."""
     shapes: list[tuple[list[int], list[int]]] = []
     tokens = sorted(set(_ladder(max_tokens)) | {t for t in (small_max, small_max + 1) if t <= max_tokens})
     for T in tokens:
-        shapes.append(([T], [T]))  # fresh prefill
+        shapes.append((packed(T, max_context), packed(T, max_context)))  # fresh prefill(s)
         if 2 * T <= max_context and T > 1:
             shapes.append(([T], [2 * T]))  # a chunk behind cached tokens
     for b in (2, 16, 17):  # several prompts in one micro-batch (the scheduler packs short ones)
@@ -79,16 +85,18 @@ def declared_shapes(stage: Stage, max_tokens: int, max_batch: int, max_context: 
                             max_context, S, sms)
     if be.moe == "triton" and cfg.num_experts:
         from .fused_moe_triton import warm_token_counts
-        out += [([n], [n]) for n in warm_token_counts(cfg.num_experts, cfg.num_experts_per_tok,
-                                                      be.moe_small_max_pairs, max_tokens)]
+        out += [(packed(n, max_context), packed(n, max_context))
+                for n in warm_token_counts(cfg.num_experts, cfg.num_experts_per_tok, be.moe_small_max_pairs,
+                                           max_tokens)]
     return out
 
 
 @torch.inference_mode()
 def precompile(stage: Stage, max_tokens: int, max_batch: int, max_context: int | None = None) -> float:
     """Run the stage once at every shape class the engine will use (after allocate_kv; the KV pool
-    is reused as scratch). max_tokens: the largest micro-batch in tokens; max_batch: the most
-    sequences decoding at once; max_context: the longest context (default: the model's limit).
+    is reused as scratch). max_tokens: the largest micro-batch in tokens (several prompts when it
+    passes max_context); max_batch: the most sequences decoding at once; max_context: the longest
+    context (default: the model's limit).
     Returns the seconds it took."""
     assert stage.kv_cache is not None, "allocate_kv() before precompile()"
     t0 = time.perf_counter()

@@ -67,6 +67,24 @@ def test_moe_token_counts_cover_every_tile_and_pair_class():
         assert {key(n) for n in range(1, 8193)} == {key(n) for n in counts}
 
 
+def test_warm_up_reaches_the_token_budget_when_the_context_limit_is_shorter():
+    """max_model_len 1 165 under an 8 192-token budget (bench_breakdown's engine): micro-batches of
+    several prompts reach 8 192 tokens, so the warm-up does too, as prompts of at most 1 165 tokens
+    (each kernel's variants follow the micro-batch's total). Each fresh prefill's token count of
+    the ladder is warmed, no shape passes the context limit, and the MoE's 128-row tile class
+    (from 1 537 tokens at 128 experts, top-8), which a 1 165-token warm-up never reached, is there."""
+    from model.fused_moe_triton import grouped_tiles
+    from model.warmup import packed
+    assert packed(8192, 1165) == [1165] * 7 + [37] and packed(1165, 1165) == [1165] and packed(5, 1165) == [5]
+    shapes = warm_shapes(8192, 256, 1165, 8, S)
+    assert all(max(c) <= 1165 for _, c in shapes)
+    totals = {sum(q) for q, c in shapes if q == c}
+    assert {1, 2, 3, 1024, 1025, 4096, 4097, 8192} <= totals
+    assert any(grouped_tiles(8 * t, 128)[0] == 128 for t in totals)
+    assert not any(grouped_tiles(8 * t, 128)[0] == 128 for q, c in warm_shapes(1165, 256, 1165, 8, S)
+                   if q == c for t in [sum(q)])
+
+
 @pytest.mark.gpu
 def test_no_compile_inside_a_long_request_of_a_shape_no_preset_has(tmp_path):
     import json
@@ -86,6 +104,28 @@ def test_no_compile_inside_a_long_request_of_a_shape_no_preset_has(tmp_path):
         sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
         llm.generate(long[:1], sp)
         llm.generate(short + long[1:], [SamplingParams(max_tokens=64, temperature=0, ignore_eos=True), sp])
+        st = llm.stats()["stages"]
+    late = {s["rank"]: s["late_kernels"] for s in st if s["late_compiles"]}
+    assert not late, f"Triton kernels compiled inside requests: {late}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_compile_when_prompts_fill_a_budget_past_the_context_limit(tmp_path):
+    """max_model_len 1 024 under the 8 192-token budget: 16 prompts of 1 000 tokens fill micro-batches
+    of 8 192 tokens (the MoE's 128-row tile); nothing compiles inside them."""
+    import json
+
+    from engine import LLM, SamplingParams
+    from loader.presets import preset_config
+    cfg = preset_config("qwen3-30b-a3b")
+    cfg["num_hidden_layers"] = cfg["max_window_layers"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    g = torch.Generator().manual_seed(5)
+    with LLM(str(tmp_path), load_format="dummy", device="cuda", verbose=False, max_model_len=1024,
+             max_num_seqs=16, kv_cache_gib=2) as llm:
+        prompts = [torch.randint(3, 1000, (1000,), generator=g).tolist() for _ in range(16)]
+        llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
         st = llm.stats()["stages"]
     late = {s["rank"]: s["late_kernels"] for s in st if s["late_compiles"]}
     assert not late, f"Triton kernels compiled inside requests: {late}"

@@ -138,7 +138,10 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
         groups = (dist.new_group(ranks), dist.new_group(ranks), dist.new_group(ranks, backend="gloo"))
     worker = StageWorker(stage, rank, o.stages, o.block_size, groups)
     max_len = min(o.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    blocks = worker.size_kv_pool(o.kv_cache_gib, o.gpu_memory_utilization, min(o.max_num_batched_tokens, max_len))
+    # the largest micro-batch: the token budget, which several prompts can fill past max_len (the
+    # memory-sizing forward runs it as one sequence, so within the positions the model has)
+    step_tokens = min(o.max_num_batched_tokens, o.max_num_seqs * max_len, cfg.max_position_embeddings)
+    blocks = worker.size_kv_pool(o.kv_cache_gib, o.gpu_memory_utilization, step_tokens)
     blocks = agree_min(blocks, device)
     if blocks < 1:
         raise RuntimeError(f"stage {rank}: no memory left for the KV cache after loading "
@@ -146,7 +149,7 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
     worker.allocate(blocks)
     if device.type == "cuda":  # compile every Triton kernel shape now, not in the first request
         from model.warmup import precompile
-        secs = precompile(stage, min(o.max_num_batched_tokens, max_len), min(o.max_num_seqs, BUCKETS[-1]), max_len)
+        secs = precompile(stage, step_tokens, min(o.max_num_seqs, BUCKETS[-1]), max_len)
         if worker.is_last:
             worker.warm_sampler(cfg.vocab_size)
         if log:
