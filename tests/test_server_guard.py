@@ -93,6 +93,13 @@ def test_request_size_limit(server):
     assert "content-length" not in r.request.headers
 
 
+def _in_engine(server, headers) -> float:
+    """Requests running or waiting in the engine, from /metrics."""
+    text = httpx.get(server.url + "/metrics", headers=headers, timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(("moepipe:num_requests_running", "moepipe:num_requests_waiting")))
+
+
 def test_drain_timeout_cuts_off_with_an_error_and_done(server):
     """Last in the module: it ends the server. A 2 s drain, requests that need far longer."""
     auth = {"authorization": f"Bearer {KEY}"}
@@ -112,6 +119,12 @@ def test_drain_timeout_cuts_off_with_an_error_and_done(server):
     for t in threads:
         t.start()
     while not any(x.startswith("data: {") for x in lines):
+        time.sleep(0.05)
+    # the plain request too must be in the engine before the signal (its POST can trail the stream's
+    # first token; sent after the signal it is refused as the server shuts down, not cut off)
+    deadline = time.monotonic() + 20
+    while _in_engine(server, auth) < 2:
+        assert time.monotonic() < deadline, "the two requests never both reached the engine"
         time.sleep(0.05)
     server.proc.send_signal(signal.SIGTERM)
     t0, health = time.monotonic(), []
