@@ -101,6 +101,7 @@ class Backend:
     moe_small_max_pairs: int = MOE_SMALL_MAX_PAIRS
     linear_small_max: int = 0  # tokens up to which linear() runs the Triton GEMV (0: always torch)
     moe_align_max_pairs: int = 0  # pairs up to which the grouped MoE path aligns in one launch (0: never)
+    penalties_fused: bool = False  # the last stage's penalties in one Triton launch (CUDA)
 
     def linear(self, x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """x @ w^T: the small-token Triton GEMV up to linear_small_max tokens, else torch."""
@@ -140,4 +141,4 @@ def pick_backend(device: torch.device | str, attention: str | None = None, moe: 
     if fused and not cuda:
         raise ValueError("fused norm kernels need a CUDA device")
     return Backend(attention, moe, fused, linear_small_max=LINEAR_SMALL_MAX_TOKENS if fused else 0,
-                   moe_align_max_pairs=MOE_ALIGN_MAX_PAIRS)
+                   moe_align_max_pairs=MOE_ALIGN_MAX_PAIRS, penalties_fused=cuda and PENALTIES_FUSED)

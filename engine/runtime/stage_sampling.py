@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from model import backend
 from model.sampler import C_PROCESSED, F_LOGPROBS, F_PENALTY, F_PROCESSED, sample_with
 from model.sampler_logprobs import logprob_table, width
 from model.sampler_penalties import PenaltyState, add_sparse
@@ -15,8 +14,9 @@ from .step_plan import H_LPK, H_MASKW, H_NB, H_NO, H_NP, H_NR, H_NS, H_SLOTS, Pl
 
 
 class LastStageSampler:
-    def __init__(self, vocab: int, device: torch.device):
-        self.vocab, self.device = vocab, device
+    def __init__(self, vocab: int, device: torch.device, penalties_fused: bool = False):
+        """penalties_fused: PenaltyState.apply as one Triton launch (model.backend.Backend)."""
+        self.vocab, self.device, self.penalties_fused = vocab, device, penalties_fused
         self.state: PenaltyState | None = None  # made when the first plan with penalty slots arrives
 
     def has_work(self, view: PlanView) -> bool:
@@ -29,8 +29,7 @@ class LastStageSampler:
         h, R, flags = view.header, view.R, view.flags
         if h[H_NR] or h[H_NP] or h[H_NO]:
             if self.state is None or self.state.slots < h[H_SLOTS]:
-                self.state = PenaltyState(h[H_SLOTS], self.vocab, self.device,
-                                          fused=self.device.type == "cuda" and backend.PENALTIES_FUSED)
+                self.state = PenaltyState(h[H_SLOTS], self.vocab, self.device, fused=self.penalties_fused)
             self.state.init(view.part("resets"), view.part("prompt_pairs").view(-1, 2),
                             view.part("output_pairs").view(-1, 2))
         raw = logits[:R] if not h[H_NS] else grammar_masked(logits[:R], view)

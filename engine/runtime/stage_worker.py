@@ -30,7 +30,8 @@ class StageWorker:
         self.profiler = StageProfiler(stage, rank)
         self.tracer = self.profiler.tracer  # off until LLM.start_profile: one attribute test per slice
         self.late = LateCompiles(rank)  # installed once start-up is over (engine/runtime/launch.py)
-        self.sampler = LastStageSampler(stage.cfg.vocab_size, self.device) if self.is_last else None
+        self.sampler = LastStageSampler(stage.cfg.vocab_size, self.device, stage.backend.penalties_fused) \
+            if self.is_last else None
 
     @property
     def is_last(self) -> bool:
@@ -171,14 +172,12 @@ class StageWorker:
         top-p + min-p, with the sampling rows 16-byte aligned and not (they are a view into the
         int32 plan at any offset; Triton specializes on a pointer's alignment), so that no sampled
         request pays Triton's JIT. Bias and logprobs are torch ops (no kernel to compile), and so are
-        penalties unless model.backend.PENALTIES_FUSED (then their kernel is compiled here too, at
-        both alignments); the processed-logprobs path reads the thresholds of the same kernels."""
-        from model import backend
+        penalties unless the backend fuses them (then their kernel is compiled here too, at both
+        alignments); the processed-logprobs path reads the thresholds of the same kernels."""
         from model.sampler import ROW, pack_rows, sample
         from model.sampler_penalties import PenaltyState
         g = torch.Generator(device=self.device).manual_seed(0)
-        penalties = PenaltyState(1, vocab_size, self.device, fused=True) \
-            if self.device.type == "cuda" and backend.PENALTIES_FUSED else None
+        penalties = PenaltyState(1, vocab_size, self.device, fused=True) if self.stage.backend.penalties_fused else None
         for R in (1, 5, 128, 256):
             logits = torch.randn(R, vocab_size, generator=g, device=self.device)
             for spec in ((1.0, 0, 1.0, 0.0, 0, 0), (1.0, 20, 0.9, 0.05, 0, 0)):  # greedy has no kernel
