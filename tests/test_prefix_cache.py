@@ -199,6 +199,33 @@ def test_a_follower_trails_a_chunked_prefill_and_others_pass_it():
     assert s.snapshot()["prefix_cache_hits"] == 20
 
 
+def test_a_follower_goes_on_alone_when_the_writer_is_aborted():
+    """The writer asks for prompt_logprobs, so its prefill runs PROMPT_LOGPROB_ROWS tokens a
+    micro-batch and the budget has room for the follower, which waits. The writer is aborted: the
+    follower starts after the blocks it did write (they stay cached) and computes the rest itself,
+    and finishes; nothing waits forever."""
+    from engine.runtime.scheduler import PROMPT_LOGPROB_ROWS as R
+    s = sched(num_blocks=4 * R // 4, bs=4, budget=4 * R, max_len=4 * R)
+    prompt = list(range(3 * R))
+    a = Sequence(0, prompt, SamplingParams(max_tokens=4, temperature=0, prompt_logprobs=0), (), None)
+    b = seq(1, prompt + [7, 8])
+    s.add(a)
+    s.add(b)
+    m1 = s.schedule()
+    assert [(c.seq.seq_id, c.start, c.length) for c in m1.chunks] == [(0, 0, R)] and list(s.waiting) == [b]
+    m2 = s.schedule()
+    assert [(c.seq.seq_id, c.start, c.length) for c in m2.chunks] == [(0, R, R)] and list(s.waiting) == [b]
+    s.abort(0)
+    finish(s, m1)
+    finish(s, m2)
+    m3 = s.schedule()  # a wrote blocks for 2R tokens before its abort
+    assert [(c.seq.seq_id, c.start, c.length) for c in m3.chunks] == [(1, 2 * R, R + 2)]
+    finish(s, m3)
+    while s.has_work:
+        finish(s, s.schedule())
+    assert b.finish_reason == "length" and s.blocks.num_free == s.blocks.num_blocks
+
+
 def test_mid_prefill_only_written_full_blocks_are_cached():
     s = sched(bs=4, budget=6)
     a = seq(0, range(20))
