@@ -23,14 +23,14 @@ MOE_SMALL_MAX_PAIRS = 64
 LINEAR_SMALL_MAX_TOKENS = 1
 # Grouped-GEMM micro-batches of up to this many pairs group them by expert in one Triton launch
 # (fused_moe_triton._align_kernel, one program) instead of align_by_expert's ~20 small torch
-# kernels per layer; 0: always the torch ops. 0 until bench/bench_breakdown.py
-# --moe-align-max-pairs has timed it on a GPU (its tests so far ran under the interpreter only).
-MOE_ALIGN_MAX_PAIRS = 0
+# kernels per layer; 0: always the torch ops. The one program walks the pairs serially, so it wins
+# while launches dominate (decode up to 32 rows x 8 experts) and loses to the torch sort beyond
+# (bench/bench_breakdown.py --moe-align-max-pairs N times both; BENCHMARKS.md has the A/B).
+MOE_ALIGN_MAX_PAIRS = 256
 # Penalties (repetition, frequency, presence) on the last stage's CUDA device as one Triton launch
-# (model/penalties_triton.py) instead of ~15 torch passes over [rows, vocab]. False until bench/
-# bench_breakdown.py --penalties-fused has timed it on a GPU (its tests so far ran under the
-# interpreter only).
-PENALTIES_FUSED = False
+# (model/penalties_triton.py) instead of ~15 torch passes over [rows, vocab] (bench/
+# bench_breakdown.py --penalties-fused times it against the torch passes).
+PENALTIES_FUSED = True
 
 
 def reference_attend(q, k_cache, v_cache, batch: AttnBatch, scale: float) -> torch.Tensor:
