@@ -23,10 +23,10 @@ MOE_SMALL_MAX_PAIRS = 64
 LINEAR_SMALL_MAX_TOKENS = 1
 # Grouped-GEMM micro-batches of up to this many pairs group them by expert in one Triton launch
 # (fused_moe_triton._align_kernel, one program) instead of align_by_expert's ~20 small torch
-# kernels per layer; 0: always the torch ops. The one program walks the pairs serially, so it wins
-# while launches dominate (decode up to 32 rows x 8 experts) and loses to the torch sort beyond
-# (bench/bench_breakdown.py --moe-align-max-pairs N times both; BENCHMARKS.md has the A/B).
-MOE_ALIGN_MAX_PAIRS = 256
+# kernels per layer; 0: always the torch ops. The one program walks the pairs in tiles, so beyond
+# decode sizes (512 rows x 8 experts) the torch ops' parallel sort wins (bench/bench_breakdown.py
+# --moe-align-max-pairs N times both).
+MOE_ALIGN_MAX_PAIRS = 4096
 # Penalties (repetition, frequency, presence) on the last stage's CUDA device as one Triton launch
 # (model/penalties_triton.py) instead of ~15 torch passes over [rows, vocab] (bench/
 # bench_breakdown.py --penalties-fused times it against the torch passes).
