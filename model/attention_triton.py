@@ -28,6 +28,15 @@ from .pdl import launch_args, pdl_enter, pdl_release
 
 _LOG2E = 1.4426950408889634
 DECODE_BLOCK_N = 128  # keys per step of the decode split kernel, and the granularity of its slices
+# ... and at most this many (sequence, kv head) pairs take 64-key steps: a batch-1 or -2 step's
+# slices are short, and a 64-key tile halves a program's first load (bench/bench_decode_layer.py
+# at b1 and b16 times both)
+DECODE_SMALL_PAIRS = 8
+
+
+def decode_block_n(batch: int, kv_heads: int) -> int:
+    """Keys per step of the split kernel for this many (sequence, kv head) pairs."""
+    return 64 if batch * kv_heads <= DECODE_SMALL_PAIRS else DECODE_BLOCK_N
 
 
 @triton.jit
@@ -195,10 +204,17 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, device: torch
 
 
 def warm_decode_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                      max_splits: int = 128, block_n: int = DECODE_BLOCK_N) -> None:
+                      max_splits: int = 128) -> None:
     """Compile the split-merge kernel at every BLOCK_SPLITS it can take (the split count's power of
-    two, with its warp count): which one a step needs depends on its batch and context together
-    (choose_num_splits), more combinations than a warm-up forward can visit."""
+    two, with its warp count) and both key steps (decode_block_n): which one a step needs depends
+    on its batch and context together (choose_num_splits), more combinations than a warm-up
+    forward can visit."""
+    for block_n in sorted({decode_block_n(1, 1), DECODE_BLOCK_N}):
+        _warm_merge(num_heads, head_dim, dtype, device, max_splits, block_n)
+
+
+def _warm_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, max_splits: int,
+                block_n: int) -> None:
     n = 1
     while True:
         s = min(n, max_splits)
@@ -240,18 +256,20 @@ def _precision(dtype: torch.dtype) -> str:
 def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables_BM: torch.Tensor, context_lens_B: torch.Tensor, scale: float,
                  max_context: int | None = None, num_splits: int | None = None,
-                 out: torch.Tensor | None = None, block_n: int = DECODE_BLOCK_N) -> torch.Tensor:
+                 out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
     """One query per sequence: o[b] = softmax(q[b] k[:ctx_b]^T * scale) v[:ctx_b], GQA.
 
     q_BND [B, N, D]; caches [P, S, K, D]; block_tables_BM int32 [B, M]; context_lens_B int32 [B]
     (>= 1, includes the token of q). max_context (host int, an upper bound of context_lens) only
-    picks num_splits; without both, the pool size P * S is used as the bound.
+    picks num_splits; without both, the pool size P * S is used as the bound. block_n: keys per
+    step (default decode_block_n).
     """
     B = q_BND.shape[0]
     N, K, D = _check_cache(q_BND, k_cache, v_cache)
     G = N // K
     assert block_tables_BM.dtype == torch.int32 and context_lens_B.dtype == torch.int32
     assert block_tables_BM.stride(-1) == 1
+    block_n = block_n or decode_block_n(B, K)
     if num_splits is None:
         bound = max_context if max_context is not None else k_cache.shape[0] * k_cache.shape[1]
         num_splits = choose_num_splits(B, K, bound, q_BND.device)

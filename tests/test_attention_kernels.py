@@ -118,11 +118,11 @@ def run_fa(qlens, ctxs, N, K, D, S, dtype, seed=None, **cfg):
     return check(o, ref, dtype, f"fa N{N} K{K} D{D} S{S} {dtype} {cfg} q{qlens[:6]} ctx{ctxs[:6]}")
 
 
-def run_decode(ctxs, N, K, D, S, dtype, num_splits=None):
+def run_decode(ctxs, N, K, D, S, dtype, num_splits=None, block_n=None):
     q, kc, vc, bt, _, cl = make_case([1] * len(ctxs), ctxs, N, K, D, S, dtype)
     out = nan_like(q)
     o = at.paged_decode(q, kc, vc, bt, cl, D ** -0.5, max_context=max(ctxs), num_splits=num_splits,
-                        out=out)
+                        out=out, block_n=block_n)
     assert o is out
     ref = ref_fp32(q, kc, vc, bt, [1] * len(ctxs), ctxs, D ** -0.5)
     return check(o, ref, dtype, f"decode N{N} K{K} D{D} S{S} {dtype} splits={num_splits} "
@@ -175,6 +175,19 @@ def test_decode_merge_reads_only_filled_splits(monkeypatch):
 
     monkeypatch.setattr(at.torch, "empty", poisoned)
     run_decode([1, 64, 65, 130, 7], 4, 2, 16, 8, torch.float32, num_splits=32)  # 1-3 of 32 splits filled
+
+
+@pytest.mark.parametrize("block_n", [64, 128])
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_decode_both_key_steps(block_n, num_splits):
+    """Both key steps decode_block_n picks, on contexts that end inside a 64- and a 128-key tile."""
+    run_decode([1, 63, 64, 65, 129, 300], 4, 2, 16, 16, torch.float32, num_splits, block_n)
+
+
+def test_decode_block_n_by_pairs():
+    """64-key steps up to DECODE_SMALL_PAIRS (sequence, kv head) pairs, 128 past them."""
+    assert at.decode_block_n(1, 4) == at.decode_block_n(2, 4) == 64
+    assert at.decode_block_n(3, 4) == at.decode_block_n(16, 4) == at.DECODE_BLOCK_N == 128
 
 
 def test_decode_group2_block8():
