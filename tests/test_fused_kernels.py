@@ -25,15 +25,18 @@ DEV = "cuda" if _CUDA else "cpu"
 def assert_same_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
     """Every rounding happens where torch's does, but the kernel's fp32 rsqrt and sum order can
     differ from torch's in the last fp32 bit (interpreted: ~1 run in 15 had one flip; compiled: the
-    hardware rsqrt), which can flip a bf16 rounding: at most 1% of elements, by one bf16 step.
-    A missing rounding step (as a cast round trip that the compiler folds) moved ~25% of them."""
+    hardware rsqrt), which can flip a bf16 rounding: at most 1% of elements. A flip of the
+    normalized value by one bf16 step is then scaled by the weight and rounded again, so the output
+    moves by up to two steps (seen: 0.8164 -> 0.8086 with weight 1.17). A missing rounding step (as
+    a cast round trip that the compiler folds) moved ~25% of them."""
     assert (got != want).float().mean().item() <= 0.01
-    assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all()
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -6 + 1e-6).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("H", [96, 2048])
 def test_rms_norm_fused_matches_torch(dtype, H):
+    torch.manual_seed(5)  # one of the seeds whose interpreted run flips an element by two steps
     x = (torch.randn(37, H, device=DEV) * 3).to(dtype)
     w = (1 + 0.1 * torch.randn(H, device=DEV)).to(dtype)
     got, want = ft.rms_norm_fused(x, w, 1e-6), rms_norm(x, w, 1e-6)
