@@ -166,13 +166,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--kv-cache-gib", type=float, default=None)
     p.add_argument("--moe-align-max-pairs", type=int, default=None,
                    help="model.backend.MOE_ALIGN_MAX_PAIRS for this run (the one-launch MoE align up to so many pairs; 0: off)")
-    p.add_argument("--penalties-fused", action="store_true",
-                   help="model.backend.PENALTIES_FUSED for this run (penalties in one Triton launch)")
+    p.add_argument("--penalties-fused", choices=("on", "off"), default=None,
+                   help="model.backend.PENALTIES_FUSED for this run (penalties in one Triton launch; default: the backend's)")
     p.add_argument("--out", default=None, help="JSON results")
     a = p.parse_args(argv)
-    if a.penalties_fused:
+    if a.penalties_fused is not None:
         import model.backend
-        model.backend.PENALTIES_FUSED = True
+        model.backend.PENALTIES_FUSED = a.penalties_fused == "on"
     if a.moe_align_max_pairs is not None:
         if a.moe_align_max_pairs < 0:
             raise SystemExit(f"error: --moe-align-max-pairs must be >= 0, got {a.moe_align_max_pairs}")
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"model": a.model, "device": str(w.device),
                                            "moe_align_max_pairs": w.stage.backend.moe_align_max_pairs,
-                                           "penalties_fused": a.penalties_fused,
+                                           "penalties_fused": w.stage.backend.penalties_fused,
                                            "results": results}, indent=1))
     for r in results:
         print(f"\n[{r['sampling']}, context {r['context']:.0f}, unprofiled step {r['step_ms_unprofiled']:.3f} ms, "

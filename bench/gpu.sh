@@ -18,8 +18,8 @@
 #   bash bench/gpu.sh breakdown [args]       bench_breakdown: the engine's decode step at batch 16, 64, 256
 #                                            (1k context; 256 also with penalties), per kernel group, after
 #                                            this suite's GPU tests (BD_TESTS=0: the bench alone); args go
-#                                            to bench_breakdown (--moe-align-max-pairs N, --penalties-fused:
-#                                            the kernels waiting for their A/B; BD_TAG=x names the files)
+#                                            to bench_breakdown (--moe-align-max-pairs N, --penalties-fused on|off:
+#                                            the two kernels' A/B against the torch ops; BD_TAG=x names the files)
 #   bash bench/gpu.sh record                 the tests, a 64-client serving sample (plain, json, logprobs +
 #                                            penalties, a shared prefix) and the multi-turn prefix cache
 # Results (JSON and logs) go to $OUT (default bench/results/run), named <kind>_<card>x<gpus>_<date>;
@@ -122,7 +122,7 @@ breakdown)  # this branch's GPU tests first (no late compile at a shape no prese
       > "$OUT/gpu_tests_breakdown_$TAG.log" 2>&1
     grep -E "passed|failed|FAILED|Error|late" "$OUT/gpu_tests_breakdown_$TAG.log" | tail -8
   fi
-  # more arguments go to bench_breakdown (--moe-align-max-pairs 4096, --penalties-fused); BD_TAG=x names
+  # more arguments go to bench_breakdown (--moe-align-max-pairs 0, --penalties-fused off); BD_TAG=x names
   # the files breakdown_..._x
   sfx=${BD_TAG:+_$BD_TAG}
   timeout 330 python3 bench/bench_breakdown.py --out "$OUT/breakdown_$TAG$sfx.json" "$@" 2>&1 | quiet \
