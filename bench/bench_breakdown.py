@@ -1,8 +1,10 @@
 """Per-step breakdown of decode inside the engine: batch 16, 64 and 256 at a ~1k context (30B-A3B
 shape, dummy weights, one GPU), every kernel group's time per step, its share of the bytes floor and
-the host time between steps.
+the host time between steps; with --prefill, the same for the prefill of one fresh prompt of each
+length given (ms per prompt, FLOPs floors at the measured matmul rate).
 
     python bench/bench_breakdown.py                        (bench/gpu.sh breakdown runs this)
+    python bench/bench_breakdown.py --batches "" --prefill 8192,90000 --yarn    (prefill only)
     python bench/bench_breakdown.py --model tiny --batches 2,4 --context 32 --penalties-at 4   (CPU)
 
 It builds rank 0 of a one-stage engine in this process (engine/runtime/launch.build_rank: the same
@@ -33,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from breakdown import (floor_bytes, format_table, from_chrome_trace, from_cpu_events, summary, table,  # noqa: E402
-                       top_kernels)
+from breakdown import (floor_bytes, floor_flops, format_table, from_chrome_trace, from_cpu_events, summary,  # noqa: E402
+                       table, top_kernels)
 
 
 def ints(s: str) -> list[int]:
@@ -153,6 +155,70 @@ def measure(rank, cfg, batch: int, context: int, steps: int, warm: int, sampling
             "top_other": top_kernels(m, "other"), "top_copies": top_kernels(m, "copies", 4)}
 
 
+def matmul_tflops(device: torch.device) -> float:
+    """Measured bf16 matmul rate (fp32 on CPU) of a large square GEMM, TFLOP/s."""
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 512
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+    times = []
+    for _ in range(6):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        a @ a
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / sorted(times)[len(times) // 2] / 1e12
+
+
+def measure_prefill(rank, cfg, tokens: int, first_id: int) -> dict:
+    """Profile the prefill of one fresh prompt of `tokens` (max_tokens 1: its steps end with the
+    first token) after an unprofiled one of the same length; ms per prompt by group, FLOPs floors
+    at the measured matmul rate (breakdown.floor_flops)."""
+    from engine.params import SamplingParams
+    engine, worker = rank.engine, rank.worker
+    device = worker.device
+    cuda = device.type == "cuda"
+    g = torch.Generator().manual_seed(first_id)
+    sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    steps, dispatch = [], engine._dispatch
+
+    def counted(mb):
+        steps.append(sum(c.length for c in mb.chunks))
+        return dispatch(mb)
+
+    def run(sid: int) -> float:
+        engine.add(sid, torch.randint(10, cfg.vocab_size, (tokens,), generator=g).tolist(), sp)
+        t0 = time.perf_counter()
+        while engine.has_work:
+            engine.step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) * 1e3
+    plain_ms = run(first_id)
+    engine._dispatch = counted
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts, with_stack=not cuda) as prof:
+        wall_ms = run(first_id + 1)
+    engine._dispatch = dispatch
+    if cuda:
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "trace.json"
+            prof.export_chrome_trace(str(path))
+            events = json.loads(path.read_text())["traceEvents"]
+        m = from_chrome_trace(events, 1, wall_ms, head_gemms=0)
+    else:
+        m = from_cpu_events(prof.events(), 1, wall_ms)
+    tflops = matmul_tflops(device)
+    rows = table(m, floor_flops(cfg, [tokens]), 0.0, per_ms=tflops * 1e9)
+    return {"what": "prefill", "tokens": tokens, "steps": len(steps), "step_tokens": steps, "ms": wall_ms,
+            "ms_unprofiled": plain_ms, "tok_per_s": tokens / wall_ms * 1e3, "busy_ms": m.busy_ms,
+            "overlap_ms": sum(m.group_ms.values()) - m.busy_ms, "matmul_tflops": tflops, "rows": rows,
+            "late_compiles": worker.late.stats()["late_compiles"], "top_other": top_kernels(m, "other"),
+            "top_copies": top_kernels(m, "copies", 4)}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="qwen3-30b-a3b", help="preset or config.json (dummy weights)")
@@ -163,6 +229,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warm", type=int, default=5, help="decode steps before the profiled ones")
     p.add_argument("--penalties-at", type=ints, default=[256],
                    help="batch sizes also run sampled with top-p and repetition/frequency/presence penalties")
+    p.add_argument("--prefill", type=ints, default=[],
+                   help="prompt lengths whose prefill is profiled, one fresh prompt each (ms per prompt, FLOPs floors)")
+    p.add_argument("--yarn", action="store_true", help="the preset with Qwen's YaRN override (131 072 positions)")
     p.add_argument("--kv-cache-gib", type=float, default=None)
     p.add_argument("--moe-align-max-pairs", type=int, default=None,
                    help="model.backend.MOE_ALIGN_MAX_PAIRS for this run (the one-launch MoE align up to so many pairs; 0: off)")
@@ -179,23 +248,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
         import model.backend
         model.backend.MOE_ALIGN_MAX_PAIRS = a.moe_align_max_pairs
     budget = 8192  # EngineOptions' max_num_batched_tokens default
-    extra = -(-max(a.batches) * a.context // budget) + a.warm + 2 * a.steps + 64
-    rank, cfg = build_engine(a.model, a.device, max(a.batches), a.context, extra, a.kv_cache_gib)
+    extra = -(-max(a.batches, default=1) * a.context // budget) + a.warm + 2 * a.steps + 64
+    extra = max(extra, max(a.prefill, default=0) + 8 - a.context)
+    model_arg = a.model
+    if a.yarn:
+        from loader.presets import preset_config, yarn_config
+        d = Path(tempfile.mkdtemp())
+        (d / "config.json").write_text(json.dumps(yarn_config(preset_config(a.model))))
+        model_arg = str(d / "config.json")
+    rank, cfg = build_engine(model_arg, a.device, max(a.batches, default=1), a.context, extra, a.kv_cache_gib)
     w = rank.worker
     w.forward, w.sample = label("bd.forward", w.forward), label("bd.sample", w.sample)
     results, first = [], 0
-    runs = [("greedy", b) for b in a.batches] + [("penalties", b) for b in a.penalties_at if b <= max(a.batches)]
+    runs = [("greedy", b) for b in a.batches] + [("penalties", b) for b in a.penalties_at if b <= max(a.batches, default=0)]
     for kind, b in runs:
         r = measure(rank, cfg, b, a.context, a.steps, a.warm, kind, first, budget)
         first += b
         results.append(r)
+        print(json.dumps(r), flush=True)
+    pre = [measure_prefill(rank, cfg, t, 10**6 + 2 * i) for i, t in enumerate(a.prefill)]
+    for r in pre:
         print(json.dumps(r), flush=True)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"model": a.model, "device": str(w.device),
                                            "moe_align_max_pairs": w.stage.backend.moe_align_max_pairs,
                                            "penalties_fused": w.stage.backend.penalties_fused,
-                                           "results": results}, indent=1))
+                                           "results": results, "prefill": pre}, indent=1))
     for r in results:
         print(f"\n[{r['sampling']}, context {r['context']:.0f}, unprofiled step {r['step_ms_unprofiled']:.3f} ms, "
               f"copy bandwidth {r['copy_gbs']:.0f} GB/s, micro-batch rows {r['rows_per_micro_batch']}, "
@@ -204,9 +283,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for group in ("other", "copies"):
             for t in r.get("top_" + group, []):
                 print(f"  {group:<7}{t['ms']:>8.3f} ms  {t['kernel']}")
-    print("\nms per step (profiled; 'outside': the step minus attention, MoE, dense and norms)")
-    print(summary(results))
-    return results
+    for r in pre:
+        print(f"\n[prefill of {r['tokens']} tokens in {r['steps']} steps {r['step_tokens'][:4]}..., unprofiled "
+              f"{r['ms_unprofiled']:.1f} ms, matmul {r['matmul_tflops']:.3g} TFLOP/s, late compiles {r['late_compiles']}]")
+        print(format_table(1, r["rows"], r["ms"], r["overlap_ms"],
+                           title=f"prefill {r['tokens']}: {r['ms']:.1f} ms ({r['tok_per_s']:.0f} tok/s; "
+                                 f"kernels overlapping {r['overlap_ms']:.1f} ms); floors: FLOPs at the matmul rate"))
+        for group in ("other", "copies"):
+            for t in r.get("top_" + group, []):
+                print(f"  {group:<7}{t['ms']:>8.3f} ms  {t['kernel']}")
+    if results:
+        print("\nms per step (profiled; 'outside': the step minus attention, MoE, dense and norms)")
+        print(summary(results))
+    return results + pre
 
 
 if __name__ == "__main__":

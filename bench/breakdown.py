@@ -95,8 +95,11 @@ def union_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1e3
 
 
-def from_chrome_trace(events: list[dict], steps: int, wall_ms: float) -> Measured:
-    """A kineto chrome trace (GPU): device events grouped as the module docstring says (us -> ms)."""
+def from_chrome_trace(events: list[dict], steps: int, wall_ms: float, head_gemms: int | None = None) -> Measured:
+    """A kineto chrome trace (GPU): device events grouped as the module docstring says (us -> ms).
+    head_gemms: how many of the longest GEMMs are the lm_head's (default: one a step, a decode
+    step's; 0 for prefill, where the head's few rows are shorter than the layers' GEMMs and count
+    as dense)."""
     annotations = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("bd.")),
                          key=lambda e: e["ts"])
     launches = {e["args"]["correlation"]: e for e in events
@@ -131,8 +134,9 @@ def from_chrome_trace(events: list[dict], steps: int, wall_ms: float) -> Measure
         if g in ("other", "copies"):
             by_name[(g, e["name"])] = by_name.get((g, e["name"]), 0.0) + e["dur"] / 1e3
     gemms.sort(reverse=True)
-    groups["lm_head"] += sum(gemms[:steps]) / 1e3
-    groups["dense"] += sum(gemms[steps:]) / 1e3
+    head = steps if head_gemms is None else head_gemms
+    groups["lm_head"] += sum(gemms[:head]) / 1e3
+    groups["dense"] += sum(gemms[head:]) / 1e3
     busy = union_ms([(e["ts"], e["ts"] + e["dur"]) for e in device])
     return Measured(steps, wall_ms, groups, busy, by_name)
 
@@ -210,20 +214,38 @@ def floor_bytes(cfg, batch: int, context: float, wbytes: int = 2, logits_bytes: 
     }
 
 
+def floor_flops(cfg, prompts: list[int]) -> dict:
+    """FLOPs the prefill of fresh prompts (their token counts) must compute per group: each MoE
+    token through its k experts (gate/up, down) and the router; the qkv and o projections (and dense
+    MLPs); causal attention, QK^T and PV over each query's keys (position j sees j + 1), so
+    4 * Hq * D * t(t + 1)/2 a layer for a prompt of t whatever its chunking; the head's one row a
+    prompt."""
+    H, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    T = sum(prompts)
+    n_moe = sum(cfg.is_sparse(i) for i in range(L))
+    moe = n_moe * T * 2 * (cfg.num_experts_per_tok * 3 * cfg.moe_intermediate_size + cfg.num_experts) * H
+    dense_mlp = (L - n_moe) * T * 2 * 3 * cfg.intermediate_size * H
+    proj = L * T * 2 * (2 * cfg.q_size + 2 * cfg.kv_size) * H
+    attn = L * sum(4 * cfg.q_size * t * (t + 1) / 2 for t in prompts)
+    return {"attention": attn, "moe": moe, "dense": proj + dense_mlp + len(prompts) * 2 * V * H}
+
+
 def _dtype(nbytes: int):
     import torch
     return {2: torch.bfloat16, 4: torch.float32}[nbytes]
 
 
-def table(m: Measured, floors: dict | None, bw_gbs: float) -> list[dict]:
-    """Rows per step: each group's ms, its % of the step, its bytes floor's ms at bw_gbs and the
-    floor's share of the measured time; then host (step wall - device busy) and the step."""
+def table(m: Measured, floors: dict | None, bw_gbs: float, per_ms: float | None = None) -> list[dict]:
+    """Rows per step: each group's ms, its % of the step, its floor's ms and the floor's share of the
+    measured time; then host (step wall - device busy) and the step. Floors are bytes at bw_gbs, or
+    any unit at per_ms of it a millisecond (FLOPs: the matmul rate in TFLOP/s * 1e9)."""
     step = m.wall_ms / m.steps
+    rate = per_ms if per_ms is not None else bw_gbs * 1e6
     rows = []
     for g in GROUPS:
         ms = m.group_ms[g] / m.steps
         fl = floors.get(g) if floors else None
-        fl_ms = fl / (bw_gbs * 1e6) if fl is not None and bw_gbs > 0 else None
+        fl_ms = fl / rate if fl is not None and rate > 0 else None
         rows.append({"group": g, "ms": ms, "pct_step": 100 * ms / step if step else 0.0,
                      "floor_ms": fl_ms, "pct_floor": 100 * fl_ms / ms if fl_ms and ms > 0 else None})
     host = step - m.busy_ms / m.steps
@@ -232,8 +254,8 @@ def table(m: Measured, floors: dict | None, bw_gbs: float) -> list[dict]:
     return rows
 
 
-def format_table(batch: int, rows: list[dict], step_ms: float, overlap_ms: float) -> str:
-    out = [f"batch {batch}: step {step_ms:.3f} ms (device kernels overlapping each other: {overlap_ms:.3f} ms/step)",
+def format_table(batch: int, rows: list[dict], step_ms: float, overlap_ms: float, title: str | None = None) -> str:
+    out = [title or f"batch {batch}: step {step_ms:.3f} ms (device kernels overlapping each other: {overlap_ms:.3f} ms/step)",
            f"{'group':<11}{'ms/step':>9}{'% step':>8}{'floor ms':>10}{'% floor':>9}"]
     for r in rows:
         fl = f"{r['floor_ms']:.3f}" if r["floor_ms"] is not None else "-"

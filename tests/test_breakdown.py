@@ -147,3 +147,30 @@ def test_real_kineto_trace_ties_graph_kernels_and_labels(tmp_path):
     m = from_chrome_trace(json.loads(path.read_text())["traceEvents"], steps, wall_ms=1.0)
     assert m.group_ms["lm_head"] > 0  # the graph's GEMMs (the longest per step) were seen
     assert m.group_ms["sampler"] > 0 and m.busy_ms > 0
+
+
+def test_cpu_prefill_rows_add_up_and_floors_count_flops(tmp_path):
+    """--prefill on CPU: the prompt's steps are all seen (their tokens sum to it), every layer group
+    is measured, the rows add up to the prompt's wall time, and the FLOPs floors equal a direct count
+    of the tiny model's matmuls."""
+    import bench_breakdown
+    from breakdown import floor_flops
+    from loader.presets import preset_config
+    from model.config import ModelConfig
+    out = tmp_path / "bd.json"
+    results = bench_breakdown.main(["--model", "tiny", "--device", "cpu", "--batches", "", "--penalties-at", "",
+                                    "--prefill", "96", "--out", str(out)])
+    assert out.exists() and len(results) == 1
+    r = results[0]
+    assert r["what"] == "prefill" and r["tokens"] == 96 and sum(r["step_tokens"]) == 96
+    rows = {x["group"]: x for x in r["rows"]}
+    for g in ("attention", "moe", "dense", "norm_rope"):
+        assert rows[g]["ms"] > 0 and (g == "norm_rope" or rows[g]["floor_ms"] > 0), g
+    total = sum(x["ms"] for x in r["rows"])
+    assert abs(total - r["ms"]) <= 0.05 * r["ms"], (total, r["ms"])
+    cfg = ModelConfig.from_dict(preset_config("tiny"))
+    H, L, T, k = cfg.hidden_size, cfg.num_hidden_layers, 96, cfg.num_experts_per_tok
+    att = sum(2 * 2 * cfg.q_size * (j + 1) for j in range(T)) * L  # QK^T and PV, query j sees j + 1 keys
+    moe = sum(2 * T * H * (3 * k * cfg.moe_intermediate_size + cfg.num_experts) for i in range(L) if cfg.is_sparse(i))
+    fl = floor_flops(cfg, [T])
+    assert fl["attention"] == att and fl["moe"] == moe
