@@ -43,14 +43,15 @@ def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-def build_engine(model: str, device: str | None, max_batch: int, context: int, extra_tokens: int, kv_cache_gib):
+def build_engine(model: str, device: str | None, max_batch: int, context: int, extra_tokens: int, kv_cache_gib,
+                 attention: str | None = None):
     from engine.options import EngineOptions
     from engine.runtime.launch import build_rank, resolve_engine
     # max_step_ms off: the prompts are prefilled in full-budget chunks, so the first sequences have
     # decoded only a few tokens when the last prompt is in (the measured steps are pure decode)
     opts = EngineOptions(load_format="dummy", device=device, max_num_seqs=max_batch, enable_prefix_caching=False,
                          max_model_len=context + extra_tokens, kv_cache_gib=kv_cache_gib, verbose=True,
-                         max_step_ms=0.0)
+                         max_step_ms=0.0, attention=attention)
     args, cfg, _ = resolve_engine(model, opts)
     if args.options.device == "cpu":
         torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="batch sizes also run sampled with top-p and repetition/frequency/presence penalties")
     p.add_argument("--prefill", type=ints, default=[],
                    help="prompt lengths whose prefill is profiled, one fresh prompt each (ms per prompt, FLOPs floors)")
+    p.add_argument("--attention", default=None, help="the engine's attention backend (default: auto on CUDA)")
     p.add_argument("--yarn", action="store_true", help="the preset with Qwen's YaRN override (131 072 positions)")
     p.add_argument("--kv-cache-gib", type=float, default=None)
     p.add_argument("--moe-align-max-pairs", type=int, default=None,
@@ -256,7 +258,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         d = Path(tempfile.mkdtemp())
         (d / "config.json").write_text(json.dumps(yarn_config(preset_config(a.model))))
         model_arg = str(d / "config.json")
-    rank, cfg = build_engine(model_arg, a.device, max(a.batches, default=1), a.context, extra, a.kv_cache_gib)
+    rank, cfg = build_engine(model_arg, a.device, max(a.batches, default=1), a.context, extra, a.kv_cache_gib,
+                             a.attention)
     w = rank.worker
     w.forward, w.sample = label("bd.forward", w.forward), label("bd.sample", w.sample)
     results, first = [], 0
@@ -274,6 +277,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         Path(a.out).write_text(json.dumps({"model": a.model, "device": str(w.device),
                                            "moe_align_max_pairs": w.stage.backend.moe_align_max_pairs,
                                            "penalties_fused": w.stage.backend.penalties_fused,
+                                           "attention": w.stage.backend.attention,
                                            "results": results, "prefill": pre}, indent=1))
     for r in results:
         print(f"\n[{r['sampling']}, context {r['context']:.0f}, unprofiled step {r['step_ms_unprofiled']:.3f} ms, "
