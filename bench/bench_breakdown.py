@@ -66,21 +66,42 @@ def label(name: str, fn):
     return wrapped
 
 
+def median_seconds(fn, device: torch.device, runs: int = 6) -> float:
+    """Median wall time of fn() over runs, the device drained before and after each."""
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
 def copy_bandwidth_gbs(device: torch.device) -> float:
     """Measured read + write bandwidth of a large device copy, GB/s."""
     n = (1 << 30) if device.type == "cuda" else (64 << 20)
     x = torch.empty(n, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
-    times = []
-    for _ in range(6):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        y.copy_(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n / sorted(times)[len(times) // 2] / 1e9
+    return 2 * n / median_seconds(lambda: y.copy_(x), device) / 1e9
+
+
+def profiled(device: torch.device, run, steps: int, head_gemms: int | None = None):
+    """(run()'s return, Measured) with run() under torch.profiler: kernels by group from the
+    kineto trace on CUDA, ops with their Python stacks on CPU. run returns the window's wall ms."""
+    cuda = device.type == "cuda"
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts, with_stack=not cuda) as prof:
+        wall_ms = run()
+    if not cuda:
+        return wall_ms, from_cpu_events(prof.events(), steps, wall_ms)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    return wall_ms, from_chrome_trace(events, steps, wall_ms, head_gemms)
 
 
 def sampling_params(kind: str, max_tokens: int):
@@ -123,22 +144,16 @@ def measure(rank, cfg, batch: int, context: int, steps: int, warm: int, sampling
         engine.step()
     plain_ms = (time.perf_counter() - t0) * 1e3 / steps
     mean_ctx = sum(len(s) for s in sched.running) / batch + steps / 2
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=acts, with_stack=not cuda) as prof:
+
+    def window() -> float:
         t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()
         wall_ms = (time.perf_counter() - t0) * 1e3
         if cuda:
             torch.cuda.synchronize(device)
-    if cuda:
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "trace.json"
-            prof.export_chrome_trace(str(path))
-            events = json.loads(path.read_text())["traceEvents"]
-        m = from_chrome_trace(events, steps, wall_ms)
-    else:
-        m = from_cpu_events(prof.events(), steps, wall_ms)
+        return wall_ms
+    _, m = profiled(device, window, steps)
     engine._dispatch = dispatch
     engine.abort(sids)
     while engine.has_work:
@@ -161,16 +176,7 @@ def matmul_tflops(device: torch.device) -> float:
     cuda = device.type == "cuda"
     n = 8192 if cuda else 512
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
-    times = []
-    for _ in range(6):
-        if cuda:
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        a @ a
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / sorted(times)[len(times) // 2] / 1e12
+    return 2 * n ** 3 / median_seconds(lambda: a @ a, device) / 1e12
 
 
 def measure_prefill(rank, cfg, tokens: int, first_id: int) -> dict:
@@ -199,18 +205,8 @@ def measure_prefill(rank, cfg, tokens: int, first_id: int) -> dict:
         return (time.perf_counter() - t0) * 1e3
     plain_ms = run(first_id)
     engine._dispatch = counted
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=acts, with_stack=not cuda) as prof:
-        wall_ms = run(first_id + 1)
+    wall_ms, m = profiled(device, lambda: run(first_id + 1), 1, head_gemms=0)
     engine._dispatch = dispatch
-    if cuda:
-        with tempfile.TemporaryDirectory() as d:
-            path = Path(d) / "trace.json"
-            prof.export_chrome_trace(str(path))
-            events = json.loads(path.read_text())["traceEvents"]
-        m = from_chrome_trace(events, 1, wall_ms, head_gemms=0)
-    else:
-        m = from_cpu_events(prof.events(), 1, wall_ms)
     tflops = matmul_tflops(device)
     rows = table(m, floor_flops(cfg, [tokens]), 0.0, per_ms=tflops * 1e9)
     return {"what": "prefill", "tokens": tokens, "steps": len(steps), "step_tokens": steps, "ms": wall_ms,
