@@ -21,7 +21,8 @@
 #                                            to bench_breakdown (--moe-align-max-pairs N, --penalties-fused on|off:
 #                                            the two kernels' A/B against the torch ops; --batches "" --prefill
 #                                            8192,90000 --yarn: prefill of one prompt each, FLOPs floors;
-#                                            --attention split: cuDNN for chunks; BD_TAG=x names the files)
+#                                            --attention split: cuDNN for chunks; --moe-n-major-min-bm 128: the
+#                                            N-major grouped-GEMM grid waiting for its A/B; BD_TAG=x names files)
 #   bash bench/gpu.sh record                 the tests, a 64-client serving sample (plain, json, logprobs +
 #                                            penalties, a shared prefix) and the multi-turn prefix cache
 # Results (JSON and logs) go to $OUT (default bench/results/run), named <kind>_<card>x<gpus>_<date>;

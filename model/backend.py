@@ -22,11 +22,18 @@ MOE_SMALL_MAX_PAIRS = 64
 # load (bench/bench_linear_small.py times both).
 LINEAR_SMALL_MAX_TOKENS = 1
 # Grouped-GEMM micro-batches of up to this many pairs group them by expert in one Triton launch
-# (fused_moe_triton._align_kernel, one program) instead of align_by_expert's ~20 small torch
+# (moe_align._align_kernel, one program) instead of align_by_expert's ~20 small torch
 # kernels per layer; 0: always the torch ops. The one program walks the pairs in tiles, so beyond
 # decode sizes (512 rows x 8 experts) the torch ops' parallel sort wins (bench/bench_breakdown.py
 # --moe-align-max-pairs N times both).
 MOE_ALIGN_MAX_PAIRS = 4096
+# Grouped-GEMM launches with a row tile (BM) of at least this many rows order their grid N-major: a
+# block's N tiles run side by side and read its gathered A rows once from HBM (blocks side by side
+# instead share an N tile of an expert's weights, and a block's A rows are read again for each of
+# its N tiles: I / BN and H / BN, 6 and 16 at the 30b shape). 0: never. 0 until bench/
+# bench_breakdown.py --prefill 8192 --moe-n-major-min-bm 128 has timed it on a GPU (its tests so
+# far ran under the interpreter only).
+MOE_N_MAJOR_MIN_BM = 0
 # Penalties (repetition, frequency, presence) on the last stage's CUDA device as one Triton launch
 # (model/penalties_triton.py) instead of ~15 torch passes over [rows, vocab] (bench/
 # bench_breakdown.py --penalties-fused times it against the torch passes).
@@ -101,6 +108,7 @@ class Backend:
     moe_small_max_pairs: int = MOE_SMALL_MAX_PAIRS
     linear_small_max: int = 0  # tokens up to which linear() runs the Triton GEMV (0: always torch)
     moe_align_max_pairs: int = 0  # pairs up to which the grouped MoE path aligns in one launch (0: never)
+    moe_n_major_min_bm: int = 0  # grouped MoE row tiles from which a block's N tiles launch together (0: never)
     penalties_fused: bool = False  # the last stage's penalties in one Triton launch (CUDA)
 
     def linear(self, x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
@@ -141,4 +149,5 @@ def pick_backend(device: torch.device | str, attention: str | None = None, moe: 
     if fused and not cuda:
         raise ValueError("fused norm kernels need a CUDA device")
     return Backend(attention, moe, fused, linear_small_max=LINEAR_SMALL_MAX_TOKENS if fused else 0,
-                   moe_align_max_pairs=MOE_ALIGN_MAX_PAIRS, penalties_fused=cuda and PENALTIES_FUSED)
+                   moe_align_max_pairs=MOE_ALIGN_MAX_PAIRS, moe_n_major_min_bm=MOE_N_MAJOR_MIN_BM,
+                   penalties_fused=cuda and PENALTIES_FUSED)

@@ -8,7 +8,7 @@ Two paths, both without a host sync (capturable in the decode CUDA graph):
   in fp32 -> out [N, H]; each program loads its columns of all k experts at once. Column tiles are
   small so every SM streams weights at batch 1.
 - large: the pairs are grouped by expert on the device, each expert's rows padded to the tile
-  (as vLLM's moe_align_block_size), then a grouped GEMM with the same epilogues.
+  (model/moe_align.py, as vLLM's moe_align_block_size), then a grouped GEMM with the same epilogues.
 
 Rounding follows the torch reference (model/moe.py): the projections rounded to the dtype,
 SiLU and the product rounded, y * w rounded, the k terms summed in fp32, rounded once.
@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .fused_triton import _round
+from .moe_align import align_by_expert, align_fused
 from .pdl import launch_args, pdl_enter
 
 
@@ -139,84 +140,20 @@ def experts_small(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
 
 
 # ---- large batch: pairs grouped by expert, grouped GEMM ------------------------------------------
-def align_by_expert(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs grouped by expert, each expert's run padded to a multiple of BM, on the device with a
-    fixed-size output (no host sync). Returns sorted_pairs [nblocks * BM] (pair index, or P for
-    padding) and block_expert [nblocks] (the expert of each BM-row block, or E past the end)."""
-    flat = ids_Nk.reshape(-1)
-    P = flat.numel()
-    dev = flat.device
-    nblocks = triton.cdiv(P, BM) + min(E, P)  # each hit expert pads by less than one block
-    counts = torch.zeros(E, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + BM - 1) // BM * BM
-    pend = torch.cumsum(padded, 0)
-    order = torch.argsort(flat, stable=True)
-    sorted_e = flat[order]
-    rank = torch.arange(P, device=dev) - (torch.cumsum(counts, 0) - counts)[sorted_e]
-    dest = (pend - padded)[sorted_e] + rank
-    sorted_pairs = torch.full((nblocks * BM,), P, dtype=torch.int64, device=dev)
-    sorted_pairs.scatter_(0, dest, order)
-    starts = torch.arange(nblocks, device=dev) * BM
-    block_expert = torch.searchsorted(pend, starts, right=True)  # E past the last padded run
-    return sorted_pairs, block_expert
-
-
-@triton.jit(do_not_specialize=["P", "NB"])  # one variant per BM: P's class needs no warm-up of its own
-def _align_kernel(ids_ptr, pairs_ptr, bexp_ptr, cursor_ptr, P, E, NB, BM: tl.constexpr, BE: tl.constexpr,
-                  C: tl.constexpr, CW: tl.constexpr):
-    """align_by_expert in one program (decode-sized P): expert counts, each run padded to BM, each
-    pair to a free row of its expert's run, then each block's expert. Rows within a run are handed
-    out by atomics on cursor [BE] (int32 scratch), so their order within the run may differ from
-    align_by_expert's pair order; each row's GEMM result does not depend on its row in a tile.
-    C: pairs per [C, BE] one-hot tile; CW: rows or pairs per step of the 1-D passes."""
-    ex = tl.arange(0, BE)
-    counts = tl.zeros([BE], dtype=tl.int32)
-    for c0 in range(0, P, C):  # 1. how many pairs each expert holds ([C, BE] one-hot sums)
-        i = c0 + tl.arange(0, C)
-        e = tl.load(ids_ptr + i, mask=i < P, other=BE).to(tl.int32)
-        counts += tl.sum((e[:, None] == ex[None, :]).to(tl.int32), axis=0)
-    padded = (counts + BM - 1) // BM * BM
-    pend = tl.cumsum(padded, 0)  # end of each expert's padded run
-    tl.atomic_xchg(cursor_ptr + ex, pend - padded)  # first free row of each run (at L2, as the adds below)
-    for r0 in range(0, NB * BM, CW):  # 2. every row padding (P) until a pair lands on it
-        r = r0 + tl.arange(0, CW)
-        tl.store(pairs_ptr + r, tl.full([CW], 0, tl.int64) + P, mask=r < NB * BM)
-    tl.debug_barrier()
-    for c0 in range(0, P, CW):  # 3. each pair to the next free row of its expert's run
-        i = c0 + tl.arange(0, CW)
-        e = tl.load(ids_ptr + i, mask=i < P, other=0).to(tl.int32)
-        dest = tl.atomic_add(cursor_ptr + e, 1, mask=i < P)
-        tl.store(pairs_ptr + dest, i.to(tl.int64), mask=i < P)
-    for b0 in range(0, NB, C):  # 4. a block's expert: runs ending at or before its first row
-        b = b0 + tl.arange(0, C)
-        ended = (pend[None, :] <= (b * BM)[:, None]) & (ex[None, :] < E)
-        tl.store(bexp_ptr + b, tl.sum(ended.to(tl.int64), axis=1), mask=b < NB)
-
-
-def align_fused(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """align_by_expert's grouping from one launch of _align_kernel (no host sync): the same block
-    experts and the same rows of padding; each run holds its expert's pairs in some order."""
-    flat = ids_Nk.reshape(-1)
-    P = flat.numel()
-    nblocks = triton.cdiv(P, BM) + min(E, P)
-    BE = triton.next_power_of_2(E)
-    pairs = torch.empty(nblocks * BM, dtype=torch.int64, device=flat.device)
-    bexp = torch.empty(nblocks, dtype=torch.int64, device=flat.device)
-    cursor = torch.empty(BE, dtype=torch.int32, device=flat.device)
-    _align_kernel[(1,)](flat, pairs, bexp, cursor, P, E, nblocks, BM=BM, BE=BE, C=ALIGN_TILE, CW=8 * ALIGN_TILE,
-                        num_warps=8)
-    return pairs, bexp
-
-
-ALIGN_TILE = 128  # pairs per step of _align_kernel
+@triton.jit
+def _block_and_tile(N_MAJOR: tl.constexpr):
+    """(block, N tile) of this program. The grid is (blocks, N tiles), or with N_MAJOR (N tiles,
+    blocks): a block's N tiles then run side by side and share its A rows in L2, where otherwise
+    the blocks run side by side and share one N tile of an expert's weights."""
+    if N_MAJOR:
+        return tl.program_id(1), tl.program_id(0)
+    return tl.program_id(0), tl.program_id(1)
 
 
 @triton.jit
-def _block_rows(pairs_ptr, bexp_ptr, P, E, BM: tl.constexpr):
-    """This program's block of align_by_expert's output: its expert (int64; E past the end), its BM
-    pair rows (padding and blocks past the end read as P) and which of them are real."""
-    b = tl.program_id(0)
+def _block_rows(pairs_ptr, bexp_ptr, P, E, BM: tl.constexpr, b):
+    """Block b of align_by_expert's output: its expert (int64; E past the end), its BM pair rows
+    (padding and blocks past the end read as P) and which of them are real."""
     e = tl.load(bexp_ptr + b).to(tl.int64)
     rows = tl.load(pairs_ptr + b * BM + tl.arange(0, BM), mask=tl.arange(0, BM) < tl.where(e < E, BM, 0), other=P)
     return e, rows, rows < P
@@ -225,12 +162,13 @@ def _block_rows(pairs_ptr, bexp_ptr, P, E, BM: tl.constexpr):
 @triton.jit
 def _gate_up_grouped_kernel(x_ptr, w_ptr, pairs_ptr, bexp_ptr, act_ptr, P, H, I, E, stride_xt, stride_we,
                             stride_wn, stride_at, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    e, rows, rmask = _block_rows(pairs_ptr, bexp_ptr, P, E, BM)
+                            BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, N_MAJOR: tl.constexpr):
+    b, pn = _block_and_tile(N_MAJOR)
+    e, rows, rmask = _block_rows(pairs_ptr, bexp_ptr, P, E, BM, b)
     if e >= E:  # a block past the last expert's padded run
         return
     tok = rows // TOPK
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n = pn * BN + tl.arange(0, BN)
     nmask = n < I
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
     acc_u = tl.zeros([BM, BN], dtype=tl.float32)
@@ -253,11 +191,12 @@ def _gate_up_grouped_kernel(x_ptr, w_ptr, pairs_ptr, bexp_ptr, act_ptr, P, H, I,
 @triton.jit
 def _down_grouped_kernel(act_ptr, w_ptr, pairs_ptr, bexp_ptr, tw_ptr, y_ptr, P, H, I, E, stride_at, stride_we,
                          stride_wn, stride_yt, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         PREC: tl.constexpr, UPCAST: tl.constexpr):
-    e, rows, rmask = _block_rows(pairs_ptr, bexp_ptr, P, E, BM)
+                         PREC: tl.constexpr, UPCAST: tl.constexpr, N_MAJOR: tl.constexpr):
+    b, pn = _block_and_tile(N_MAJOR)
+    e, rows, rmask = _block_rows(pairs_ptr, bexp_ptr, P, E, BM, b)
     if e >= E:  # a block past the last expert's padded run
         return
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n = pn * BN + tl.arange(0, BN)
     nmask = n < H
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     w_base = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn
@@ -285,10 +224,12 @@ def grouped_tiles(P: int, E: int) -> tuple[int, int, int, int, int]:
 
 
 def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, ids_Nk: torch.Tensor,
-                  w_Nk: torch.Tensor, tiles: tuple[int, ...] | None = None, align_max_pairs: int = 0) -> torch.Tensor:
+                  w_Nk: torch.Tensor, tiles: tuple[int, ...] | None = None, align_max_pairs: int = 0,
+                  n_major_min_bm: int = 0) -> torch.Tensor:
     """Pairs grouped by expert into BM-row blocks (by one _align_kernel launch up to align_max_pairs
     pairs, else by align_by_expert's torch ops); gate/up GEMM with the SiLU * up epilogue, down GEMM
-    with the routing-weight epilogue written in pair order, then the fp32 sum over the k terms."""
+    with the routing-weight epilogue written in pair order, then the fp32 sum over the k terms. Row
+    tiles of at least n_major_min_bm (0: none) launch each block's N tiles together (N_MAJOR)."""
     N, H = x_NH.shape
     k = ids_Nk.shape[1]
     E, I = w13_E2IH.shape[0], w2_EHI.shape[2]
@@ -299,14 +240,17 @@ def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
     pairs, bexp = (align_fused if P <= align_max_pairs else align_by_expert)(ids_Nk, E, BM)
     nb = bexp.numel()
     tw = w_Nk.contiguous()
+    nm = 0 < n_major_min_bm <= BM
+    grid = (lambda n_tiles: (n_tiles, nb)) if nm else (lambda n_tiles: (nb, n_tiles))
     act = torch.empty(P, I, dtype=x_NH.dtype, device=x_NH.device)
-    _gate_up_grouped_kernel[(nb, triton.cdiv(I, BN))](
+    _gate_up_grouped_kernel[grid(triton.cdiv(I, BN))](
         x_NH, w13_E2IH, pairs, bexp, act, P, H, I, E, x_NH.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1),
-        act.stride(0), TOPK=k, BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, num_warps=nw, num_stages=ns)
+        act.stride(0), TOPK=k, BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, N_MAJOR=nm, num_warps=nw,
+        num_stages=ns)
     y = torch.empty(P, H, dtype=x_NH.dtype, device=x_NH.device)
-    _down_grouped_kernel[(nb, triton.cdiv(H, BN))](
+    _down_grouped_kernel[grid(triton.cdiv(H, BN))](
         act, w2_EHI, pairs, bexp, tw, y, P, H, I, E, act.stride(0), w2_EHI.stride(0), w2_EHI.stride(1),
-        y.stride(0), BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, num_warps=nw, num_stages=ns)
+        y.stride(0), BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, N_MAJOR=nm, num_warps=nw, num_stages=ns)
     return y.view(N, k, H).sum(dim=1, dtype=torch.float32).to(x_NH.dtype)
 
 
@@ -359,20 +303,23 @@ def route_fused(x_NH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, norm_topk
 
 
 # ---- dispatch ------------------------------------------------------------------------------------
-def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int, align_max_pairs: int = 0) -> torch.Tensor:
+def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int, align_max_pairs: int = 0,
+                  n_major_min_bm: int = 0) -> torch.Tensor:
     """The GEMV path up to small_max_pairs (token, expert) pairs, else the grouped GEMM, whose pairs
-    are grouped by the one-launch align up to align_max_pairs (the thresholds: model.backend)."""
+    are grouped by the one-launch align up to align_max_pairs, its row tiles of n_major_min_bm and
+    more launched N-major (the thresholds: model.backend)."""
     if ids_Nk.numel() <= small_max_pairs:
         return experts_small(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
-    return experts_large(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, align_max_pairs=align_max_pairs)
+    return experts_large(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, align_max_pairs=align_max_pairs,
+                         n_major_min_bm=n_major_min_bm)
 
 
 def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor,
               top_k: int, norm_topk_prob: bool, small_max_pairs: int,
-              linear=torch.nn.functional.linear, align_max_pairs: int = 0) -> torch.Tensor:
+              linear=torch.nn.functional.linear, align_max_pairs: int = 0, n_major_min_bm: int = 0) -> torch.Tensor:
     """Route (the reference's expert choice) then the fused experts."""
     w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob, linear)
-    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, align_max_pairs)
+    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, align_max_pairs, n_major_min_bm)
 
 
 # ---- warm-up: the variants these kernels compile -------------------------------------------------

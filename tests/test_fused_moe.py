@@ -26,9 +26,11 @@ if not _CUDA:
 pytest.importorskip("triton")
 
 from model import fused_moe_triton as fm  # noqa: E402
+from model import moe_align as ma  # noqa: E402
 from model.moe import experts_grouped, route  # noqa: E402
 
 if not _CUDA and os.environ.get("TRITON_INTERPRET") == "1":
+    ma = importlib.reload(ma)  # first: fused_moe_triton binds its align_fused
     fm = importlib.reload(fm)
 DEV = "cuda" if _CUDA else "cpu"
 
@@ -125,7 +127,7 @@ def test_fused_moe_switches_paths_and_matches_reference():
 def test_align_by_expert_pads_each_expert_to_the_tile():
     E, BM, k = 6, 4, 2
     ids = torch.tensor([[5, 0], [0, 2], [5, 0], [2, 5], [0, 1]], device=DEV)
-    pairs, bexp = fm.align_by_expert(ids, E, BM)
+    pairs, bexp = ma.align_by_expert(ids, E, BM)
     flat = ids.reshape(-1).tolist()
     P = len(flat)
     seen = []
@@ -166,7 +168,7 @@ def test_align_in_one_launch_equals_the_torch_ops(N, k, E, BM, case):
         hi = E // 2 if case == "empty" else E
         ids = torch.stack([torch.randperm(hi, generator=g)[:k] for _ in range(N)])
     ids = ids.to(DEV)
-    _assert_same_grouping(fm.align_fused(ids, E, BM), fm.align_by_expert(ids, E, BM), ids.numel())
+    _assert_same_grouping(ma.align_fused(ids, E, BM), ma.align_by_expert(ids, E, BM), ids.numel())
 
 
 def test_grouped_path_with_the_one_launch_align_matches_reference():
@@ -184,6 +186,36 @@ def test_grouped_path_with_the_one_launch_align_matches_reference():
                  experts_grouped(x3, w13, w2, route(x3, gate, k, False)[2], w3), torch.bfloat16)
 
 
+@pytest.mark.parametrize("tiles", [(16, 32, 32, 4, 1), (32, 16, 32, 4, 1)])
+def test_n_major_grid_gives_the_same_bits(tiles):
+    """The grouped GEMM with its grid N-major (n_major_min_bm at or below the row tile) against the
+    block-major grid: the same programs in another launch order, so the same bits; a min_bm above
+    the tile leaves the order alone. Experts of uneven size (some padded, one with several blocks)."""
+    H, I, E, k = CPU_SHAPES["user-mini"]
+    w13, w2, gate = _weights(H, I, E, torch.bfloat16, 51)
+    x = _x(40, H, torch.bfloat16, 52)
+    _, w, ids = route(x, gate, k, True)
+    ids[:8] = torch.arange(k, device=DEV)  # expert 0..k-1 take 8 extra tokens: several blocks of BM 16
+    base = fm.experts_large(x, w13, w2, ids, w, tiles=tiles)
+    assert torch.equal(fm.experts_large(x, w13, w2, ids, w, tiles=tiles, n_major_min_bm=tiles[0]), base)
+    assert torch.equal(fm.experts_large(x, w13, w2, ids, w, tiles=tiles, n_major_min_bm=2 * tiles[0]), base)
+    assert_close(base, experts_grouped(x, w13, w2, ids, w), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("N", [4096, 8192])
+def test_n_major_grid_on_gpu_at_prefill(N):
+    """The 30b shape at prefill sizes (the (128, 128) tile): the N-major grid gives the block-major
+    grid's bits."""
+    H, I, E, k = GPU_SHAPES["qwen3-30b-a3b"]
+    w13, w2, gate = _weights(H, I, E, torch.bfloat16, N)
+    x = _x(N, H, torch.bfloat16, N + 1)
+    w, ids = fm.route_fused(x, gate, k, True)
+    base = fm.experts_large(x, w13, w2, ids, w)
+    assert torch.equal(fm.experts_large(x, w13, w2, ids, w, n_major_min_bm=128), base)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("N,case", [(16, "random"), (64, "random"), (256, "random"), (512, "random"),
@@ -198,7 +230,7 @@ def test_align_in_one_launch_on_gpu_at_decode_batches(N, case):
     if case == "all":
         ids = torch.arange(k, device=DEV).repeat(N, 1)
     BM = fm.grouped_tiles(N * k, E)[0]
-    _assert_same_grouping(fm.align_fused(ids, E, BM), fm.align_by_expert(ids, E, BM), ids.numel())
+    _assert_same_grouping(ma.align_fused(ids, E, BM), ma.align_by_expert(ids, E, BM), ids.numel())
 
 
 @pytest.mark.parametrize("dtype,norm_topk", [(torch.float32, False), (torch.bfloat16, True)])
