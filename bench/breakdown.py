@@ -24,7 +24,7 @@ GROUPS = ("attention", "moe", "dense", "norm_rope", "lm_head", "sampler", "copie
 LAYER_GROUPS = ("attention", "moe", "dense", "norm_rope")  # inside the decoder layers
 
 _GPU_RULES = [  # (group, pattern on the lower-cased kernel name), first match wins
-    ("copies", r"memcpy|memset|copy|fill"),
+    ("copies", r"memcpy|memset|copy|(?<!pre)fill"),  # not _prefill_fa_kernel
     ("attention", r"_decode_split|_decode_merge|_prefill_fa|_fa3_kernel|_merge_kernel|flash|fmha|attention|sdpa"),
     ("moe", r"_gate_up|_down_combine|_down_grouped|_topk_softmax|moe"),
     ("norm_rope", r"rms_norm|qkv_norm_rope"),

@@ -30,10 +30,9 @@ MOE_ALIGN_MAX_PAIRS = 4096
 # Grouped-GEMM launches with a row tile (BM) of at least this many rows order their grid N-major: a
 # block's N tiles run side by side and read its gathered A rows once from HBM (blocks side by side
 # instead share an N tile of an expert's weights, and a block's A rows are read again for each of
-# its N tiles: I / BN and H / BN, 6 and 16 at the 30b shape). 0: never. 0 until bench/
-# bench_breakdown.py --prefill 8192 --moe-n-major-min-bm 128 has timed it on a GPU (its tests so
-# far ran under the interpreter only).
-MOE_N_MAJOR_MIN_BM = 0
+# its N tiles: I / BN and H / BN, 6 and 16 at the 30b shape). 0: never. bench/bench_breakdown.py
+# --prefill 8192 --moe-n-major-min-bm 0|128 is the A/B.
+MOE_N_MAJOR_MIN_BM = 128
 # Penalties (repetition, frequency, presence) on the last stage's CUDA device as one Triton launch
 # (model/penalties_triton.py) instead of ~15 torch passes over [rows, vocab] (bench/
 # bench_breakdown.py --penalties-fused times it against the torch passes).

@@ -93,6 +93,7 @@ def test_gpu_trace_groups():
 
 def test_gpu_names():
     assert gpu_group("_decode_split_kernel", "bd.forward") == "attention"
+    assert gpu_group("_prefill_fa_kernel", "bd.forward") == "attention"  # 'prefill' holds 'fill'
     assert gpu_group("_filtered_gumbel_kernel", "bd.sample") == "sampler"
     assert gpu_group("void at::native::vectorized_elementwise_kernel<4, FillFunctor<float>>", None) == "copies"
     assert gpu_group("sm90_xmma_gemm_bf16bf16_bf16f32", "bd.forward") == "gemm"
