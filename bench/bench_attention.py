@@ -72,13 +72,16 @@ CASES = [  # (kind, name, a, b)
     ("prefill 32/4/128", "prefill 4k at 86k S128", 4096, 92160),
     ("prefill 32/4/128", "prefill 4k at 128k S128", 4096, 135168),
     ("prefill 32/4/128", "prefill 216 at 90k S128", 216, 92376),
+    ("prefill 32/4/64", "prefill 8k at 86k S64", 8192, 96256),
     ("prefill 48/8", "prefill 4k at 86k N48 K8", 4096, 92160),
     ("prefill 64/4/128", "prefill 4k at 86k N64 K4 S128", 4096, 92160),
 ]
 FA_SWEEP = [(256, 64, 16, 3), (256, 64, 16, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3),
             (128, 64, 4, 3), (64, 64, 4, 3)]  # BLOCK_M, BLOCK_N, num_warps, num_stages
-FA3_SWEEP = [(128, 128, 8, 2, 0), (128, 128, 8, 2, 1), (128, 64, 4, 3, 0), (128, 64, 4, 3, 1),
-             (256, 64, 16, 3, 0), (256, 128, 16, 2, 0), (128, 64, 8, 3, 1)]  # ... and WS (warp specialisation)
+FA3_SWEEP = [  # (BLOCK_M, BLOCK_N, warps, stages, WS: warp specialisation, PIPE: Q K^T one tile ahead)
+    (128, 64, 4, 3, 0, 0), (128, 64, 4, 3, 1, 0), (128, 128, 8, 2, 0, 0), (128, 64, 8, 3, 0, 0),
+    (128, 64, 4, 4, 0, 0), (128, 64, 8, 3, 0, 1), (128, 64, 8, 2, 0, 1), (128, 128, 8, 2, 0, 1),
+    (256, 64, 16, 2, 0, 1), (64, 64, 4, 3, 0, 1)]
 
 
 def matmul_tflops() -> float:
@@ -224,8 +227,9 @@ def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=
                             ctx - qlen, torch.cuda.get_device_properties(DEV).multi_processor_count) > 1:
         variants.append(("splits=1", None, 1))
     if sweep:
-        variants += [("M{} N{} warps{} stages{} ws{}".format(*c),
-                      dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3], WS=bool(c[4])), None)
+        variants += [("M{} N{} warps{} stages{} ws{} pipe{}".format(*c),
+                      dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3], WS=bool(c[4]),
+                           PIPE=bool(c[5])), None)
                      for c in FA3_SWEEP]
     tma = "tma" if fa3.tma_ok(q, kc, vc, fa3.TILES_TMA["BLOCK_N"]) else "gather"
     for tag, cfg, splits in variants:
@@ -239,7 +243,7 @@ def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=
         add("sdpa (contiguous, is_causal)", "", lambda: sdpa(qq, k1, v1, True))
 
 
-SWEEP_CASES = ("prefill 4k at 86k S128",)  # the tile sweep runs on these only
+SWEEP_CASES = ("prefill 4k at 86k S128", "prefill 8k at 86k S64")  # the tile sweep runs on these only
 
 
 def main() -> None:

@@ -127,6 +127,7 @@ def main() -> int:
     ap.add_argument("--peer-timeout", type=int, default=300)
     ap.add_argument("--out", default=None)
     ap.add_argument("--attention", default=None)
+    ap.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: the engine's)")
     ap.add_argument("--mixed", action="store_true", help="also 32 concurrent requests, one of 90k tokens")
     ap.add_argument("--load-format", default="dummy", choices=["dummy", "auto"],
                     help="dummy: random weights made on each stage (default); auto: write --ckpt once and load it")
@@ -184,7 +185,8 @@ def run(a, result: dict, save, ckpt: Path) -> int:
         result["peer"] = run_peer(a.peer, a.peer_prefill, a.peer_timeout)
 
     t = time.perf_counter()
-    llm = LLM(str(ckpt), stages=a.stages, attention=a.attention, verbose=True, load_format=a.load_format)
+    kv = {} if a.block_size is None else {"block_size": a.block_size}
+    llm = LLM(str(ckpt), stages=a.stages, attention=a.attention, verbose=True, load_format=a.load_format, **kv)
     result["load_s"] = round(time.perf_counter() - t, 1)
     result["stage_info"] = llm.stage_info
     V = llm.config.vocab_size
