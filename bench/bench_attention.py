@@ -78,10 +78,9 @@ CASES = [  # (kind, name, a, b)
 ]
 FA_SWEEP = [(256, 64, 16, 3), (256, 64, 16, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3),
             (128, 64, 4, 3), (64, 64, 4, 3)]  # BLOCK_M, BLOCK_N, num_warps, num_stages
-FA3_SWEEP = [  # (BLOCK_M, BLOCK_N, warps, stages, WS: warp specialisation, PIPE: Q K^T one tile ahead)
-    (128, 64, 4, 3, 0, 0), (128, 64, 4, 3, 1, 0), (128, 128, 8, 2, 0, 0), (128, 64, 8, 3, 0, 0),
-    (128, 64, 4, 4, 0, 0), (128, 64, 8, 3, 0, 1), (128, 64, 8, 2, 0, 1), (128, 128, 8, 2, 0, 1),
-    (256, 64, 16, 2, 0, 1), (64, 64, 4, 3, 0, 1)]
+FA3_SWEEP = [  # (BLOCK_M, BLOCK_N, warps, stages, WS: warp specialisation)
+    (128, 64, 4, 3, 0), (128, 64, 4, 3, 1), (128, 128, 8, 2, 0), (128, 128, 8, 2, 1), (128, 64, 8, 3, 0),
+    (128, 64, 4, 4, 0), (256, 64, 16, 3, 0)]
 
 
 def matmul_tflops() -> float:
@@ -157,9 +156,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def decode_case(name, ctxs, rows, sweep, copy):
+def decode_case(name, ctxs, rows, sweep, copy, block=64):
+    """block: the pool's block size (the engine's default)."""
     B = len(ctxs)
-    q, kc, vc, bt, _, cl = make([1] * B, ctxs)
+    q, kc, vc, bt, _, cl = make([1] * B, ctxs, S=block)
     gbytes = sum(ctxs) * K * D * 2 * 2 / 1e9
     splits = at.choose_num_splits(B, K, max(ctxs), DEV)
     variants = [dict(num_splits=None)]
@@ -172,11 +172,11 @@ def decode_case(name, ctxs, rows, sweep, copy):
             return at.paged_decode(q, kc, vc, bt, cl, SCALE, max_context=max(ctxs), out=out, **kw)
         ms = bench_graph(fn)
         tag = "auto" if kw["num_splits"] is None else f"splits={kw['num_splits']} block_n={kw['block_n']}"
-        rows.append(dict(case=name, impl="triton", variant=tag, ms=ms, GBps=gbytes / ms * 1e3,
+        rows.append(dict(case=name, impl="triton", variant=tag, block=block, ms=ms, GBps=gbytes / ms * 1e3,
                          num_splits=kw["num_splits"] or splits, pct_of_copy=100 * gbytes / ms * 1e3 / copy))
         print(f"    decode {tag}: {ms:.4f} ms {gbytes / ms * 1e3:.0f} GB/s", flush=True)
     if len(set(ctxs)) == 1:  # peer: SDPA on contiguous [B, K, ctx, D] K/V, one query, no mask
-        kvs = [contiguous_kv(kc, vc, bt[b], ctxs[b]) for b in range(B)]
+        kvs = [contiguous_kv(kc, vc, bt[b], ctxs[b], block=block) for b in range(B)]
         k1, v1 = torch.cat([x[0] for x in kvs]), torch.cat([x[1] for x in kvs])
         qq = q[:, :, None, :]  # [B, N, 1, D]
         try:
@@ -227,9 +227,8 @@ def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=
                             ctx - qlen, torch.cuda.get_device_properties(DEV).multi_processor_count) > 1:
         variants.append(("splits=1", None, 1))
     if sweep:
-        variants += [("M{} N{} warps{} stages{} ws{} pipe{}".format(*c),
-                      dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3], WS=bool(c[4]),
-                           PIPE=bool(c[5])), None)
+        variants += [("M{} N{} warps{} stages{} ws{}".format(*c),
+                      dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3], WS=bool(c[4])), None)
                      for c in FA3_SWEEP]
     tma = "tma" if fa3.tma_ok(q, kc, vc, fa3.TILES_TMA["BLOCK_N"]) else "gather"
     for tag, cfg, splits in variants:
@@ -251,6 +250,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/attention_kernels.json")
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs / splits")
     ap.add_argument("--only", choices=("prefill", "decode"), default=None)
+    ap.add_argument("--decode-block-size", type=int, default=64, help="block size of the decode cases' pool")
     ap.add_argument("--cases", default=None, help="comma-separated case names to run")
     ap.add_argument("--configs", default=None,
                     help="sweep these fa tiles instead, e.g. '256,64,16,2;128,128,8,3' (M,N,warps,stages)")
@@ -271,7 +271,7 @@ def main() -> None:
             continue
         print(f"... {name}", flush=True)
         if kind == "decode":
-            decode_case(name, [a] * b, rows, args.sweep, cp)  # a: context, b: batch
+            decode_case(name, [a] * b, rows, args.sweep, cp, args.decode_block_size)  # a: context, b: batch
         else:  # a: chunk length, b: context after it; "prefill N/K[/S]" names heads and block size
             nks = [int(x) for x in kind.split()[1].split("/")] if " " in kind else [N, K]
             prefill_case(name, a, b, rows, args.sweep and name in SWEEP_CASES, nks[0], nks[1], mm,

@@ -5,7 +5,7 @@ Model, per layer, in ms:  ms(n, p) = c0 + a * n + b * (n * p + n * (n + 1) / 2)
   inefficiency), a per token (projections, MoE, norms), b per causal (query, key) pair.
 
 --measure (CUDA): times one stage of --layers layers at the real qwen3-30b-a3b shape (dummy
-weights, block size 16, attention --attention) over a grid of (n, p), fits, and writes timings,
+weights, block size --block-size, attention --attention) over a grid of (n, p), fits, and writes timings,
 fit and the stage's peak memory beyond weights + pool per chunk to --out. Without --measure it
 refits the points of an earlier --out (--from). Prints the coefficients to paste into
 engine/runtime/chunking.py, and a short table last.
@@ -44,7 +44,7 @@ def fit(points: list[dict]) -> dict:
                 worst_point=points[int(np.abs(rel).argmax())])
 
 
-def measure(layers: int, attention: str, reps: int, preset: str, device: str, ns=NS, ps=PS) -> dict:
+def measure(layers: int, attention: str, reps: int, preset: str, device: str, ns=NS, ps=PS, bs: int = 64) -> dict:
     import time
     from dataclasses import replace
 
@@ -59,7 +59,7 @@ def measure(layers: int, attention: str, reps: int, preset: str, device: str, ns
     raw = yarn_config(preset_config(preset))
     raw["num_hidden_layers"] = layers
     cfg = ModelConfig.from_dict(raw)
-    dev, bs = torch.device(device), 16
+    dev = torch.device(device)
     cuda = dev.type == "cuda"
     dt = torch.bfloat16 if cuda else torch.float32
     stage = fill_dummy(Stage(cfg, 0, layers, True, False, dev, dt, attention))
@@ -110,6 +110,7 @@ def main() -> int:
     ap.add_argument("--measure", action="store_true")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--attention", default="fa")
+    ap.add_argument("--block-size", type=int, default=64, help="tokens per KV block (the engine's default)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--from", dest="src", default=None)
@@ -119,7 +120,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.measure:
         grid = dict(ns=(64, 128, 256), ps=(0, 512)) if a.small else {}
-        res = measure(a.layers, a.attention, a.reps, a.preset, a.device, **grid)
+        res = measure(a.layers, a.attention, a.reps, a.preset, a.device, bs=a.block_size, **grid)
         res["date"] = datetime.datetime.now().isoformat(timespec="seconds")
         res["command"] = " ".join(["python"] + sys.argv)
     elif a.src:

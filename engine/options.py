@@ -36,7 +36,9 @@ class EngineOptions:
     dtype: Any = _opt(None, "bfloat16 | float16 | float32 (default bf16 on cuda, fp32 on cpu)", str)
     layers: list[int] | str | None = _opt(None, "layers per stage, e.g. 25,23, or 'auto' (default: even split)",
                                           parse_layers, metavar="N,N|auto")
-    block_size: int = _opt(16, "tokens per KV block (a power of two)", int)
+    # 64: a block holds a whole 64-key tile, so Hopper's prefill kernel loads K/V by TMA (16 leaves
+    # it gathering rows, the slower path of bench/bench_attention.py); costs at most 63 slots a sequence
+    block_size: int = _opt(64, "tokens per KV block (a power of two)", int)
     kv_cache_gib: float | None = _opt(None, "KV pool per stage in GiB (default: measured from free memory)", float)
     gpu_memory_utilization: float = _opt(0.9, "fraction of each GPU's memory the engine may use, in (0, 1]", float)
     max_num_seqs: int = _opt(256, "most sequences running at once", int)

@@ -38,9 +38,9 @@ from .attention_prefill_triton import (_LOG2E, _dot, _interpreted, _num_sms, _ro
 # specialisation, WS, times the same there, so the plain pipelined loop is the default). Gathered
 # tiles (S < BLOCK_N) run only split (unsplit, attention_prefill_triton's kernel is as fast), with
 # that kernel's big tiles. Each config is a compiled variant the warm-up must cover.
-TILES_TMA = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, WS=False, PIPE=False)
-TILES_GATHER = dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3, WS=False, PIPE=False)  # = its TILES_BIG
-TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, WS=False, PIPE=False)  # 2x bytes per tile
+TILES_TMA = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, WS=False)
+TILES_GATHER = dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3, WS=False)  # = its TILES_BIG
+TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, WS=False)  # 2x bytes per tile
 MAX_SPLITS = 16
 MIN_SPLIT_KEYS = 2048  # keys per split at least: below it the merge and the diagonal dominate
 
@@ -69,41 +69,6 @@ def _tile_tma(q, m_i, l_i, acc, k_desc, v_desc, bt_row, col, n0, hi, qpos, qk_sc
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@triton.jit
-def _kv_row(bt_row, n0, S: tl.constexpr):
-    """Pool row (of the [P * S, K * D] view) of key n0, in a tile inside one block."""
-    return tl.load(bt_row + n0 // S) * S + n0 % S
-
-
-@triton.jit
-def _softmax_pv(qk, m_i, l_i, acc, v, qk_scale, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """The online-softmax update of an unmasked tile whose scores qk [BLOCK_M, BLOCK_N] are done."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
-    return m_new, l_i * alpha + tl.sum(p, 1), acc
-
-
-@triton.jit
-def _unmasked_pipelined(q, m_i, l_i, acc, k_desc, v_desc, bt_row, col, lo, mid, qk_scale,
-                        S: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Keys [lo, mid) (whole tiles, no mask) with the next tile's Q K^T issued before this tile's
-    softmax and P V (FlashAttention-3's intra-warpgroup overlap): the two are independent, so the
-    tensor cores work on one while the other units run the softmax."""
-    if lo < mid:
-        row = _kv_row(bt_row, lo, S)
-        qk = _dot(q, k_desc.load([row, col]).T, tl.zeros([q.shape[0], BLOCK_N], tl.float32), PRECISION, UPCAST)
-        for n0 in range(lo + BLOCK_N, mid, BLOCK_N):
-            row_next = _kv_row(bt_row, n0, S)
-            qk_next = _dot(q, k_desc.load([row_next, col]).T, tl.zeros([q.shape[0], BLOCK_N], tl.float32),
-                           PRECISION, UPCAST)
-            m_i, l_i, acc = _softmax_pv(qk, m_i, l_i, acc, v_desc.load([row, col]), qk_scale, PRECISION, UPCAST)
-            qk, row = qk_next, row_next
-        m_i, l_i, acc = _softmax_pv(qk, m_i, l_i, acc, v_desc.load([row, col]), qk_scale, PRECISION, UPCAST)
-    return m_i, l_i, acc
-
-
 @triton.jit(do_not_specialize=["T", "num_splits", "stride_btb"])  # (warm-up covers fewer classes)
 def _fa3_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, wo_ptr, wml_ptr, bt_ptr, qstart_ptr, ctx_ptr,
@@ -111,7 +76,7 @@ def _fa3_kernel(
     stride_qt, stride_qn, stride_ot, stride_on,
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, stride_btb,
     N: tl.constexpr, G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr, PIPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
     SPLIT: tl.constexpr, SKIP_SINGLE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     b = tl.program_id(2)
@@ -132,13 +97,9 @@ def _fa3_kernel(
         v_desc = tl.make_tensor_descriptor(v_ptr, shape=[PS, N // G * D], strides=[stride_vs, 1],
                                            block_shape=[BLOCK_N, D])
         col = kh * D
-        if PIPE:
-            m_i, l_i, acc = _unmasked_pipelined(q, m_i, l_i, acc, k_desc, v_desc, bt_row, col, lo, mid,
-                                                qk_scale, S, BLOCK_N, PRECISION, UPCAST)
-        else:
-            for n0 in tl.range(lo, mid, BLOCK_N, warp_specialize=WS):
-                m_i, l_i, acc = _tile_tma(q, m_i, l_i, acc, k_desc, v_desc, bt_row, col, n0, hi, qpos,
-                                          qk_scale, S, BLOCK_N, False, PRECISION, UPCAST)
+        for n0 in tl.range(lo, mid, BLOCK_N, warp_specialize=WS):
+            m_i, l_i, acc = _tile_tma(q, m_i, l_i, acc, k_desc, v_desc, bt_row, col, n0, hi, qpos,
+                                      qk_scale, S, BLOCK_N, False, PRECISION, UPCAST)
         if split == num_splits - 1:
             for n0 in range(full, hi, BLOCK_N):
                 m_i, l_i, acc = _tile_tma(q, m_i, l_i, acc, k_desc, v_desc, bt_row, col, n0, hi,
@@ -228,8 +189,7 @@ def paged_prefill_fa3(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                       num_splits: int | None = None, skip_single: bool = False) -> torch.Tensor:
     """paged_prefill_fa's contract (see there), plus: max_prefix, a host int >= no sequence's
     cached prefix (context - query length), which sizes the KV split; num_splits forces one.
-    config: BLOCK_M, BLOCK_N, num_warps, num_stages, WS (warp specialisation, TMA path only), PIPE
-    (the next tile's Q K^T before this one's softmax, TMA path only), TMA
+    config: BLOCK_M, BLOCK_N, num_warps, num_stages, WS (warp specialisation, TMA path only), TMA
     (False forces the gather path). Unsplit gathered tiles without a config take paged_prefill_fa."""
     T = q_TND.shape[0]
     N, K, D = check_inputs(q_TND, k_cache, v_cache)
@@ -250,7 +210,6 @@ def paged_prefill_fa3(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         cfg = dict(TILES_GATHER, **{k: v for k, v in (config or {}).items() if k != "TMA"})
     cfg.pop("TMA", None)
     cfg["WS"] = cfg["WS"] and tma and not _interpreted()
-    cfg["PIPE"] = cfg.get("PIPE", False) and tma
     block_m = cfg["BLOCK_M"] = max(cfg["BLOCK_M"], triton.next_power_of_2(G))
     tiles = triton.cdiv(max_query_len, block_m // G)
     if num_splits is None:

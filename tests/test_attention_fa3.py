@@ -56,17 +56,6 @@ def test_fa3_tma_small(N, K, S, qlens, ctxs, splits):
     run_fa3(qlens, ctxs, N, K, 16, S, torch.bfloat16, num_splits=splits, want_tma=True, **SMALL)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("N,K,S,qlens,ctxs", [
-    (8, 2, 32, [20, 9, 1], [340, 29, 50]),      # several unmasked tiles, one, and none
-    (6, 2, 16, [33], [600]),                    # G=3, tiles exactly one block
-])
-def test_fa3_pipelined_small(N, K, S, qlens, ctxs, splits):
-    """PIPE: the next tile's Q K^T before this tile's softmax (one tile, several, and a split with
-    none of the unmasked keys)."""
-    run_fa3(qlens, ctxs, N, K, 16, S, torch.bfloat16, num_splits=splits, want_tma=True, PIPE=True, **SMALL)
-
-
 @pytest.mark.parametrize("splits", [1, 2])
 def test_fa3_gather_small(splits):
     """Block size 8 < BLOCK_N: the tile's rows are gathered through the table."""
@@ -160,15 +149,6 @@ def test_gpu_fa3_groups_and_blocks(N, K, S):
 def test_gpu_fa3_warp_specialized(n, warps, stages, splits):
     run_fa3([4096], [40_000], 32, 4, 128, 128, torch.bfloat16, num_splits=splits, want_tma=True,
             BLOCK_M=128, BLOCK_N=n, num_warps=warps, num_stages=stages, WS=True)
-
-
-@pytest.mark.gpu
-@gpu_hopper
-@pytest.mark.parametrize("S", [64, 128])
-@pytest.mark.parametrize("splits", [1, 4])
-def test_gpu_fa3_pipelined(S, splits):
-    run_fa3([4096, 300], [100_000, 9000], 32, 4, 128, S, torch.bfloat16, num_splits=splits, want_tma=True,
-            BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, PIPE=True)
 
 
 def test_warm_shapes_compile_the_split_variants():
