@@ -57,7 +57,7 @@ def test_every_field_has_a_flag_with_help_and_default():
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         assert flag in text
     text = " ".join(text.split())
-    assert "(the prefill chunk) [default: 8192]" in text and "(a power of two) [default: 16]" in text
+    assert "(the prefill chunk) [default: 8192]" in text and "(a power of two) [default: 64]" in text
     a = ap.parse_args(["--stages", "2", "--layers", "3,1", "--quiet", "--max-num-seqs", "7", "--load-format", "dummy"])
     o = options_from_args(a)
     assert (o.stages, o.layers, o.verbose, o.max_num_seqs, o.load_format) == (2, [3, 1], False, 7, "dummy")

@@ -29,7 +29,7 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref(model):
     """The reference: one stage, no prefix cache."""
-    with LLM(model, stages=1, verbose=False, enable_prefix_caching=False) as llm:
+    with LLM(model, block_size=BS, stages=1, verbose=False, enable_prefix_caching=False) as llm:
         yield llm
 
 
@@ -78,7 +78,7 @@ def test_greedy_tokens_equal_without_the_cache_and_hits_are_counted(model, ref, 
     g = torch.Generator().manual_seed(stages)
     calls = _turns(g)
     written = Written()
-    with LLM(model, stages=stages, verbose=False) as llm:
+    with LLM(model, block_size=BS, stages=stages, verbose=False) as llm:
         prev = None
         for i, prompts in enumerate(calls + [None]):
             if prompts is None:  # a follow-up turn: an earlier prompt, its answer and a question
@@ -105,7 +105,7 @@ def test_n_samples_and_a_new_prefix_sent_twice_compute_it_once(model, ref):
     they would all compute it beside the first, in the same micro-batch), and match the reference."""
     g = torch.Generator().manual_seed(31)
     p, q = _rand(g, 56), _rand(g, 40)  # followers find (56 - 1) // 16 = 3 and (40 - 1) // 16 = 2 blocks
-    with LLM(model, stages=2, verbose=False) as llm:
+    with LLM(model, block_size=BS, stages=2, verbose=False) as llm:
         before = _sched(llm)["prefix_cache_hits"]
         outs = llm.generate([p], SamplingParams(n=3, max_tokens=10, temperature=0.0, ignore_eos=True))
         after = _sched(llm)["prefix_cache_hits"]
@@ -114,7 +114,7 @@ def test_n_samples_and_a_new_prefix_sent_twice_compute_it_once(model, ref):
         twice = llm.generate([q, q], GREEDY)
         assert _sched(llm)["prefix_cache_hits"] - after == 32
         assert [o.token_ids for o in twice] == [ref.generate([q], GREEDY)[0].token_ids] * 2
-    with LLM(model, stages=2, verbose=False, enable_prefix_caching=False) as off:
+    with LLM(model, block_size=BS, stages=2, verbose=False, enable_prefix_caching=False) as off:
         off.generate([q, q], GREEDY)
         assert _sched(off)["prefix_cache_hits"] == 0
 
@@ -125,7 +125,7 @@ def small(model, tmp_path_factory):
     spins 10 ms per forward, so a prefill of several chunks lasts long enough to abort it."""
     with pytest.MonkeyPatch.context() as mp:  # the workers keep the hook; this process's env is restored
         inject_into_workers(mp, tmp_path_factory.mktemp("slow"), "0:10")
-        llm = LLM(model, stages=2, verbose=False, kv_cache_gib=16 * KV_GIB_PER_BLOCK, max_num_batched_tokens=32,
+        llm = LLM(model, block_size=BS, stages=2, verbose=False, kv_cache_gib=16 * KV_GIB_PER_BLOCK, max_num_batched_tokens=32,
                   max_num_seqs=8)
     with llm:
         assert llm.info["num_blocks"] == 16
@@ -190,7 +190,7 @@ def test_cache_salt_isolates_and_reset_drops(ref):
         assert ref_on.generate([prompt], GREEDY, cache_salt=salt)[0].token_ids == want
         return ref_on.stats()["scheduler"]["prefix_cache_hits"] - before
 
-    with LLM(ref.folder, stages=1, verbose=False) as ref_on:
+    with LLM(ref.folder, block_size=BS, stages=1, verbose=False) as ref_on:
         assert [hits(s) for s in ("a", "b", None, "a", "b", None)] == [0, 0, 0, 48, 48, 48]
         s = ref_on.submit(prompt, GREEDY, cache_salt="c")
         assert [e.token_id for e in s] == want
@@ -226,7 +226,7 @@ def test_auto_split_restart_keeps_caching(model, ref, monkeypatch, tmp_path):
     prompts = [pre + _rand(g, 4), pre + _rand(g, 6)]
     sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     want = [o.token_ids for o in ref.generate(prompts, sp)]
-    with LLM(model, stages=2, device="cpu", layers="auto", kv_cache_gib=0.02, verbose=False) as llm:
+    with LLM(model, block_size=BS, stages=2, device="cpu", layers="auto", kv_cache_gib=0.02, verbose=False) as llm:
         assert llm.auto_split["after"] != llm.auto_split["before"]
         llm.stats(reset=True)
         assert [llm.generate([p], sp)[0].token_ids for p in prompts] == want

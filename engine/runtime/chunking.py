@@ -42,11 +42,11 @@ class ChunkCost:
 
 
 # Coefficients fitted for the qwen3-30b-a3b shape (32 q / 4 kv heads, head_dim 128, hidden 2048, 8 of
-# 128 experts), bf16, block 16, attention 'fa', 2 layers of dummy weights, over chunk lengths n and
-# prefixes p; the card, the points and the fit's error are in BENCHMARKS.md ("Chunk cost model") and
+# 128 experts), bf16, block 64, attention 'fa' (on Hopper the TMA kernel), 2 layers of dummy weights,
+# over chunk lengths n and prefixes p; the card, the points and the fit's error are in BENCHMARKS.md ("Chunk cost model") and
 # the results file it names. Refit: bench/fit_chunk_cost.py --measure.
 # c0 is mostly the expert weights, read once per chunk.
-QWEN3_30B_FIT = ChunkCost(c0=1.126, a=2.592e-4, b=5.054e-8,
+QWEN3_30B_FIT = ChunkCost(c0=0.9324, a=2.164e-4, b=3.285e-8,
                           source="bench/fit_chunk_cost.py --measure (BENCHMARKS.md: Chunk cost model)")
 
 
