@@ -233,6 +233,22 @@ def test_a_new_prefix_arriving_twice_is_computed_once():
     assert set(a.block_table).isdisjoint(b.block_table)
 
 
+def test_followers_see_the_blocks_of_every_prefill_admitted_before_them():
+    """One call admits several prompts: a follower waits for a block of any prefill admitted ahead
+    of it in the same call, whether that prefill came before or after the first follower check
+    (a 3-token prompt has no block a later lookup could offer: no check)."""
+    s = sched(bs=4, budget=64)
+    short, p1, q1, p2, q2, r = (seq(0, [90, 91, 92]), seq(1, range(12)), seq(2, range(50, 60)),
+                                seq(3, list(range(12)) + [7]), seq(4, range(50, 61)), seq(5, range(70, 79)))
+    for x in (short, p1, q1, p2, q2, r):
+        s.add(x)
+    m1 = s.schedule()
+    assert [c.seq.seq_id for c in m1.chunks] == [0, 1, 2, 5] and list(s.waiting) == [p2, q2]
+    m2 = s.schedule()
+    assert [(c.seq.seq_id, c.start) for c in m2.chunks] == [(3, 12), (4, 8)]
+    assert p2.block_table[:3] == p1.block_table and q2.block_table[:2] == q1.block_table[:2]
+
+
 def test_a_follower_trails_a_chunked_prefill_and_others_pass_it():
     """A request whose next block a running prefill writes in this micro-batch waits (keeping its
     place) until it is cached; a request behind it with another prompt is admitted meanwhile."""
