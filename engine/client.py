@@ -56,6 +56,7 @@ class EngineClient:
         self.dead: BaseException | None = None
         self.closed = False
         self._rdzv: str | None = None
+        self._listener: Listener | None = None  # while the stages connect
         self._send_lock = threading.RLock()
         self._lock = threading.Lock()
         self._waiters: dict[int, list] = {}  # call token -> [Event, reply]
@@ -67,20 +68,22 @@ class EngineClient:
     def _start(self) -> None:
         S, timeout_s = self.args.stages, self.options.load_timeout_s
         key = os.urandom(16)
-        listener = Listener(("127.0.0.1", 0), authkey=key)
         # the stages' FileStore (no socket on any interface); NCCL keeps using it for communicators
         # it creates lazily (point-to-point pairs), so it lives until the stages end
         rdzv = self._rdzv = tempfile.mkdtemp(prefix="moepipe-rdzv-")
+        # the pipes to the stages: a Unix socket in that private folder, not TCP on loopback, where
+        # multiprocessing writes a message over 16 KiB (a prompt of some 5k ids) as header then
+        # payload, and Nagle's algorithm holds the payload until the receiver's delayed ACK (~40 ms)
+        listener = self._listener = Listener(os.path.join(rdzv, "pipe"), family="AF_UNIX", authkey=key)
         env = dict(os.environ, **{AUTHKEY_ENV: key.hex()})
         if Path("/sys/class/net/lo").exists():  # gloo's and NCCL's own sockets on loopback: every stage is here
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")
             env.setdefault("NCCL_SOCKET_IFNAME", "lo")
         env["PYTHONPATH"] = os.pathsep.join([_REPO_ROOT, *filter(None, [env.get("PYTHONPATH")])])
-        host, port = listener.address
         try:
             for rank in range(S):
                 # own session: the terminal's Ctrl-C reaches only this process, which ends the stages
-                p = subprocess.Popen([sys.executable, "-m", "engine.runtime.worker", host, str(port), str(rank)],
+                p = subprocess.Popen([sys.executable, "-m", "engine.runtime.worker", listener.address, str(rank)],
                                      env=env, start_new_session=True, cwd=_REPO_ROOT)
                 self.procs.append(p)
                 _WORKERS.add(p)
@@ -123,7 +126,7 @@ class EngineClient:
             self._kill_all()
             raise
         finally:
-            listener.close()
+            self._close_listener()
         self.info = ready[0]
         self.stage_info = [ready[r] for r in range(S)]
         self.max_model_len = self.info["max_model_len"]
@@ -166,7 +169,13 @@ class EngineClient:
         self.dead = err
         raise err
 
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # unlinks its socket file in rdzv
+            self._listener = None
+
     def _kill_all(self) -> None:
+        self._close_listener()
         for p in self.procs:
             if p.poll() is None:
                 p.kill()

@@ -46,6 +46,61 @@ def test_block_keys_chain_the_parent_and_the_salt():
     assert bm.hashes(seq(1, a + a + a, salt="x"), 3)[0] != keys[0]
 
 
+
+def naive_keys(ids: list[int], bs: int, num_blocks: int, salt=None) -> list[bytes]:
+    keys, parent = [], root_hash(salt)
+    for i in range(num_blocks):
+        parent = block_hash(parent, ids[i * bs:(i + 1) * bs])
+        keys.append(parent)
+    return keys
+
+
+@pytest.mark.parametrize("bs", [1, 3, 16])
+def test_keys_in_batches_match_the_chain_of_block_hash(bs):
+    """hashes() converts a run of blocks at once: the same keys as block_hash block by block, for
+    any split of the calls, as the sequence grows (a partial last block gets no key until full)."""
+    rng = random.Random(bs)
+    for trial in range(20):
+        ids = [rng.randrange(1 << rng.choice([8, 17, 40])) for _ in range(rng.randrange(1, 20 * bs))]
+        salt = rng.choice([None, "t"])
+        s, bm = seq(trial, ids[:rng.randrange(1, len(ids) + 1)], salt=salt), BlockManager(8, bs)
+        while True:
+            full = len(s) // bs
+            got = bm.hashes(s, rng.randrange(len(s.block_hashes), full + 1))
+            assert got == naive_keys(s.token_ids, bs, len(got), salt)
+            if len(s) == len(ids):
+                break
+            s.token_ids += ids[len(s):len(s) + rng.randrange(1, 2 * bs)]
+        assert bm.hashes(s, len(s) // bs) == naive_keys(ids, bs, len(ids) // bs, salt)
+
+
+def test_lookup_matches_a_walk_over_every_key():
+    """lookup() hashes in doubling batches up to the first miss: the same hits as walking every
+    key, with cached prefixes ending on each side of the batch edges (16, 48, 112 blocks), the
+    last block never offered, and caching off or prompt logprobs asked: none."""
+    rng = random.Random(0)
+    bs, prefix = 2, [rng.randrange(512) for _ in range(500)]
+    for cached in [0, 1, 15, 16, 17, 47, 48, 49, 111, 112, 113, 199, 200]:
+        bm = BlockManager(300, bs)
+        writer = seq(0, prefix)
+        assert bm.admit(writer, [], len(prefix))
+        bm.commit(writer, cached * bs)
+        for tail in [0, 1, 3]:  # tokens past the cached prefix: the last block holds the last token
+            for salt in [None, "x"]:
+                s = seq(1, prefix[:rng.randrange(cached * bs, 500) + 1] + [7] * tail, salt=salt)
+                limit = (len(s) - 1) // bs
+                want = []
+                for key in naive_keys(s.token_ids, bs, limit, salt):
+                    if key not in bm.cached:
+                        break
+                    want.append(bm.cached[key])
+                assert bm.lookup(s) == want and len(want) <= min(cached, limit)
+                assert salt is not None or len(want) == min(cached, limit)
+    assert BlockManager(256, bs, enable_caching=False).lookup(seq(2, prefix)) == []
+    logprobs = Sequence(3, prefix, SamplingParams(max_tokens=1, prompt_logprobs=1), (), None)
+    assert bm.lookup(logprobs) == []
+
+
 def test_cache_salts_validation():
     assert cache_salts(None, 2) == [None, None] and cache_salts("t", 2) == ["t", "t"]
     assert cache_salts(["a", None], 2) == ["a", None]
@@ -176,6 +231,22 @@ def test_a_new_prefix_arriving_twice_is_computed_once():
     m1 = s.schedule()
     assert [(c.start, c.length) for c in m1.chunks] == [(0, 12), (0, 12)]
     assert set(a.block_table).isdisjoint(b.block_table)
+
+
+def test_followers_see_the_blocks_of_every_prefill_admitted_before_them():
+    """One call admits several prompts: a follower waits for a block of any prefill admitted ahead
+    of it in the same call, whether that prefill came before or after the first follower check
+    (a 3-token prompt has no block a later lookup could offer: no check)."""
+    s = sched(bs=4, budget=64)
+    short, p1, q1, p2, q2, r = (seq(0, [90, 91, 92]), seq(1, range(12)), seq(2, range(50, 60)),
+                                seq(3, list(range(12)) + [7]), seq(4, range(50, 61)), seq(5, range(70, 79)))
+    for x in (short, p1, q1, p2, q2, r):
+        s.add(x)
+    m1 = s.schedule()
+    assert [c.seq.seq_id for c in m1.chunks] == [0, 1, 2, 5] and list(s.waiting) == [p2, q2]
+    m2 = s.schedule()
+    assert [(c.seq.seq_id, c.start) for c in m2.chunks] == [(3, 12), (4, 8)]
+    assert p2.block_table[:3] == p1.block_table and q2.block_table[:2] == q1.block_table[:2]
 
 
 def test_a_follower_trails_a_chunked_prefill_and_others_pass_it():

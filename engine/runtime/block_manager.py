@@ -53,24 +53,35 @@ class BlockManager:
     # ---- keys ----------------------------------------------------------------------------------
     def hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """seq.block_hashes with at least the keys of its first num_blocks full blocks (each
-        computed once: a sequence's tokens only grow)."""
+        computed once: a sequence's tokens only grow). The new blocks' ids become int64 bytes in
+        one conversion; each key (block_hash's) then hashes its slice of them."""
         bs, h = self.block_size, seq.block_hashes
-        while len(h) < num_blocks:
-            i = len(h)
-            h.append(block_hash(h[-1] if h else root_hash(seq.cache_salt), seq.token_ids[i * bs:(i + 1) * bs]))
+        first = len(h)
+        if first >= num_blocks:
+            return h
+        raw = memoryview(array("q", seq.token_ids[first * bs:num_blocks * bs])).cast("B")
+        width = 8 * bs  # bytes of a block's ids
+        parent = h[-1] if h else root_hash(seq.cache_salt)
+        for o in range(0, (num_blocks - first) * width, width):
+            parent = hashlib.sha256(parent + raw[o:o + width]).digest()
+            h.append(parent)
         return h
 
     def lookup(self, seq: Sequence) -> list[int]:
         """The cached blocks of seq's longest cached prefix. At most len(seq) - 1 tokens: the last
         token is always computed (its logits give the next token), so a sequence never writes into
-        a block it was handed from the cache."""
-        hits = []
+        a block it was handed from the cache. Keys are computed in batches that double up to the
+        first miss: a fresh long prompt hashes a few blocks here, the rest as its chunks commit."""
+        hits: list[int] = []
         limit = self._lookup_limit(seq)
-        for key in self.hashes(seq, limit)[:limit]:
-            b = self.cached.get(key)
-            if b is None:
-                break
-            hits.append(b)
+        n = 0
+        while n < limit:
+            n = min(limit, max(16, 2 * n))
+            for key in self.hashes(seq, n)[len(hits):n]:
+                b = self.cached.get(key)
+                if b is None:
+                    return hits
+                hits.append(b)
         return hits
 
     def next_key(self, seq: Sequence, num_hits: int) -> bytes | None:

@@ -195,7 +195,9 @@ class Scheduler:
             n_decode += is_decode
             if not is_decode and seq.params.prompt_logprobs is not None:
                 lp_left -= n
-        writing, deferred = None, []  # keys running prefills will cache (built when first needed)
+        # keys running prefills will cache, built when first needed; the keys of sequences admitted
+        # after that join it at the next need (a long prompt's keys are then hashed as it commits)
+        writing, admitted, deferred = None, [], []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self.blocks.lookup(seq)
@@ -203,6 +205,9 @@ class Scheduler:
             if key is not None:
                 if writing is None:
                     writing = {k for s in self.running for k in self.blocks.prompt_keys_to_write(s)}
+                else:
+                    writing.update(k for s in admitted for k in self.blocks.prompt_keys_to_write(s))
+                admitted.clear()
                 if key in writing:  # another prefill writes the block next: follow it (computed once)
                     deferred.append(self.waiting.popleft())
                     continue
@@ -227,8 +232,7 @@ class Scheduler:
             budget -= n
             if seq.params.prompt_logprobs is not None:
                 lp_left -= n
-            if writing is not None:
-                writing.update(self.blocks.prompt_keys_to_write(seq))
+            admitted.append(seq)
         self.waiting.extendleft(reversed(deferred))  # back at the front, in their order
         if not chunks:
             return None

@@ -1,7 +1,7 @@
-"""One stage process started by EngineClient as `python -m engine.runtime.worker HOST PORT RANK`
-(never importing the user's main module). It connects back to the client's listener, says its rank,
-receives (EngineArgs, store path), loads its stage and serves. Rank 0 also takes requests from the
-client and sends events back.
+"""One stage process started by EngineClient as `python -m engine.runtime.worker ADDRESS RANK`
+(never importing the user's main module). It connects back to the client's listener (a Unix
+socket at ADDRESS), says its rank, receives (EngineArgs, store path), loads its stage and serves.
+Rank 0 also takes requests from the client and sends events back.
 
 Messages LLM -> rank 0: ("add", [(seq_id, prompt ids, params, cache_salt, grammar payload or None)]),
 ("abort", [seq_id]), ("stats", token, reset, per_step, profile command or None), ("reset_prefix_cache", token),
@@ -84,11 +84,11 @@ def serve_requests(engine, inbox: queue.Queue, send) -> None:
             send(reply)
 
 
-def main(host: str, port: int, rank: int) -> int:
+def main(address: str, rank: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is LLM's to handle; it ends us
     _exit_with_parent()
     try:
-        conn = Client((host, port), authkey=bytes.fromhex(os.environ.pop(AUTHKEY_ENV)))
+        conn = Client(address, family="AF_UNIX", authkey=bytes.fromhex(os.environ.pop(AUTHKEY_ENV)))
         conn.send(("hello", rank, os.getpid()))
         args, store_path = conn.recv()
     except (OSError, EOFError):  # LLM is gone already (interrupted or failed while we started)
@@ -134,4 +134,4 @@ def main(host: str, port: int, rank: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))
