@@ -44,8 +44,8 @@ class EngineOptions:
     max_num_seqs: int = _opt(256, "most sequences running at once", int)
     max_num_batched_tokens: int = _opt(8192, "token budget per step (the prefill chunk)", int)
     # off by default: the bound trades time to first token for time per output token, and the cost
-    # model's fit (engine/runtime/chunking.py) is of another card than most users', so a bound in
-    # its ms cuts prefill harder than its number says (BENCHMARKS.md has the serving runs with 90)
+    # model (engine/runtime/chunking.py) is fitted on one card and one model shape, so on others a
+    # bound in its ms is a modeled bound, not a measured one
     max_step_ms: float = _opt(0.0, "while sequences decode, a step's prefill tokens are cut so that its time, as the "
                               "chunk-cost model predicts it, stays within this many ms (decodes always run; a "
                               "prefill with nothing decoding is not bounded; 0: off, only the token budget)", float)
