@@ -26,7 +26,12 @@ def root_hash(cache_salt: str | None) -> bytes:
 
 def block_hash(parent: bytes, token_ids: list[int]) -> bytes:
     """The key of a full block: its parent's key (32 bytes) and its token ids (int64 each)."""
-    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
+    return _chain(parent, array("q", token_ids).tobytes())
+
+
+def _chain(parent: bytes, ids_int64) -> bytes:
+    """sha256 of a parent key and a block's ids as int64 bytes (bytes or a memoryview slice)."""
+    return hashlib.sha256(parent + ids_int64).digest()
 
 
 class BlockManager:
@@ -54,7 +59,7 @@ class BlockManager:
     def hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """seq.block_hashes with at least the keys of its first num_blocks full blocks (each
         computed once: a sequence's tokens only grow). The new blocks' ids become int64 bytes in
-        one conversion; each key (block_hash's) then hashes its slice of them."""
+        one conversion; each key (block_hash's _chain) then hashes its slice of them."""
         bs, h = self.block_size, seq.block_hashes
         first = len(h)
         if first >= num_blocks:
@@ -63,7 +68,7 @@ class BlockManager:
         width = 8 * bs  # bytes of a block's ids
         parent = h[-1] if h else root_hash(seq.cache_salt)
         for o in range(0, (num_blocks - first) * width, width):
-            parent = hashlib.sha256(parent + raw[o:o + width]).digest()
+            parent = _chain(parent, raw[o:o + width])
             h.append(parent)
         return h
 
