@@ -103,6 +103,16 @@ def test_tma_ok_on_the_engine_pool_views():
     assert not f3.tma_ok(q, kv[1, :, 0], kv[1, :, 1], 64)
 
 
+def test_engine_default_block_holds_a_tma_tile():
+    """The engine's default pool takes the TMA path: a block holds a whole key tile (at 16-token
+    blocks Hopper's long chunks fell back to the FA2-style kernel)."""
+    from engine.options import EngineOptions
+    S = EngineOptions().block_size
+    q = torch.zeros(8, 32, 128, dtype=torch.bfloat16)
+    kc = torch.zeros(4, S, 4, 128, dtype=torch.bfloat16)
+    assert f3.tma_ok(q, kc, kc, f3.TILES_TMA["BLOCK_N"])
+
+
 def test_fa3_rejects_bad_head_dim():
     q = torch.zeros(4, 4, 24, dtype=torch.bfloat16, device=tak.DEV)
     kc = torch.zeros(2, 16, 2, 24, dtype=torch.bfloat16, device=tak.DEV)
