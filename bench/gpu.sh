@@ -23,6 +23,9 @@
 #                                            8192,90000 --yarn: prefill of one prompt each, FLOPs floors;
 #                                            --attention split: cuDNN for chunks; --moe-n-major-min-bm 128: the
 #                                            N-major grouped-GEMM grid waiting for its A/B; BD_TAG=x names files)
+#   bash bench/gpu.sh moe                    bench_moe_prefill (MoE pieces at 1k-16k tokens, tile sweep) after its tests
+#   bash bench/gpu.sh fa3                    bench_attention's Hopper prefill tile sweep (FA3_CASES) after its tests
+#   bash bench/gpu.sh serving-bound          64 clients at --max-step-ms in BOUNDS (default "0 30 45")
 #   bash bench/gpu.sh record                 the tests, a 64-client serving sample (plain, json, logprobs +
 #                                            penalties, a shared prefix) and the multi-turn prefix cache
 # Results (JSON and logs) go to $OUT (default bench/results/run), named <kind>_<card>x<gpus>_<date>;
@@ -132,6 +135,29 @@ breakdown)  # this branch's GPU tests first (no late compile at a shape no prese
     | grep -v "^USDT\|^STAGE:" > "$OUT/breakdown_$TAG$sfx.log"
   tail -66 "$OUT/breakdown_$TAG$sfx.log"
   ;;
+moe)  # the MoE at prefill sizes (bench_moe_prefill: route, aligns, GEMMs with a tile sweep, k-term sums) after
+  # the fused MoE's GPU tests
+  pt 300 --timeout=280 tests/test_fused_moe.py --deselect "tests/test_fused_moe.py::test_real_shapes_on_gpu[qwen3-235b-a22b]" \
+    --deselect "tests/test_fused_moe.py::test_real_shapes_on_gpu[user-config]" > "$OUT/gpu_tests_moe_prefill_$TAG.log" 2>&1
+  grep -E "passed|failed|FAILED|Timeout" "$OUT/gpu_tests_moe_prefill_$TAG.log" | tail -6
+  timeout 200 python3 bench/bench_moe_prefill.py --sweep --out "$OUT/moe_prefill_$TAG.json" > "$OUT/moe_prefill_$TAG.log" 2>&1
+  tail -8 "$OUT/moe_prefill_$TAG.log"
+  ;;
+fa3)  # the Hopper prefill kernel's tile sweep (FA3_SWEEP) at the long-chunk cases, after its GPU tests
+  pt 200 --timeout=190 tests/test_attention_fa3.py > "$OUT/gpu_tests_fa3_$TAG.log" 2>&1
+  grep -E "passed|failed|FAILED|Timeout" "$OUT/gpu_tests_fa3_$TAG.log" | tail -6
+  timeout 240 python3 bench/bench_attention.py --only prefill --sweep --cases "${FA3_CASES:-prefill 8k at 86k S64}" \
+    --out "$OUT/attention_fa3_$TAG.json" > "$OUT/attention_fa3_$TAG.log" 2>&1
+  grep -E "fa3|sdpa|cudnn|matmul" "$OUT/attention_fa3_$TAG.log" | tail -24
+  ;;
+serving-bound)  # 64 clients, 1024 in / 256 out, one server per --max-step-ms in BOUNDS (0: off): the bound's A/B
+  for ms in ${BOUNDS:-0 30 45}; do
+    timeout 200 python3 bench/bench_serving.py --model qwen3-30b-a3b --stages "$NGPU" \
+      --serve-args "--load-format dummy --max-step-ms $ms" --concurrency 64 --num-prompts 128 --input-len 1024 \
+      --output-len 256 --out "$OUT/serving_bound${ms}_$TAG.json" 2>&1 | quiet > "$OUT/serving_bound${ms}_$TAG.log"
+    echo "--max-step-ms $ms:"; tail -2 "$OUT/serving_bound${ms}_$TAG.log"
+  done
+  ;;
 compare)  # one model, two versions of the code, one call: ROUNDS (default 2) alternating rounds, the old
   # tree first in odd rounds and second in even ones (each row's median over the rounds; one tree's own
   # spread printed beside it)
@@ -220,7 +246,7 @@ record)  # the short record for a one-call budget: every GPU test, then one serv
   (cd "$OUT" && tar czf "record_$TAG.tgz" --remove-files ./*_"$TAG".log ./*_"$TAG".json)  # a device call returns 8 files
   ;;
 *)
-  echo "usage: bash bench/gpu.sh tests|e2e|long|load|serving|kernels|breakdown|compare REV|prefix|record [args]" >&2
+  echo "usage: bash bench/gpu.sh tests|e2e|long|load|serving|kernels|breakdown|moe|fa3|serving-bound|compare REV|prefix|record [args]" >&2
   exit 2
   ;;
 esac

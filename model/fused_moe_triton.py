@@ -227,17 +227,29 @@ def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
                   w_Nk: torch.Tensor, tiles: tuple[int, ...] | None = None, align_max_pairs: int = 0,
                   n_major_min_bm: int = 0) -> torch.Tensor:
     """Pairs grouped by expert into BM-row blocks (by one _align_kernel launch up to align_max_pairs
-    pairs, else by align_by_expert's torch ops); gate/up GEMM with the SiLU * up epilogue, down GEMM
-    with the routing-weight epilogue written in pair order, then the fp32 sum over the k terms. Row
-    tiles of at least n_major_min_bm (0: none) launch each block's N tiles together (N_MAJOR)."""
+    pairs, else by align_by_expert's torch ops), grouped_gemms, then the fp32 sum over the k terms
+    (combine_k)."""
     N, H = x_NH.shape
     k = ids_Nk.shape[1]
+    tiles = tiles or grouped_tiles(N * k, w13_E2IH.shape[0])
+    pairs, bexp = (align_fused if N * k <= align_max_pairs else align_by_expert)(ids_Nk, w13_E2IH.shape[0], tiles[0])
+    return combine_k(grouped_gemms(x_NH, w13_E2IH, w2_EHI, pairs, bexp, w_Nk, tiles, n_major_min_bm).view(N, k, H))
+
+
+def grouped_gemms(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, pairs: torch.Tensor,
+                  bexp: torch.Tensor, w_Nk: torch.Tensor, tiles: tuple[int, ...],
+                  n_major_min_bm: int = 0) -> torch.Tensor:
+    """y [P, H] in pair order: the gate/up GEMM with the SiLU * up epilogue, then the down GEMM with
+    the routing-weight epilogue, over the blocks of an align (pairs [nblocks * BM], bexp [nblocks]).
+    tiles: (BM, BN, BK, warps, stages), BM the align's. Row tiles of at least n_major_min_bm (0: none)
+    launch each block's N tiles together (N_MAJOR)."""
+    N, H = x_NH.shape
+    k = w_Nk.shape[1]
     E, I = w13_E2IH.shape[0], w2_EHI.shape[2]
     P = N * k
     assert x_NH.stride(1) == 1 and w13_E2IH.is_contiguous() and w2_EHI.is_contiguous()
-    BM, BN, BK, nw, ns = tiles or grouped_tiles(P, E)
+    BM, BN, BK, nw, ns = tiles
     prec = "ieee"  # fp32 operands exactly (no tf32); bf16 operands are unaffected
-    pairs, bexp = (align_fused if P <= align_max_pairs else align_by_expert)(ids_Nk, E, BM)
     nb = bexp.numel()
     tw = w_Nk.contiguous()
     nm = 0 < n_major_min_bm <= BM
@@ -251,7 +263,34 @@ def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
     _down_grouped_kernel[grid(triton.cdiv(H, BN))](
         act, w2_EHI, pairs, bexp, tw, y, P, H, I, E, act.stride(0), w2_EHI.stride(0), w2_EHI.stride(1),
         y.stride(0), BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, N_MAJOR=nm, num_warps=nw, num_stages=ns)
-    return y.view(N, k, H).sum(dim=1, dtype=torch.float32).to(x_NH.dtype)
+    return y
+
+
+@triton.jit(do_not_specialize=["N"])
+def _combine_kernel(y_ptr, out_ptr, N, H, K: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
+    """out[t, h] = sum over j < K of y[t, j, h], in fp32 in j order, rounded once to the dtype.
+    y [N, K, H] and out [N, H] contiguous; a program owns BT tokens x BH columns."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    h = tl.program_id(1) * BH + tl.arange(0, BH)
+    m = (t < N)[:, None] & (h < H)[None, :]
+    src = y_ptr + (t.to(tl.int64) * K * H)[:, None] + h[None, :]
+    acc = tl.zeros([BT, BH], dtype=tl.float32)
+    for j in tl.static_range(K):
+        acc += tl.load(src + j * H, mask=m, other=0.0).to(tl.float32)
+    DT: tl.constexpr = out_ptr.dtype.element_ty
+    tl.store(out_ptr + (t.to(tl.int64) * H)[:, None] + h[None, :], _round(acc, DT).to(DT), mask=m)
+
+
+def combine_k(y_NkH: torch.Tensor) -> torch.Tensor:
+    """The k experts' terms of each token summed in fp32 and rounded once (the reference's
+    `y.sum(dim=1, dtype=float32).to(dtype)`), one pass over y instead of torch's reduce and cast."""
+    N, k, H = y_NkH.shape
+    y = y_NkH.contiguous()
+    out = torch.empty(N, H, dtype=y.dtype, device=y.device)
+    if N:
+        BT, BH = 4, 512
+        _combine_kernel[(triton.cdiv(N, BT), triton.cdiv(H, BH))](y, out, N, H, K=k, BT=BT, BH=BH, num_warps=4)
+    return out
 
 
 # ---- routing ------------------------------------------------------------------------------------

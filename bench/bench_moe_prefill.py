@@ -1,0 +1,122 @@
+"""The MoE of one layer at prefill sizes on one GPU (dummy weights, a real shape): each piece of
+model/fused_moe_triton.experts_large timed on its own with CUDA events, beside its floor.
+
+- routing (router GEMM + top-k kernel);
+- the align: align_by_expert's torch ops, the one-program _align_kernel (up to 4 096 pairs) and
+  moe_align.align_wide where that exists;
+- the two grouped GEMMs (grouped_gemms), in TFLOP/s of the real pairs' FLOPs (6 * P * H * I, the
+  padding rows counted as waste) and as % of the bf16 matmul rate measured in the same run; with
+  --sweep every tile in TILES, both grid orders;
+- the k-term sum: torch's `sum(dim=1, dtype=float32).to(bf16)` and combine_k, as % of the copy rate
+  (P * H reads + N * H writes);
+- the whole experts_large as the engine calls it.
+
+    python bench/bench_moe_prefill.py --tokens 1024,2048,4096,8192,16384 --sweep --out bench/results/x.json
+
+Routing is the dummy router's (near uniform over the experts, so every expert holds P / E rows)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_decode_layer import copy_bandwidth, timed  # noqa: E402
+from loader.presets import preset_config  # noqa: E402
+from model import fused_moe_triton as fm  # noqa: E402
+from model import moe_align as ma  # noqa: E402
+from model.backend import MOE_ALIGN_MAX_PAIRS, MOE_N_MAJOR_MIN_BM  # noqa: E402
+
+# (BM, BN, BK, warps, stages): grouped_tiles' prefill tile first
+TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 3),
+         (64, 128, 64, 4, 3), (128, 256, 64, 16, 3))
+
+
+def matmul_rate() -> float:
+    """FLOP/s of an 8192^3 bf16 matmul."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    return 2 * 8192 ** 3 / (timed(lambda: a @ b, graph=False) / 1e3)
+
+
+def layer(preset: str, N: int, seed: int):
+    cfg = preset_config(preset)
+    H, I, E, k = cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"], cfg["num_experts_per_tok"]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev, dt = "cuda", torch.bfloat16
+    w13 = (torch.randn(E, 2 * I, H, generator=g, device=dev) * 0.02).to(dt)
+    w2 = (torch.randn(E, H, I, generator=g, device=dev) * 0.02).to(dt)
+    gate = (torch.randn(E, H, generator=g, device=dev) * 0.02).to(dt)
+    x = torch.randn(N, H, generator=g, device=dev).to(dt)
+    return x, w13, w2, gate, (H, I, E, k)
+
+
+def one_count(preset: str, N: int, sweep: bool, mm: float, bw: float) -> dict:
+    x, w13, w2, gate, (H, I, E, k) = layer(preset, N, N)
+    P = N * k
+    w, ids = fm.route_fused(x, gate, k, True)
+    tiles = fm.grouped_tiles(P, E)
+    BM = tiles[0]
+    nm = MOE_N_MAJOR_MIN_BM
+    row = {"tokens": N, "pairs": P, "tiles": list(tiles), "n_major_min_bm": nm,
+           "route_ms": timed(lambda: fm.route_fused(x, gate, k, True)),
+           "align_torch_ms": timed(lambda: ma.align_by_expert(ids, E, BM))}
+    if P <= MOE_ALIGN_MAX_PAIRS:
+        row["align_one_program_ms"] = timed(lambda: ma.align_fused(ids, E, BM))
+    if hasattr(ma, "align_wide"):
+        row["align_wide_ms"] = timed(lambda: ma.align_wide(ids, E, BM))
+    pairs, bexp = ma.align_by_expert(ids, E, BM)
+    flops = 6 * P * H * I
+    gemm = timed(lambda: fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles, nm))
+    row.update(gemm_ms=gemm, gemm_tflops=flops / gemm / 1e9, gemm_pct_mm=100 * flops / (gemm / 1e3) / mm)
+    if sweep:
+        row["gemm_sweep_ms"] = {f"{t} nmajor={int(m)}": timed(lambda: fm.grouped_gemms(
+            x, w13, w2, *ma.align_by_expert(ids, E, t[0]), w, t, t[0] if m else 0)) for t in TILES for m in (0, 1)}
+    y = fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles, nm).view(N, k, H)
+    cbytes = (P + N) * H * 2
+    for name, fn in (("combine_torch", lambda: y.sum(dim=1, dtype=torch.float32).to(y.dtype)),
+                     ("combine_triton", lambda: fm.combine_k(y))):
+        ms = timed(fn)
+        row[f"{name}_ms"], row[f"{name}_pct_bw"] = ms, 100 * cbytes / (ms / 1e3) / bw
+    row["experts_large_ms"] = timed(lambda: fm.experts_large(x, w13, w2, ids, w, align_max_pairs=MOE_ALIGN_MAX_PAIRS,
+                                                             n_major_min_bm=nm))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="qwen3-30b-a3b")
+    ap.add_argument("--tokens", default="1024,2048,4096,8192,16384", help="comma-separated token counts")
+    ap.add_argument("--sweep", action="store_true", help="time every tile in TILES at each count")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    counts = [int(t) for t in a.tokens.split(",") if t]
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"error: --tokens must be positive integers, got {a.tokens!r}")
+    if not torch.cuda.is_available():
+        raise SystemExit("error: bench_moe_prefill needs a CUDA device")
+    mm, bw = matmul_rate(), copy_bandwidth()
+    rows = []
+    for N in counts:
+        rows.append(one_count(a.preset, N, a.sweep, mm, bw))
+        print(json.dumps(rows[-1]), flush=True)
+    res = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(), "preset": a.preset,
+           "matmul_tflops": mm / 1e12, "copy_GBps": bw / 1e9, "rows": rows}
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    print(f"\n{res['gpu']}: bf16 matmul {mm / 1e12:.0f} TFLOP/s, copy {bw / 1e9:.0f} GB/s, {a.preset}, one layer (ms)")
+    print("tokens | route | align torch | align wide | GEMMs (% mm) | best sweep | sum torch | sum triton (% bw) | whole")
+    for r in rows:
+        best = min(r["gemm_sweep_ms"].items(), key=lambda kv: kv[1]) if "gemm_sweep_ms" in r else ("-", 0)
+        print(f"{r['tokens']} | {r['route_ms']:.3f} | {r['align_torch_ms']:.3f} | {r.get('align_wide_ms', float('nan')):.3f}"
+              f" | {r['gemm_ms']:.3f} ({r['gemm_pct_mm']:.0f}%) | {best[0]} {best[1]:.3f} | {r['combine_torch_ms']:.3f}"
+              f" | {r['combine_triton_ms']:.3f} ({r['combine_triton_pct_bw']:.0f}%) | {r['experts_large_ms']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
