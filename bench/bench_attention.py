@@ -56,6 +56,9 @@ CASES = [  # (kind, name, a, b)
     ("decode", "decode B=1 ctx=32k", 32768, 1),
     ("decode", "decode B=1 ctx=90k", 92160, 1),
     ("decode", "decode B=1 ctx=128k", 131072, 1),
+    ("decode", "decode B=16 ctx=1k", 1024, 16),  # the serving step's attention (1k prompts)
+    ("decode", "decode B=64 ctx=1k", 1024, 64),
+    ("decode", "decode B=256 ctx=1k", 1024, 256),
     ("decode", "decode B=16 ctx=4k", 4096, 16),
     ("decode", "decode B=16 ctx=32k", 32768, 16),
     ("decode", "decode B=16 ctx=90k", 92160, 16),

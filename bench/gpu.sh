@@ -25,6 +25,7 @@
 #                                            N-major grouped-GEMM grid waiting for its A/B; BD_TAG=x names files)
 #   bash bench/gpu.sh moe                    bench_moe_prefill (MoE pieces at 1k-16k tokens, tile sweep) after its tests
 #   bash bench/gpu.sh fa3                    bench_attention's Hopper prefill tile sweep (FA3_CASES) after its tests
+#   bash bench/gpu.sh decode-sweep           bench_attention's decode splits / key steps at B=16-256 (1k) and B=1 (32k)
 #   bash bench/gpu.sh serving-bound          64 clients at --max-step-ms in BOUNDS (default "0 30 45")
 #   bash bench/gpu.sh record                 the tests, a 64-client serving sample (plain, json, logprobs +
 #                                            penalties, a shared prefix) and the multi-turn prefix cache
@@ -150,6 +151,12 @@ fa3)  # the Hopper prefill kernel's tile sweep (FA3_SWEEP) at the long-chunk cas
     --out "$OUT/attention_fa3_$TAG.json" > "$OUT/attention_fa3_$TAG.log" 2>&1
   grep -E "fa3|sdpa|cudnn|matmul" "$OUT/attention_fa3_$TAG.log" | tail -24
   ;;
+decode-sweep)  # the decode kernel's splits and key steps at the serving step's batches (1k context) and b1 at 32k
+  timeout 200 python3 bench/bench_attention.py --only decode --sweep \
+    --cases "${DECODE_CASES:-decode B=16 ctx=1k,decode B=64 ctx=1k,decode B=256 ctx=1k,decode B=1 ctx=32k}" \
+    --out "$OUT/attention_decode_$TAG.json" > "$OUT/attention_decode_$TAG.log" 2>&1
+  grep -E "^decode|matmul" "$OUT/attention_decode_$TAG.log" | tail -60
+  ;;
 serving-bound)  # 64 clients, 1024 in / 256 out, one server per --max-step-ms in BOUNDS (0: off): the bound's A/B
   for ms in ${BOUNDS:-0 30 45}; do
     timeout 200 python3 bench/bench_serving.py --model qwen3-30b-a3b --stages "$NGPU" \
@@ -246,7 +253,7 @@ record)  # the short record for a one-call budget: every GPU test, then one serv
   (cd "$OUT" && tar czf "record_$TAG.tgz" --remove-files ./*_"$TAG".log ./*_"$TAG".json)  # a device call returns 8 files
   ;;
 *)
-  echo "usage: bash bench/gpu.sh tests|e2e|long|load|serving|kernels|breakdown|moe|fa3|serving-bound|compare REV|prefix|record [args]" >&2
+  echo "usage: bash bench/gpu.sh tests|e2e|long|load|serving|kernels|breakdown|moe|fa3|decode-sweep|serving-bound|compare REV|prefix|record [args]" >&2
   exit 2
   ;;
 esac
