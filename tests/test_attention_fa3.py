@@ -69,9 +69,9 @@ def tile_maxima(q_mul, qlen, ctx, N, K, D, S, bn, qm, seed):
     rescale branch fire (one split); a spread <= LAZY_TAU keeps it from firing after a split's first
     tile (any split)."""
     q, kc, _, bt, _, _ = tak.make_case([qlen], [ctx], N, K, D, S, torch.bfloat16, seed=seed)
-    q = (q.float() * q_mul).to(torch.bfloat16).float()
+    q = (q.float() * q_mul).to(torch.bfloat16).float().cpu()
     n = ctx // bn * bn
-    k = tak.gather_kv(kc, bt[0], ctx)[:n].float().repeat_interleave(N // K, 1)  # [n, N, D]
+    k = tak.gather_kv(kc.cpu(), bt[0].cpu(), ctx)[:n].float().repeat_interleave(N // K, 1)  # [n, N, D]
     s = torch.einsum("tnd,knd->tnk", q, k) * D ** -0.5 * f3._LOG2E
     tm = s.view(qlen, N, n // bn, bn).amax(-1)  # [qlen, N, tiles]
     pos = torch.arange(ctx - qlen, ctx)[:, None, None]
