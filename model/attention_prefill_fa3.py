@@ -38,20 +38,33 @@ from .attention_prefill_triton import (_LOG2E, _dot, _interpreted, _num_sms, _ro
 # specialisation, WS, times the same there, so the plain pipelined loop is the default). Gathered
 # tiles (S < BLOCK_N) run only split (unsplit, attention_prefill_triton's kernel is as fast), with
 # that kernel's big tiles. Each config is a compiled variant the warm-up must cover.
-TILES_TMA = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, WS=False)
-TILES_GATHER = dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3, WS=False)  # = its TILES_BIG
-TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, WS=False)  # 2x bytes per tile
+# LAZY (conditional rescale, _tile_tma) off: the default is the exact online softmax.
+TILES_TMA = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, WS=False, LAZY=False)
+TILES_GATHER = dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3, WS=False,  # = its TILES_BIG
+                    LAZY=False)
+TILES_FP32 = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, WS=False,  # 2x bytes per tile
+                  LAZY=False)
 MAX_SPLITS = 16
+LAZY_TAU = tl.constexpr(8.0)  # LAZY: stale max kept while s - m <= 8 (P <= 256)
 MIN_SPLIT_KEYS = 2048  # keys per split at least: below it the merge and the diagonal dominate
 
 
 @triton.jit
 def _tile_tma(q, m_i, l_i, acc, k_desc, v_desc, bt_row, col, n0, hi, qpos, qk_scale,
-              S: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              S: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, LAZY: tl.constexpr,
               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """One online-softmax step over keys [n0, n0 + BLOCK_N), a tile inside one block (S >= BLOCK_N):
     K, V [BLOCK_N, D] by TMA at pool row table[n0 // S] * S + n0 % S, column col = kh * D.
-    q [BLOCK_M, D]; m_i (log2 units), l_i [BLOCK_M]; acc [BLOCK_M, D] fp32."""
+    q [BLOCK_M, D]; m_i (log2 units), l_i [BLOCK_M]; acc [BLOCK_M, D] fp32.
+
+    LAZY (unmasked tiles only; FlashAttention-4's conditional rescale): m_i is a reference max, not
+    the running one. It moves (and acc, l_i are rescaled) only when some row's tile max exceeds it
+    by more than LAZY_TAU, one scalar branch per tile; otherwise P = 2^(s - m_i) against the stale
+    m_i. Invariant after every tile: s - m_i <= LAZY_TAU for every score seen, so P <= 2^LAZY_TAU
+    (no fp32 overflow, bf16 P keeps its relative precision), and acc, l_i share the reference m_i,
+    so acc / l_i and the split merge (which weighs (acc, l) by 2^m) stay exact. Unmasked scores
+    are finite (keys < full are in every row's context; padding rows have q = 0), so no inf - inf;
+    the first tile always moves m_i off its -1e30 start."""
     page = tl.load(bt_row + n0 // S)
     row = page * S + n0 % S
     k = k_desc.load([row, col])
@@ -59,14 +72,28 @@ def _tile_tma(q, m_i, l_i, acc, k_desc, v_desc, bt_row, col, n0, hi, qpos, qk_sc
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if MASKED:
         qk = tl.where((offs_n[None, :] <= qpos[:, None]) & (offs_n < hi)[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # m_i starts at -1e30: never inf - inf
-    p = tl.exp2(qk * qk_scale - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    v = v_desc.load([row, col])
-    if MASKED:
-        v = tl.where((offs_n < hi)[:, None], v, 0.0)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
-    return m_new, l_i * alpha + tl.sum(p, 1), acc
+    if LAZY:  # (callers pass it for unmasked tiles only)
+        m_tile = tl.max(qk, 1) * qk_scale
+        if tl.max(m_tile - m_i, 0) > LAZY_TAU:  # tile-uniform: every row keeps or moves together
+            m_new = tl.maximum(m_i, m_tile)
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(qk * qk_scale - m_i[:, None])
+        v = v_desc.load([row, col])
+        acc = _dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
+        l_i = l_i + tl.sum(p, 1)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # m_i starts at -1e30: never inf - inf
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        v = v_desc.load([row, col])
+        if MASKED:
+            v = tl.where((offs_n < hi)[:, None], v, 0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        m_i, l_i = m_new, l_i * alpha + tl.sum(p, 1)
+    return m_i, l_i, acc
 
 
 @triton.jit(do_not_specialize=["T", "num_splits", "stride_btb"])  # (warm-up covers fewer classes)
@@ -77,7 +104,8 @@ def _fa3_kernel(
     stride_kp, stride_ks, stride_kk, stride_vp, stride_vs, stride_vk, stride_btb,
     N: tl.constexpr, G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr,
-    SPLIT: tl.constexpr, SKIP_SINGLE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    LAZY: tl.constexpr, SPLIT: tl.constexpr, SKIP_SINGLE: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     b = tl.program_id(2)
     kh = tl.program_id(1) // num_splits
@@ -99,11 +127,11 @@ def _fa3_kernel(
         col = kh * D
         for n0 in tl.range(lo, mid, BLOCK_N, warp_specialize=WS):
             m_i, l_i, acc = _tile_tma(q, m_i, l_i, acc, k_desc, v_desc, bt_row, col, n0, hi, qpos,
-                                      qk_scale, S, BLOCK_N, False, PRECISION, UPCAST)
+                                      qk_scale, S, BLOCK_N, False, LAZY, PRECISION, UPCAST)
         if split == num_splits - 1:
             for n0 in range(full, hi, BLOCK_N):
                 m_i, l_i, acc = _tile_tma(q, m_i, l_i, acc, k_desc, v_desc, bt_row, col, n0, hi,
-                                          qpos, qk_scale, S, BLOCK_N, True, PRECISION, UPCAST)
+                                          qpos, qk_scale, S, BLOCK_N, True, False, PRECISION, UPCAST)
     else:
         for n0 in range(lo, mid, BLOCK_N):
             m_i, l_i, acc = _tile(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh64, n0, hi, qpos, offs_d,
@@ -189,8 +217,9 @@ def paged_prefill_fa3(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
                       num_splits: int | None = None, skip_single: bool = False) -> torch.Tensor:
     """paged_prefill_fa's contract (see there), plus: max_prefix, a host int >= no sequence's
     cached prefix (context - query length), which sizes the KV split; num_splits forces one.
-    config: BLOCK_M, BLOCK_N, num_warps, num_stages, WS (warp specialisation, TMA path only), TMA
-    (False forces the gather path). Unsplit gathered tiles without a config take paged_prefill_fa."""
+    config: BLOCK_M, BLOCK_N, num_warps, num_stages, WS (warp specialisation, TMA path only), LAZY
+    (conditional rescale, see _tile_tma; TMA path only), TMA (False forces the gather path).
+    Unsplit gathered tiles without a config take paged_prefill_fa."""
     T = q_TND.shape[0]
     N, K, D = check_inputs(q_TND, k_cache, v_cache)
     G, B = N // K, context_lens_B.shape[0]
@@ -210,6 +239,7 @@ def paged_prefill_fa3(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         cfg = dict(TILES_GATHER, **{k: v for k, v in (config or {}).items() if k != "TMA"})
     cfg.pop("TMA", None)
     cfg["WS"] = cfg["WS"] and tma and not _interpreted()
+    cfg["LAZY"] = cfg.get("LAZY", False) and tma  # (the gathered tiles have no lazy variant)
     block_m = cfg["BLOCK_M"] = max(cfg["BLOCK_M"], triton.next_power_of_2(G))
     tiles = triton.cdiv(max_query_len, block_m // G)
     if num_splits is None:

@@ -24,8 +24,11 @@ if not tak._CUDA and not f3._interpreted():
 _HOPPER = tak._CUDA and torch.cuda.get_device_capability()[0] == 9
 
 
-def run_fa3(qlens, ctxs, N, K, D, S, dtype, num_splits=None, want_tma=None, seed=None, **cfg):
+def run_fa3(qlens, ctxs, N, K, D, S, dtype, num_splits=None, want_tma=None, seed=None, q_mul=1.0, **cfg):
+    """q_mul scales q (and so every score) before the run and the reference."""
     q, kc, vc, bt, qs, cl = tak.make_case(qlens, ctxs, N, K, D, S, dtype, seed=seed)
+    if q_mul != 1.0:
+        q = (q.float() * q_mul).to(dtype)
     out = tak.nan_like(q)
     block_n = cfg.get("BLOCK_N", f3.TILES_TMA["BLOCK_N"])
     if want_tma is not None:
@@ -44,6 +47,7 @@ def run_fa3(qlens, ctxs, N, K, D, S, dtype, num_splits=None, want_tma=None, seed
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
 
 
+@pytest.mark.parametrize("lazy", [False, True])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("N,K,S,qlens,ctxs", [
     (4, 4, 16, [37, 5], [37, 77]),              # G=1: fresh (offset 0) + chunk mid-block
@@ -51,9 +55,48 @@ SMALL = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
     (16, 1, 64, [3, 12], [200, 75]),            # G=16 (BLOCK_M grows to 16 rows of one query)
     (6, 2, 256, [33], [600]),                   # G=3 (padded rows), one 256-token block
 ])
-def test_fa3_tma_small(N, K, S, qlens, ctxs, splits):
-    """Tiles inside one block (S >= BLOCK_N): K/V through tensor descriptors."""
-    run_fa3(qlens, ctxs, N, K, 16, S, torch.bfloat16, num_splits=splits, want_tma=True, **SMALL)
+def test_fa3_tma_small(N, K, S, qlens, ctxs, splits, lazy):
+    """Tiles inside one block (S >= BLOCK_N): K/V through tensor descriptors; exact or lazy rescale."""
+    run_fa3(qlens, ctxs, N, K, 16, S, torch.bfloat16, num_splits=splits, want_tma=True, LAZY=lazy, **SMALL)
+
+
+def tile_maxima(q_mul, qlen, ctx, N, K, D, S, bn, qm, seed):
+    """For make_case(seed)'s single sequence with q scaled by q_mul, per (query, head) row: the
+    largest jump of a key tile's max score (log2 units) over the running max of the tiles before it,
+    over the tiles unmasked for the row's program whatever its first query (keys below
+    (pos - qm + 2) // bn * bn), from tile 0 on as one split walks them; and the spread (largest
+    minus smallest tile max) over every tile the row sees whole. A jump > LAZY_TAU makes LAZY's
+    rescale branch fire (one split); a spread <= LAZY_TAU keeps it from firing after a split's first
+    tile (any split)."""
+    q, kc, _, bt, _, _ = tak.make_case([qlen], [ctx], N, K, D, S, torch.bfloat16, seed=seed)
+    q = (q.float() * q_mul).to(torch.bfloat16).float().cpu()
+    n = ctx // bn * bn
+    k = tak.gather_kv(kc.cpu(), bt[0].cpu(), ctx)[:n].float().repeat_interleave(N // K, 1)  # [n, N, D]
+    s = torch.einsum("tnd,knd->tnk", q, k) * D ** -0.5 * f3._LOG2E
+    tm = s.view(qlen, N, n // bn, bn).amax(-1)  # [qlen, N, tiles]
+    pos = torch.arange(ctx - qlen, ctx)[:, None, None]
+    j = torch.arange(n // bn)
+    prev = torch.cat([torch.full_like(tm[..., :1], float("-inf")), tm.cummax(-1).values[..., :-1]], -1)
+    jump = torch.where((j >= 1) & (j < (pos - qm + 2).div(bn, rounding_mode="floor")), tm - prev, -1e9)
+    seen = j < (pos + 1).div(bn, rounding_mode="floor")
+    spread = torch.where(seen, tm, -1e9).amax(-1) - torch.where(seen, tm, 1e9).amin(-1)
+    return jump.max().item(), spread[(seen.sum(-1) >= 2).expand_as(spread)].max().item()
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("q_mul,fires", [(12.0, True), (1.0, False)])  # peaked / flat scores
+@pytest.mark.parametrize("qlen,ctx", [(64, 64), (23, 400)])  # fresh (offset 0); offset 377 mid-block
+def test_fa3_lazy_rescale(qlen, ctx, q_mul, fires, splits):
+    """LAZY: stale max while no row's tile max jumps past it by more than LAZY_TAU. Peaked scores
+    (q x12) make the rescale branch fire between unmasked tiles, so it must rescale acc and l
+    alike; flat ones never move the max after a split's first tile. Both against the reference."""
+    N, K, D, S, seed = 8, 2, 16, 32, 1234
+    qm = SMALL["BLOCK_M"] // (N // K)  # queries per program
+    jump, spread = tile_maxima(q_mul, qlen, ctx, N, K, D, S, SMALL["BLOCK_N"], qm, seed)
+    tau = f3.LAZY_TAU.value
+    assert (jump > tau) if fires else (spread <= tau), (jump, spread)
+    run_fa3([qlen], [ctx], N, K, D, S, torch.bfloat16, num_splits=splits, want_tma=True, seed=seed,
+            q_mul=q_mul, LAZY=True, **SMALL)
 
 
 @pytest.mark.parametrize("splits", [1, 2])
@@ -141,6 +184,19 @@ gpu_hopper = pytest.mark.skipif(not _HOPPER, reason="needs an sm_90 GPU")
 def test_gpu_fa3_real_shape(qlen, ctx, S, splits):
     run_fa3([qlen], [ctx], 32, 4, 128, S, torch.bfloat16, num_splits=splits,
             want_tma=True if S >= 128 else None)
+
+
+@pytest.mark.gpu
+@gpu_hopper
+@pytest.mark.parametrize("q_mul", [1.0, 12.0])  # flat / peaked scores (the rescale branch fires)
+@pytest.mark.parametrize("qlen,ctx,splits", [
+    (4096, 32768 + 4096, None),  # 4k chunk at 32k: grid full, not split
+    (216, 32768 + 216, None),    # short chunk: split-KV (partials keep the stale max)
+])
+def test_gpu_fa3_lazy_real_shape(qlen, ctx, splits, q_mul):
+    """LAZY at the engine's shape and block size 64 (TMA tiles) against the reference."""
+    run_fa3([qlen], [ctx], 32, 4, 128, 64, torch.bfloat16, num_splits=splits, want_tma=True, q_mul=q_mul,
+            LAZY=True)
 
 
 @pytest.mark.gpu
