@@ -23,7 +23,7 @@ where it computes the same thing: fresh causal prefill and decode (one query, no
 Prints every row, then a short table (per case: each implementation's default) last. The JSON is
 rewritten after each case.
 --sweep also times a few tile configurations (prefill, SWEEP_CASES; fa3's each with and without
-LAZY, the conditional rescale, and "auto lazy": the default tiles with it) and block_n / num_splits
+LAZY, the conditional rescale, and "auto exact": the default tiles without it) and block_n / num_splits
 (decode).
 """
 from __future__ import annotations
@@ -232,7 +232,7 @@ def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=
                             ctx - qlen, torch.cuda.get_device_properties(DEV).multi_processor_count) > 1:
         variants.append(("splits=1", None, 1))
     if sweep:  # each tile config exact and with the lazy rescale (LAZY, TMA tiles only)
-        variants.append(("auto lazy", dict(LAZY=True), None))
+        variants.append(("auto exact", dict(LAZY=False), None))
         variants += [("M{} N{} warps{} stages{} ws{}".format(*c) + (" lazy" if lazy else ""),
                       dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3], WS=bool(c[4]), LAZY=lazy),
                       None)
@@ -321,7 +321,7 @@ def summary(rows: list[dict], mm: float, cp: float) -> None:
     """The short table: per case, each implementation's default (prefill: TFLOP/s and % of the
     matmul rate; decode: GB/s of KV and % of the copy rate)."""
     print(f"\nsummary (matmul {mm:.0f} TFLOP/s, copy {cp:.0f} GB/s)")
-    cols = ("sdpa", "fa", "fa3", "fa3 1split", "fa3 lazy", "split cudnn", "split flash")
+    cols = ("sdpa", "fa", "fa3", "fa3 1split", "fa3 exact", "split cudnn", "split flash")
     print(f"{'case':<30} " + " ".join(f"{c if c != 'fa' else 'fa/decode':>11}" for c in cols))
     cases: dict[str, dict] = {}
     for r in rows:
@@ -332,7 +332,7 @@ def summary(rows: list[dict], mm: float, cp: float) -> None:
         if r["impl"] == "fa3":
             v = r["variant"]
             key = ("fa3" if v.endswith(" auto") else "fa3 1split" if v.endswith("splits=1")
-                   else "fa3 lazy" if v.endswith(" auto lazy") else None)
+                   else "fa3 exact" if v.endswith(" auto exact") else None)
         if r["impl"] == "split":
             key = f"split {r['variant']}"
         if key:
