@@ -15,7 +15,12 @@ import triton
 import triton.language as tl
 
 ALIGN_TILE = 128  # pairs per [ALIGN_TILE, BE] one-hot count tile (both Triton aligns)
-WIDE_TILE = 512  # pairs per program of align_wide's count and place launches (a power of two)
+WIDE_TILE = 128  # pairs per program of align_wide's count and place launches (a power of two)
+RUNS_ROWS = 1024  # rows per program of align_wide's runs launch (RUNS_ROWS // BM blocks)
+# align_wide's int32 counters (expert counts, run cursors) sit LINE apart, one 128-byte line each:
+# the place launch's per-pair atomics on different experts then queue at different L2 lines
+# instead of all on the four lines that 128 adjacent counters share.
+LINE = 32
 
 
 def _nblocks(P: int, E: int, BM: int) -> int:
@@ -64,32 +69,31 @@ def _run_ends(counts, BM: tl.constexpr):
 
 
 @triton.jit
-def _fill_rows(pairs_ptr, r0, end, P, CW: tl.constexpr):
-    """Rows r0 .. r0 + CW - 1 below end read P (padding)."""
-    r = r0 + tl.arange(0, CW)
-    tl.store(pairs_ptr + r, tl.full([CW], 0, tl.int64) + P, mask=r < end)
-
-
-@triton.jit
-def _place_pairs(ids_ptr, pairs_ptr, cursor_ptr, c0, P, CW: tl.constexpr):
+def _place_pairs(ids_ptr, pairs_ptr, cursor_ptr, c0, P, CW: tl.constexpr, CS: tl.constexpr):
     """Each of the pairs c0 .. c0 + CW - 1 below P to the next free row of its expert's run: rows
-    handed out by atomics on cursor [BE] (int32, the first free row of each run), so the order
+    handed out by atomics on cursor (int32, expert e's first free row at e * CS), so the order
     within a run is free; a row's GEMM result does not depend on its row in a tile."""
     i = c0 + tl.arange(0, CW)
     e = tl.load(ids_ptr + i, mask=i < P, other=0).to(tl.int32)
-    dest = tl.atomic_add(cursor_ptr + e, 1, mask=i < P)
+    dest = tl.atomic_add(cursor_ptr + e * CS, 1, mask=i < P)
     tl.store(pairs_ptr + dest, i.to(tl.int64), mask=i < P)
 
 
 @triton.jit
-def _block_experts(bexp_ptr, pend, E, NB, BM: tl.constexpr, C: tl.constexpr, BE: tl.constexpr):
-    """bexp [NB] (int64): a block's expert is the number of runs ending at or before its first row
-    (E past the last run)."""
-    ex = tl.arange(0, BE)
-    for b0 in range(0, NB, C):
-        b = b0 + tl.arange(0, C)
-        ended = (pend[None, :] <= (b * BM)[:, None]) & (ex[None, :] < E)
-        tl.store(bexp_ptr + b, tl.sum(ended.to(tl.int64), axis=1), mask=b < NB)
+def _block_expert(b, pend, E, BM: tl.constexpr, BE: tl.constexpr):
+    """The expert of each block in b (int64): the number of runs ending at or before the block's
+    first row (E past the last run)."""
+    ended = (pend[None, :] <= (b * BM)[:, None]) & (tl.arange(0, BE)[None, :] < E)
+    return tl.sum(ended.to(tl.int64), axis=1)
+
+
+@triton.jit
+def _count_steps(ids_ptr, c0, P, C: tl.constexpr, STEPS: tl.constexpr, BE: tl.constexpr):
+    """[BE] int32 expert counts of the pairs c0 .. c0 + C * STEPS - 1 below P."""
+    counts = tl.zeros([BE], dtype=tl.int32)
+    for s in tl.static_range(STEPS):
+        counts += _count_pairs(ids_ptr, c0 + s * C, P, C, BE)
+    return counts
 
 
 # ---- one program (decode-sized P) -------------------------------------------------------------------
@@ -105,11 +109,14 @@ def _align_kernel(ids_ptr, pairs_ptr, bexp_ptr, cursor_ptr, P, E, NB, BM: tl.con
     padded, pend = _run_ends(counts, BM)
     tl.atomic_xchg(cursor_ptr + tl.arange(0, BE), pend - padded)  # at L2, as the adds below
     for r0 in range(0, NB * BM, CW):  # 2. every row padding (P) until a pair lands on it
-        _fill_rows(pairs_ptr, r0, NB * BM, P, CW)
+        r = r0 + tl.arange(0, CW)
+        tl.store(pairs_ptr + r, tl.full([CW], 0, tl.int64) + P, mask=r < NB * BM)
     tl.debug_barrier()
     for c0 in range(0, P, CW):  # 3. each pair to the next free row of its expert's run
-        _place_pairs(ids_ptr, pairs_ptr, cursor_ptr, c0, P, CW)
-    _block_experts(bexp_ptr, pend, E, NB, BM, C, BE)  # 4.
+        _place_pairs(ids_ptr, pairs_ptr, cursor_ptr, c0, P, CW, 1)
+    for b0 in range(0, NB, C):  # 4. each block's expert
+        b = b0 + tl.arange(0, C)
+        tl.store(bexp_ptr + b, _block_expert(b, pend, E, BM, BE), mask=b < NB)
 
 
 def align_fused(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,46 +136,50 @@ def align_fused(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, to
 
 # ---- many programs (prefill-sized P): count, runs, place --------------------------------------------
 @triton.jit(do_not_specialize=["P"])
-def _count_kernel(ids_ptr, counts_ptr, P, BE: tl.constexpr, C: tl.constexpr, STEPS: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, P, BE: tl.constexpr, C: tl.constexpr, STEPS: tl.constexpr,
+                  CS: tl.constexpr):
     """Program g: the expert counts of pairs g * C * STEPS .. (g + 1) * C * STEPS - 1, added into
-    counts [BE] (int32, zeroed before the launch) by one atomic per expert it holds."""
-    c0 = tl.program_id(0) * (C * STEPS)
-    counts = tl.zeros([BE], dtype=tl.int32)
-    for s in tl.static_range(STEPS):
-        counts += _count_pairs(ids_ptr, c0 + s * C, P, C, BE)
-    tl.atomic_add(counts_ptr + tl.arange(0, BE), counts, mask=counts > 0)
+    counts (int32, expert e's at e * CS, zeroed before the launch) by one atomic per expert it
+    holds."""
+    counts = _count_steps(ids_ptr, tl.program_id(0) * (C * STEPS), P, C, STEPS, BE)
+    tl.atomic_add(counts_ptr + tl.arange(0, BE) * CS, counts, mask=counts > 0)
 
 
 @triton.jit(do_not_specialize=["P", "NB"])  # one variant per BM, as _align_kernel
 def _runs_kernel(counts_ptr, cursor_ptr, pairs_ptr, bexp_ptr, P, E, NB, BM: tl.constexpr, BE: tl.constexpr,
-                 C: tl.constexpr, CW: tl.constexpr, J: tl.constexpr):
-    """One program, after the counts are complete (the previous launch): each run's first row into
-    cursor [BE] for _place_kernel, block experts, and padding (P) on every row no pair will take:
-    the tail of each run past its pairs ([BE, J] rows a step) and every row past the last run.
-    Those rows are disjoint from the rows _place_kernel writes, so the order of the two is free."""
-    counts = tl.load(counts_ptr + tl.arange(0, BE))
+                 RB: tl.constexpr, CS: tl.constexpr):
+    """After the counts are complete (the previous launch), each program derives the runs from
+    them and takes blocks g * RB .. (g + 1) * RB - 1: their experts, and padding (P) on each of
+    their rows that no pair will take (a run's rows past its pairs, every row past the last run).
+    Those rows are disjoint from the ones _place_kernel writes, so the two need no order. Program
+    0 also writes each run's first row into cursor for _place_kernel. counts, cursor: expert e's
+    int32 at e * CS."""
+    ex = tl.arange(0, BE)
+    counts = tl.load(counts_ptr + ex * CS)
     padded, pend = _run_ends(counts, BM)
-    tl.store(cursor_ptr + tl.arange(0, BE), pend - padded)
-    tail = pend - padded + counts  # first padding row of each run
-    for j0 in range(0, BM, J):  # fewer than BM padding rows a run
-        r = tail[:, None] + (j0 + tl.arange(0, J))[None, :]
-        tl.store(pairs_ptr + r, tl.full([BE, J], 0, tl.int64) + P, mask=r < pend[:, None])
-    for r0 in range(tl.sum(padded, 0), NB * BM, CW):  # at most (E + 1) * BM rows past the last run
-        _fill_rows(pairs_ptr, r0, NB * BM, P, CW)
-    _block_experts(bexp_ptr, pend, E, NB, BM, C, BE)
+    if tl.program_id(0) == 0:
+        tl.store(cursor_ptr + ex * CS, pend - padded)
+    b = tl.program_id(0) * RB + tl.arange(0, RB)
+    e = _block_expert(b, pend, E, BM, BE)
+    tl.store(bexp_ptr + b, e, mask=b < NB)
+    pad_from = tl.sum(tl.where(ex[None, :] == e[:, None], (pend - padded + counts)[None, :], 0), axis=1)
+    pad_from = tl.where(e < E, pad_from, 0)  # first padding row of the block's run; past the end, all rows
+    r = (b * BM)[:, None] + tl.arange(0, BM)[None, :]
+    pad = (b[:, None] < NB) & (r >= pad_from[:, None])
+    tl.store(pairs_ptr + r, tl.full([RB, BM], 0, tl.int64) + P, mask=pad)
 
 
 @triton.jit(do_not_specialize=["P"])
-def _place_kernel(ids_ptr, pairs_ptr, cursor_ptr, P, CW: tl.constexpr):
+def _place_kernel(ids_ptr, pairs_ptr, cursor_ptr, P, CW: tl.constexpr, CS: tl.constexpr):
     """Program g: pairs g * CW .. (g + 1) * CW - 1 to free rows of their experts' runs."""
-    _place_pairs(ids_ptr, pairs_ptr, cursor_ptr, tl.program_id(0) * CW, P, CW)
+    _place_pairs(ids_ptr, pairs_ptr, cursor_ptr, tl.program_id(0) * CW, P, CW, CS)
 
 
 def align_wide(ids_Nk: torch.Tensor, E: int, BM: int, tile: int = WIDE_TILE) -> tuple[torch.Tensor, torch.Tensor]:
-    """align_fused's grouping (same outputs contract: block experts, padding rows, each run its
-    expert's pairs in some order) in three launches spread over cdiv(P, tile) programs where it
-    can: count, runs (one program), place. Stream order makes each launch see the previous one's
-    writes; no host sync. tile: pairs per program (a power of two; tests shrink it)."""
+    """align_fused's grouping (the same output contract: block experts, padding rows, each run its
+    expert's pairs in some order) in three launches over many programs: count (cdiv(P, tile)
+    programs), runs (RUNS_ROWS rows each), place (cdiv(P, tile)). Stream order makes each launch
+    see the previous one's writes; no host sync. tile: pairs per program (a power of two)."""
     flat = ids_Nk.reshape(-1)
     P = flat.numel()
     dev = flat.device
@@ -177,13 +188,14 @@ def align_wide(ids_Nk: torch.Tensor, E: int, BM: int, tile: int = WIDE_TILE) -> 
     C = min(ALIGN_TILE, tile)
     pairs = torch.empty(nblocks * BM, dtype=torch.int64, device=dev)
     bexp = torch.empty(nblocks, dtype=torch.int64, device=dev)
-    scratch = torch.zeros(2 * BE, dtype=torch.int32, device=dev)  # counts, then each run's cursor
-    counts, cursor = scratch[:BE], scratch[BE:]
+    scratch = torch.zeros(2, BE, LINE, dtype=torch.int32, device=dev)  # counts, then each run's cursor
+    counts, cursor = scratch[0], scratch[1]
     grid = (max(1, triton.cdiv(P, tile)),)
-    _count_kernel[grid](flat, counts, P, BE=BE, C=C, STEPS=tile // C, num_warps=4)
-    _runs_kernel[(1,)](counts, cursor, pairs, bexp, P, E, nblocks, BM=BM, BE=BE, C=ALIGN_TILE, CW=8 * ALIGN_TILE,
-                       J=min(BM, 16), num_warps=8)
-    _place_kernel[grid](flat, pairs, cursor, P, CW=tile, num_warps=4)
+    _count_kernel[grid](flat, counts, P, BE=BE, C=C, STEPS=tile // C, CS=LINE, num_warps=4)
+    RB = max(1, RUNS_ROWS // BM)
+    _runs_kernel[(triton.cdiv(nblocks, RB),)](counts, cursor, pairs, bexp, P, E, nblocks, BM=BM, BE=BE, RB=RB,
+                                              CS=LINE, num_warps=4)
+    _place_kernel[grid](flat, pairs, cursor, P, CW=tile, CS=LINE, num_warps=4)
     return pairs, bexp
 
 

@@ -66,7 +66,7 @@ def test_align_in_one_launch_equals_the_torch_ops(N, k, E, BM, case):
                                                 (300, 8, 32, 64, 256, "random"), (300, 8, 128, 16, None, "random"),
                                                 (40, 8, 128, 16, 32, "all"), (33, 4, 16, 16, 16, "empty")])
 def test_align_over_many_programs_equals_the_torch_ops(N, k, E, BM, tile, case):
-    """align_wide groups as align_by_expert does, its count and place launches over 3 to 10
+    """align_wide groups as align_by_expert does, its count and place launches over 3 to 19
     programs (tile: pairs per program; None: WIDE_TILE): P not a multiple of the tile (a last
     program part full), P below one row tile (24 pairs, BM 128), tiles of two 128-pair one-hot
     steps (256), a non-power-of-two E, every token on the same experts, half the experts empty.
@@ -97,7 +97,7 @@ def test_align_in_one_launch_on_gpu_at_decode_batches(N, case):
                                     (8192, "all")])
 def test_align_over_many_programs_on_gpu_at_prefill(N, case):
     """The 30b shape's prefill (128 experts, top-8, BM 128): align_wide groups as align_by_expert
-    does on the device, its count and place atomics racing over 32 to 128 programs; "all": every
+    does on the device, its count and place atomics racing over 128 to 512 programs; "all": every
     token on experts 0-7 (N pairs race for each cursor). align() picks it above the engine's
     one-program threshold."""
     from model.backend import MOE_ALIGN_MAX_PAIRS
