@@ -21,11 +21,12 @@ MOE_SMALL_MAX_PAIRS = 64
 # the weights with no split-K second kernel; from two tokens on cuBLAS's tiles reuse each weight
 # load (bench/bench_linear_small.py times both).
 LINEAR_SMALL_MAX_TOKENS = 1
-# Grouped-GEMM micro-batches of up to this many pairs group them by expert in one Triton launch
-# (moe_align._align_kernel, one program) instead of align_by_expert's ~20 small torch
-# kernels per layer; 0: always the torch ops. The one program walks the pairs in tiles, so beyond
-# decode sizes (512 rows x 8 experts) the torch ops' parallel sort wins (bench/bench_breakdown.py
-# --moe-align-max-pairs N times both).
+# Grouped-GEMM micro-batches of up to this many pairs group them by expert in one Triton program
+# (moe_align._align_kernel), larger ones in three launches over many programs (moe_align.align_wide,
+# count / runs / place); 0: always the many-program one. The one program walks the pairs in tiles
+# but is a single launch, which suits decode sizes (512 rows x 8 experts); the torch ops
+# (align_by_expert) stay the reference (bench/bench_breakdown.py --moe-align-max-pairs N times the
+# switch).
 MOE_ALIGN_MAX_PAIRS = 4096
 # Grouped-GEMM launches with a row tile (BM) of at least this many rows order their grid N-major: a
 # block's N tiles run side by side and read its gathered A rows once from HBM (blocks side by side
@@ -106,7 +107,7 @@ class Backend:
     fused_norms: bool  # Triton add+RMSNorm, q/k-norm+rope+KV write
     moe_small_max_pairs: int = MOE_SMALL_MAX_PAIRS
     linear_small_max: int = 0  # tokens up to which linear() runs the Triton GEMV (0: always torch)
-    moe_align_max_pairs: int = 0  # pairs up to which the grouped MoE path aligns in one launch (0: never)
+    moe_align_max_pairs: int = 0  # pairs up to which the grouped MoE path aligns in one program (0: never)
     moe_n_major_min_bm: int = 0  # grouped MoE row tiles from which a block's N tiles launch together (0: never)
     penalties_fused: bool = False  # the last stage's penalties in one Triton launch (CUDA)
 

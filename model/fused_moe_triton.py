@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .fused_triton import _round
-from .moe_align import align_by_expert, align_fused
+from .moe_align import align
 from .pdl import launch_args, pdl_enter
 
 
@@ -226,13 +226,12 @@ def grouped_tiles(P: int, E: int) -> tuple[int, int, int, int, int]:
 def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, ids_Nk: torch.Tensor,
                   w_Nk: torch.Tensor, tiles: tuple[int, ...] | None = None, align_max_pairs: int = 0,
                   n_major_min_bm: int = 0) -> torch.Tensor:
-    """Pairs grouped by expert into BM-row blocks (by one _align_kernel launch up to align_max_pairs
-    pairs, else by align_by_expert's torch ops), grouped_gemms, then the fp32 sum over the k terms
-    (combine_k)."""
+    """Pairs grouped by expert into BM-row blocks (moe_align.align: one program up to align_max_pairs
+    pairs, many programs above), grouped_gemms, then the fp32 sum over the k terms (combine_k)."""
     N, H = x_NH.shape
     k = ids_Nk.shape[1]
     tiles = tiles or grouped_tiles(N * k, w13_E2IH.shape[0])
-    pairs, bexp = (align_fused if N * k <= align_max_pairs else align_by_expert)(ids_Nk, w13_E2IH.shape[0], tiles[0])
+    pairs, bexp = align(ids_Nk, w13_E2IH.shape[0], tiles[0], align_max_pairs)
     return combine_k(grouped_gemms(x_NH, w13_E2IH, w2_EHI, pairs, bexp, w_Nk, tiles, n_major_min_bm).view(N, k, H))
 
 
@@ -345,8 +344,8 @@ def route_fused(x_NH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, norm_topk
 def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int, align_max_pairs: int = 0,
                   n_major_min_bm: int = 0) -> torch.Tensor:
     """The GEMV path up to small_max_pairs (token, expert) pairs, else the grouped GEMM, whose pairs
-    are grouped by the one-launch align up to align_max_pairs, its row tiles of n_major_min_bm and
-    more launched N-major (the thresholds: model.backend)."""
+    are grouped by the one-program align up to align_max_pairs (many programs above), its row tiles
+    of n_major_min_bm and more launched N-major (the thresholds: model.backend)."""
     if ids_Nk.numel() <= small_max_pairs:
         return experts_small(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
     return experts_large(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, align_max_pairs=align_max_pairs,
@@ -362,18 +361,20 @@ def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor,
 
 
 # ---- warm-up: the variants these kernels compile -------------------------------------------------
-def warm_token_counts(num_experts: int, top_k: int, small_max_pairs: int, max_tokens: int) -> list[int]:
+def warm_token_counts(num_experts: int, top_k: int, small_max_pairs: int, max_tokens: int,
+                      align_max_pairs: int = 0) -> list[int]:
     """Token counts whose MoE launches between them compile every variant the engine can reach:
     the GEMV path's two tile sets (model.fused_moe_triton.small_tiles: up to 16 pairs or more), and
     the grouped path's tiles (grouped_tiles) at each class Triton gives the pair count P (== 1, a
-    multiple of 16, other). The other int arguments are the model's own sizes. The one-launch
-    align (_align_kernel, used up to a pair count) compiles once per BM, which the first count of
-    each grouped class reaches whenever the align is used in that class at all."""
+    multiple of 16, other), each side of the align switch (moe_align.align: one program up to
+    align_max_pairs pairs, many above). The other int arguments are the model's own sizes. The
+    aligns' kernels take P unspecialized, so each compiles once per BM (the many-program count
+    and place kernels once in all), which the first count of each key reaches."""
     from .attention_prefill_triton import stride_class
     found: dict[tuple, int] = {}
     for n in range(1, max_tokens + 1):
         P = n * top_k
         key = ("small", P <= 16) if P <= small_max_pairs else ("grouped", grouped_tiles(P, num_experts),
-                                                               stride_class(P))
+                                                               stride_class(P), P <= align_max_pairs)
         found.setdefault(key, n)
     return sorted(found.values())

@@ -1,25 +1,40 @@
 """Grouping the MoE's (token, expert) pairs by expert for the grouped GEMM (model/fused_moe_triton.
 experts_large), on the device without a host sync: each expert's run padded to the row tile BM, as
-vLLM's moe_align_block_size. Two ways to the same grouping: torch ops (align_by_expert), or one
-Triton launch (align_fused; model.backend.MOE_ALIGN_MAX_PAIRS says up to how many pairs).
-Letters: N tokens, k experts per token, E experts, P = N * k pairs."""
+vLLM's moe_align_block_size. Three ways to the same grouping: torch ops (align_by_expert, the
+reference), one Triton program (align_fused, decode-sized P), or three Triton launches over many
+programs (align_wide, prefill-sized P); align() picks one (model.backend.MOE_ALIGN_MAX_PAIRS says
+up to how many pairs the one program runs).
+Letters: N tokens, k experts per token, E experts, P = N * k pairs, BE = next_power_of_2(E),
+NB = cdiv(P, BM) + min(E, P) blocks of BM rows (each hit expert pads by less than one block)."""
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-ALIGN_TILE = 128  # pairs per step of _align_kernel
+ALIGN_TILE = 128  # pairs per [ALIGN_TILE, BE] one-hot count tile (both Triton aligns)
+WIDE_TILE = 128  # pairs per program of align_wide's count and place launches (a power of two)
+RUNS_ROWS = 1024  # rows per program of align_wide's runs launch (RUNS_ROWS // BM blocks)
+# align_wide's int32 counters (expert counts, run cursors) sit LINE apart, one 128-byte line each:
+# the place launch's per-pair atomics on different experts then queue at different L2 lines
+# instead of all on the four lines that 128 adjacent counters share.
+LINE = 32
+
+
+def _nblocks(P: int, E: int, BM: int) -> int:
+    return triton.cdiv(P, BM) + min(E, P)
 
 
 def align_by_expert(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs grouped by expert, each expert's run padded to a multiple of BM, on the device with a
-    fixed-size output (no host sync). Returns sorted_pairs [nblocks * BM] (pair index, or P for
-    padding) and block_expert [nblocks] (the expert of each BM-row block, or E past the end)."""
+    fixed-size output (no host sync). Returns sorted_pairs [NB * BM] (pair index, or P for
+    padding) and block_expert [NB] (the expert of each BM-row block, or E past the end)."""
     flat = ids_Nk.reshape(-1)
     P = flat.numel()
     dev = flat.device
-    nblocks = triton.cdiv(P, BM) + min(E, P)  # each hit expert pads by less than one block
+    nblocks = _nblocks(P, E, BM)
     counts = torch.zeros(E, dtype=torch.int64, device=dev)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + BM - 1) // BM * BM
@@ -35,36 +50,73 @@ def align_by_expert(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor
     return sorted_pairs, block_expert
 
 
+# ---- steps both Triton aligns take -----------------------------------------------------------------
+@triton.jit
+def _count_pairs(ids_ptr, c0, P, C: tl.constexpr, BE: tl.constexpr):
+    """[BE] int32: how many of the pairs c0 .. c0 + C - 1 below P chose each expert (a [C, BE]
+    one-hot sum; lanes past P load BE, which matches no expert)."""
+    i = c0 + tl.arange(0, C)
+    e = tl.load(ids_ptr + i, mask=i < P, other=BE).to(tl.int32)
+    return tl.sum((e[:, None] == tl.arange(0, BE)[None, :]).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _run_ends(counts, BM: tl.constexpr):
+    """(padded, pend) [BE]: each expert's run rounded up to BM rows, and where each run ends (runs
+    in expert order from row 0; an expert with no pairs has an empty run)."""
+    padded = (counts + BM - 1) // BM * BM
+    return padded, tl.cumsum(padded, 0)
+
+
+@triton.jit
+def _place_pairs(ids_ptr, pairs_ptr, cursor_ptr, c0, P, CW: tl.constexpr, CS: tl.constexpr):
+    """Each of the pairs c0 .. c0 + CW - 1 below P to the next free row of its expert's run: rows
+    handed out by atomics on cursor (int32, expert e's first free row at e * CS), so the order
+    within a run is free; a row's GEMM result does not depend on its row in a tile."""
+    i = c0 + tl.arange(0, CW)
+    e = tl.load(ids_ptr + i, mask=i < P, other=0).to(tl.int32)
+    dest = tl.atomic_add(cursor_ptr + e * CS, 1, mask=i < P)
+    tl.store(pairs_ptr + dest, i.to(tl.int64), mask=i < P)
+
+
+@triton.jit
+def _block_expert(b, pend, E, BM: tl.constexpr, BE: tl.constexpr):
+    """The expert of each block in b (int64): the number of runs ending at or before the block's
+    first row (E past the last run)."""
+    ended = (pend[None, :] <= (b * BM)[:, None]) & (tl.arange(0, BE)[None, :] < E)
+    return tl.sum(ended.to(tl.int64), axis=1)
+
+
+@triton.jit
+def _count_steps(ids_ptr, c0, P, C: tl.constexpr, STEPS: tl.constexpr, BE: tl.constexpr):
+    """[BE] int32 expert counts of the pairs c0 .. c0 + C * STEPS - 1 below P."""
+    counts = tl.zeros([BE], dtype=tl.int32)
+    for s in tl.static_range(STEPS):
+        counts += _count_pairs(ids_ptr, c0 + s * C, P, C, BE)
+    return counts
+
+
+# ---- one program (decode-sized P) -------------------------------------------------------------------
 @triton.jit(do_not_specialize=["P", "NB"])  # one variant per BM: P's class needs no warm-up of its own
 def _align_kernel(ids_ptr, pairs_ptr, bexp_ptr, cursor_ptr, P, E, NB, BM: tl.constexpr, BE: tl.constexpr,
                   C: tl.constexpr, CW: tl.constexpr):
-    """align_by_expert in one program (decode-sized P): expert counts, each run padded to BM, each
-    pair to a free row of its expert's run, then each block's expert. Rows within a run are handed
-    out by atomics on cursor [BE] (int32 scratch), so their order within the run may differ from
-    align_by_expert's pair order; each row's GEMM result does not depend on its row in a tile.
-    C: pairs per [C, BE] one-hot tile; CW: rows or pairs per step of the 1-D passes."""
-    ex = tl.arange(0, BE)
+    """align_by_expert in one program: expert counts, each run padded to BM, every row padding,
+    each pair to a free row of its expert's run, then each block's expert. cursor: [BE] int32
+    scratch. C: pairs per [C, BE] one-hot tile; CW: rows or pairs per step of the 1-D passes."""
     counts = tl.zeros([BE], dtype=tl.int32)
-    for c0 in range(0, P, C):  # 1. how many pairs each expert holds ([C, BE] one-hot sums)
-        i = c0 + tl.arange(0, C)
-        e = tl.load(ids_ptr + i, mask=i < P, other=BE).to(tl.int32)
-        counts += tl.sum((e[:, None] == ex[None, :]).to(tl.int32), axis=0)
-    padded = (counts + BM - 1) // BM * BM
-    pend = tl.cumsum(padded, 0)  # end of each expert's padded run
-    tl.atomic_xchg(cursor_ptr + ex, pend - padded)  # first free row of each run (at L2, as the adds below)
+    for c0 in range(0, P, C):  # 1. how many pairs each expert holds
+        counts += _count_pairs(ids_ptr, c0, P, C, BE)
+    padded, pend = _run_ends(counts, BM)
+    tl.atomic_xchg(cursor_ptr + tl.arange(0, BE), pend - padded)  # at L2, as the adds below
     for r0 in range(0, NB * BM, CW):  # 2. every row padding (P) until a pair lands on it
         r = r0 + tl.arange(0, CW)
         tl.store(pairs_ptr + r, tl.full([CW], 0, tl.int64) + P, mask=r < NB * BM)
     tl.debug_barrier()
     for c0 in range(0, P, CW):  # 3. each pair to the next free row of its expert's run
-        i = c0 + tl.arange(0, CW)
-        e = tl.load(ids_ptr + i, mask=i < P, other=0).to(tl.int32)
-        dest = tl.atomic_add(cursor_ptr + e, 1, mask=i < P)
-        tl.store(pairs_ptr + dest, i.to(tl.int64), mask=i < P)
-    for b0 in range(0, NB, C):  # 4. a block's expert: runs ending at or before its first row
+        _place_pairs(ids_ptr, pairs_ptr, cursor_ptr, c0, P, CW, 1)
+    for b0 in range(0, NB, C):  # 4. each block's expert
         b = b0 + tl.arange(0, C)
-        ended = (pend[None, :] <= (b * BM)[:, None]) & (ex[None, :] < E)
-        tl.store(bexp_ptr + b, tl.sum(ended.to(tl.int64), axis=1), mask=b < NB)
+        tl.store(bexp_ptr + b, _block_expert(b, pend, E, BM, BE), mask=b < NB)
 
 
 def align_fused(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +124,7 @@ def align_fused(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, to
     experts and the same rows of padding; each run holds its expert's pairs in some order."""
     flat = ids_Nk.reshape(-1)
     P = flat.numel()
-    nblocks = triton.cdiv(P, BM) + min(E, P)
+    nblocks = _nblocks(P, E, BM)
     BE = triton.next_power_of_2(E)
     pairs = torch.empty(nblocks * BM, dtype=torch.int64, device=flat.device)
     bexp = torch.empty(nblocks, dtype=torch.int64, device=flat.device)
@@ -81,3 +133,77 @@ def align_fused(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, to
                         num_warps=8)
     return pairs, bexp
 
+
+# ---- many programs (prefill-sized P): count, runs, place --------------------------------------------
+@triton.jit(do_not_specialize=["P"])
+def _count_kernel(ids_ptr, counts_ptr, P, BE: tl.constexpr, C: tl.constexpr, STEPS: tl.constexpr,
+                  CS: tl.constexpr):
+    """Program g: the expert counts of pairs g * C * STEPS .. (g + 1) * C * STEPS - 1, added into
+    counts (int32, expert e's at e * CS, zeroed before the launch) by one atomic per expert it
+    holds."""
+    counts = _count_steps(ids_ptr, tl.program_id(0) * (C * STEPS), P, C, STEPS, BE)
+    tl.atomic_add(counts_ptr + tl.arange(0, BE) * CS, counts, mask=counts > 0)
+
+
+@triton.jit(do_not_specialize=["P", "NB"])  # one variant per BM, as _align_kernel
+def _runs_kernel(counts_ptr, cursor_ptr, pairs_ptr, bexp_ptr, P, E, NB, BM: tl.constexpr, BE: tl.constexpr,
+                 RB: tl.constexpr, CS: tl.constexpr):
+    """After the counts are complete (the previous launch), each program derives the runs from
+    them and takes blocks g * RB .. (g + 1) * RB - 1: their experts, and padding (P) on each of
+    their rows that no pair will take (a run's rows past its pairs, every row past the last run).
+    Those rows are disjoint from the ones _place_kernel writes, so the two need no order. Program
+    0 also writes each run's first row into cursor for _place_kernel. counts, cursor: expert e's
+    int32 at e * CS."""
+    ex = tl.arange(0, BE)
+    counts = tl.load(counts_ptr + ex * CS)
+    padded, pend = _run_ends(counts, BM)
+    if tl.program_id(0) == 0:
+        tl.store(cursor_ptr + ex * CS, pend - padded)
+    b = tl.program_id(0) * RB + tl.arange(0, RB)
+    e = _block_expert(b, pend, E, BM, BE)
+    tl.store(bexp_ptr + b, e, mask=b < NB)
+    pad_from = tl.sum(tl.where(ex[None, :] == e[:, None], (pend - padded + counts)[None, :], 0), axis=1)
+    pad_from = tl.where(e < E, pad_from, 0)  # first padding row of the block's run; past the end, all rows
+    r = (b * BM)[:, None] + tl.arange(0, BM)[None, :]
+    pad = (b[:, None] < NB) & (r >= pad_from[:, None])
+    tl.store(pairs_ptr + r, tl.full([RB, BM], 0, tl.int64) + P, mask=pad)
+
+
+@triton.jit(do_not_specialize=["P"])
+def _place_kernel(ids_ptr, pairs_ptr, cursor_ptr, P, CW: tl.constexpr, CS: tl.constexpr):
+    """Program g: pairs g * CW .. (g + 1) * CW - 1 to free rows of their experts' runs."""
+    _place_pairs(ids_ptr, pairs_ptr, cursor_ptr, tl.program_id(0) * CW, P, CW, CS)
+
+
+def align_wide(ids_Nk: torch.Tensor, E: int, BM: int, tile: int = WIDE_TILE) -> tuple[torch.Tensor, torch.Tensor]:
+    """align_fused's grouping (the same output contract: block experts, padding rows, each run its
+    expert's pairs in some order) in three launches over many programs: count (cdiv(P, tile)
+    programs), runs (RUNS_ROWS rows each), place (cdiv(P, tile)). Stream order makes each launch
+    see the previous one's writes; no host sync. tile: pairs per program (a power of two)."""
+    flat = ids_Nk.reshape(-1)
+    P = flat.numel()
+    dev = flat.device
+    nblocks = _nblocks(P, E, BM)
+    BE = triton.next_power_of_2(E)
+    C = min(ALIGN_TILE, tile)
+    pairs = torch.empty(nblocks * BM, dtype=torch.int64, device=dev)
+    bexp = torch.empty(nblocks, dtype=torch.int64, device=dev)
+    scratch = torch.zeros(2, BE, LINE, dtype=torch.int32, device=dev)  # counts, then each run's cursor
+    counts, cursor = scratch[0], scratch[1]
+    grid = (max(1, triton.cdiv(P, tile)),)
+    _count_kernel[grid](flat, counts, P, BE=BE, C=C, STEPS=tile // C, CS=LINE, num_warps=4)
+    RB = max(1, RUNS_ROWS // BM)
+    _runs_kernel[(triton.cdiv(nblocks, RB),)](counts, cursor, pairs, bexp, P, E, nblocks, BM=BM, BE=BE, RB=RB,
+                                              CS=LINE, num_warps=4)
+    _place_kernel[grid](flat, pairs, cursor, P, CW=tile, CS=LINE, num_warps=4)
+    return pairs, bexp
+
+
+def align(ids_Nk: torch.Tensor, E: int, BM: int, fused_max_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouping experts_large launches: one program (align_fused) up to fused_max_pairs pairs,
+    many (align_wide) above; where Triton cannot run (CPU, not interpreting) the torch ops."""
+    if ids_Nk.numel() <= fused_max_pairs:
+        return align_fused(ids_Nk, E, BM)
+    if ids_Nk.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return align_wide(ids_Nk, E, BM)
+    return align_by_expert(ids_Nk, E, BM)

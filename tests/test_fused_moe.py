@@ -30,7 +30,7 @@ from model import moe_align as ma  # noqa: E402
 from model.moe import experts_grouped, route  # noqa: E402
 
 if not _CUDA and os.environ.get("TRITON_INTERPRET") == "1":
-    ma = importlib.reload(ma)  # first: fused_moe_triton binds its align_fused
+    ma = importlib.reload(ma)  # first: fused_moe_triton binds its align
     fm = importlib.reload(fm)
 DEV = "cuda" if _CUDA else "cpu"
 
@@ -124,53 +124,6 @@ def test_fused_moe_switches_paths_and_matches_reference():
         assert_close(fm.fused_moe(x, gate, w13, w2, k, False, small_max_pairs=8), want, torch.bfloat16)
 
 
-def test_align_by_expert_pads_each_expert_to_the_tile():
-    E, BM, k = 6, 4, 2
-    ids = torch.tensor([[5, 0], [0, 2], [5, 0], [2, 5], [0, 1]], device=DEV)
-    pairs, bexp = ma.align_by_expert(ids, E, BM)
-    flat = ids.reshape(-1).tolist()
-    P = len(flat)
-    seen = []
-    for b, e in enumerate(bexp.tolist()):
-        rows = pairs[b * BM:(b + 1) * BM].tolist()
-        if e >= E:
-            assert rows == [P] * BM
-            continue
-        real = [r for r in rows if r < P]
-        assert real and all(flat[r] == e for r in real) and rows == real + [P] * (BM - len(real))
-        seen += real
-    assert sorted(seen) == list(range(P))
-
-
-def _assert_same_grouping(got, want, P):
-    """Two aligns group alike: the same block experts, padding on the same rows, and each expert's
-    run holding the same pairs (their order within a run is free: a row's GEMM result does not
-    depend on its row in the tile)."""
-    (pg, bg), (pw, bw) = got, want
-    assert torch.equal(bg, bw) and torch.equal(pg == P, pw == P)
-    BM = pw.numel() // bw.numel()
-    row_expert = bw.repeat_interleave(BM)
-    key = lambda pairs: torch.sort(row_expert * (P + 1) + pairs).values
-    assert torch.equal(key(pg), key(pw))
-
-
-@pytest.mark.parametrize("N,k,E,BM,case", [(5, 2, 6, 4, "random"), (3, 8, 128, 128, "random"),
-                                           (40, 8, 128, 16, "random"), (37, 8, 60, 32, "random"),
-                                           (40, 8, 128, 64, "all"), (33, 4, 16, 16, "empty")])
-def test_align_in_one_launch_equals_the_torch_ops(N, k, E, BM, case):
-    """_align_kernel groups as align_by_expert does (_assert_same_grouping): expert counts from a few
-    to many pair tiles (ALIGN_TILE = 128 pairs), a non-power-of-two E, every token on the same k
-    experts ("all"), and half the experts never chosen ("empty")."""
-    g = torch.Generator().manual_seed(N * 1000 + E)
-    if case == "all":
-        ids = torch.arange(k).repeat(N, 1)
-    else:
-        hi = E // 2 if case == "empty" else E
-        ids = torch.stack([torch.randperm(hi, generator=g)[:k] for _ in range(N)])
-    ids = ids.to(DEV)
-    _assert_same_grouping(ma.align_fused(ids, E, BM), ma.align_by_expert(ids, E, BM), ids.numel())
-
-
 def test_grouped_path_with_the_one_launch_align_matches_reference():
     """experts_large aligned by _align_kernel (align_max_pairs above P) against the torch path,
     and through fused_moe's threshold: 3 tokens x top-4 = 12 pairs, aligned in one launch at 12."""
@@ -184,6 +137,25 @@ def test_grouped_path_with_the_one_launch_align_matches_reference():
     _, w3, _ = route(x3, gate, k, False)
     assert_close(fm.fused_moe(x3, gate, w13, w2, k, False, small_max_pairs=8, align_max_pairs=12),
                  experts_grouped(x3, w13, w2, route(x3, gate, k, False)[2], w3), torch.bfloat16)
+
+
+def test_grouped_path_with_the_wide_align_matches_reference(monkeypatch):
+    """experts_large above align_max_pairs: moe_align.align picks align_wide (here with 16 pairs a
+    program, so 10 programs count and place 160 pairs) and the output matches the torch path;
+    at or below the threshold it picks the one-program align. Experts of uneven size."""
+    wide, calls = ma.align_wide, []
+    monkeypatch.setattr(ma, "align_wide", lambda ids, E, BM: calls.append(ids.numel()) or wide(ids, E, BM, 16))
+    H, I, E, k = CPU_SHAPES["user-mini"]
+    w13, w2, gate = _weights(H, I, E, torch.bfloat16, 61)
+    x = _x(40, H, torch.bfloat16, 62)
+    _, w, ids = route(x, gate, k, True)
+    ids[:8] = torch.arange(k, device=DEV)  # expert 0..k-1 take 8 extra tokens: several blocks of BM 16
+    want = experts_grouped(x, w13, w2, ids, w)
+    assert_close(fm.experts_large(x, w13, w2, ids, w, tiles=(16, 32, 32, 4, 1), align_max_pairs=159), want,
+                 torch.bfloat16)
+    assert calls == [160]
+    fm.experts_large(x[:4], w13, w2, ids[:4], w[:4], tiles=(16, 32, 32, 4, 1), align_max_pairs=16)
+    assert calls == [160]
 
 
 @pytest.mark.parametrize("tiles", [(16, 32, 32, 4, 1), (32, 16, 32, 4, 1)])
@@ -218,19 +190,19 @@ def test_n_major_grid_on_gpu_at_prefill(N):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("N,case", [(16, "random"), (64, "random"), (256, "random"), (512, "random"),
-                                    (256, "all")])
-def test_align_in_one_launch_on_gpu_at_decode_batches(N, case):
-    """The decode batches of the 30b shape (128 experts, top-8, the grouped path's BM for N * 8
-    pairs): _align_kernel groups as align_by_expert does on the device, its atomics racing; "all":
-    every token on experts 0-7 (256 pairs race for each cursor)."""
-    E, k = 128, 8
-    g = torch.Generator().manual_seed(N)
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)]).to(DEV)
-    if case == "all":
+@pytest.mark.parametrize("N,same_expert", [(8192, False), (4096, True)])
+def test_grouped_path_with_the_wide_align_on_gpu(N, same_expert):
+    """experts_large at the 30b shape with the engine's align threshold (so align_wide groups the
+    pairs) against the torch path, within the real-shape bound (module docstring)."""
+    from model.backend import MOE_ALIGN_MAX_PAIRS
+    H, I, E, k = GPU_SHAPES["qwen3-30b-a3b"]
+    w13, w2, gate = _weights(H, I, E, torch.bfloat16, N + 3)
+    x = _x(N, H, torch.bfloat16, N + 4)
+    w, ids = fm.route_fused(x, gate, k, True)
+    if same_expert:
         ids = torch.arange(k, device=DEV).repeat(N, 1)
-    BM = fm.grouped_tiles(N * k, E)[0]
-    _assert_same_grouping(ma.align_fused(ids, E, BM), ma.align_by_expert(ids, E, BM), ids.numel())
+    got = fm.experts_large(x, w13, w2, ids, w, align_max_pairs=MOE_ALIGN_MAX_PAIRS)
+    assert_close(got, experts_grouped(x, w13, w2, ids, w), torch.bfloat16, 2 ** -6)
 
 
 @pytest.mark.parametrize("dtype,norm_topk", [(torch.float32, False), (torch.bfloat16, True)])
