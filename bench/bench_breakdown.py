@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="model.backend.MOE_N_MAJOR_MIN_BM for this run (grouped MoE row tiles from which the grid is N-major; 0: off)")
     p.add_argument("--penalties-fused", choices=("on", "off"), default=None,
                    help="model.backend.PENALTIES_FUSED for this run (penalties in one Triton launch; default: the backend's)")
+    p.add_argument("--moe-combine-fused", choices=("on", "off"), default=None,
+                   help="model.backend.MOE_COMBINE_FUSED for this run (the MoE's k-term sum by combine_k)")
     p.add_argument("--out", default=None, help="JSON results")
     a = p.parse_args(argv)
     if a.penalties_fused is not None:
@@ -247,6 +249,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise SystemExit(f"error: --moe-align-max-pairs must be >= 0, got {a.moe_align_max_pairs}")
         import model.backend
         model.backend.MOE_ALIGN_MAX_PAIRS = a.moe_align_max_pairs
+    if a.moe_combine_fused is not None:
+        import model.backend
+        model.backend.MOE_COMBINE_FUSED = a.moe_combine_fused == "on"
     if a.moe_n_major_min_bm is not None:
         import model.backend
         model.backend.MOE_N_MAJOR_MIN_BM = max(0, a.moe_n_major_min_bm)
@@ -279,6 +284,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                            "moe_align_max_pairs": w.stage.backend.moe_align_max_pairs,
                                            "penalties_fused": w.stage.backend.penalties_fused,
                                            "moe_n_major_min_bm": w.stage.backend.moe_n_major_min_bm,
+                                           "moe_combine_fused": w.stage.backend.moe_combine_fused,
                                            "attention": w.stage.backend.attention,
                                            "results": results, "prefill": pre}, indent=1))
     for r in results:

@@ -9,7 +9,7 @@ model/fused_moe_triton.experts_large timed on its own with CUDA events, beside i
   --sweep every tile in TILES, both grid orders;
 - the k-term sum: torch's `sum(dim=1, dtype=float32).to(bf16)` and combine_k, as % of the copy rate
   (P * H reads + N * H writes);
-- the whole experts_large as the engine calls it.
+- the whole experts_large with each sum (the engine's: model.backend.MOE_COMBINE_FUSED).
 
     python bench/bench_moe_prefill.py --tokens 1024,2048,4096,8192,16384 --sweep --out bench/results/x.json
 
@@ -30,7 +30,7 @@ from bench.bench_decode_layer import copy_bandwidth, timed  # noqa: E402
 from loader.presets import preset_config  # noqa: E402
 from model import fused_moe_triton as fm  # noqa: E402
 from model import moe_align as ma  # noqa: E402
-from model.backend import MOE_ALIGN_MAX_PAIRS, MOE_N_MAJOR_MIN_BM  # noqa: E402
+from model.backend import MOE_ALIGN_MAX_PAIRS, MOE_COMBINE_FUSED, MOE_N_MAJOR_MIN_BM  # noqa: E402
 
 # (BM, BN, BK, warps, stages): grouped_tiles' prefill tile first
 TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 3),
@@ -83,8 +83,10 @@ def one_count(preset: str, N: int, sweep: bool, mm: float, bw: float) -> dict:
                      ("combine_triton", lambda: fm.combine_k(y))):
         ms = timed(fn)
         row[f"{name}_ms"], row[f"{name}_pct_bw"] = ms, 100 * cbytes / (ms / 1e3) / bw
-    row["experts_large_ms"] = timed(lambda: fm.experts_large(x, w13, w2, ids, w, align_max_pairs=MOE_ALIGN_MAX_PAIRS,
-                                                             n_major_min_bm=nm))
+    for c in (False, True):
+        row[f"experts_large_combine_{'triton' if c else 'torch'}_ms"] = timed(lambda: fm.experts_large(
+            x, w13, w2, ids, w, align_max_pairs=MOE_ALIGN_MAX_PAIRS, n_major_min_bm=nm, combine_fused=c))
+    row["experts_large_ms"] = row[f"experts_large_combine_{'triton' if MOE_COMBINE_FUSED else 'torch'}_ms"]
     return row
 
 
@@ -110,12 +112,14 @@ def main() -> None:
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"\n{res['gpu']}: bf16 matmul {mm / 1e12:.0f} TFLOP/s, copy {bw / 1e9:.0f} GB/s, {a.preset}, one layer (ms)")
-    print("tokens | route | align torch | align wide | GEMMs (% mm) | best sweep | sum torch | sum triton (% bw) | whole")
+    print("tokens | route | align torch | align wide | GEMMs (% mm) | best sweep | sum torch | sum triton (% bw)"
+          " | whole, torch sum | whole, triton sum")
     for r in rows:
         best = min(r["gemm_sweep_ms"].items(), key=lambda kv: kv[1]) if "gemm_sweep_ms" in r else ("-", 0)
         print(f"{r['tokens']} | {r['route_ms']:.3f} | {r['align_torch_ms']:.3f} | {r.get('align_wide_ms', float('nan')):.3f}"
               f" | {r['gemm_ms']:.3f} ({r['gemm_pct_mm']:.0f}%) | {best[0]} {best[1]:.3f} | {r['combine_torch_ms']:.3f}"
-              f" | {r['combine_triton_ms']:.3f} ({r['combine_triton_pct_bw']:.0f}%) | {r['experts_large_ms']:.3f}")
+              f" | {r['combine_triton_ms']:.3f} ({r['combine_triton_pct_bw']:.0f}%) | {r['experts_large_combine_torch_ms']:.3f}"
+              f" | {r['experts_large_combine_triton_ms']:.3f}")
 
 
 if __name__ == "__main__":

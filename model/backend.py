@@ -34,6 +34,10 @@ MOE_ALIGN_MAX_PAIRS = 4096
 # its N tiles: I / BN and H / BN, 6 and 16 at the 30b shape). 0: never. bench/bench_breakdown.py
 # --prefill 8192 --moe-n-major-min-bm 0|128 is the A/B.
 MOE_N_MAJOR_MIN_BM = 128
+# The grouped MoE's k-term sum as one Triton pass (fused_moe_triton.combine_k) instead of torch's
+# bf16 reduce and cast. Off until its GPU tests and its A/B have run on a GPU (bench/
+# bench_moe_prefill.py times both sums; bench/bench_breakdown.py --moe-combine-fused on|off the step).
+MOE_COMBINE_FUSED = False
 # Penalties (repetition, frequency, presence) on the last stage's CUDA device as one Triton launch
 # (model/penalties_triton.py) instead of ~15 torch passes over [rows, vocab] (bench/
 # bench_breakdown.py --penalties-fused times it against the torch passes).
@@ -110,6 +114,7 @@ class Backend:
     moe_align_max_pairs: int = 0  # pairs up to which the grouped MoE path aligns in one program (0: never)
     moe_n_major_min_bm: int = 0  # grouped MoE row tiles from which a block's N tiles launch together (0: never)
     penalties_fused: bool = False  # the last stage's penalties in one Triton launch (CUDA)
+    moe_combine_fused: bool = False  # the grouped MoE's k-term sum by combine_k (CUDA)
 
     def linear(self, x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """x @ w^T: the small-token Triton GEMV up to linear_small_max tokens, else torch."""
@@ -150,4 +155,4 @@ def pick_backend(device: torch.device | str, attention: str | None = None, moe: 
         raise ValueError("fused norm kernels need a CUDA device")
     return Backend(attention, moe, fused, linear_small_max=LINEAR_SMALL_MAX_TOKENS if fused else 0,
                    moe_align_max_pairs=MOE_ALIGN_MAX_PAIRS, moe_n_major_min_bm=MOE_N_MAJOR_MIN_BM,
-                   penalties_fused=cuda and PENALTIES_FUSED)
+                   penalties_fused=cuda and PENALTIES_FUSED, moe_combine_fused=cuda and MOE_COMBINE_FUSED)

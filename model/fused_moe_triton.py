@@ -225,14 +225,16 @@ def grouped_tiles(P: int, E: int) -> tuple[int, int, int, int, int]:
 
 def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, ids_Nk: torch.Tensor,
                   w_Nk: torch.Tensor, tiles: tuple[int, ...] | None = None, align_max_pairs: int = 0,
-                  n_major_min_bm: int = 0) -> torch.Tensor:
+                  n_major_min_bm: int = 0, combine_fused: bool = False) -> torch.Tensor:
     """Pairs grouped by expert into BM-row blocks (moe_align.align: one program up to align_max_pairs
-    pairs, many programs above), grouped_gemms, then the fp32 sum over the k terms (combine_k)."""
+    pairs, many programs above), grouped_gemms, then the fp32 sum over the k terms: combine_k with
+    combine_fused, else torch's reduce and cast (model.backend.MOE_COMBINE_FUSED)."""
     N, H = x_NH.shape
     k = ids_Nk.shape[1]
     tiles = tiles or grouped_tiles(N * k, w13_E2IH.shape[0])
     pairs, bexp = align(ids_Nk, w13_E2IH.shape[0], tiles[0], align_max_pairs)
-    return combine_k(grouped_gemms(x_NH, w13_E2IH, w2_EHI, pairs, bexp, w_Nk, tiles, n_major_min_bm).view(N, k, H))
+    y = grouped_gemms(x_NH, w13_E2IH, w2_EHI, pairs, bexp, w_Nk, tiles, n_major_min_bm).view(N, k, H)
+    return combine_k(y) if combine_fused else y.sum(dim=1, dtype=torch.float32).to(x_NH.dtype)
 
 
 def grouped_gemms(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, pairs: torch.Tensor,
@@ -342,22 +344,25 @@ def route_fused(x_NH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, norm_topk
 
 # ---- dispatch ------------------------------------------------------------------------------------
 def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int, align_max_pairs: int = 0,
-                  n_major_min_bm: int = 0) -> torch.Tensor:
+                  n_major_min_bm: int = 0, combine_fused: bool = False) -> torch.Tensor:
     """The GEMV path up to small_max_pairs (token, expert) pairs, else the grouped GEMM, whose pairs
     are grouped by the one-program align up to align_max_pairs (many programs above), its row tiles
-    of n_major_min_bm and more launched N-major (the thresholds: model.backend)."""
+    of n_major_min_bm and more launched N-major, its k terms summed by combine_k with combine_fused
+    (the thresholds and switch: model.backend)."""
     if ids_Nk.numel() <= small_max_pairs:
         return experts_small(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
     return experts_large(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, align_max_pairs=align_max_pairs,
-                         n_major_min_bm=n_major_min_bm)
+                         n_major_min_bm=n_major_min_bm, combine_fused=combine_fused)
 
 
 def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor,
               top_k: int, norm_topk_prob: bool, small_max_pairs: int,
-              linear=torch.nn.functional.linear, align_max_pairs: int = 0, n_major_min_bm: int = 0) -> torch.Tensor:
+              linear=torch.nn.functional.linear, align_max_pairs: int = 0, n_major_min_bm: int = 0,
+              combine_fused: bool = False) -> torch.Tensor:
     """Route (the reference's expert choice) then the fused experts."""
     w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob, linear)
-    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, align_max_pairs, n_major_min_bm)
+    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, align_max_pairs, n_major_min_bm,
+                         combine_fused)
 
 
 # ---- warm-up: the variants these kernels compile -------------------------------------------------
