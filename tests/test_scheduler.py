@@ -153,6 +153,12 @@ def test_step_plan_matches_attn_batch_and_abort_frees_blocks():
         for f in ("positions", "slot_mapping", "query_start", "context_lens_t", "logits_indices", "block_tables"):
             assert torch.equal(getattr(got, f).long(), getattr(want, f).long()), f
         assert (got.max_query_len, got.max_context) == (max(want.query_lens), max(want.context_lens))
+        # stage 0 hands eager_batch its host plan: the host lengths are there from the start (read
+        # from the device tensors they would cost a sync), equal to the chunks'
+        hosted = eager_batch(PlanView(header.tolist(), torch.from_numpy(plan), host=plan), "cpu")
+        assert got._query_lens is None and got._context_lens is None
+        assert (hosted._query_lens, hosted._context_lens) == (want.query_lens, want.context_lens)
+        assert (got.query_lens, got.context_lens) == (want.query_lens, want.context_lens)
         ids = [t for c in mb.chunks for t in c.seq.token_ids[c.start:c.end]]
         assert view.part("ids").tolist() == ids
         rows = view.rows.numpy()

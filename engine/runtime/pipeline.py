@@ -209,7 +209,7 @@ class PipelineEngine:
         header, plan = build_plan(BATCH, mb.mb_id, mb.chunks, self.scheduler.blocks.block_size, self.seed, fed,
                                   extras, mask)
         dev_plan = to_device(plan, self.worker.device)
-        view = PlanView(header.tolist(), dev_plan)
+        view = PlanView(header.tolist(), dev_plan, host=plan)
         if self.num_stages > 1:
             # header and plan go ahead of the forward: the next stage receives them, prepares its
             # metadata and queues its launch while this stage computes; only the hidden states wait

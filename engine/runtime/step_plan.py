@@ -137,9 +137,12 @@ def decode_plan(context_lens: list[int], tables: list[list[int]], block_size: in
 
 @dataclass
 class PlanView:
-    """A received (or locally built) plan: host header ints plus the int32 plan on the device."""
+    """A received (or locally built) plan: host header ints plus the int32 plan on the device, and
+    where this process built it (stage 0), the same int32 plan on the host: eager steps then read
+    their query and context lengths from it instead of copying them back from the device (a sync)."""
     header: list[int]
     plan: torch.Tensor
+    host: np.ndarray | None = None
 
     # header fields: T tokens, B sequences, R sampled rows, M block-table width, P prompt-logprob rows
     T = property(lambda self: self.header[H_T])
@@ -200,7 +203,13 @@ def fill_batch(view: PlanView, buf: BatchBuffers, pad_slot: int = 0, pad_block: 
 
 
 def eager_batch(view: PlanView, device) -> AttnBatch:
+    """The AttnBatch of an eager step; with the host plan, its host lists of query and context
+    lengths too (the attention kernels' choice and the SDPA prefill read them)."""
     buf = BatchBuffers.empty(view.T, view.B, view.M, view.R + view.P, device)
     fill_batch(view, buf)
+    lens = {}
+    if view.host is not None:
+        part = {name: view.host[a:b] for name, (a, b) in offsets(view.header).items()}
+        lens = dict(query_lens=np.diff(part["query_start"]).tolist(), context_lens=part["context_lens"].tolist())
     return AttnBatch(buf.positions, buf.slots, buf.block_tables, buf.query_start, buf.context_lens,
-                     buf.logits_indices, max_query_len=view.header[H_MAXQ], max_context=view.header[H_MAXCTX])
+                     buf.logits_indices, max_query_len=view.header[H_MAXQ], max_context=view.header[H_MAXCTX], **lens)
