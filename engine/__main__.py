@@ -23,9 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _interrupted(signum, frame) -> None:
     """Ctrl-C at any moment (even inside an import that swallows KeyboardInterrupt): one line,
     the stage processes ended, exit 130."""
-    client = sys.modules.get("engine.client")
-    if client is not None:
-        client.kill_workers()
+    # engine.client may be half-imported (Ctrl-C inside its import): no kill_workers yet, and no
+    # workers either, since they start only after the import
+    kill = getattr(sys.modules.get("engine.client"), "kill_workers", None)
+    if kill is not None:
+        try:
+            kill()
+        except Exception:  # the one line below still goes out; the workers die with their parent
+            pass
     sys.stdout.flush()
     print("error: interrupted", file=sys.stderr, flush=True)
     os._exit(130)
