@@ -209,7 +209,8 @@ def eager_batch(view: PlanView, device) -> AttnBatch:
     fill_batch(view, buf)
     lens = {}
     if view.host is not None:
-        part = {name: view.host[a:b] for name, (a, b) in offsets(view.header).items()}
-        lens = dict(query_lens=np.diff(part["query_start"]).tolist(), context_lens=part["context_lens"].tolist())
+        at = offsets(view.header)
+        qs, cl = (view.host[slice(*at[name])] for name in ("query_start", "context_lens"))
+        lens = dict(query_lens=np.diff(qs).tolist(), context_lens=cl.tolist())
     return AttnBatch(buf.positions, buf.slots, buf.block_tables, buf.query_start, buf.context_lens,
                      buf.logits_indices, max_query_len=view.header[H_MAXQ], max_context=view.header[H_MAXCTX], **lens)
