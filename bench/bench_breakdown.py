@@ -231,27 +231,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--attention", default=None, help="the engine's attention backend (default: auto on CUDA)")
     p.add_argument("--yarn", action="store_true", help="the preset with Qwen's YaRN override (131 072 positions)")
     p.add_argument("--kv-cache-gib", type=float, default=None)
-    p.add_argument("--moe-align-max-pairs", type=int, default=None,
-                   help="model.backend.MOE_ALIGN_MAX_PAIRS for this run (the one-launch MoE align up to so many pairs; 0: off)")
     p.add_argument("--moe-n-major-min-bm", type=int, default=None,
                    help="model.backend.MOE_N_MAJOR_MIN_BM for this run (grouped MoE row tiles from which the grid is N-major; 0: off)")
     p.add_argument("--penalties-fused", choices=("on", "off"), default=None,
                    help="model.backend.PENALTIES_FUSED for this run (penalties in one Triton launch; default: the backend's)")
-    p.add_argument("--moe-combine-fused", choices=("on", "off"), default=None,
-                   help="model.backend.MOE_COMBINE_FUSED for this run (the MoE's k-term sum by combine_k)")
     p.add_argument("--out", default=None, help="JSON results")
     a = p.parse_args(argv)
     if a.penalties_fused is not None:
         import model.backend
         model.backend.PENALTIES_FUSED = a.penalties_fused == "on"
-    if a.moe_align_max_pairs is not None:
-        if a.moe_align_max_pairs < 0:
-            raise SystemExit(f"error: --moe-align-max-pairs must be >= 0, got {a.moe_align_max_pairs}")
-        import model.backend
-        model.backend.MOE_ALIGN_MAX_PAIRS = a.moe_align_max_pairs
-    if a.moe_combine_fused is not None:
-        import model.backend
-        model.backend.MOE_COMBINE_FUSED = a.moe_combine_fused == "on"
     if a.moe_n_major_min_bm is not None:
         import model.backend
         model.backend.MOE_N_MAJOR_MIN_BM = max(0, a.moe_n_major_min_bm)
@@ -281,10 +269,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"model": a.model, "device": str(w.device),
-                                           "moe_align_max_pairs": w.stage.backend.moe_align_max_pairs,
                                            "penalties_fused": w.stage.backend.penalties_fused,
                                            "moe_n_major_min_bm": w.stage.backend.moe_n_major_min_bm,
-                                           "moe_combine_fused": w.stage.backend.moe_combine_fused,
                                            "attention": w.stage.backend.attention,
                                            "results": results, "prefill": pre}, indent=1))
     for r in results:

@@ -18,11 +18,11 @@
 #   bash bench/gpu.sh breakdown [args]       bench_breakdown: the engine's decode step at batch 16, 64, 256
 #                                            (1k context; 256 also with penalties), per kernel group, after
 #                                            this suite's GPU tests (BD_TESTS=0: the bench alone); args go
-#                                            to bench_breakdown (--moe-align-max-pairs N, --penalties-fused on|off:
-#                                            the two kernels' A/B against the torch ops; --batches "" --prefill
+#                                            to bench_breakdown (--penalties-fused on|off: the fused
+#                                            penalties' A/B against the torch ops; --batches "" --prefill
 #                                            8192,90000 --yarn: prefill of one prompt each, FLOPs floors;
-#                                            --attention split: cuDNN for chunks; --moe-n-major-min-bm 128: the
-#                                            N-major grouped-GEMM grid waiting for its A/B; BD_TAG=x names files)
+#                                            --attention split: cuDNN for chunks; --moe-n-major-min-bm 0: the
+#                                            M-major grouped-GEMM grid, N-major's A/B; BD_TAG=x names files)
 #   bash bench/gpu.sh moe                    bench_moe_prefill (MoE pieces at 1k-16k tokens, tile sweep) after its tests
 #   bash bench/gpu.sh fa3                    bench_attention's Hopper prefill tile sweep (FA3_CASES) after its tests
 #   bash bench/gpu.sh decode-sweep           bench_attention's decode splits / key steps at B=16-256 (1k) and B=1 (32k)
@@ -129,7 +129,7 @@ breakdown)  # this branch's GPU tests first (no late compile at a shape no prese
       > "$OUT/gpu_tests_breakdown_$TAG.log" 2>&1
     grep -E "passed|failed|FAILED|Error|late" "$OUT/gpu_tests_breakdown_$TAG.log" | tail -8
   fi
-  # more arguments go to bench_breakdown (--moe-align-max-pairs 0, --penalties-fused off); BD_TAG=x names
+  # more arguments go to bench_breakdown (--penalties-fused off, --moe-n-major-min-bm 0); BD_TAG=x names
   # the files breakdown_..._x
   sfx=${BD_TAG:+_$BD_TAG}
   timeout 330 python3 bench/bench_breakdown.py --out "$OUT/breakdown_$TAG$sfx.json" "$@" 2>&1 | quiet \

@@ -21,23 +21,12 @@ MOE_SMALL_MAX_PAIRS = 64
 # the weights with no split-K second kernel; from two tokens on cuBLAS's tiles reuse each weight
 # load (bench/bench_linear_small.py times both).
 LINEAR_SMALL_MAX_TOKENS = 1
-# Grouped-GEMM micro-batches of up to this many pairs group them by expert in one Triton program
-# (moe_align._align_kernel), larger ones in three launches over many programs (moe_align.align_wide,
-# count / runs / place); 0: always the many-program one. The one program walks the pairs in tiles
-# but is a single launch, which suits decode sizes (512 rows x 8 experts); the torch ops
-# (align_by_expert) stay the reference (bench/bench_breakdown.py --moe-align-max-pairs N times the
-# switch).
-MOE_ALIGN_MAX_PAIRS = 4096
 # Grouped-GEMM launches with a row tile (BM) of at least this many rows order their grid N-major: a
 # block's N tiles run side by side and read its gathered A rows once from HBM (blocks side by side
 # instead share an N tile of an expert's weights, and a block's A rows are read again for each of
 # its N tiles: I / BN and H / BN, 6 and 16 at the 30b shape). 0: never. bench/bench_breakdown.py
 # --prefill 8192 --moe-n-major-min-bm 0|128 is the A/B.
 MOE_N_MAJOR_MIN_BM = 128
-# The grouped MoE's k-term sum as one Triton pass (fused_moe_triton.combine_k) instead of torch's
-# bf16 reduce and cast. Off until its GPU tests and its A/B have run on a GPU (bench/
-# bench_moe_prefill.py times both sums; bench/bench_breakdown.py --moe-combine-fused on|off the step).
-MOE_COMBINE_FUSED = False
 # Penalties (repetition, frequency, presence) on the last stage's CUDA device as one Triton launch
 # (model/penalties_triton.py) instead of ~15 torch passes over [rows, vocab] (bench/
 # bench_breakdown.py --penalties-fused times it against the torch passes).
@@ -111,10 +100,8 @@ class Backend:
     fused_norms: bool  # Triton add+RMSNorm, q/k-norm+rope+KV write
     moe_small_max_pairs: int = MOE_SMALL_MAX_PAIRS
     linear_small_max: int = 0  # tokens up to which linear() runs the Triton GEMV (0: always torch)
-    moe_align_max_pairs: int = 0  # pairs up to which the grouped MoE path aligns in one program (0: never)
     moe_n_major_min_bm: int = 0  # grouped MoE row tiles from which a block's N tiles launch together (0: never)
     penalties_fused: bool = False  # the last stage's penalties in one Triton launch (CUDA)
-    moe_combine_fused: bool = False  # the grouped MoE's k-term sum by combine_k (CUDA)
 
     def linear(self, x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
         """x @ w^T: the small-token Triton GEMV up to linear_small_max tokens, else torch."""
@@ -154,5 +141,4 @@ def pick_backend(device: torch.device | str, attention: str | None = None, moe: 
     if fused and not cuda:
         raise ValueError("fused norm kernels need a CUDA device")
     return Backend(attention, moe, fused, linear_small_max=LINEAR_SMALL_MAX_TOKENS if fused else 0,
-                   moe_align_max_pairs=MOE_ALIGN_MAX_PAIRS, moe_n_major_min_bm=MOE_N_MAJOR_MIN_BM,
-                   penalties_fused=cuda and PENALTIES_FUSED, moe_combine_fused=cuda and MOE_COMBINE_FUSED)
+                   moe_n_major_min_bm=MOE_N_MAJOR_MIN_BM, penalties_fused=cuda and PENALTIES_FUSED)

@@ -224,17 +224,16 @@ def grouped_tiles(P: int, E: int) -> tuple[int, int, int, int, int]:
 
 
 def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, ids_Nk: torch.Tensor,
-                  w_Nk: torch.Tensor, tiles: tuple[int, ...] | None = None, align_max_pairs: int = 0,
-                  n_major_min_bm: int = 0, combine_fused: bool = False) -> torch.Tensor:
-    """Pairs grouped by expert into BM-row blocks (moe_align.align: one program up to align_max_pairs
-    pairs, many programs above), grouped_gemms, then the fp32 sum over the k terms: combine_k with
-    combine_fused, else torch's reduce and cast (model.backend.MOE_COMBINE_FUSED)."""
+                  w_Nk: torch.Tensor, tiles: tuple[int, ...] | None = None,
+                  n_major_min_bm: int = 0) -> torch.Tensor:
+    """Pairs grouped by expert into BM-row blocks (moe_align.align), grouped_gemms, then the fp32
+    sum over the k terms in one pass (combine_k: half the time of torch's bf16 reduce plus cast)."""
     N, H = x_NH.shape
     k = ids_Nk.shape[1]
     tiles = tiles or grouped_tiles(N * k, w13_E2IH.shape[0])
-    pairs, bexp = align(ids_Nk, w13_E2IH.shape[0], tiles[0], align_max_pairs)
+    pairs, bexp = align(ids_Nk, w13_E2IH.shape[0], tiles[0])
     y = grouped_gemms(x_NH, w13_E2IH, w2_EHI, pairs, bexp, w_Nk, tiles, n_major_min_bm).view(N, k, H)
-    return combine_k(y) if combine_fused else y.sum(dim=1, dtype=torch.float32).to(x_NH.dtype)
+    return combine_k(y)
 
 
 def grouped_gemms(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, pairs: torch.Tensor,
@@ -343,43 +342,36 @@ def route_fused(x_NH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, norm_topk
 
 
 # ---- dispatch ------------------------------------------------------------------------------------
-def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int, align_max_pairs: int = 0,
-                  n_major_min_bm: int = 0, combine_fused: bool = False) -> torch.Tensor:
-    """The GEMV path up to small_max_pairs (token, expert) pairs, else the grouped GEMM, whose pairs
-    are grouped by the one-program align up to align_max_pairs (many programs above), its row tiles
-    of n_major_min_bm and more launched N-major, its k terms summed by combine_k with combine_fused
-    (the thresholds and switch: model.backend)."""
+def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int,
+                  n_major_min_bm: int = 0) -> torch.Tensor:
+    """The GEMV path up to small_max_pairs (token, expert) pairs, else the grouped GEMM, its row
+    tiles of n_major_min_bm and more launched N-major (the thresholds: model.backend)."""
     if ids_Nk.numel() <= small_max_pairs:
         return experts_small(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
-    return experts_large(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, align_max_pairs=align_max_pairs,
-                         n_major_min_bm=n_major_min_bm, combine_fused=combine_fused)
+    return experts_large(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, n_major_min_bm=n_major_min_bm)
 
 
 def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor,
               top_k: int, norm_topk_prob: bool, small_max_pairs: int,
-              linear=torch.nn.functional.linear, align_max_pairs: int = 0, n_major_min_bm: int = 0,
-              combine_fused: bool = False) -> torch.Tensor:
+              linear=torch.nn.functional.linear, n_major_min_bm: int = 0) -> torch.Tensor:
     """Route (the reference's expert choice) then the fused experts."""
     w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob, linear)
-    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, align_max_pairs, n_major_min_bm,
-                         combine_fused)
+    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, n_major_min_bm)
 
 
 # ---- warm-up: the variants these kernels compile -------------------------------------------------
-def warm_token_counts(num_experts: int, top_k: int, small_max_pairs: int, max_tokens: int,
-                      align_max_pairs: int = 0) -> list[int]:
+def warm_token_counts(num_experts: int, top_k: int, small_max_pairs: int, max_tokens: int) -> list[int]:
     """Token counts whose MoE launches between them compile every variant the engine can reach:
     the GEMV path's two tile sets (model.fused_moe_triton.small_tiles: up to 16 pairs or more), and
     the grouped path's tiles (grouped_tiles) at each class Triton gives the pair count P (== 1, a
-    multiple of 16, other), each side of the align switch (moe_align.align: one program up to
-    align_max_pairs pairs, many above). The other int arguments are the model's own sizes. The
-    aligns' kernels take P unspecialized, so each compiles once per BM (the many-program count
-    and place kernels once in all), which the first count of each key reaches."""
+    multiple of 16, other). The other int arguments are the model's own sizes. The align's kernels
+    take P unspecialized: its runs kernel compiles once per BM, its count and place kernels once in
+    all, which the first count of each key reaches."""
     from .attention_prefill_triton import stride_class
     found: dict[tuple, int] = {}
     for n in range(1, max_tokens + 1):
         P = n * top_k
         key = ("small", P <= 16) if P <= small_max_pairs else ("grouped", grouped_tiles(P, num_experts),
-                                                               stride_class(P), P <= align_max_pairs)
+                                                               stride_class(P))
         found.setdefault(key, n)
     return sorted(found.values())

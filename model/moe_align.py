@@ -1,9 +1,9 @@
 """Grouping the MoE's (token, expert) pairs by expert for the grouped GEMM (model/fused_moe_triton.
 experts_large), on the device without a host sync: each expert's run padded to the row tile BM, as
-vLLM's moe_align_block_size. Three ways to the same grouping: torch ops (align_by_expert, the
-reference), one Triton program (align_fused, decode-sized P), or three Triton launches over many
-programs (align_wide, prefill-sized P); align() picks one (model.backend.MOE_ALIGN_MAX_PAIRS says
-up to how many pairs the one program runs).
+vLLM's moe_align_block_size. Two ways to the same grouping: torch ops (align_by_expert, the
+reference and the CPU path) and three Triton launches over many programs (align_wide, every P on
+CUDA: at decode sizes its three short launches take less GPU time than one program walking every
+pair, bench/bench_breakdown.py's "other" row); align() picks one.
 Letters: N tokens, k experts per token, E experts, P = N * k pairs, BE = next_power_of_2(E),
 NB = cdiv(P, BM) + min(E, P) blocks of BM rows (each hit expert pads by less than one block)."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-ALIGN_TILE = 128  # pairs per [ALIGN_TILE, BE] one-hot count tile (both Triton aligns)
+ALIGN_TILE = 128  # pairs per [ALIGN_TILE, BE] one-hot count tile
 WIDE_TILE = 128  # pairs per program of align_wide's count and place launches (a power of two)
 RUNS_ROWS = 1024  # rows per program of align_wide's runs launch (RUNS_ROWS // BM blocks)
 # align_wide's int32 counters (expert counts, run cursors) sit LINE apart, one 128-byte line each:
@@ -50,7 +50,7 @@ def align_by_expert(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor
     return sorted_pairs, block_expert
 
 
-# ---- steps both Triton aligns take -----------------------------------------------------------------
+# ---- steps of align_wide's launches ---------------------------------------------------------------
 @triton.jit
 def _count_pairs(ids_ptr, c0, P, C: tl.constexpr, BE: tl.constexpr):
     """[BE] int32: how many of the pairs c0 .. c0 + C - 1 below P chose each expert (a [C, BE]
@@ -96,45 +96,7 @@ def _count_steps(ids_ptr, c0, P, C: tl.constexpr, STEPS: tl.constexpr, BE: tl.co
     return counts
 
 
-# ---- one program (decode-sized P) -------------------------------------------------------------------
-@triton.jit(do_not_specialize=["P", "NB"])  # one variant per BM: P's class needs no warm-up of its own
-def _align_kernel(ids_ptr, pairs_ptr, bexp_ptr, cursor_ptr, P, E, NB, BM: tl.constexpr, BE: tl.constexpr,
-                  C: tl.constexpr, CW: tl.constexpr):
-    """align_by_expert in one program: expert counts, each run padded to BM, every row padding,
-    each pair to a free row of its expert's run, then each block's expert. cursor: [BE] int32
-    scratch. C: pairs per [C, BE] one-hot tile; CW: rows or pairs per step of the 1-D passes."""
-    counts = tl.zeros([BE], dtype=tl.int32)
-    for c0 in range(0, P, C):  # 1. how many pairs each expert holds
-        counts += _count_pairs(ids_ptr, c0, P, C, BE)
-    padded, pend = _run_ends(counts, BM)
-    tl.atomic_xchg(cursor_ptr + tl.arange(0, BE), pend - padded)  # at L2, as the adds below
-    for r0 in range(0, NB * BM, CW):  # 2. every row padding (P) until a pair lands on it
-        r = r0 + tl.arange(0, CW)
-        tl.store(pairs_ptr + r, tl.full([CW], 0, tl.int64) + P, mask=r < NB * BM)
-    tl.debug_barrier()
-    for c0 in range(0, P, CW):  # 3. each pair to the next free row of its expert's run
-        _place_pairs(ids_ptr, pairs_ptr, cursor_ptr, c0, P, CW, 1)
-    for b0 in range(0, NB, C):  # 4. each block's expert
-        b = b0 + tl.arange(0, C)
-        tl.store(bexp_ptr + b, _block_expert(b, pend, E, BM, BE), mask=b < NB)
-
-
-def align_fused(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """align_by_expert's grouping from one launch of _align_kernel (no host sync): the same block
-    experts and the same rows of padding; each run holds its expert's pairs in some order."""
-    flat = ids_Nk.reshape(-1)
-    P = flat.numel()
-    nblocks = _nblocks(P, E, BM)
-    BE = triton.next_power_of_2(E)
-    pairs = torch.empty(nblocks * BM, dtype=torch.int64, device=flat.device)
-    bexp = torch.empty(nblocks, dtype=torch.int64, device=flat.device)
-    cursor = torch.empty(BE, dtype=torch.int32, device=flat.device)
-    _align_kernel[(1,)](flat, pairs, bexp, cursor, P, E, nblocks, BM=BM, BE=BE, C=ALIGN_TILE, CW=8 * ALIGN_TILE,
-                        num_warps=8)
-    return pairs, bexp
-
-
-# ---- many programs (prefill-sized P): count, runs, place --------------------------------------------
+# ---- many programs: count, runs, place ------------------------------------------------------------
 @triton.jit(do_not_specialize=["P"])
 def _count_kernel(ids_ptr, counts_ptr, P, BE: tl.constexpr, C: tl.constexpr, STEPS: tl.constexpr,
                   CS: tl.constexpr):
@@ -145,7 +107,7 @@ def _count_kernel(ids_ptr, counts_ptr, P, BE: tl.constexpr, C: tl.constexpr, STE
     tl.atomic_add(counts_ptr + tl.arange(0, BE) * CS, counts, mask=counts > 0)
 
 
-@triton.jit(do_not_specialize=["P", "NB"])  # one variant per BM, as _align_kernel
+@triton.jit(do_not_specialize=["P", "NB"])  # one variant per BM: P's class needs no warm-up of its own
 def _runs_kernel(counts_ptr, cursor_ptr, pairs_ptr, bexp_ptr, P, E, NB, BM: tl.constexpr, BE: tl.constexpr,
                  RB: tl.constexpr, CS: tl.constexpr):
     """After the counts are complete (the previous launch), each program derives the runs from
@@ -176,8 +138,8 @@ def _place_kernel(ids_ptr, pairs_ptr, cursor_ptr, P, CW: tl.constexpr, CS: tl.co
 
 
 def align_wide(ids_Nk: torch.Tensor, E: int, BM: int, tile: int = WIDE_TILE) -> tuple[torch.Tensor, torch.Tensor]:
-    """align_fused's grouping (the same output contract: block experts, padding rows, each run its
-    expert's pairs in some order) in three launches over many programs: count (cdiv(P, tile)
+    """align_by_expert's grouping (the same block experts and rows of padding; each run holds its
+    expert's pairs in some order, as atomics hand out rows) in three launches over many programs: count (cdiv(P, tile)
     programs), runs (RUNS_ROWS rows each), place (cdiv(P, tile)). Stream order makes each launch
     see the previous one's writes; no host sync. tile: pairs per program (a power of two)."""
     flat = ids_Nk.reshape(-1)
@@ -199,11 +161,9 @@ def align_wide(ids_Nk: torch.Tensor, E: int, BM: int, tile: int = WIDE_TILE) -> 
     return pairs, bexp
 
 
-def align(ids_Nk: torch.Tensor, E: int, BM: int, fused_max_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grouping experts_large launches: one program (align_fused) up to fused_max_pairs pairs,
-    many (align_wide) above; where Triton cannot run (CPU, not interpreting) the torch ops."""
-    if ids_Nk.numel() <= fused_max_pairs:
-        return align_fused(ids_Nk, E, BM)
+def align(ids_Nk: torch.Tensor, E: int, BM: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouping experts_large launches: align_wide where Triton runs (CUDA, or the interpreter),
+    else the torch ops."""
     if ids_Nk.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
         return align_wide(ids_Nk, E, BM)
     return align_by_expert(ids_Nk, E, BM)

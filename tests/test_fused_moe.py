@@ -124,25 +124,11 @@ def test_fused_moe_switches_paths_and_matches_reference():
         assert_close(fm.fused_moe(x, gate, w13, w2, k, False, small_max_pairs=8), want, torch.bfloat16)
 
 
-def test_grouped_path_with_the_one_launch_align_matches_reference():
-    """experts_large aligned by _align_kernel (align_max_pairs above P) against the torch path,
-    and through fused_moe's threshold: 3 tokens x top-4 = 12 pairs, aligned in one launch at 12."""
-    H, I, E, k = CPU_SHAPES["user-mini"]
-    w13, w2, gate = _weights(H, I, E, torch.bfloat16, 41)
-    x = _x(16, H, torch.bfloat16, 42)
-    _, w, ids = route(x, gate, k, True)
-    want = experts_grouped(x, w13, w2, ids, w)
-    assert_close(fm.experts_large(x, w13, w2, ids, w, align_max_pairs=16 * k), want, torch.bfloat16)
-    x3 = x[:3]
-    _, w3, _ = route(x3, gate, k, False)
-    assert_close(fm.fused_moe(x3, gate, w13, w2, k, False, small_max_pairs=8, align_max_pairs=12),
-                 experts_grouped(x3, w13, w2, route(x3, gate, k, False)[2], w3), torch.bfloat16)
-
-
 def test_grouped_path_with_the_wide_align_matches_reference(monkeypatch):
-    """experts_large above align_max_pairs: moe_align.align picks align_wide (here with 16 pairs a
-    program, so 10 programs count and place 160 pairs) and the output matches the torch path;
-    at or below the threshold it picks the one-program align. Experts of uneven size."""
+    """experts_large groups its pairs with moe_align.align_wide (here with 16 pairs a program, so
+    10 programs count and place 160 pairs) and the output matches the torch path, also through
+    fused_moe's threshold (3 tokens x top-4 = 12 pairs above 8: the grouped path, 12 pairs aligned).
+    Experts of uneven size."""
     wide, calls = ma.align_wide, []
     monkeypatch.setattr(ma, "align_wide", lambda ids, E, BM: calls.append(ids.numel()) or wide(ids, E, BM, 16))
     H, I, E, k = CPU_SHAPES["user-mini"]
@@ -151,11 +137,13 @@ def test_grouped_path_with_the_wide_align_matches_reference(monkeypatch):
     _, w, ids = route(x, gate, k, True)
     ids[:8] = torch.arange(k, device=DEV)  # expert 0..k-1 take 8 extra tokens: several blocks of BM 16
     want = experts_grouped(x, w13, w2, ids, w)
-    assert_close(fm.experts_large(x, w13, w2, ids, w, tiles=(16, 32, 32, 4, 1), align_max_pairs=159), want,
-                 torch.bfloat16)
+    assert_close(fm.experts_large(x, w13, w2, ids, w, tiles=(16, 32, 32, 4, 1)), want, torch.bfloat16)
     assert calls == [160]
-    fm.experts_large(x[:4], w13, w2, ids[:4], w[:4], tiles=(16, 32, 32, 4, 1), align_max_pairs=16)
-    assert calls == [160]
+    x3 = x[:3]
+    _, w3, ids3 = route(x3, gate, k, False)
+    assert_close(fm.fused_moe(x3, gate, w13, w2, k, False, small_max_pairs=8),
+                 experts_grouped(x3, w13, w2, ids3, w3), torch.bfloat16)
+    assert calls == [160, 12]
 
 
 @pytest.mark.parametrize("tiles", [(16, 32, 32, 4, 1), (32, 16, 32, 4, 1)])
@@ -192,16 +180,15 @@ def test_n_major_grid_on_gpu_at_prefill(N):
 @pytest.mark.skipif(not _CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("N,same_expert", [(8192, False), (4096, True)])
 def test_grouped_path_with_the_wide_align_on_gpu(N, same_expert):
-    """experts_large at the 30b shape with the engine's align threshold (so align_wide groups the
-    pairs) against the torch path, within the real-shape bound (module docstring)."""
-    from model.backend import MOE_ALIGN_MAX_PAIRS
+    """experts_large at the 30b shape (align_wide groups the pairs) against the torch path, within
+    the real-shape bound (module docstring)."""
     H, I, E, k = GPU_SHAPES["qwen3-30b-a3b"]
     w13, w2, gate = _weights(H, I, E, torch.bfloat16, N + 3)
     x = _x(N, H, torch.bfloat16, N + 4)
     w, ids = fm.route_fused(x, gate, k, True)
     if same_expert:
         ids = torch.arange(k, device=DEV).repeat(N, 1)
-    got = fm.experts_large(x, w13, w2, ids, w, align_max_pairs=MOE_ALIGN_MAX_PAIRS)
+    got = fm.experts_large(x, w13, w2, ids, w)
     assert_close(got, experts_grouped(x, w13, w2, ids, w), torch.bfloat16, 2 ** -6)
 
 
@@ -340,8 +327,7 @@ def test_stage_with_every_fused_kernel_matches_reference_interpreted():
     stage = fill_dummy(Stage(cfg, 0, 1, True, True, DEV, torch.bfloat16))
     outs = {}
     for name, be in (("ref", Backend("ref", "torch", False)), ("fused", Backend("ref", "triton", True, moe_small_max_pairs=12,
-                                                                                   linear_small_max=4,
-                                                                                   moe_align_max_pairs=36))):
+                                                                                   linear_small_max=4))):
         stage.backend = be
         stage.allocate_kv(8, 16)
         ids = torch.randint(0, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(0)).to(DEV)

@@ -1,5 +1,5 @@
-"""The MoE's grouping of (token, expert) pairs by expert (model/moe_align.py): the Triton aligns
-(one program, align_fused; many, align_wide) against the torch ops (align_by_expert) on seeded
+"""The MoE's grouping of (token, expert) pairs by expert (model/moe_align.py): the Triton align
+(align_wide, three launches over many programs) against the torch ops (align_by_expert) on seeded
 random expert ids. Without CUDA they run under the interpreter at small shapes (test_fused_moe
 sets it up); @pytest.mark.gpu cases use the 30b shape's decode and prefill sizes."""
 import pytest
@@ -50,17 +50,6 @@ def _align_ids(N, k, E, case, seed):
     return torch.stack([torch.randperm(hi, generator=g)[:k] for _ in range(N)]).to(DEV)
 
 
-@pytest.mark.parametrize("N,k,E,BM,case", [(5, 2, 6, 4, "random"), (3, 8, 128, 128, "random"),
-                                           (40, 8, 128, 16, "random"), (37, 8, 60, 32, "random"),
-                                           (40, 8, 128, 64, "all"), (33, 4, 16, 16, "empty")])
-def test_align_in_one_launch_equals_the_torch_ops(N, k, E, BM, case):
-    """_align_kernel groups as align_by_expert does (_assert_same_grouping): expert counts from a few
-    to many pair tiles (ALIGN_TILE = 128 pairs), a non-power-of-two E, every token on the same k
-    experts ("all"), and half the experts never chosen ("empty")."""
-    ids = _align_ids(N, k, E, case, N * 1000 + E)
-    _assert_same_grouping(ma.align_fused(ids, E, BM), ma.align_by_expert(ids, E, BM), ids.numel())
-
-
 @pytest.mark.parametrize("N,k,E,BM,tile,case", [(5, 2, 6, 4, 4, "random"), (3, 8, 128, 128, 8, "random"),
                                                 (40, 8, 128, 16, 32, "random"), (37, 8, 60, 32, 64, "random"),
                                                 (300, 8, 32, 64, 256, "random"), (300, 8, 128, 16, None, "random"),
@@ -81,14 +70,14 @@ def test_align_over_many_programs_equals_the_torch_ops(N, k, E, BM, tile, case):
 @pytest.mark.skipif(not _CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("N,case", [(16, "random"), (64, "random"), (256, "random"), (512, "random"),
                                     (256, "all")])
-def test_align_in_one_launch_on_gpu_at_decode_batches(N, case):
+def test_align_over_many_programs_on_gpu_at_decode_batches(N, case):
     """The decode batches of the 30b shape (128 experts, top-8, the grouped path's BM for N * 8
-    pairs): _align_kernel groups as align_by_expert does on the device, its atomics racing; "all":
-    every token on experts 0-7 (256 pairs race for each cursor)."""
+    pairs): align() (align_wide on CUDA) groups as align_by_expert does on the device, its atomics
+    racing; "all": every token on experts 0-7 (256 pairs race for each cursor)."""
     E, k = 128, 8
     ids = _align_ids(N, k, E, case, N)
     BM = fm.grouped_tiles(N * k, E)[0]
-    _assert_same_grouping(ma.align_fused(ids, E, BM), ma.align_by_expert(ids, E, BM), ids.numel())
+    _assert_same_grouping(ma.align(ids, E, BM), ma.align_by_expert(ids, E, BM), ids.numel())
 
 
 @pytest.mark.gpu
@@ -98,13 +87,9 @@ def test_align_in_one_launch_on_gpu_at_decode_batches(N, case):
 def test_align_over_many_programs_on_gpu_at_prefill(N, case):
     """The 30b shape's prefill (128 experts, top-8, BM 128): align_wide groups as align_by_expert
     does on the device, its count and place atomics racing over 128 to 512 programs; "all": every
-    token on experts 0-7 (N pairs race for each cursor). align() picks it above the engine's
-    one-program threshold."""
-    from model.backend import MOE_ALIGN_MAX_PAIRS
+    token on experts 0-7 (N pairs race for each cursor)."""
     E, k = 128, 8
     ids = _align_ids(N, k, E, case, N)
     BM = fm.grouped_tiles(N * k, E)[0]
-    assert BM == 128 and N * k > MOE_ALIGN_MAX_PAIRS
-    want = ma.align_by_expert(ids, E, BM)
-    _assert_same_grouping(ma.align_wide(ids, E, BM), want, ids.numel())
-    _assert_same_grouping(ma.align(ids, E, BM, MOE_ALIGN_MAX_PAIRS), want, ids.numel())
+    assert BM == 128
+    _assert_same_grouping(ma.align_wide(ids, E, BM), ma.align_by_expert(ids, E, BM), ids.numel())

@@ -1,6 +1,6 @@
 """The grouped MoE's k-term sum (model/fused_moe_triton.combine_k) against naive maths (the terms
-added in fp32 in order, rounded once) and torch's sum, and the grouped path with it switched on
-(model.backend.MOE_COMBINE_FUSED). Without CUDA under the interpreter at small shapes
+added in fp32 in order, rounded once) and torch's sum, and the grouped path that ends with it.
+Without CUDA under the interpreter at small shapes
 (test_fused_moe sets it up); @pytest.mark.gpu cases use the real shapes."""
 import pytest
 import torch
@@ -48,20 +48,19 @@ def test_combine_on_gpu_at_real_shapes(N, k, H):
     assert torch.equal(fm.combine_k(y), _sum_k_in_order(y))
 
 
-def test_grouped_path_with_the_fused_combine_matches_reference():
-    """experts_large and fused_moe with combine_fused (the k terms summed by combine_k) against the
-    torch reference, and within one bf16 step of the torch sum's result; the CPU backend keeps the
-    switch off."""
-    from model.backend import pick_backend
+def test_grouped_path_sums_its_terms_with_combine():
+    """experts_large (and fused_moe above the GEMV threshold) against the torch reference, and its
+    output the in-order fp32 sum of grouped_gemms' k terms, bit for bit."""
     H, I, E, k = CPU_SHAPES["user-mini"]
     w13, w2, gate = _weights(H, I, E, torch.bfloat16, 61)
     x = _x(24, H, torch.bfloat16, 62)
     _, w, ids = route(x, gate, k, True)
-    got = fm.experts_large(x, w13, w2, ids, w, combine_fused=True)
+    got = fm.experts_large(x, w13, w2, ids, w)
     assert_close(got, experts_grouped(x, w13, w2, ids, w), torch.bfloat16)
-    plain = fm.experts_large(x, w13, w2, ids, w).float()
-    assert ((got.float() - plain).abs() <= plain.abs().clamp_min(2 ** -100) * 2 ** -7).all()
-    assert torch.equal(fm.fused_moe(x, gate, w13, w2, k, True, small_max_pairs=8, combine_fused=True),
-                       fm.experts_large(x, w13, w2, fm.route_fused(x, gate, k, True)[1],
-                                        fm.route_fused(x, gate, k, True)[0], combine_fused=True))
-    assert pick_backend("cpu").moe_combine_fused is False
+    tiles = fm.grouped_tiles(ids.numel(), E)
+    pairs, bexp = fm.align(ids, E, tiles[0])
+    terms = fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles).view(24, k, H)
+    assert torch.equal(got, _sum_k_in_order(terms))
+    wf, idsf = fm.route_fused(x, gate, k, True)
+    assert torch.equal(fm.fused_moe(x, gate, w13, w2, k, True, small_max_pairs=8),
+                       fm.experts_large(x, w13, w2, idsf, wf))

@@ -57,22 +57,19 @@ def test_the_token_ladder_alone_misses_tile_choices():
 
 
 def test_moe_token_counts_cover_every_tile_and_pair_class():
-    """Each tile set and pair class of the MoE's launches, each side of the align switch (at 128
-    experts, top-8 the 32-row tile spans it: 257 to 768 tokens, the switch at 512)."""
+    """Each tile set and pair class of the MoE's launches (the GEMV path's two, the grouped path's
+    row tiles by the pair count's class) is reached by some warm-up count, for every count up to
+    8 192 tokens."""
     from model.attention_prefill_triton import stride_class
-    from model.backend import MOE_ALIGN_MAX_PAIRS
     from model.fused_moe_triton import grouped_tiles, warm_token_counts
     for E, top_k, small in ((128, 8, 64), (16, 4, 64), (64, 6, 64)):
-        for align_max in (0, MOE_ALIGN_MAX_PAIRS):
-            counts = warm_token_counts(E, top_k, small, 8192, align_max)
-            def key(n):
-                P = n * top_k
-                return ("small", P <= 16) if P <= small else ("grouped", grouped_tiles(P, E), stride_class(P),
-                                                              P <= align_max)
-            assert {key(n) for n in range(1, 8193)} == {key(n) for n in counts}
-    both = {(grouped_tiles(8 * n, 128)[0], 8 * n <= MOE_ALIGN_MAX_PAIRS)
-            for n in warm_token_counts(128, 8, 64, 8192, MOE_ALIGN_MAX_PAIRS) if 8 * n > 64}
-    assert {(32, True), (32, False)} <= both  # both aligns compile at BM 32
+        counts = warm_token_counts(E, top_k, small, 8192)
+        def key(n):
+            P = n * top_k
+            return ("small", P <= 16) if P <= small else ("grouped", grouped_tiles(P, E), stride_class(P))
+        assert {key(n) for n in range(1, 8193)} == {key(n) for n in counts}
+    bms = {grouped_tiles(8 * n, 128)[0] for n in warm_token_counts(128, 8, 64, 8192) if 8 * n > 64}
+    assert bms == {16, 32, 64, 128}  # the align's runs kernel compiles once per row tile
 
 
 def test_warm_up_reaches_the_token_budget_when_the_context_limit_is_shorter():
