@@ -3,9 +3,9 @@ model/fused_moe_triton.experts_large timed on its own with CUDA events, beside i
 
 - routing (router GEMM + top-k kernel);
 - the align: align_by_expert's torch ops (the reference) and moe_align.align_wide (the engine's);
-- the two grouped GEMMs (grouped_gemms), in TFLOP/s of the real pairs' FLOPs (6 * P * H * I, the
+- the two grouped GEMMs (grouped_gemms; weight tiles by pointer loads and by TMA), in TFLOP/s of the real pairs' FLOPs (6 * P * H * I, the
   padding rows counted as waste) and as % of the bf16 matmul rate measured in the same run; with
-  --sweep every tile in TILES, both grid orders;
+  --sweep every tile in TILES (N-major grid), both loads;
 - the k-term sum: torch's `sum(dim=1, dtype=float32).to(bf16)` (the reference) and combine_k (the
   engine's), as % of the copy rate (P * H reads + N * H writes);
 - the whole experts_large.
@@ -32,8 +32,8 @@ from model import moe_align as ma  # noqa: E402
 from model.backend import MOE_N_MAJOR_MIN_BM  # noqa: E402
 
 # (BM, BN, BK, warps, stages): grouped_tiles' prefill tile first
-TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 3),
-         (64, 128, 64, 4, 3), (128, 256, 64, 16, 3))
+TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 2), (128, 256, 64, 8, 2), (128, 128, 32, 4, 4),
+         (128, 64, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 3))
 
 
 def matmul_rate() -> float:
@@ -80,10 +80,13 @@ def one_count(preset: str, N: int, sweep: bool, mm: float, bw: float) -> dict:
     flops = 6 * P * H * I
     gemm = timed(lambda: fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles, nm))
     row.update(gemm_ms=gemm, gemm_tflops=flops / gemm / 1e9, gemm_pct_mm=100 * flops / (gemm / 1e3) / mm)
+    for load, tma in (("pointer", False), ("tma", True)):  # the engine's default is one of these
+        ms = timed(lambda: fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles, nm, tma=tma))
+        row[f"gemm_{load}_ms"], row[f"gemm_{load}_pct_mm"] = ms, 100 * flops / (ms / 1e3) / mm
     if sweep:
         aligned = {bm: ma.align_by_expert(ids, E, bm) for bm in {t[0] for t in TILES}}  # outside the timing
-        row["gemm_sweep_ms"] = {f"{t} nmajor={int(m)}": sweep_one(lambda: fm.grouped_gemms(
-            x, w13, w2, *aligned[t[0]], w, t, t[0] if m else 0)) for t in TILES for m in (0, 1)}
+        row["gemm_sweep_ms"] = {f"{t} tma={int(tma)}": sweep_one(lambda: fm.grouped_gemms(
+            x, w13, w2, *aligned[t[0]], w, t, t[0], tma=tma)) for t in TILES for tma in (False, True)}
     y = fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles, nm).view(N, k, H)
     cbytes = (P + N) * H * 2
     for name, fn in (("combine_torch", lambda: y.sum(dim=1, dtype=torch.float32).to(y.dtype)),
@@ -116,13 +119,14 @@ def main() -> None:
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"\n{res['gpu']}: bf16 matmul {mm / 1e12:.0f} TFLOP/s, copy {bw / 1e9:.0f} GB/s, {a.preset}, one layer (ms)")
-    print("tokens | route | align torch | align wide | GEMMs (% mm) | best sweep | sum torch | sum triton (% bw)"
-          " | whole")
+    print("tokens | route | align torch | align wide | GEMMs (% mm) | pointer loads | TMA loads | best sweep"
+          " | sum torch | sum triton (% bw) | whole")
     for r in rows:
         sw = [(k, v) for k, v in r.get("gemm_sweep_ms", {}).items() if v]
         best = min(sw, key=lambda kv: kv[1]) if sw else ("-", 0.0)
         print(f"{r['tokens']} | {r['route_ms']:.3f} | {r['align_torch_ms']:.3f} | {r['align_wide_ms']:.3f}"
-              f" | {r['gemm_ms']:.3f} ({r['gemm_pct_mm']:.0f}%) | {best[0]} {best[1]:.3f} | {r['combine_torch_ms']:.3f}"
+              f" | {r['gemm_ms']:.3f} ({r['gemm_pct_mm']:.0f}%) | {r['gemm_pointer_ms']:.3f} ({r['gemm_pointer_pct_mm']:.0f}%)"
+              f" | {r['gemm_tma_ms']:.3f} ({r['gemm_tma_pct_mm']:.0f}%) | {best[0]} {best[1]:.3f} | {r['combine_torch_ms']:.3f}"
               f" | {r['combine_triton_ms']:.3f} ({r['combine_triton_pct_bw']:.0f}%) | {r['experts_large_ms']:.3f}")
 
 if __name__ == "__main__":

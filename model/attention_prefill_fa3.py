@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .attention_prefill_triton import (_LOG2E, _dot, _interpreted, _num_sms, _rows, _tile, _tile_start, check_inputs,
                                        paged_prefill_fa)
+from .tma import use_descriptors
 
 # bf16/fp16, D 128, sm_90: the fastest TMA tiles of bench_attention.py --sweep (warp
 # specialisation, WS, times the same there, so the plain pipelined loop is the default). Gathered
@@ -208,10 +209,6 @@ def tma_ok(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
                     for c in (k_cache, v_cache)))
 
 
-def _alloc(size: int, align: int, stream) -> torch.Tensor:  # device descriptors' scratch
-    return torch.empty(size, dtype=torch.int8, device="cpu" if _interpreted() else "cuda")
-
-
 def paged_prefill_fa3(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables_BM: torch.Tensor, query_start_B1: torch.Tensor,
                       context_lens_B: torch.Tensor, scale: float, max_query_len: int,
@@ -254,7 +251,7 @@ def paged_prefill_fa3(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     wo = torch.empty((num_splits, T, N, D) if split else (1,), dtype=torch.float32, device=q_TND.device)
     wml = torch.empty((num_splits, T, N, 2) if split else (1,), dtype=torch.float32, device=q_TND.device)
     if tma:
-        triton.set_allocator(_alloc)
+        use_descriptors()
     interp = _interpreted()
     _fa3_kernel[(tiles, K * num_splits, B)](
         q_TND, k_cache, v_cache, out, wo, wml, block_tables_BM, query_start_B1, context_lens_B,

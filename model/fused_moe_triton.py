@@ -23,12 +23,20 @@ import triton.language as tl
 
 from .fused_triton import _round
 from .moe_align import align
+from .moe_route_triton import route_fused
 from .pdl import launch_args, pdl_enter
+from .tma import capable as tma_capable
+from .tma import rows_ok as tma_rows_ok
+from .tma import use_descriptors
 
 
 # The interpreter's tl.dot returns garbage for bf16 operands (triton 3.9): there, dot in fp32,
 # which is exact for bf16 values (products fit fp32; accumulation is fp32 either way).
 _DOT_FP32 = os.environ.get("TRITON_INTERPRET") == "1"
+# The grouped GEMMs read weight tiles (and the down GEMM its act tiles) by TMA descriptor from this
+# row tile up, where the device has TMA: the prefill tile (128 rows; bench/bench_moe_prefill.py
+# times both loads).
+TMA_MIN_BM = 128
 
 
 @triton.jit
@@ -162,7 +170,12 @@ def _block_rows(pairs_ptr, bexp_ptr, P, E, BM: tl.constexpr, b):
 @triton.jit
 def _gate_up_grouped_kernel(x_ptr, w_ptr, pairs_ptr, bexp_ptr, act_ptr, P, H, I, E, stride_xt, stride_we,
                             stride_wn, stride_at, TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                            BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, N_MAJOR: tl.constexpr):
+                            BK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, N_MAJOR: tl.constexpr,
+                            TMA: tl.constexpr):
+    """act rows b * BM .. b * BM + BM - 1 (block order, padding rows 0) = SiLU(x W_gate^T) * (x W_up^T)
+    of block b's pairs, columns of N tile pn. x rows are gathered by token; with TMA the weight
+    tiles come by descriptor over w13 seen as [E * 2I, H] (a gate tile running past I reads up rows
+    and an up tile the next expert's, only into columns the store masks; past the end, zeros)."""
     b, pn = _block_and_tile(N_MAJOR)
     e, rows, rmask = _block_rows(pairs_ptr, bexp_ptr, P, E, BM, b)
     if e >= E:  # a block past the last expert's padded run
@@ -172,26 +185,43 @@ def _gate_up_grouped_kernel(x_ptr, w_ptr, pairs_ptr, bexp_ptr, act_ptr, P, H, I,
     nmask = n < I
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
     acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-    wg_base = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn
-    wu_base = wg_base + I * stride_wn
-    for k0 in range(0, H, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < H
-        a = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        wm = kmask[:, None] & nmask[None, :]
-        wg = tl.load(wg_base + kk[:, None], mask=wm, other=0.0)
-        wu = tl.load(wu_base + kk[:, None], mask=wm, other=0.0)
-        acc_g = _dot(a, wg, acc_g, PREC, UPCAST)
-        acc_u = _dot(a, wu, acc_u, PREC, UPCAST)
+    if TMA:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * 2 * I, H], strides=[stride_wn, 1],
+                                           block_shape=[BN, BK])
+        wg_row = (e * 2 * I + pn * BN).to(tl.int32)
+        for k0 in range(0, H, BK):
+            kk = k0 + tl.arange(0, BK)
+            a = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=rmask[:, None] & (kk < H)[None, :],
+                        other=0.0)
+            acc_g = _dot(a, tl.trans(w_desc.load([wg_row, k0])), acc_g, PREC, UPCAST)
+            acc_u = _dot(a, tl.trans(w_desc.load([wg_row + I, k0])), acc_u, PREC, UPCAST)
+    else:
+        wg_base = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn
+        wu_base = wg_base + I * stride_wn
+        for k0 in range(0, H, BK):
+            kk = k0 + tl.arange(0, BK)
+            kmask = kk < H
+            a = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                        other=0.0)
+            wm = kmask[:, None] & nmask[None, :]
+            wg = tl.load(wg_base + kk[:, None], mask=wm, other=0.0)
+            wu = tl.load(wu_base + kk[:, None], mask=wm, other=0.0)
+            acc_g = _dot(a, wg, acc_g, PREC, UPCAST)
+            acc_u = _dot(a, wu, acc_u, PREC, UPCAST)
     DT: tl.constexpr = act_ptr.dtype.element_ty
     out = _silu_mul(acc_g, acc_u, DT)
-    tl.store(act_ptr + rows[:, None] * stride_at + n[None, :], out.to(DT), mask=rmask[:, None] & nmask[None, :])
+    arow = b.to(tl.int64) * BM + tl.arange(0, BM)
+    tl.store(act_ptr + arow[:, None] * stride_at + n[None, :], out.to(DT), mask=nmask[None, :])
 
 
 @triton.jit
-def _down_grouped_kernel(act_ptr, w_ptr, pairs_ptr, bexp_ptr, tw_ptr, y_ptr, P, H, I, E, stride_at, stride_we,
+def _down_grouped_kernel(act_ptr, w_ptr, pairs_ptr, bexp_ptr, tw_ptr, y_ptr, P, H, I, E, R, stride_at, stride_we,
                          stride_wn, stride_yt, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         PREC: tl.constexpr, UPCAST: tl.constexpr, N_MAJOR: tl.constexpr):
+                         PREC: tl.constexpr, UPCAST: tl.constexpr, N_MAJOR: tl.constexpr, TMA: tl.constexpr):
+    """y rows of block b's pairs (pair order), columns of N tile pn = (act_b W_down^T) * routing weight.
+    act_b: act's rows b * BM .. (block order, R rows in all). With TMA both tiles come by
+    descriptor (w2 seen as [E * H, I]: a tile past H reads the next expert's rows, only into masked
+    columns)."""
     b, pn = _block_and_tile(N_MAJOR)
     e, rows, rmask = _block_rows(pairs_ptr, bexp_ptr, P, E, BM, b)
     if e >= E:  # a block past the last expert's padded run
@@ -199,13 +229,23 @@ def _down_grouped_kernel(act_ptr, w_ptr, pairs_ptr, bexp_ptr, tw_ptr, y_ptr, P, 
     n = pn * BN + tl.arange(0, BN)
     nmask = n < H
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    w_base = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn
-    for k0 in range(0, I, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < I
-        a = tl.load(act_ptr + rows[:, None] * stride_at + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_base + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
-        acc = _dot(a, w, acc, PREC, UPCAST)
+    if TMA:
+        a_desc = tl.make_tensor_descriptor(act_ptr, shape=[R, I], strides=[stride_at, 1], block_shape=[BM, BK])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[E * H, I], strides=[stride_wn, 1],
+                                           block_shape=[BN, BK])
+        a_row = (b * BM).to(tl.int32)
+        w_row = (e * H + pn * BN).to(tl.int32)
+        for k0 in range(0, I, BK):
+            acc = _dot(a_desc.load([a_row, k0]), tl.trans(w_desc.load([w_row, k0])), acc, PREC, UPCAST)
+    else:
+        arow = b.to(tl.int64) * BM + tl.arange(0, BM)
+        w_base = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn
+        for k0 in range(0, I, BK):
+            kk = k0 + tl.arange(0, BK)
+            kmask = kk < I
+            a = tl.load(act_ptr + arow[:, None] * stride_at + kk[None, :], mask=kmask[None, :], other=0.0)
+            w = tl.load(w_base + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = _dot(a, w, acc, PREC, UPCAST)
     DT: tl.constexpr = y_ptr.dtype.element_ty
     tw = tl.load(tw_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
     y = _round(_round(acc, DT) * tw[:, None], DT)
@@ -238,11 +278,13 @@ def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
 
 def grouped_gemms(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, pairs: torch.Tensor,
                   bexp: torch.Tensor, w_Nk: torch.Tensor, tiles: tuple[int, ...],
-                  n_major_min_bm: int = 0) -> torch.Tensor:
-    """y [P, H] in pair order: the gate/up GEMM with the SiLU * up epilogue, then the down GEMM with
-    the routing-weight epilogue, over the blocks of an align (pairs [nblocks * BM], bexp [nblocks]).
-    tiles: (BM, BN, BK, warps, stages), BM the align's. Row tiles of at least n_major_min_bm (0: none)
-    launch each block's N tiles together (N_MAJOR)."""
+                  n_major_min_bm: int = 0, tma: bool | None = None) -> torch.Tensor:
+    """y [P, H] in pair order: the gate/up GEMM with the SiLU * up epilogue into act [blocks * BM, I]
+    (block order), then the down GEMM with the routing-weight epilogue, over the blocks of an align
+    (pairs [nblocks * BM], bexp [nblocks]). tiles: (BM, BN, BK, warps, stages), BM the align's. Row
+    tiles of at least n_major_min_bm (0: none) launch each block's N tiles together (N_MAJOR).
+    tma: weight tiles (and the down GEMM's act tiles) by TMA descriptor; None: where the device has
+    TMA and the row tile is at least TMA_MIN_BM."""
     N, H = x_NH.shape
     k = w_Nk.shape[1]
     E, I = w13_E2IH.shape[0], w2_EHI.shape[2]
@@ -254,15 +296,21 @@ def grouped_gemms(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
     tw = w_Nk.contiguous()
     nm = 0 < n_major_min_bm <= BM
     grid = (lambda n_tiles: (n_tiles, nb)) if nm else (lambda n_tiles: (nb, n_tiles))
-    act = torch.empty(P, I, dtype=x_NH.dtype, device=x_NH.device)
+    act = torch.empty(nb * BM, I, dtype=x_NH.dtype, device=x_NH.device)
+    if tma is None:
+        tma = BM >= TMA_MIN_BM and tma_capable(x_NH)
+    tma = tma and tma_rows_ok(w13_E2IH.view(-1, H), w2_EHI.view(-1, I), act)
+    if tma:
+        use_descriptors()
     _gate_up_grouped_kernel[grid(triton.cdiv(I, BN))](
         x_NH, w13_E2IH, pairs, bexp, act, P, H, I, E, x_NH.stride(0), w13_E2IH.stride(0), w13_E2IH.stride(1),
-        act.stride(0), TOPK=k, BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, N_MAJOR=nm, num_warps=nw,
-        num_stages=ns)
+        act.stride(0), TOPK=k, BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, N_MAJOR=nm, TMA=tma,
+        num_warps=nw, num_stages=ns)
     y = torch.empty(P, H, dtype=x_NH.dtype, device=x_NH.device)
     _down_grouped_kernel[grid(triton.cdiv(H, BN))](
-        act, w2_EHI, pairs, bexp, tw, y, P, H, I, E, act.stride(0), w2_EHI.stride(0), w2_EHI.stride(1),
-        y.stride(0), BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, N_MAJOR=nm, num_warps=nw, num_stages=ns)
+        act, w2_EHI, pairs, bexp, tw, y, P, H, I, E, nb * BM, act.stride(0), w2_EHI.stride(0), w2_EHI.stride(1),
+        y.stride(0), BM=BM, BN=BN, BK=BK, PREC=prec, UPCAST=_DOT_FP32, N_MAJOR=nm, TMA=tma, num_warps=nw,
+        num_stages=ns)
     return y
 
 
@@ -291,54 +339,6 @@ def combine_k(y_NkH: torch.Tensor) -> torch.Tensor:
         BT, BH = 4, 512
         _combine_kernel[(triton.cdiv(N, BT), triton.cdiv(H, BH))](y, out, N, H, K=k, BT=BT, BH=BH, num_warps=4)
     return out
-
-
-# ---- routing ------------------------------------------------------------------------------------
-@triton.jit
-def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, TOPK: tl.constexpr, BE: tl.constexpr,
-                         RENORM: tl.constexpr, PDL: tl.constexpr):
-    """One token per program: fp32 softmax over E, top-k (ties: the lower expert id first), renorm."""
-    pdl_enter(PDL)
-    t = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BE)
-    cmask = cols < E
-    x = tl.load(logits_ptr + t * stride_l + cols, mask=cmask, other=float("-inf")).to(tl.float32)
-    mx = tl.max(x, axis=0)
-    ex = tl.where(cmask, tl.exp(x - mx), 0.0)
-    probs = ex / tl.sum(ex, axis=0)
-    vals = tl.where(cmask, probs, -1.0)
-    picked = tl.zeros([BE], dtype=tl.int32)
-    total = 0.0
-    for j in range(TOPK):
-        m = tl.max(vals, axis=0)
-        idx = tl.min(tl.where(vals == m, cols, BE), axis=0)
-        hit = cols == idx
-        picked = tl.where(hit, j + 1, picked)  # slot + 1 of each chosen expert
-        total += m
-        vals = tl.where(hit, -2.0, vals)
-    DT: tl.constexpr = w_ptr.dtype.element_ty
-    slot = picked - 1
-    w = probs / total if RENORM else probs
-    sel = picked > 0
-    tl.store(w_ptr + t * TOPK + slot, _round(w, DT).to(DT), mask=sel)
-    tl.store(ids_ptr + t * TOPK + slot, cols.to(tl.int64), mask=sel)
-
-
-def route_fused(x_NH: torch.Tensor, gate_EH: torch.Tensor, top_k: int, norm_topk_prob: bool,
-                linear=torch.nn.functional.linear) -> tuple[torch.Tensor, torch.Tensor]:
-    """route()'s (topk_w_Nk in dt, topk_ids_Nk int64) in two launches: the router GEMM and one
-    kernel for softmax, top-k and renorm. The chosen experts equal torch.topk's on the same
-    logits; where equal probabilities straddle the k-th place torch's pick is unspecified, and
-    this one takes the lower expert id. linear: the router GEMM (Backend.linear in the engine)."""
-    logits = linear(x_NH, gate_EH)
-    N, E = logits.shape
-    w = torch.empty(N, top_k, dtype=x_NH.dtype, device=x_NH.device)
-    ids = torch.empty(N, top_k, dtype=torch.int64, device=x_NH.device)
-    if N:
-        _topk_softmax_kernel[(N,)](logits, w, ids, E, logits.stride(0), TOPK=top_k,
-                                   BE=triton.next_power_of_2(E), RENORM=norm_topk_prob, num_warps=1,
-                                   **launch_args(x_NH.device))
-    return w, ids
 
 
 # ---- dispatch ------------------------------------------------------------------------------------

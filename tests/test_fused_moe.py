@@ -30,7 +30,9 @@ from model import moe_align as ma  # noqa: E402
 from model.moe import experts_grouped, route  # noqa: E402
 
 if not _CUDA and os.environ.get("TRITON_INTERPRET") == "1":
-    ma = importlib.reload(ma)  # first: fused_moe_triton binds its align
+    import model.moe_route_triton as _route
+    importlib.reload(_route)  # first: fused_moe_triton binds its route_fused and align
+    ma = importlib.reload(ma)
     fm = importlib.reload(fm)
 DEV = "cuda" if _CUDA else "cpu"
 
@@ -160,6 +162,47 @@ def test_n_major_grid_gives_the_same_bits(tiles):
     assert torch.equal(fm.experts_large(x, w13, w2, ids, w, tiles=tiles, n_major_min_bm=tiles[0]), base)
     assert torch.equal(fm.experts_large(x, w13, w2, ids, w, tiles=tiles, n_major_min_bm=2 * tiles[0]), base)
     assert_close(base, experts_grouped(x, w13, w2, ids, w), torch.bfloat16)
+
+
+@pytest.mark.parametrize("tiles", [(16, 32, 32, 4, 1), (16, 64, 64, 4, 1), (32, 128, 64, 4, 2)])
+def test_tma_tiles_give_the_same_bits(tiles):
+    """grouped_gemms with its weight (and the down GEMM's act) tiles by TMA descriptor against the
+    pointer loads: the same bits. Tiles that divide I and H, and tiles past them (BN 64 and 128 > I
+    = 32: a gate tile reads up rows, an up tile the next expert's, the down tile past H = 96 the
+    next expert's; BK 64 > I: the descriptor's zeros past the end), which the stores must mask.
+    Experts of uneven size, padding rows in most blocks."""
+    H, I, E, k = CPU_SHAPES["user-mini"]
+    w13, w2, gate = _weights(H, I, E, torch.bfloat16, 71)
+    x = _x(40, H, torch.bfloat16, 72)
+    _, w, ids = route(x, gate, k, True)
+    ids[:8] = torch.arange(k, device=DEV)
+    pairs, bexp = ma.align_by_expert(ids, E, tiles[0])
+    plain = fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles, tma=False)
+    assert torch.equal(fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles, tma=True), plain)
+    want = experts_grouped(x, w13, w2, ids, w)
+    assert_close(fm.combine_k(plain.view(40, k, H)), want, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("shape,N", [("qwen3-30b-a3b", 8192), ("qwen3-30b-a3b", 2048), ("user-config", 1024)])
+def test_tma_tiles_on_gpu_at_prefill(shape, N):
+    """The prefill tile (128 rows) at real shapes with TMA loads against pointer loads (the same
+    bits expected: the same tiles reach the same wgmma) and against the torch path within the
+    real-shape bound; one expert taking every token's first slot."""
+    H, I, E, k = GPU_SHAPES[shape]
+    w13, w2, gate = _weights(H, I, E, torch.bfloat16, N + 5)
+    x = _x(N, H, torch.bfloat16, N + 6)
+    w, ids = fm.route_fused(x, gate, k, True)
+    ids[:, 0] = E - 1
+    ids[:, 1:] = torch.where(ids[:, 1:] == E - 1, 0, ids[:, 1:])
+    tiles = fm.grouped_tiles(N * k, E)
+    assert tiles[0] >= fm.TMA_MIN_BM
+    pairs, bexp = ma.align_by_expert(ids, E, tiles[0])
+    plain = fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles, 128, tma=False)
+    got = fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles, 128, tma=True)
+    assert torch.equal(got, plain)
+    assert_close(fm.combine_k(got.view(N, k, H)), experts_grouped(x, w13, w2, ids, w), torch.bfloat16, 2 ** -6)
 
 
 @pytest.mark.gpu
