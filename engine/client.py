@@ -33,6 +33,27 @@ def kill_workers() -> None:
             pass
 
 
+
+# sun_path holds 108 bytes with the terminating NUL: a longer socket path fails to bind
+_UNIX_PATH_MAX = 107
+
+
+def rendezvous_dir() -> str:
+    """A new private folder for the stages' FileStore and the pipe socket ("pipe" inside it): under
+    the temp folder (TMPDIR), or under /tmp where that path would be too long for a Unix socket."""
+    d = tempfile.mkdtemp(prefix="moepipe-rdzv-")
+    if len(os.fsencode(os.path.join(d, "pipe"))) <= _UNIX_PATH_MAX:
+        return d
+    os.rmdir(d)
+    if Path("/tmp").is_dir():
+        d = tempfile.mkdtemp(prefix="moepipe-rdzv-", dir="/tmp")
+        if len(os.fsencode(os.path.join(d, "pipe"))) <= _UNIX_PATH_MAX:
+            return d
+        os.rmdir(d)
+    raise RuntimeError(f"the temp folder {tempfile.gettempdir()!r} is too long for the stages' Unix socket "
+                       f"(at most {_UNIX_PATH_MAX - len('/moepipe-rdzv-XXXXXXXX/pipe')} characters) and /tmp is "
+                       "missing: set TMPDIR to a shorter path")
+
 class StageDied(RuntimeError):
     """A stage process ended while the engine needed it."""
 
@@ -70,7 +91,7 @@ class EngineClient:
         key = os.urandom(16)
         # the stages' FileStore (no socket on any interface); NCCL keeps using it for communicators
         # it creates lazily (point-to-point pairs), so it lives until the stages end
-        rdzv = self._rdzv = tempfile.mkdtemp(prefix="moepipe-rdzv-")
+        rdzv = self._rdzv = rendezvous_dir()
         # the pipes to the stages: a Unix socket in that private folder, not TCP on loopback, where
         # multiprocessing writes a message over 16 KiB (a prompt of some 5k ids) as header then
         # payload, and Nagle's algorithm holds the payload until the receiver's delayed ACK (~40 ms)
