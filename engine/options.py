@@ -43,12 +43,13 @@ class EngineOptions:
     gpu_memory_utilization: float = _opt(0.9, "fraction of each GPU's memory the engine may use, in (0, 1]", float)
     max_num_seqs: int = _opt(256, "most sequences running at once", int)
     max_num_batched_tokens: int = _opt(8192, "token budget per step (the prefill chunk)", int)
-    # off by default: the bound trades time to first token for time per output token, and the cost
-    # model (engine/runtime/chunking.py) is fitted on one card and one model shape, so on others a
-    # bound in its ms is a modeled bound, not a measured one
+    # off by default: the bound trades time to first token for time per output token; its cost model
+    # (engine/runtime/chunking.py StepCost) is fitted on one card and model, and calibrated by stage
+    # 0's measured steps to this one
     max_step_ms: float = _opt(0.0, "while sequences decode, a step's prefill tokens are cut so that its time, as the "
-                              "chunk-cost model predicts it, stays within this many ms (decodes always run; a "
-                              "prefill with nothing decoding is not bounded; 0: off, only the token budget)", float)
+                              "step-cost model predicts it (calibrated by the measured steps), stays within this "
+                              "many ms (decodes always run; a prefill with nothing decoding is not bounded; 0: "
+                              "off, only the token budget)", float)
     max_model_len: int | None = _opt(None, "context limit in tokens (default: the model's max_position_embeddings)",
                                      int)
     attention: str | None = _opt(None, "attention backend (default: auto on cuda, ref on cpu)", str,

@@ -133,6 +133,7 @@ def test_step_plan_matches_attn_batch_and_abort_frees_blocks():
     import numpy as np
     import torch
 
+    from engine.runtime.chunking import chunk_pairs
     from engine.runtime.step_plan import PlanView, build_plan, eager_batch
     from model.batch import AttnBatch
     from model.sampler import ROW
@@ -159,6 +160,9 @@ def test_step_plan_matches_attn_batch_and_abort_frees_blocks():
         assert got._query_lens is None and got._context_lens is None
         assert (hosted._query_lens, hosted._context_lens) == (want.query_lens, want.context_lens)
         assert (got.query_lens, got.context_lens) == (want.query_lens, want.context_lens)
+        # the step's causal pairs (max_step_ms's calibration) from the host plan: each chunk's
+        assert PlanView(header.tolist(), torch.from_numpy(plan), host=plan).causal_pairs() == \
+            sum(chunk_pairs(c.length, c.start) for c in mb.chunks) and view.causal_pairs() is None
         ids = [t for c in mb.chunks for t in c.seq.token_ids[c.start:c.end]]
         assert view.part("ids").tolist() == ids
         rows = view.rows.numpy()

@@ -118,6 +118,63 @@ def test_engine_greedy_tokens_unchanged_by_the_bound():
     for ms in (0.0, 2.0):  # 2 modeled ms: the tiny model's decodes leave room for a token or two
         with LLM("tiny", load_format="dummy", device="cpu", max_num_seqs=2, max_step_ms=ms, verbose=False) as llm:
             out[ms] = [o.token_ids for o in llm.generate(prompts, sp)]
-            cuts = llm.stats()["scheduler"]["step_bound_cuts"]
+            sched = llm.stats()["scheduler"]
+            cuts = sched["step_bound_cuts"]
         assert (cuts > 0) == (ms > 0)
+        # with the bound on, stage 0's measured steps calibrated the cost model (CPU steps are far
+        # from the H100 fit's times); off, there is no calibration to report
+        assert (sched.get("step_cost_observed", 0) > 0) == (ms > 0)
+        assert ms == 0 or sched["step_cost_scale"] != 1.0
     assert out[2.0] == out[0.0]
+
+
+def test_calibration_scales_the_fit_to_the_measured_steps():
+    """observe(): measured steps at 0.4x the fit (with +-10% noise) bring the scale to 0.4, and
+    ms() and fit_tokens() follow: 64 decodes the fit puts over a 30 ms bound (no room for prefill)
+    leave room once calibrated. One stalled step moves the scale by at most 1.32x (the clamp's fifth
+    root), and a later run of true steps brings it back."""
+    rng = random.Random(1)
+    cost = StepCost(48, 128, 8)
+    ctx = 64 * 1100
+    assert cost.ms(64, ctx) > 30 and cost.fit_tokens(64, ctx, 0, 4096, 30.0) == 0
+    for _ in range(60):
+        tokens = rng.randrange(1, 600)
+        pairs = tokens * rng.randrange(100, 3000)
+        cost.observe(0.4 * cost.modeled_ms(tokens, pairs) * rng.uniform(0.9, 1.1), tokens, pairs)
+    assert cost.scale == pytest.approx(0.4, rel=0.06) and cost.observed == 60
+    assert cost.ms(64, ctx) == pytest.approx(cost.scale * cost.modeled_ms(64, ctx))
+    room = cost.fit_tokens(64, ctx, 0, 4096, 30.0)
+    assert room > 0 and cost.ms(64 + room, ctx + chunk_pairs(room, 0)) <= 30.0
+    before = cost.scale
+    cost.observe(1000 * cost.modeled_ms(16, 16 * 1000), 16, 16 * 1000)  # a step behind a host stall
+    assert before < cost.scale <= before * 4 ** 0.2 * (1 + 1e-9)
+    for _ in range(40):
+        cost.observe(0.4 * cost.modeled_ms(32, 32 * 900), 32, 32 * 900)
+    assert cost.scale == pytest.approx(0.4, rel=1e-3)
+    cost.observe(0.0, 8, 800)  # nothing measured and no tokens: ignored
+    cost.observe(5.0, 0, 0)
+    assert cost.observed == 101
+
+
+def test_stage_share_and_the_first_step():
+    """The first measured step sets the scale outright (the fit's card is not this one); a stage
+    holding a quarter of the layers is compared with a quarter of the modeled time."""
+    cost = StepCost(48, 128, 8)
+    cost.observe(0.25 * 3 * cost.modeled_ms(100, 100 * 500), 100, 100 * 500, share=0.25)
+    assert cost.scale == pytest.approx(3.0)
+
+
+def test_stage_timer_reports_measured_steps_with_their_pairs():
+    """StageTimer.on_step sees each completed step stop() was given pairs for (the CPU clock
+    resolves at once), with its time and sizes; steps without pairs (the sampler's) are not seen."""
+    import time
+
+    from engine.runtime.clock import StageTimer
+    timer, seen = StageTimer("cpu"), []
+    timer.on_step = lambda ms, tokens, pairs: seen.append((ms, tokens, pairs))
+    t = timer.start()
+    time.sleep(0.02)
+    timer.stop(t, 7, 123.0)
+    timer.stop(timer.start(), 3)
+    assert len(seen) == 1 and seen[0][1:] == (7, 123.0) and 15 <= seen[0][0] <= 1000
+    assert timer.collect(reset=False)["steps"] == 2

@@ -108,25 +108,56 @@ def chunk_pairs(n: int, prefix: int) -> float:
     return n * prefix + n * (n + 1) / 2
 
 
-@dataclass(frozen=True)
+# StepCost.observe: the weight of each measured step in the running log-mean of the scale, and how
+# far one step's ratio may sit from the current scale (a step caught behind a host stall or a
+# compile moves it by at most CALIBRATION_CLAMP ** CALIBRATION_RATE, 1.32x)
+CALIBRATION_RATE = 0.2
+CALIBRATION_CLAMP = 4.0
+
+
+@dataclass
 class StepCost:
-    """Modeled time of one whole micro-batch through every layer, for `max_step_ms`: per layer
+    """Time of one whole micro-batch through every layer, for `max_step_ms`: per layer
     c0 * f(T) + a * T + b * pairs, with the coefficients of a ChunkCost, T the micro-batch's tokens
     and pairs its causal (query, key) pairs (a decode at context c: c; a prefill chunk of n after p:
     n p + n (n + 1) / 2). f(T) = 1 - (1 - k/E)^T is the share of the E experts that T tokens routed
     to k each touch, about uniformly (c0 is mostly the expert weights, read once per step); 1 for a
-    dense model. The scale is the fit's card and model: a bound in these units is a modeled bound."""
+    dense model. The fit's shape holds across cards and kernels but not its scale, so the engine
+    calibrates it: observe() takes each measured step of stage 0 and keeps `scale`, a running
+    (geometric) mean of measured over modeled time, by which ms() multiplies the fit."""
     layers: int
     experts: int = 0  # 0: a dense model
     top_k: int = 0
     per_layer: ChunkCost = QWEN3_30B_FIT
+    scale: float = 1.0
+    observed: int = 0  # steps observe() has taken
 
-    def ms(self, tokens: int, pairs: float) -> float:
+    def modeled_ms(self, tokens: int, pairs: float) -> float:
+        """The fit's time, before the calibration's scale."""
         if tokens <= 0:
             return 0.0
         frac = 1 - (1 - self.top_k / self.experts) ** tokens if self.experts > self.top_k > 0 else 1.0
         c = self.per_layer
         return self.layers * (c.c0 * frac + c.a * tokens + c.b * pairs)
+
+    def ms(self, tokens: int, pairs: float) -> float:
+        return self.scale * self.modeled_ms(tokens, pairs)
+
+    def observe(self, measured_ms: float, tokens: int, pairs: float, share: float = 1.0) -> None:
+        """One measured step of `tokens` tokens and `pairs` causal pairs that ran `share` of the
+        layers (stage 0 of several: its layers over all). The first sets the scale to its ratio of
+        measured over modeled time; each later one moves the scale a fifth of the way (in log) to
+        its ratio, clamped to within CALIBRATION_CLAMP of the scale."""
+        want = self.modeled_ms(tokens, pairs) * share
+        if tokens <= 0 or want <= 0 or not measured_ms > 0:
+            return
+        ratio = measured_ms / want
+        if self.observed == 0:
+            self.scale = ratio
+        else:
+            r = min(max(ratio / self.scale, 1 / CALIBRATION_CLAMP), CALIBRATION_CLAMP)
+            self.scale *= r ** CALIBRATION_RATE
+        self.observed += 1
 
     def fit_tokens(self, tokens: int, pairs: float, prefix: int, limit: int, bound_ms: float) -> int:
         """The most prefill tokens n <= limit of one chunk after `prefix` cached tokens that a

@@ -81,11 +81,13 @@ class StageTimer:
     """Busy time of a stage's forwards (or samples) in its stream: totals since the last reset and
     the last MAX_STEP_RECORDS steps. collect() never waits for the device: a step still running
     is left pending (its count is in 'pending_steps') and lands in the window open when a later
-    collect sees it done."""
+    collect sees it done. on_step(ms, tokens, pairs), where set, sees each completed step that
+    stop() was given pairs for (stage 0's: the step-cost calibration of max_step_ms)."""
 
     def __init__(self, device: torch.device | str, clock: Clock | None = None):
         self.clock = clock or Clock.for_device(device)
         self.spans = Spans(self.clock)
+        self.on_step: Callable[[float, int, float], None] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -96,13 +98,15 @@ class StageTimer:
     def start(self):
         return self.clock.mark()
 
-    def stop(self, started, num_tokens: int) -> None:
-        self.spans.add(started, self.clock.mark(), num_tokens)
+    def stop(self, started, num_tokens: int, pairs: float | None = None) -> None:
+        self.spans.add(started, self.clock.mark(), (num_tokens, pairs))
         if not self.clock.cuda or len(self.spans) > 64:
             self._resolve()
 
     def _resolve(self) -> None:
-        for ms, _, tokens in self.spans.drain():
+        for ms, _, (tokens, pairs) in self.spans.drain():
+            if self.on_step is not None and pairs is not None:
+                self.on_step(ms, tokens, pairs)
             self.busy_ms += ms
             self.steps += 1
             self.tokens += tokens

@@ -171,6 +171,9 @@ def build_rank(args: EngineArgs, rank: int, local_rank: int) -> Rank:
     engine = None
     if rank == 0:
         cost = StepCost(cfg.num_hidden_layers, cfg.num_experts, cfg.num_experts_per_tok)
+        if o.max_step_ms:  # the bound in this card's time: stage 0's measured steps calibrate the fit
+            share = (spec.end - spec.start) / cfg.num_hidden_layers
+            worker.timer.on_step = lambda ms, tokens, pairs: cost.observe(ms, tokens, pairs, share)
         sched = Scheduler(BlockManager(blocks, o.block_size, o.enable_prefix_caching), o.max_num_seqs, o.max_num_batched_tokens,
                           max_len, o.stages, o.dynamic_chunks, o.max_step_ms, cost)
         engine = PipelineEngine(worker, sched, args.stop_ids, o.seed, o.async_scheduling, o.logprobs_mode,

@@ -151,6 +151,8 @@ class Scheduler:
                "prefix_cache_queries": self.prefix_cache_queries, "prefix_cache_hits": self.prefix_cache_hits,
                "cached_blocks": self.blocks.num_cached_idle, "prefix_cache_evictions": self.blocks.num_evicted,
                "step_bound_cuts": self.step_bound_cuts}
+        if self.max_step_ms is not None:  # the bound's calibration: measured over modeled step time
+            out.update(step_cost_scale=self.step_cost.scale, step_cost_observed=self.step_cost.observed)
         if reset:
             self.num_preemptions = self.prompt_tokens = self.generation_tokens = 0
             self.continuations = self.dropped_tokens = 0

@@ -48,7 +48,7 @@ class StageWorker:
             out = self.graphs.run(x, view, copy=not self.is_last)
         else:
             out = self.stage(x, eager_batch(view, self.device))
-        self.timer.stop(t, view.T)
+        self.timer.stop(t, view.T, view.causal_pairs() if self.timer.on_step is not None else None)
         if g is not None:
             self.tracer.gpu_end(g, forward_name(view.header[H_MAXQ]),
                                 {"mb": view.header[H_MB], "tokens": view.T, "rows": view.B})

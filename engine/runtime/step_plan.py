@@ -164,6 +164,16 @@ class PlanView:
     def rows(self) -> torch.Tensor:
         return self.part("rows").view(self.R, ROW)
 
+    def causal_pairs(self) -> float | None:
+        """Causal (query, key) pairs of the step from the host plan (None without it): each row's
+        q new tokens after c - q cached ones, q (c - q) + q (q + 1) / 2 (chunking.chunk_pairs)."""
+        if self.host is None:
+            return None
+        at = offsets(self.header)
+        q = np.diff(self.host[slice(*at["query_start"])]).astype(np.float64)
+        c = self.host[slice(*at["context_lens"])].astype(np.float64)
+        return float((q * (c - q) + q * (q + 1) / 2).sum())
+
 
 @dataclass
 class BatchBuffers:
