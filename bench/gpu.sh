@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU record, one suite per device call (each fits a 10-minute call on one H200; on 2+ GPUs the
 # pipeline runs one stage per GPU and the GPU tests spread over them). Needs nothing outside the
-# repo; the server's wheels (fastapi, uvicorn, ... for `serving`) travel in .whl/ when the machine
-# has no index, and are installed from there if present.
+# repo; the server's wheels (fastapi, uvicorn, ... for `serving` and the server tests; fetched by
+# bench/fetch_wheels.sh) travel in .whl/ when the machine has no index, and are installed from there.
 #   bash bench/gpu.sh tests   [pytest args]  every @pytest.mark.gpu test
 #   bash bench/gpu.sh e2e                    bench_e2e beside the transformers peer (bench/hf_peer.py),
 #                                            the card's ceilings (bench/ceilings.py) and, on 2+ GPUs, 1 GPU
