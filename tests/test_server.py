@@ -114,6 +114,9 @@ def test_stage_busy_fraction_and_prometheus_text():
     assert val("moepipe:stage_busy_seconds_total", stage="1") == pytest.approx(0.04)
     assert val("moepipe:stage_steps_total", stage="0") == 5 and val("moepipe:model_info") == 1
     assert not any(name.endswith("_created") for name, _ in got)
+    assert not any(name == "moepipe:step_cost_scale" for name, _ in got)  # no bound, no calibration
+    stats["scheduler"]["step_cost_scale"] = 0.43
+    assert "moepipe:step_cost_scale{model_name=\"m\"} 0.43" in m.render().decode()
 
 
 # ---- one server for the module -------------------------------------------------------------------

@@ -28,7 +28,9 @@ SCHEDULER_METRICS = (("running", "num_requests_running", False, "Sequences in th
                      ("generation_tokens", "generation_tokens", True, "Tokens generated"),
                      ("prefix_cache_queries", "prefix_cache_queries", True,
                       "Prompt tokens looked up in the prefix cache"),
-                     ("prefix_cache_hits", "prefix_cache_hits", True, "Prompt tokens found in the prefix cache"))
+                     ("prefix_cache_hits", "prefix_cache_hits", True, "Prompt tokens found in the prefix cache"),
+                     ("step_cost_scale", "step_cost_scale", False,
+                      "--max-step-ms: measured over fitted step time (present with the bound on)"))
 
 
 class ServerMetrics:
