@@ -91,6 +91,28 @@ def test_stop_drains_completed_steps_so_pending_stays_bounded():
     assert timer.collect(reset=False)["steps"] == 70
 
 
+def test_on_step_sees_each_step_once_done_and_never_waits():
+    """With on_step set (max_step_ms's calibration), each stop() hands over the steps the device has
+    finished, with their sizes, without waiting for the rest: the bound calibrates from the first
+    steps instead of after 64; steps stopped without pairs (the sampler's) are counted, not handed."""
+    timer, dev = _timer()
+    seen = []
+    timer.on_step = lambda ms, tokens, pairs: seen.append((ms, tokens, pairs))
+    t = timer.start()
+    dev.run(3.0)
+    timer.stop(t, 16, 1600.0)
+    assert seen == []  # still running
+    dev.finish()
+    t = timer.start()
+    dev.run(5.0)
+    timer.stop(t, 4, None)
+    assert seen == [(3.0, 16, 1600.0)]
+    dev.finish()
+    t = timer.start()
+    timer.stop(t, 1, 10.0)
+    assert seen == [(3.0, 16, 1600.0)] and timer.collect(reset=False)["steps"] == 2
+
+
 def test_spans_follow_stream_order():
     """A later span is not read before an earlier one that is still running (one stream)."""
     dev = FakeDevice()
