@@ -128,6 +128,9 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--attention", default=None)
     ap.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default: the engine's)")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="the engine's max_num_seqs (default: its own)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None,
+                    help="the engine's token budget per step (default: its own)")
     ap.add_argument("--mixed", action="store_true", help="also 32 concurrent requests, one of 90k tokens")
     ap.add_argument("--load-format", default="dummy", choices=["dummy", "auto"],
                     help="dummy: random weights made on each stage (default); auto: write --ckpt once and load it")
@@ -185,7 +188,8 @@ def run(a, result: dict, save, ckpt: Path) -> int:
         result["peer"] = run_peer(a.peer, a.peer_prefill, a.peer_timeout)
 
     t = time.perf_counter()
-    kv = {} if a.block_size is None else {"block_size": a.block_size}
+    kv = {k: v for k, v in (("block_size", a.block_size), ("max_num_seqs", a.max_num_seqs),
+                            ("max_num_batched_tokens", a.max_num_batched_tokens)) if v is not None}
     llm = LLM(str(ckpt), stages=a.stages, attention=a.attention, verbose=True, load_format=a.load_format, **kv)
     result["load_s"] = round(time.perf_counter() - t, 1)
     result["stage_info"] = llm.stage_info
