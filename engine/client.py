@@ -33,7 +33,6 @@ def kill_workers() -> None:
             pass
 
 
-
 # sun_path holds 108 bytes with the terminating NUL: a longer socket path fails to bind
 _UNIX_PATH_MAX = 107
 
@@ -41,18 +40,16 @@ _UNIX_PATH_MAX = 107
 def rendezvous_dir() -> str:
     """A new private folder for the stages' FileStore and the pipe socket ("pipe" inside it): under
     the temp folder (TMPDIR), or under /tmp where that path would be too long for a Unix socket."""
-    d = tempfile.mkdtemp(prefix="moepipe-rdzv-")
-    if len(os.fsencode(os.path.join(d, "pipe"))) <= _UNIX_PATH_MAX:
-        return d
-    os.rmdir(d)
-    if Path("/tmp").is_dir():
-        d = tempfile.mkdtemp(prefix="moepipe-rdzv-", dir="/tmp")
+    for parent in (None, "/tmp"):
+        if parent is not None and not Path(parent).is_dir():
+            continue
+        d = tempfile.mkdtemp(prefix="moepipe-rdzv-", dir=parent)
         if len(os.fsencode(os.path.join(d, "pipe"))) <= _UNIX_PATH_MAX:
             return d
         os.rmdir(d)
-    raise RuntimeError(f"the temp folder {tempfile.gettempdir()!r} is too long for the stages' Unix socket "
-                       f"(at most {_UNIX_PATH_MAX - len('/moepipe-rdzv-XXXXXXXX/pipe')} characters) and /tmp is "
-                       "missing: set TMPDIR to a shorter path")
+    raise RuntimeError(f"the temp folder {tempfile.gettempdir()!r} is too long for the stages' Unix socket path "
+                       f"({_UNIX_PATH_MAX} bytes in all) and /tmp is missing: set TMPDIR to a shorter path")
+
 
 class StageDied(RuntimeError):
     """A stage process ended while the engine needed it."""

@@ -139,8 +139,8 @@ def _place_kernel(ids_ptr, pairs_ptr, cursor_ptr, P, CW: tl.constexpr, CS: tl.co
 
 def align_wide(ids_Nk: torch.Tensor, E: int, BM: int, tile: int = WIDE_TILE) -> tuple[torch.Tensor, torch.Tensor]:
     """align_by_expert's grouping (the same block experts and rows of padding; each run holds its
-    expert's pairs in some order, as atomics hand out rows) in three launches over many programs: count (cdiv(P, tile)
-    programs), runs (RUNS_ROWS rows each), place (cdiv(P, tile)). Stream order makes each launch
+    expert's pairs in some order, as atomics hand out rows) in three launches over many programs:
+    count (cdiv(P, tile) programs), runs (RUNS_ROWS rows each), place (cdiv(P, tile)). Stream order makes each launch
     see the previous one's writes; no host sync. tile: pairs per program (a power of two)."""
     flat = ids_Nk.reshape(-1)
     P = flat.numel()
