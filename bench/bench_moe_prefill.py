@@ -1,16 +1,19 @@
-"""The MoE of one layer at prefill sizes on one GPU (dummy weights, a real shape): each piece of
-model/fused_moe_triton.experts_large timed on its own with CUDA events, beside its floor.
+"""The MoE of one layer at prefill and decode sizes on one GPU (dummy weights, a real shape): each
+piece of model/fused_moe_triton.experts_large timed on its own with CUDA events, beside its floor.
 
 - routing (router GEMM + top-k kernel);
 - the align: align_by_expert's torch ops (the reference) and moe_align.align_wide (the engine's);
 - the two grouped GEMMs (grouped_gemms; weight tiles by pointer loads and by TMA), in TFLOP/s of the real pairs' FLOPs (6 * P * H * I, the
   padding rows counted as waste) and as % of the bf16 matmul rate measured in the same run; with
-  --sweep every tile in TILES (N-major grid), both loads;
+  --sweep every tile in TILES (N-major grid), both loads; also as % of the copy rate at the bytes
+  of the experts the pairs touch (the floor at decode sizes, where a GEMM streams weights); below
+  the 64-row tiles the sweep takes DECODE_TILES at the engine's row tile (M-major, as the engine);
 - the k-term sum: torch's `sum(dim=1, dtype=float32).to(bf16)` (the reference) and combine_k (the
   engine's), as % of the copy rate (P * H reads + N * H writes);
 - the whole experts_large.
 
     python bench/bench_moe_prefill.py --tokens 1024,2048,4096,8192,16384 --sweep --out bench/results/x.json
+    python bench/bench_moe_prefill.py --tokens 16,64,256 --sweep       (decode steps' sizes)
 
 Routing is the dummy router's (near uniform over the experts, so every expert holds P / E rows)."""
 from __future__ import annotations
@@ -34,6 +37,9 @@ from model.backend import MOE_N_MAJOR_MIN_BM  # noqa: E402
 # (BM, BN, BK, warps, stages): grouped_tiles' prefill tile first
 TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 2), (128, 256, 64, 8, 2), (128, 128, 32, 4, 4),
          (128, 64, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 3))
+# (BN, BK, warps, stages) at decode sizes, the row tile (BM) the engine's: the default first
+DECODE_TILES = ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 2),
+                (32, 128, 4, 3), (64, 256, 4, 2), (128, 64, 8, 4))
 
 
 def matmul_rate() -> float:
@@ -78,15 +84,22 @@ def one_count(preset: str, N: int, sweep: bool, mm: float, bw: float) -> dict:
     row["align_wide_ms"] = timed(lambda: ma.align_wide(ids, E, BM))
     pairs, bexp = ma.align_by_expert(ids, E, BM)
     flops = 6 * P * H * I
+    # the floor in bytes: each touched expert's three matrices once, x read and y written per pair
+    wbytes = ids.unique().numel() * 3 * H * I * 2 + 2 * P * H * 2
+    pct_bw = lambda ms: 100 * wbytes / (ms / 1e3) / bw  # noqa: E731
     gemm = timed(lambda: fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles, nm))
-    row.update(gemm_ms=gemm, gemm_tflops=flops / gemm / 1e9, gemm_pct_mm=100 * flops / (gemm / 1e3) / mm)
+    row.update(gemm_ms=gemm, gemm_tflops=flops / gemm / 1e9, gemm_pct_mm=100 * flops / (gemm / 1e3) / mm,
+               gemm_bytes=wbytes, gemm_pct_bw=pct_bw(gemm))
     for load, tma in (("pointer", False), ("tma", True)):  # the engine's default is one of these
         ms = timed(lambda: fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles, nm, tma=tma))
         row[f"gemm_{load}_ms"], row[f"gemm_{load}_pct_mm"] = ms, 100 * flops / (ms / 1e3) / mm
+        row[f"gemm_{load}_pct_bw"] = pct_bw(ms)
     if sweep:
-        aligned = {bm: ma.align_by_expert(ids, E, bm) for bm in {t[0] for t in TILES}}  # outside the timing
+        sweep_tiles = TILES if BM >= 64 else tuple((BM, *t) for t in DECODE_TILES)
+        aligned = {bm: ma.align_by_expert(ids, E, bm) for bm in {t[0] for t in sweep_tiles}}  # outside the timing
         row["gemm_sweep_ms"] = {f"{t} tma={int(tma)}": sweep_one(lambda: fm.grouped_gemms(
-            x, w13, w2, *aligned[t[0]], w, t, t[0], tma=tma)) for t in TILES for tma in (False, True)}
+            x, w13, w2, *aligned[t[0]], w, t, t[0] if BM >= 64 else 0, tma=tma))
+            for t in sweep_tiles for tma in (False, True)}
     y = fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles, nm).view(N, k, H)
     cbytes = (P + N) * H * 2
     for name, fn in (("combine_torch", lambda: y.sum(dim=1, dtype=torch.float32).to(y.dtype)),
@@ -119,14 +132,16 @@ def main() -> None:
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"\n{res['gpu']}: bf16 matmul {mm / 1e12:.0f} TFLOP/s, copy {bw / 1e9:.0f} GB/s, {a.preset}, one layer (ms)")
-    print("tokens | route | align torch | align wide | GEMMs (% mm) | pointer loads | TMA loads | best sweep"
-          " | sum torch | sum triton (% bw) | whole")
+    print("tokens | route | align torch | align wide | GEMMs (% mm, % copy rate at the touched experts' bytes)"
+          " | pointer loads | TMA loads | best sweep | sum torch | sum triton (% bw) | whole")
     for r in rows:
         sw = [(k, v) for k, v in r.get("gemm_sweep_ms", {}).items() if v]
         best = min(sw, key=lambda kv: kv[1]) if sw else ("-", 0.0)
         print(f"{r['tokens']} | {r['route_ms']:.3f} | {r['align_torch_ms']:.3f} | {r['align_wide_ms']:.3f}"
-              f" | {r['gemm_ms']:.3f} ({r['gemm_pct_mm']:.0f}%) | {r['gemm_pointer_ms']:.3f} ({r['gemm_pointer_pct_mm']:.0f}%)"
-              f" | {r['gemm_tma_ms']:.3f} ({r['gemm_tma_pct_mm']:.0f}%) | {best[0]} {best[1]:.3f} | {r['combine_torch_ms']:.3f}"
+              f" | {r['gemm_ms']:.3f} ({r['gemm_pct_mm']:.0f}%, {r['gemm_pct_bw']:.0f}%)"
+              f" | {r['gemm_pointer_ms']:.3f} ({r['gemm_pointer_pct_mm']:.0f}%, {r['gemm_pointer_pct_bw']:.0f}%)"
+              f" | {r['gemm_tma_ms']:.3f} ({r['gemm_tma_pct_mm']:.0f}%, {r['gemm_tma_pct_bw']:.0f}%)"
+              f" | {best[0]} {best[1]:.3f} | {r['combine_torch_ms']:.3f}"
               f" | {r['combine_triton_ms']:.3f} ({r['combine_triton_pct_bw']:.0f}%) | {r['experts_large_ms']:.3f}")
 
 if __name__ == "__main__":
