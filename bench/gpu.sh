@@ -24,6 +24,7 @@
 #                                            --attention split: cuDNN for chunks; --moe-n-major-min-bm 0: the
 #                                            M-major grouped-GEMM grid, N-major's A/B; BD_TAG=x names files)
 #   bash bench/gpu.sh moe                    bench_moe_prefill (MoE pieces at 1k-16k tokens, tile sweep) after its tests
+#                                            (MOE_TOKENS=16,64,256: at the decode steps' sizes; MOE_TESTS=0: no tests)
 #   bash bench/gpu.sh fa3                    bench_attention's Hopper prefill tile sweep (FA3_CASES) after its tests
 #   bash bench/gpu.sh decode-sweep           bench_attention's decode splits / key steps at B=16-256 (1k) and B=1 (32k)
 #   bash bench/gpu.sh serving-bound          64 clients at --max-step-ms in BOUNDS (default "0 30 45")
@@ -138,11 +139,13 @@ breakdown)  # this branch's GPU tests first (no late compile at a shape no prese
   ;;
 moe)  # the MoE at prefill sizes (bench_moe_prefill: route, aligns, GEMMs with a tile sweep, k-term sums) after
   # the fused MoE's GPU tests
-  pt 300 --timeout=280 tests/test_fused_moe.py --deselect "tests/test_fused_moe.py::test_real_shapes_on_gpu[qwen3-235b-a22b]" \
+  [ "${MOE_TESTS:-1}" = 1 ] && pt 300 --timeout=280 tests/test_fused_moe.py --deselect "tests/test_fused_moe.py::test_real_shapes_on_gpu[qwen3-235b-a22b]" \
     --deselect "tests/test_fused_moe.py::test_real_shapes_on_gpu[user-config]" > "$OUT/gpu_tests_moe_prefill_$TAG.log" 2>&1
-  grep -E "passed|failed|FAILED|Timeout" "$OUT/gpu_tests_moe_prefill_$TAG.log" | tail -6
-  timeout 200 python3 bench/bench_moe_prefill.py --sweep --out "$OUT/moe_prefill_$TAG.json" > "$OUT/moe_prefill_$TAG.log" 2>&1
-  tail -8 "$OUT/moe_prefill_$TAG.log"
+  grep -sE "passed|failed|FAILED|Timeout" "$OUT/gpu_tests_moe_prefill_$TAG.log" | tail -6
+  sfx=${MOE_TOKENS:+_decode}  # MOE_TOKENS=16,64,256: the decode steps' sizes (files moe_prefill_..._decode)
+  timeout 200 python3 bench/bench_moe_prefill.py --sweep --tokens "${MOE_TOKENS:-1024,2048,4096,8192,16384}" \
+    --out "$OUT/moe_prefill_$TAG$sfx.json" > "$OUT/moe_prefill_$TAG$sfx.log" 2>&1
+  tail -8 "$OUT/moe_prefill_$TAG$sfx.log"
   ;;
 fa3)  # the Hopper prefill kernel's tile sweep (FA3_SWEEP) at the long-chunk cases, after its GPU tests
   pt 200 --timeout=190 tests/test_attention_fa3.py > "$OUT/gpu_tests_fa3_$TAG.log" 2>&1
