@@ -24,7 +24,7 @@ Prints every row, then a short table (per case: each implementation's default) l
 rewritten after each case.
 --sweep also times a few tile configurations (prefill, SWEEP_CASES; fa3's each with and without
 LAZY, the conditional rescale, and "auto exact": the default tiles without it) and block_n / num_splits
-(decode).
+(decode; from 64 sequences also the split kernel's warps and stages).
 """
 from __future__ import annotations
 
@@ -171,12 +171,22 @@ def decode_case(name, ctxs, rows, sweep, copy, block=64):
     if sweep:
         variants += [dict(num_splits=s, block_n=bn) for s in sorted({1, max(1, splits // 2), splits,
                      min(256, splits * 2)}) for bn in (32, 64, 128)]
+        if B >= 64:  # many sequences: the split kernel's warps and stages at the chosen splits
+            variants += [dict(num_splits=splits, block_n=bn, launch=(w, st)) for bn in (64, 128)
+                         for w in (4, 8) for st in (2, 3, 4) if (w, st) != (4, 3)]
     out = torch.empty_like(q)
     for kw in variants:
         def fn(kw=kw):
             return at.paged_decode(q, kc, vc, bt, cl, SCALE, max_context=max(ctxs), out=out, **kw)
-        ms = bench_graph(fn)
-        tag = "auto" if kw["num_splits"] is None else f"splits={kw['num_splits']} block_n={kw['block_n']}"
+        try:
+            ms = bench_graph(fn)
+        except Exception as e:  # a sweep config may not fit shared memory on this card
+            if type(e).__name__ != "OutOfResources":
+                raise
+            print(f"    decode {kw}: does not fit ({str(e)[:80]})", flush=True)
+            continue
+        tag = "auto" if kw["num_splits"] is None else f"splits={kw['num_splits']} block_n={kw['block_n']}" + (
+            f" warps={kw['launch'][0]} stages={kw['launch'][1]}" if "launch" in kw else "")
         rows.append(dict(case=name, impl="triton", variant=tag, block=block, ms=ms, GBps=gbytes / ms * 1e3,
                          num_splits=kw["num_splits"] or splits, pct_of_copy=100 * gbytes / ms * 1e3 / copy))
         print(f"    decode {tag}: {ms:.4f} ms {gbytes / ms * 1e3:.0f} GB/s", flush=True)

@@ -256,13 +256,14 @@ def _precision(dtype: torch.dtype) -> str:
 def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_tables_BM: torch.Tensor, context_lens_B: torch.Tensor, scale: float,
                  max_context: int | None = None, num_splits: int | None = None,
-                 out: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, block_n: int | None = None,
+                 launch: tuple[int, int] = (4, 3)) -> torch.Tensor:
     """One query per sequence: o[b] = softmax(q[b] k[:ctx_b]^T * scale) v[:ctx_b], GQA.
 
     q_BND [B, N, D]; caches [P, S, K, D]; block_tables_BM int32 [B, M]; context_lens_B int32 [B]
     (>= 1, includes the token of q). max_context (host int, an upper bound of context_lens) only
     picks num_splits; without both, the pool size P * S is used as the bound. block_n: keys per
-    step (default decode_block_n).
+    step (default decode_block_n). launch: the split kernel's (num_warps, num_stages).
     """
     B = q_BND.shape[0]
     N, K, D = _check_cache(q_BND, k_cache, v_cache)
@@ -290,7 +291,7 @@ def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_splits,
         G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, S=k_cache.shape[1],
         BLOCK_N=block_n, PRECISION=_precision(q_BND.dtype), UPCAST=_interpreted(),
-        num_warps=4, num_stages=3, **launch_args(q_BND.device),
+        num_warps=launch[0], num_stages=launch[1], **launch_args(q_BND.device),
     )
     _decode_merge_kernel[(B, N)](
         o_part, lse_part, context_lens_B, out, out.stride(0), out.stride(1), num_splits,
