@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .fused_triton import _round
 from .moe_align import align
+from .moe_route_align import TILE_MAX_TOKENS, route_align
 from .moe_route_triton import route_fused
 from .pdl import launch_args, pdl_enter
 from .tma import capable as tma_capable
@@ -353,25 +354,38 @@ def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int,
 
 def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor,
               top_k: int, norm_topk_prob: bool, small_max_pairs: int,
-              linear=torch.nn.functional.linear, n_major_min_bm: int = 0) -> torch.Tensor:
-    """Route (the reference's expert choice) then the fused experts."""
+              linear=torch.nn.functional.linear, n_major_min_bm: int = 0,
+              route_align_max_tokens: int = 0) -> torch.Tensor:
+    """Route (the reference's expert choice) then the fused experts; a grouped-path micro-batch of
+    at most route_align_max_tokens tokens (and TILE_MAX_TOKENS) routes and aligns in one launch
+    (model/moe_route_align.py)."""
+    N, P = x_NH.shape[0], x_NH.shape[0] * top_k
+    if P > small_max_pairs and N <= min(route_align_max_tokens, TILE_MAX_TOKENS):
+        tiles = grouped_tiles(P, w13_E2IH.shape[0])
+        w, pairs, bexp = route_align(linear(x_NH, gate_EH), top_k, norm_topk_prob, tiles[0])
+        y = grouped_gemms(x_NH, w13_E2IH, w2_EHI, pairs, bexp, w, tiles, n_major_min_bm)
+        return combine_k(y.view(N, top_k, -1))
     w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob, linear)
     return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, n_major_min_bm)
 
 
 # ---- warm-up: the variants these kernels compile -------------------------------------------------
-def warm_token_counts(num_experts: int, top_k: int, small_max_pairs: int, max_tokens: int) -> list[int]:
+def warm_token_counts(num_experts: int, top_k: int, small_max_pairs: int, max_tokens: int,
+                      route_align_max_tokens: int = 0) -> list[int]:
     """Token counts whose MoE launches between them compile every variant the engine can reach:
     the GEMV path's two tile sets (model.fused_moe_triton.small_tiles: up to 16 pairs or more), and
     the grouped path's tiles (grouped_tiles) at each class Triton gives the pair count P (== 1, a
     multiple of 16, other). The other int arguments are the model's own sizes. The align's kernels
     take P unspecialized: its runs kernel compiles once per BM, its count and place kernels once in
-    all, which the first count of each key reaches."""
+    all, which the first count of each key reaches; the one-launch route and align (up to
+    route_align_max_tokens tokens) once per token tile and BM."""
     from .attention_prefill_triton import stride_class
     found: dict[tuple, int] = {}
     for n in range(1, max_tokens + 1):
         P = n * top_k
         key = ("small", P <= 16) if P <= small_max_pairs else ("grouped", grouped_tiles(P, num_experts),
                                                                stride_class(P))
+        if P > small_max_pairs and n <= min(route_align_max_tokens, TILE_MAX_TOKENS):
+            key += (max(16, triton.next_power_of_2(n)),)
         found.setdefault(key, n)
     return sorted(found.values())
