@@ -7,6 +7,7 @@ heads per kv head), D head_dim, P blocks in the pool, S block size, M max blocks
   paged_decode     one query per sequence; split-K ("flash decoding"): grid (B, K, splits), each
                    program takes the G query heads of one kv head over one slice of the context,
                    writes a partial output and its log-sum-exp; a second kernel merges the slices.
+                   With one split (many sequences) the programs write the output directly.
 
 All metadata stays on the device (no host sync); the host ints the caller already knows
 (max_query_len, max_context) only size the grids. K/V are gathered token by token through the
@@ -103,34 +104,40 @@ def _attend_tile(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh, n0, end, qpos, qk_s
 # variant per class (== 1, divisible by 16, other) and combination, inside requests
 @triton.jit(do_not_specialize=["stride_btb", "num_splits"])
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, o_part_ptr, lse_part_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, o_part_ptr, lse_part_ptr, o_ptr,
     qk_scale,  # scale * log2(e)
     stride_qb, stride_qn,
     stride_kp, stride_ks, stride_kk,
     stride_vp, stride_vs, stride_vk,
-    stride_btb,
+    stride_btb, stride_ob, stride_on,
     num_splits,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
+    """DIRECT (num_splits == 1): each program holds its sequence's whole context and writes the
+    final output rows o [B, N, D] in o's dtype (no partials, no merge launch)."""
     pdl_release(PDL)  # the merge, then o_proj's weight stream, may start beside this kernel
     pdl_enter(PDL)
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
     ctx = tl.load(ctx_ptr + b)
+    offs_g = tl.arange(0, BLOCK_G)  # query heads of this group, padded to >= 16 rows for tl.dot
+    offs_d = tl.arange(0, D)
+    mask_g = offs_g < G
+    heads = kh * G + offs_g
+    o_rows = o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_on + offs_d[None, :]
     # Each sequence spreads its own context over the splits in BLOCK_N-aligned slices; a short one
     # fills only the first few, and the rest stop here (the merge reads only the filled ones).
     per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     if start >= ctx:
+        if DIRECT:  # no keys at all (ctx 0): zeros, as the merge writes
+            tl.store(o_rows, tl.zeros([BLOCK_G, D], tl.float32).to(o_ptr.dtype.element_ty), mask=mask_g[:, None])
         return
     end = tl.minimum(start + per_split, ctx)
 
-    offs_g = tl.arange(0, BLOCK_G)  # query heads of this group, padded to >= 16 rows for tl.dot
-    offs_d = tl.arange(0, D)
-    mask_g = offs_g < G
-    heads = kh * G + offs_g
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qn + offs_d[None, :],
                 mask=mask_g[:, None], other=0.0)  # [BLOCK_G, D]
 
@@ -148,6 +155,9 @@ def _decode_split_kernel(
     # Partial result normalised by its own sum (l > 0: the slice holds at least one key).
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if DIRECT:
+        tl.store(o_rows, o.to(o_ptr.dtype.element_ty), mask=mask_g[:, None])
+        return
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # log2 units
     row = (b * tl.num_programs(1) * G + heads).to(tl.int64) * num_splits + split  # [B, N, splits]
     tl.store(o_part_ptr + row[:, None] * D + offs_d[None, :], o, mask=mask_g[:, None])
@@ -211,6 +221,19 @@ def warm_decode_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device:
     forward can visit."""
     for block_n in sorted({decode_block_n(1, 1), DECODE_BLOCK_N}):
         _warm_merge(num_heads, head_dim, dtype, device, max_splits, block_n)
+
+
+def warm_decode_split(num_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                      device: torch.device) -> None:
+    """Compile the split kernel at both key steps, direct (one split) and with partials: a decode
+    step outside the CUDA graphs (eager) can take any of them, by its batch and its context."""
+    cache = torch.zeros(1, block_size, kv_heads, head_dim, device=device, dtype=dtype)
+    q = torch.zeros(1, num_heads, head_dim, device=device, dtype=dtype)
+    table = torch.zeros(1, 1, device=device, dtype=torch.int32)
+    ctx = torch.ones(1, device=device, dtype=torch.int32)
+    for block_n in sorted({decode_block_n(1, 1), DECODE_BLOCK_N}):
+        for splits in (1, 2):
+            paged_decode(q, cache, cache, table, ctx, 1.0, max_context=1, num_splits=splits, block_n=block_n)
 
 
 def _warm_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, max_splits: int,
@@ -279,20 +302,23 @@ def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert out.shape == q_BND.shape and out.stride(-1) == 1
     if B == 0:
         return out
-    o_part = torch.empty(B, N, num_splits, D, device=q_BND.device, dtype=torch.float32)
-    lse_part = torch.empty(B, N, num_splits, device=q_BND.device, dtype=torch.float32)
+    direct = num_splits == 1  # one slice a sequence: the split kernel writes out itself
+    o_part = torch.empty(B, N, num_splits, D, device=q_BND.device, dtype=torch.float32) if not direct else out
+    lse_part = torch.empty(B, N, num_splits, device=q_BND.device, dtype=torch.float32) if not direct else out
     _decode_split_kernel[(B, K, num_splits)](
-        q_BND, k_cache, v_cache, block_tables_BM, context_lens_B, o_part, lse_part,
+        q_BND, k_cache, v_cache, block_tables_BM, context_lens_B, o_part, lse_part, out,
         scale * _LOG2E,
         q_BND.stride(0), q_BND.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables_BM.stride(0),
+        block_tables_BM.stride(0), out.stride(0), out.stride(1),
         num_splits,
         G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, S=k_cache.shape[1],
         BLOCK_N=block_n, PRECISION=_precision(q_BND.dtype), UPCAST=_interpreted(),
-        num_warps=launch[0], num_stages=launch[1], **launch_args(q_BND.device),
+        DIRECT=direct, num_warps=launch[0], num_stages=launch[1], **launch_args(q_BND.device),
     )
+    if direct:
+        return out
     _decode_merge_kernel[(B, N)](
         o_part, lse_part, context_lens_B, out, out.stride(0), out.stride(1), num_splits,
         N=N, D=D, BLOCK_N=block_n, BLOCK_SPLITS=triton.next_power_of_2(num_splits),

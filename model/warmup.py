@@ -115,8 +115,10 @@ def precompile(stage: Stage, max_tokens: int, max_batch: int, max_context: int |
              else torch.randn(T, H, device=dev, dtype=stage.dtype))
         stage(x, batch)
     if dev.type == "cuda":
-        from .attention_triton import warm_decode_merge
+        from .attention_triton import warm_decode_merge, warm_decode_split
         if len(stage.layers):  # the merge kernel at every split-count class (its choice mixes batch and context)
-            warm_decode_merge(stage.cfg.num_attention_heads, stage.cfg.head_dim, stage.dtype, dev)
+            cfg = stage.cfg
+            warm_decode_merge(cfg.num_attention_heads, cfg.head_dim, stage.dtype, dev)
+            warm_decode_split(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, S, stage.dtype, dev)
         torch.cuda.synchronize(dev)
     return time.perf_counter() - t0

@@ -162,6 +162,18 @@ def test_decode_small(dtype, num_splits):
     run_decode([1, 17, 64, 200, 333], 6, 1, 32, 16, dtype, num_splits)  # G=6
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_with_no_keys_writes_zeros(num_splits):
+    """A sequence without keys (context 0) gets zeros, whether one program writes its output
+    directly (one split) or the merge does (weights 0); its neighbours stay exact."""
+    q, kc, vc, bt, _, cl = make_case([1, 1, 1], [40, 5, 130], 4, 2, 16, 8, torch.float32)
+    cl[1] = 0
+    o = at.paged_decode(q, kc, vc, bt, cl, 0.25, max_context=130, num_splits=num_splits, out=nan_like(q))
+    assert torch.equal(o[1], torch.zeros_like(o[1]))
+    keep = torch.tensor([0, 2])
+    check(o[keep], ref_fp32(q[keep], kc, vc, bt[keep], [1, 1], [40, 130], 0.25), torch.float32, "no keys")
+
+
 def test_decode_merge_reads_only_filled_splits(monkeypatch):
     """The engine's graphs fix the split count at the model's length (128 at batch 1), so short
     contexts leave most splits without a key; those programs write nothing. Poison every partial
