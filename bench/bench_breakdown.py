@@ -233,8 +233,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--kv-cache-gib", type=float, default=None)
     p.add_argument("--moe-n-major-min-bm", type=int, default=None,
                    help="model.backend.MOE_N_MAJOR_MIN_BM for this run (grouped MoE row tiles from which the grid is N-major; 0: off)")
-    p.add_argument("--moe-route-align-max-tokens", type=int, default=None,
-                   help="model.backend.MOE_ROUTE_ALIGN_MAX_TOKENS for this run (grouped MoE micro-batches routed and aligned in one launch; 0: off)")
     p.add_argument("--penalties-fused", choices=("on", "off"), default=None,
                    help="model.backend.PENALTIES_FUSED for this run (penalties in one Triton launch; default: the backend's)")
     p.add_argument("--out", default=None, help="JSON results")
@@ -245,10 +243,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.moe_n_major_min_bm is not None:
         import model.backend
         model.backend.MOE_N_MAJOR_MIN_BM = max(0, a.moe_n_major_min_bm)
-    if a.moe_route_align_max_tokens is not None:
-        import model.backend
-        model.backend.MOE_ROUTE_ALIGN_MAX_TOKENS = max(0, a.moe_route_align_max_tokens)
-    budget = 8192  # EngineOptions' max_num_batched_tokens default
+    from engine.options import EngineOptions
+    budget = EngineOptions().max_num_batched_tokens  # the engine's default step budget
     extra = -(-max(a.batches, default=1) * a.context // budget) + a.warm + 2 * a.steps + 64
     extra = max(extra, max(a.prefill, default=0) + 8 - a.context)
     model_arg = a.model
@@ -276,7 +272,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         Path(a.out).write_text(json.dumps({"model": a.model, "device": str(w.device),
                                            "penalties_fused": w.stage.backend.penalties_fused,
                                            "moe_n_major_min_bm": w.stage.backend.moe_n_major_min_bm,
-                                           "moe_route_align_max_tokens": w.stage.backend.moe_route_align_max_tokens,
                                            "attention": w.stage.backend.attention,
                                            "results": results, "prefill": pre}, indent=1))
     for r in results:

@@ -3,8 +3,6 @@ piece of model/fused_moe_triton.experts_large timed on its own with CUDA events,
 
 - routing (router GEMM + top-k kernel);
 - the align: align_by_expert's torch ops (the reference) and moe_align.align_wide (the engine's);
-  up to moe_route_align.TILE_MAX_TOKENS tokens also routing + align_wide against the one-launch
-  route_align (each with the router GEMM);
 - the two grouped GEMMs (grouped_gemms; weight tiles by pointer loads and by TMA), in TFLOP/s of the real pairs' FLOPs (6 * P * H * I, the
   padding rows counted as waste) and as % of the bf16 matmul rate measured in the same run; with
   --sweep every tile in TILES (N-major grid), both loads; also as % of the copy rate at the bytes
@@ -39,8 +37,8 @@ from model.backend import MOE_N_MAJOR_MIN_BM  # noqa: E402
 # (BM, BN, BK, warps, stages): grouped_tiles' prefill tile first
 TILES = ((128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 2), (128, 256, 64, 8, 2), (128, 128, 32, 4, 4),
          (128, 64, 64, 4, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 3))
-# (BN, BK, warps, stages) at decode sizes, the row tile (BM) the engine's: the default first
-DECODE_TILES = ((64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 2),
+# (BN, BK, warps, stages) at decode sizes, the row tile (BM) the engine's; the defaults (grouped_tiles) among them
+DECODE_TILES = ((128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 4, 3),
                 (32, 128, 4, 3), (64, 256, 4, 2), (128, 64, 8, 4))
 
 
@@ -77,16 +75,13 @@ def one_count(preset: str, N: int, sweep: bool, mm: float, bw: float) -> dict:
     x, w13, w2, gate, (H, I, E, k) = layer(preset, N, N)
     P = N * k
     w, ids = fm.route_fused(x, gate, k, True)
-    tiles = fm.grouped_tiles(P, E)
+    tiles = fm.grouped_tiles(P, E, x.device)
     BM = tiles[0]
     nm = MOE_N_MAJOR_MIN_BM
     row = {"tokens": N, "pairs": P, "tiles": list(tiles), "n_major_min_bm": nm,
            "route_ms": timed(lambda: fm.route_fused(x, gate, k, True)),
            "align_torch_ms": timed(lambda: ma.align_by_expert(ids, E, BM))}
     row["align_wide_ms"] = timed(lambda: ma.align_wide(ids, E, BM))
-    if N <= fm.TILE_MAX_TOKENS:  # the one-launch route + align against route_fused + align_wide, GEMM included
-        row["route_then_align_ms"] = timed(lambda: ma.align_wide(fm.route_fused(x, gate, k, True)[1], E, BM))
-        row["route_align_ms"] = timed(lambda: fm.route_align(torch.nn.functional.linear(x, gate), k, True, BM))
     pairs, bexp = ma.align_by_expert(ids, E, BM)
     flops = 6 * P * H * I
     # the floor in bytes: each touched expert's three matrices once, x read and y written per pair
@@ -148,9 +143,6 @@ def main() -> None:
               f" | {r['gemm_tma_ms']:.3f} ({r['gemm_tma_pct_mm']:.0f}%, {r['gemm_tma_pct_bw']:.0f}%)"
               f" | {best[0]} {best[1]:.3f} | {r['combine_torch_ms']:.3f}"
               f" | {r['combine_triton_ms']:.3f} ({r['combine_triton_pct_bw']:.0f}%) | {r['experts_large_ms']:.3f}")
-        if "route_align_ms" in r:
-            print(f"  {r['tokens']} tokens: route + align_wide {r['route_then_align_ms']:.4f} ms,"
-                  f" route_align (one launch) {r['route_align_ms']:.4f} ms")
 
 if __name__ == "__main__":
     main()

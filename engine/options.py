@@ -29,6 +29,9 @@ def parse_layers(text: str | None) -> list[int] | str | None:
         raise ValueError(f"--layers {text!r}: expected comma-separated integers like 25,23, or 'auto'") from None
 
 
+SERVE_MAX_NUM_BATCHED_TOKENS = 8192  # `serve`'s token budget per step (EngineOptions: 16384)
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     stages: int = _opt(1, "pipeline stages (one process, and on CUDA one GPU, each)", int)
@@ -41,8 +44,12 @@ class EngineOptions:
     block_size: int = _opt(64, "tokens per KV block (a power of two)", int)
     kv_cache_gib: float | None = _opt(None, "KV pool per stage in GiB (default: measured from free memory)", float)
     gpu_memory_utilization: float = _opt(0.9, "fraction of each GPU's memory the engine may use, in (0, 1]", float)
-    max_num_seqs: int = _opt(256, "most sequences running at once", int)
-    max_num_batched_tokens: int = _opt(8192, "token budget per step (the prefill chunk)", int)
+    # vLLM's large-card defaults: 512 sequences (the largest decode graph) and 16k-token steps for
+    # offline work, where a 1 000 x (1024 -> 128) batch runs 1.4x the throughput of 256 and 8k
+    # (bench/results/load_H200x1_2026-12-03_*); `serve` keeps 8k steps (SERVE_MAX_NUM_BATCHED_TOKENS),
+    # as a step's prefill chunk delays every running stream's next token
+    max_num_seqs: int = _opt(512, "most sequences running at once", int)
+    max_num_batched_tokens: int = _opt(16384, "token budget per step (the prefill chunk)", int)
     # off by default: the bound trades time to first token for time per output token; its cost model
     # (engine/runtime/chunking.py StepCost) is fitted on one card and model, and calibrated by stage
     # 0's measured steps to this one

@@ -33,11 +33,25 @@ DECODE_BLOCK_N = 128  # keys per step of the decode split kernel, and the granul
 # slices are short, and a 64-key tile halves a program's first load (bench/bench_decode_layer.py
 # at b1 and b16 times both)
 DECODE_SMALL_PAIRS = 8
+# From this many pairs (256 sequences of 4 kv heads) every program holds a whole short context:
+# 64-key steps two deep, so that more programs share an SM and overlap their first loads
+# (bench/bench_attention.py --only decode --sweep at 256 x 1k: 98% of the copy rate against 93%)
+DECODE_MANY_PAIRS = 1024
+
+
+def decode_launch(batch: int, kv_heads: int) -> tuple[int, int, int]:
+    """(keys per step, warps, stages) of the split kernel for this many (sequence, kv head) pairs."""
+    pairs = batch * kv_heads
+    if pairs <= DECODE_SMALL_PAIRS:
+        return 64, 4, 3
+    if pairs >= DECODE_MANY_PAIRS:
+        return 64, 4, 2
+    return DECODE_BLOCK_N, 4, 3
 
 
 def decode_block_n(batch: int, kv_heads: int) -> int:
     """Keys per step of the split kernel for this many (sequence, kv head) pairs."""
-    return 64 if batch * kv_heads <= DECODE_SMALL_PAIRS else DECODE_BLOCK_N
+    return decode_launch(batch, kv_heads)[0]
 
 
 @triton.jit
@@ -225,15 +239,17 @@ def warm_decode_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device:
 
 def warm_decode_split(num_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
                       device: torch.device) -> None:
-    """Compile the split kernel at both key steps, direct (one split) and with partials: a decode
-    step outside the CUDA graphs (eager) can take any of them, by its batch and its context."""
+    """Compile the split kernel at each of decode_launch's settings, direct (one split) and with
+    partials: a decode step outside the CUDA graphs (eager) can take any of them, by its batch and
+    its context."""
     cache = torch.zeros(1, block_size, kv_heads, head_dim, device=device, dtype=dtype)
     q = torch.zeros(1, num_heads, head_dim, device=device, dtype=dtype)
     table = torch.zeros(1, 1, device=device, dtype=torch.int32)
     ctx = torch.ones(1, device=device, dtype=torch.int32)
-    for block_n in sorted({decode_block_n(1, 1), DECODE_BLOCK_N}):
+    for block_n, warps, stages in {decode_launch(b, 1) for b in (1, DECODE_SMALL_PAIRS + 1, DECODE_MANY_PAIRS)}:
         for splits in (1, 2):
-            paged_decode(q, cache, cache, table, ctx, 1.0, max_context=1, num_splits=splits, block_n=block_n)
+            paged_decode(q, cache, cache, table, ctx, 1.0, max_context=1, num_splits=splits, block_n=block_n,
+                         launch=(warps, stages))
 
 
 def _warm_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, max_splits: int,
@@ -280,20 +296,22 @@ def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                  block_tables_BM: torch.Tensor, context_lens_B: torch.Tensor, scale: float,
                  max_context: int | None = None, num_splits: int | None = None,
                  out: torch.Tensor | None = None, block_n: int | None = None,
-                 launch: tuple[int, int] = (4, 3)) -> torch.Tensor:
+                 launch: tuple[int, int] | None = None) -> torch.Tensor:
     """One query per sequence: o[b] = softmax(q[b] k[:ctx_b]^T * scale) v[:ctx_b], GQA.
 
     q_BND [B, N, D]; caches [P, S, K, D]; block_tables_BM int32 [B, M]; context_lens_B int32 [B]
     (>= 1, includes the token of q). max_context (host int, an upper bound of context_lens) only
     picks num_splits; without both, the pool size P * S is used as the bound. block_n: keys per
-    step (default decode_block_n). launch: the split kernel's (num_warps, num_stages).
+    step and launch, the split kernel's (num_warps, num_stages): by default decode_launch's.
     """
     B = q_BND.shape[0]
     N, K, D = _check_cache(q_BND, k_cache, v_cache)
     G = N // K
     assert block_tables_BM.dtype == torch.int32 and context_lens_B.dtype == torch.int32
     assert block_tables_BM.stride(-1) == 1
-    block_n = block_n or decode_block_n(B, K)
+    auto_n, warps, stages = decode_launch(B, K)
+    block_n = block_n or auto_n
+    launch = launch or (warps, stages)
     if num_splits is None:
         bound = max_context if max_context is not None else k_cache.shape[0] * k_cache.shape[1]
         num_splits = choose_num_splits(B, K, bound, q_BND.device)

@@ -27,11 +27,6 @@ LINEAR_SMALL_MAX_TOKENS = 1
 # its N tiles: I / BN and H / BN, 6 and 16 at the 30b shape). 0: never. bench/bench_breakdown.py
 # --prefill 8192 --moe-n-major-min-bm 0|128 is the A/B.
 MOE_N_MAJOR_MIN_BM = 128
-# Grouped-path micro-batches of up to this many tokens route and group their pairs in one Triton
-# launch (model/moe_route_align.py, at most its TILE_MAX_TOKENS) instead of the top-k kernel and
-# align_wide's four; 0: never. bench/bench_moe_prefill.py times both at decode sizes,
-# bench/bench_breakdown.py --moe-route-align-max-tokens 0|64 is the step's A/B.
-MOE_ROUTE_ALIGN_MAX_TOKENS = 64
 # Penalties (repetition, frequency, presence) on the last stage's CUDA device as one Triton launch
 # (model/penalties_triton.py) instead of ~15 torch passes over [rows, vocab] (bench/
 # bench_breakdown.py --penalties-fused times it against the torch passes).
@@ -106,7 +101,6 @@ class Backend:
     moe_small_max_pairs: int = MOE_SMALL_MAX_PAIRS
     linear_small_max: int = 0  # tokens up to which linear() runs the Triton GEMV (0: always torch)
     moe_n_major_min_bm: int = 0  # grouped MoE row tiles from which a block's N tiles launch together (0: never)
-    moe_route_align_max_tokens: int = 0  # grouped MoE micro-batches routed and aligned in one launch (0: never)
     penalties_fused: bool = False  # the last stage's penalties in one Triton launch (CUDA)
 
     def linear(self, x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
@@ -147,5 +141,4 @@ def pick_backend(device: torch.device | str, attention: str | None = None, moe: 
     if fused and not cuda:
         raise ValueError("fused norm kernels need a CUDA device")
     return Backend(attention, moe, fused, linear_small_max=LINEAR_SMALL_MAX_TOKENS if fused else 0,
-                   moe_n_major_min_bm=MOE_N_MAJOR_MIN_BM, moe_route_align_max_tokens=MOE_ROUTE_ALIGN_MAX_TOKENS,
-                   penalties_fused=cuda and PENALTIES_FUSED)
+                   moe_n_major_min_bm=MOE_N_MAJOR_MIN_BM, penalties_fused=cuda and PENALTIES_FUSED)

@@ -15,6 +15,7 @@ SiLU and the product rounded, y * w rounded, the k terms summed in fp32, rounded
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -23,7 +24,6 @@ import triton.language as tl
 
 from .fused_triton import _round
 from .moe_align import align
-from .moe_route_align import TILE_MAX_TOKENS, route_align
 from .moe_route_triton import route_fused
 from .pdl import launch_args, pdl_enter
 from .tma import capable as tma_capable
@@ -253,15 +253,33 @@ def _down_grouped_kernel(act_ptr, w_ptr, pairs_ptr, bexp_ptr, tw_ptr, y_ptr, P, 
     tl.store(y_ptr + rows[:, None] * stride_yt + n[None, :], y.to(DT), mask=rmask[:, None] & nmask[None, :])
 
 
-def grouped_tiles(P: int, E: int) -> tuple[int, int, int, int, int]:
+@functools.lru_cache(maxsize=None)
+def _wide_smem(device_index: int) -> bool:
+    """The device holds the decode tiles' 108-139 KB of shared memory (A100 and Hopper: 164 / 227 KB
+    a block; consumer cards' 99 KB do not)."""
+    props = torch.cuda.get_device_properties(device_index)
+    optin = getattr(props, "shared_memory_per_block_optin", 0)
+    return optin >= 140 * 1024 if optin else (props.major, props.minor) in ((8, 0), (9, 0), (10, 0))
+
+
+def grouped_tiles(P: int, E: int, device: torch.device | None = None) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, warps, stages): BM near the rows per expert, so that a block holds one expert's
-    rows with little padding; the (128, 128) tile once experts hold more than 96 rows each
-    (bench/bench_decode_layer.py --sweep times other tiles)."""
+    rows with little padding; the (128, 128) tile once experts hold more than 96 rows each. At decode
+    sizes (16-row tiles) the GEMMs stream expert weights: long K steps, and at most 4 rows an expert
+    (batch 64 and less at top-8 of 128) wide N tiles too (bench/bench_moe_prefill.py --tokens
+    16,64,256 --sweep times the others). device: a CUDA device without the shared memory for those
+    decode tiles keeps (16, 64, 64, 4, 3); None (and CPU): the tiles above."""
     per_expert = P / E
     if per_expert > 96:
         return 128, 128, 64, 8, 3
-    BM = 16 if per_expert <= 16 else 32 if per_expert <= 48 else 64
-    return BM, 64, 64, 4, 3
+    if per_expert <= 16 and device is not None and device.type == "cuda" and not _wide_smem(
+            device.index if device.index is not None else torch.cuda.current_device()):
+        return 16, 64, 64, 4, 3
+    if per_expert <= 4:
+        return 16, 128, 128, 8, 2
+    if per_expert <= 16:
+        return 16, 64, 128, 4, 3
+    return (32 if per_expert <= 48 else 64), 64, 64, 4, 3
 
 
 def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor, ids_Nk: torch.Tensor,
@@ -271,7 +289,7 @@ def experts_large(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
     sum over the k terms in one pass (combine_k: half the time of torch's bf16 reduce plus cast)."""
     N, H = x_NH.shape
     k = ids_Nk.shape[1]
-    tiles = tiles or grouped_tiles(N * k, w13_E2IH.shape[0])
+    tiles = tiles or grouped_tiles(N * k, w13_E2IH.shape[0], x_NH.device)
     pairs, bexp = align(ids_Nk, w13_E2IH.shape[0], tiles[0])
     y = grouped_gemms(x_NH, w13_E2IH, w2_EHI, pairs, bexp, w_Nk, tiles, n_major_min_bm).view(N, k, H)
     return combine_k(y)
@@ -354,38 +372,25 @@ def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int,
 
 def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor,
               top_k: int, norm_topk_prob: bool, small_max_pairs: int,
-              linear=torch.nn.functional.linear, n_major_min_bm: int = 0,
-              route_align_max_tokens: int = 0) -> torch.Tensor:
-    """Route (the reference's expert choice) then the fused experts; a grouped-path micro-batch of
-    at most route_align_max_tokens tokens (and TILE_MAX_TOKENS) routes and aligns in one launch
-    (model/moe_route_align.py)."""
-    N, P = x_NH.shape[0], x_NH.shape[0] * top_k
-    if P > small_max_pairs and N <= min(route_align_max_tokens, TILE_MAX_TOKENS):
-        tiles = grouped_tiles(P, w13_E2IH.shape[0])
-        w, pairs, bexp = route_align(linear(x_NH, gate_EH), top_k, norm_topk_prob, tiles[0])
-        y = grouped_gemms(x_NH, w13_E2IH, w2_EHI, pairs, bexp, w, tiles, n_major_min_bm)
-        return combine_k(y.view(N, top_k, -1))
+              linear=torch.nn.functional.linear, n_major_min_bm: int = 0) -> torch.Tensor:
+    """Route (the reference's expert choice) then the fused experts."""
     w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob, linear)
     return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, n_major_min_bm)
 
 
 # ---- warm-up: the variants these kernels compile -------------------------------------------------
-def warm_token_counts(num_experts: int, top_k: int, small_max_pairs: int, max_tokens: int,
-                      route_align_max_tokens: int = 0) -> list[int]:
+def warm_token_counts(num_experts: int, top_k: int, small_max_pairs: int, max_tokens: int) -> list[int]:
     """Token counts whose MoE launches between them compile every variant the engine can reach:
     the GEMV path's two tile sets (model.fused_moe_triton.small_tiles: up to 16 pairs or more), and
     the grouped path's tiles (grouped_tiles) at each class Triton gives the pair count P (== 1, a
     multiple of 16, other). The other int arguments are the model's own sizes. The align's kernels
     take P unspecialized: its runs kernel compiles once per BM, its count and place kernels once in
-    all, which the first count of each key reaches; the one-launch route and align (up to
-    route_align_max_tokens tokens) once per token tile and BM."""
+    all, which the first count of each key reaches."""
     from .attention_prefill_triton import stride_class
     found: dict[tuple, int] = {}
     for n in range(1, max_tokens + 1):
         P = n * top_k
         key = ("small", P <= 16) if P <= small_max_pairs else ("grouped", grouped_tiles(P, num_experts),
                                                                stride_class(P))
-        if P > small_max_pairs and n <= min(route_align_max_tokens, TILE_MAX_TOKENS):
-            key += (max(16, triton.next_power_of_2(n)),)
         found.setdefault(key, n)
     return sorted(found.values())

@@ -162,6 +162,15 @@ def test_decode_small(dtype, num_splits):
     run_decode([1, 17, 64, 200, 333], 6, 1, 32, 16, dtype, num_splits)  # G=6
 
 
+def test_decode_many_sequences():
+    """DECODE_MANY_PAIRS (sequence, kv head) pairs of mixed short contexts: decode_launch's setting
+    for them (64-key steps, two stages on GPU), one split, each program writing its output."""
+    g = torch.Generator().manual_seed(3)
+    ctxs = torch.randint(1, 150, (at.DECODE_MANY_PAIRS // 4,), generator=g).tolist()
+    assert at.decode_launch(len(ctxs), 4)[0] == 64
+    run_decode(ctxs, 8, 4, 16, 16, torch.float32)
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_decode_with_no_keys_writes_zeros(num_splits):
     """A sequence without keys (context 0) gets zeros, whether one program writes its output
@@ -197,9 +206,12 @@ def test_decode_both_key_steps(block_n, num_splits):
 
 
 def test_decode_block_n_by_pairs():
-    """64-key steps up to DECODE_SMALL_PAIRS (sequence, kv head) pairs, 128 past them."""
+    """64-key steps up to DECODE_SMALL_PAIRS (sequence, kv head) pairs, 128 past them, and 64 again,
+    two stages deep, from DECODE_MANY_PAIRS."""
     assert at.decode_block_n(1, 4) == at.decode_block_n(2, 4) == 64
     assert at.decode_block_n(3, 4) == at.decode_block_n(16, 4) == at.DECODE_BLOCK_N == 128
+    assert at.decode_launch(16, 4) == (128, 4, 3) and at.decode_launch(255, 4) == (128, 4, 3)
+    assert at.decode_launch(256, 4) == at.decode_launch(512, 4) == (64, 4, 2)  # DECODE_MANY_PAIRS
 
 
 def test_decode_group2_block8():

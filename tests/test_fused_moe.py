@@ -30,11 +30,9 @@ from model import moe_align as ma  # noqa: E402
 from model.moe import experts_grouped, route  # noqa: E402
 
 if not _CUDA and os.environ.get("TRITON_INTERPRET") == "1":
-    import model.moe_route_align as _route_align
     import model.moe_route_triton as _route
-    importlib.reload(_route)  # first: fused_moe_triton binds its route_fused, route_align and align
+    importlib.reload(_route)  # first: fused_moe_triton binds its route_fused and align
     ma = importlib.reload(ma)
-    importlib.reload(_route_align)  # after moe_align: it binds moe_align's jit helpers
     fm = importlib.reload(fm)
 DEV = "cuda" if _CUDA else "cpu"
 
