@@ -48,6 +48,19 @@ def test_good_options_and_layers_forms():
         options_from_kwargs(max_num_seq=4)  # a misspelt option is an error, not ignored
 
 
+def test_serve_keeps_8k_steps_and_the_offline_engine_takes_16k():
+    """vLLM's large-card defaults: `serve` steps of 8k tokens (a chunk delays every stream), the
+    LLM and `generate` 16k; both 512 sequences."""
+    from engine.cli import serve
+    from engine.options import SERVE_MAX_NUM_BATCHED_TOKENS
+    ap = argparse.ArgumentParser()
+    serve.add_parser(ap.add_subparsers())
+    a = ap.parse_args(["serve"])
+    assert a.max_num_batched_tokens == SERVE_MAX_NUM_BATCHED_TOKENS == 8192 and a.max_num_seqs == 512
+    assert EngineOptions().max_num_batched_tokens == 16384 and EngineOptions().max_num_seqs == 512
+    assert ap.parse_args(["serve", "--max-num-batched-tokens", "4096"]).max_num_batched_tokens == 4096
+
+
 def test_every_field_has_a_flag_with_help_and_default():
     ap = argparse.ArgumentParser()
     add_option_flags(ap)
@@ -57,7 +70,7 @@ def test_every_field_has_a_flag_with_help_and_default():
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         assert flag in text
     text = " ".join(text.split())
-    assert "(the prefill chunk) [default: 8192]" in text and "(a power of two) [default: 64]" in text
+    assert "(the prefill chunk) [default: 16384]" in text and "(a power of two) [default: 64]" in text
     a = ap.parse_args(["--stages", "2", "--layers", "3,1", "--quiet", "--max-num-seqs", "7", "--load-format", "dummy"])
     o = options_from_args(a)
     assert (o.stages, o.layers, o.verbose, o.max_num_seqs, o.load_format) == (2, [3, 1], False, 7, "dummy")
