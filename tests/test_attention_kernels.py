@@ -314,6 +314,18 @@ def test_gpu_decode_b16_mixed():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+def test_gpu_decode_serving_batches():
+    """256 sequences of mixed 1-1.5k contexts (decode_launch's 64-key steps two stages deep, one
+    split written directly) and 40 of them (128-key steps, one split), block 64, at the 30b heads."""
+    g = torch.Generator().manual_seed(1)
+    ctxs = torch.randint(1, 1500, (256,), generator=g).tolist()
+    assert at.decode_launch(256, 4) == (64, 4, 2)
+    run_decode(ctxs, 32, 4, 128, 64, BF16)
+    run_decode(ctxs[:40], 32, 4, 128, 64, BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
 def test_gpu_prefill_fresh_8k():
     run_fa([8192], [8192], 32, 4, 128, 16, BF16)
 
