@@ -45,9 +45,9 @@ class EngineOptions:
     kv_cache_gib: float | None = _opt(None, "KV pool per stage in GiB (default: measured from free memory)", float)
     gpu_memory_utilization: float = _opt(0.9, "fraction of each GPU's memory the engine may use, in (0, 1]", float)
     # vLLM's large-card defaults: 512 sequences (the largest decode graph) and 16k-token steps for
-    # offline work, where a 1 000 x (1024 -> 128) batch runs 1.4x the throughput of 256 and 8k
-    # (bench/results/load_H200x1_2026-12-03_*); `serve` keeps 8k steps (SERVE_MAX_NUM_BATCHED_TOKENS),
-    # as a step's prefill chunk delays every running stream's next token
+    # offline work, where more sequences decode beside each prefill chunk and a chunk's MoE reads
+    # each expert's weights once for more tokens (BENCHMARKS.md, "Load settings"); `serve` keeps 8k
+    # steps (SERVE_MAX_NUM_BATCHED_TOKENS), as a step's prefill chunk delays every stream's next token
     max_num_seqs: int = _opt(512, "most sequences running at once", int)
     max_num_batched_tokens: int = _opt(16384, "token budget per step (the prefill chunk)", int)
     # off by default: the bound trades time to first token for time per output token; its cost model

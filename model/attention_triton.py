@@ -35,7 +35,7 @@ DECODE_BLOCK_N = 128  # keys per step of the decode split kernel, and the granul
 DECODE_SMALL_PAIRS = 8
 # From this many pairs (256 sequences of 4 kv heads) every program holds a whole short context:
 # 64-key steps two deep, so that more programs share an SM and overlap their first loads
-# (bench/bench_attention.py --only decode --sweep at 256 x 1k: 98% of the copy rate against 93%)
+# (bench/bench_attention.py --only decode --sweep times the other settings)
 DECODE_MANY_PAIRS = 1024
 
 
@@ -321,8 +321,11 @@ def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if B == 0:
         return out
     direct = num_splits == 1  # one slice a sequence: the split kernel writes out itself
-    o_part = torch.empty(B, N, num_splits, D, device=q_BND.device, dtype=torch.float32) if not direct else out
-    lse_part = torch.empty(B, N, num_splits, device=q_BND.device, dtype=torch.float32) if not direct else out
+    if direct:  # no partials: the kernel's partial pointers are never read or written
+        o_part = lse_part = out
+    else:
+        o_part = torch.empty(B, N, num_splits, D, device=q_BND.device, dtype=torch.float32)
+        lse_part = torch.empty(B, N, num_splits, device=q_BND.device, dtype=torch.float32)
     _decode_split_kernel[(B, K, num_splits)](
         q_BND, k_cache, v_cache, block_tables_BM, context_lens_B, o_part, lse_part, out,
         scale * _LOG2E,

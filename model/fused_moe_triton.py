@@ -255,8 +255,8 @@ def _down_grouped_kernel(act_ptr, w_ptr, pairs_ptr, bexp_ptr, tw_ptr, y_ptr, P, 
 
 @functools.lru_cache(maxsize=None)
 def _wide_smem(device_index: int) -> bool:
-    """The device holds the decode tiles' 108-139 KB of shared memory (A100 and Hopper: 164 / 227 KB
-    a block; consumer cards' 99 KB do not)."""
+    """The device's shared memory a block holds grouped_tiles' decode tiles (their stages of A and
+    weight tiles: about 140 KB at the widest); without the opt-in figure, by compute capability."""
     props = torch.cuda.get_device_properties(device_index)
     optin = getattr(props, "shared_memory_per_block_optin", 0)
     return optin >= 140 * 1024 if optin else (props.major, props.minor) in ((8, 0), (9, 0), (10, 0))
