@@ -105,11 +105,14 @@ def copy_gbps() -> float:
     return 2 * a.numel() * a.element_size() / ms / 1e6
 
 
-def make(qlens: list[int], ctxs: list[int], seed: int = 0, N: int = N, K: int = K, S: int = S):
-    """q [T, N, D], caches [P, S, K, D] with a shuffled block table per sequence, metadata."""
+def make(qlens: list[int], ctxs: list[int], seed: int = 0, N: int = N, K: int = K, S: int = S,
+         pool_blocks: int = 0):
+    """q [T, N, D], caches [P, S, K, D] with a shuffled block table per sequence, metadata. P: the
+    blocks the sequences need, or pool_blocks when larger (their blocks then drawn from all of it,
+    as from the engine's KV pool)."""
     g = torch.Generator(device=DEV).manual_seed(seed)
     nblk = [triton.cdiv(c, S) for c in ctxs]
-    P = sum(nblk)
+    P = max(sum(nblk), pool_blocks)
     k_cache = torch.randn(P, S, K, D, device=DEV, dtype=DT, generator=g)
     v_cache = torch.randn(P, S, K, D, device=DEV, dtype=DT, generator=g)
     perm = torch.randperm(P, device=DEV, generator=g).to(torch.int32)
@@ -161,10 +164,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def decode_case(name, ctxs, rows, sweep, copy, block=64):
-    """block: the pool's block size (the engine's default)."""
+def decode_case(name, ctxs, rows, sweep, copy, block=64, pool_gib=0.0):
+    """block: the pool's block size (the engine's default); pool_gib: each of K and V a pool of this
+    size, the sequences' blocks drawn from all of it (0: just the blocks they need)."""
     B = len(ctxs)
-    q, kc, vc, bt, _, cl = make([1] * B, ctxs, S=block)
+    q, kc, vc, bt, _, cl = make([1] * B, ctxs, S=block, pool_blocks=int(pool_gib * 2 ** 30 / (block * K * D * 2)))
     gbytes = sum(ctxs) * K * D * 2 * 2 / 1e9
     splits = at.choose_num_splits(B, K, max(ctxs), DEV)
     variants = [dict(num_splits=None)]
@@ -187,7 +191,7 @@ def decode_case(name, ctxs, rows, sweep, copy, block=64):
             continue
         tag = "auto" if kw["num_splits"] is None else f"splits={kw['num_splits']} block_n={kw['block_n']}" + (
             f" warps={kw['launch'][0]} stages={kw['launch'][1]}" if "launch" in kw else "")
-        rows.append(dict(case=name, impl="triton", variant=tag, block=block, ms=ms, GBps=gbytes / ms * 1e3,
+        rows.append(dict(case=name, impl="triton", variant=tag, block=block, pool_blocks=kc.shape[0], ms=ms, GBps=gbytes / ms * 1e3,
                          num_splits=kw["num_splits"] or splits, pct_of_copy=100 * gbytes / ms * 1e3 / copy))
         print(f"    decode {tag}: {ms:.4f} ms {gbytes / ms * 1e3:.0f} GB/s", flush=True)
     if len(set(ctxs)) == 1:  # peer: SDPA on contiguous [B, K, ctx, D] K/V, one query, no mask
@@ -268,6 +272,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time other tile configs / splits")
     ap.add_argument("--only", choices=("prefill", "decode"), default=None)
     ap.add_argument("--decode-block-size", type=int, default=64, help="block size of the decode cases' pool")
+    ap.add_argument("--decode-pool-gib", type=float, default=0.0,
+                    help="the decode cases' K and V pools this size each, blocks drawn from all of it (the engine's pool)")
     ap.add_argument("--cases", default=None, help="comma-separated case names to run")
     ap.add_argument("--configs", default=None,
                     help="sweep these fa tiles instead, e.g. '256,64,16,2;128,128,8,3' (M,N,warps,stages)")
@@ -288,7 +294,7 @@ def main() -> None:
             continue
         print(f"... {name}", flush=True)
         if kind == "decode":
-            decode_case(name, [a] * b, rows, args.sweep, cp, args.decode_block_size)  # a: context, b: batch
+            decode_case(name, [a] * b, rows, args.sweep, cp, args.decode_block_size, args.decode_pool_gib)  # a: context, b: batch
         else:  # a: chunk length, b: context after it; "prefill N/K[/S]" names heads and block size
             nks = [int(x) for x in kind.split()[1].split("/")] if " " in kind else [N, K]
             prefill_case(name, a, b, rows, args.sweep and name in SWEEP_CASES, nks[0], nks[1], mm,

@@ -8,6 +8,8 @@ piece of model/fused_moe_triton.experts_large timed on its own with CUDA events,
   --sweep every tile in TILES (N-major grid), both loads; also as % of the copy rate at the bytes
   of the experts the pairs touch (the floor at decode sizes, where a GEMM streams weights); below
   the 64-row tiles the sweep takes DECODE_TILES at the engine's row tile (M-major, as the engine);
+- cuBLAS's grouped GEMM (torch._grouped_mm) on the same pairs, rows gathered by expert beforehand
+  (outside the timing): both GEMMs with torch's silu * up between them, and the two GEMMs alone;
 - the k-term sum: torch's `sum(dim=1, dtype=float32).to(bf16)` (the reference) and combine_k (the
   engine's), as % of the copy rate (P * H reads + N * H writes);
 - the whole experts_large.
@@ -94,6 +96,24 @@ def one_count(preset: str, N: int, sweep: bool, mm: float, bw: float) -> dict:
         ms = timed(lambda: fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles, nm, tma=tma))
         row[f"gemm_{load}_ms"], row[f"gemm_{load}_pct_mm"] = ms, 100 * flops / (ms / 1e3) / mm
         row[f"gemm_{load}_pct_bw"] = pct_bw(ms)
+    if hasattr(torch, "_grouped_mm"):  # the library's grouped GEMM, its gather and offsets outside the timing
+        order = torch.argsort(ids.reshape(-1), stable=True)
+        xs = x[order // k]
+        offs = torch.cumsum(torch.bincount(ids.reshape(-1), minlength=E), 0).to(torch.int32)
+        w13t, w2t = w13.transpose(1, 2), w2.transpose(1, 2)
+        act = torch.randn(P, I, device=x.device, dtype=x.dtype)
+
+        def cublas(both: bool):
+            h = torch._grouped_mm(xs, w13t, offs=offs)
+            a = torch.nn.functional.silu(h[:, :I]) * h[:, I:] if both else act
+            return torch._grouped_mm(a, w2t, offs=offs)
+        for name, both in (("gemm_cublas", True), ("gemm_cublas_only", False)):
+            try:
+                ms = timed(lambda: cublas(both))
+            except RuntimeError as e:  # a torch build whose grouped GEMM lacks this card or layout
+                print(f"{name}: {e}", file=sys.stderr)
+                continue
+            row[f"{name}_ms"], row[f"{name}_pct_mm"] = ms, 100 * flops / (ms / 1e3) / mm
     if sweep:
         sweep_tiles = TILES if BM >= 64 else tuple((BM, *t) for t in DECODE_TILES)
         aligned = {bm: ma.align_by_expert(ids, E, bm) for bm in {t[0] for t in sweep_tiles}}  # outside the timing
@@ -133,7 +153,8 @@ def main() -> None:
         Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"\n{res['gpu']}: bf16 matmul {mm / 1e12:.0f} TFLOP/s, copy {bw / 1e9:.0f} GB/s, {a.preset}, one layer (ms)")
     print("tokens | route | align torch | align wide | GEMMs (% mm, % copy rate at the touched experts' bytes)"
-          " | pointer loads | TMA loads | best sweep | sum torch | sum triton (% bw) | whole")
+          " | pointer loads | TMA loads | best sweep | cuBLAS grouped + silu / GEMMs alone (% mm)"
+          " | sum torch | sum triton (% bw) | whole")
     for r in rows:
         sw = [(k, v) for k, v in r.get("gemm_sweep_ms", {}).items() if v]
         best = min(sw, key=lambda kv: kv[1]) if sw else ("-", 0.0)
@@ -141,7 +162,8 @@ def main() -> None:
               f" | {r['gemm_ms']:.3f} ({r['gemm_pct_mm']:.0f}%, {r['gemm_pct_bw']:.0f}%)"
               f" | {r['gemm_pointer_ms']:.3f} ({r['gemm_pointer_pct_mm']:.0f}%, {r['gemm_pointer_pct_bw']:.0f}%)"
               f" | {r['gemm_tma_ms']:.3f} ({r['gemm_tma_pct_mm']:.0f}%, {r['gemm_tma_pct_bw']:.0f}%)"
-              f" | {best[0]} {best[1]:.3f} | {r['combine_torch_ms']:.3f}"
+              f" | {best[0]} {best[1]:.3f} | {r.get('gemm_cublas_ms', 0):.3f} / {r.get('gemm_cublas_only_ms', 0):.3f}"
+              f" ({r.get('gemm_cublas_only_pct_mm', 0):.0f}%) | {r['combine_torch_ms']:.3f}"
               f" | {r['combine_triton_ms']:.3f} ({r['combine_triton_pct_bw']:.0f}%) | {r['experts_large_ms']:.3f}")
 
 if __name__ == "__main__":
