@@ -1,7 +1,6 @@
 """The dense projections of a decode step (fused qkv, o_proj, router) at 1 to 8 tokens: cuBLAS
 (F.linear) against the small-token Triton GEMV (model/linear_triton.py) at its default tile and a
-few others, with and without PDL; at --dot-tokens (2 to 64) the tensor-core linear_dot at its
-default tile and DOT_TILES, with PDL (the default also without). Each figure is graph-timed over 8 weight copies called in turn
+few others, with and without PDL. Each figure is graph-timed over 8 weight copies called in turn
 (so L2 does not hold the weight), in us per call and % of the copy bandwidth measured in the same
 run. Chooses model.backend.LINEAR_SMALL_MAX_TOKENS.
 
@@ -22,12 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_decode_layer import copy_bandwidth, timed  # noqa: E402
 from loader.dummy import dummy_config  # noqa: E402
 from model import pdl  # noqa: E402
-from model.linear_triton import dot_linear_tiles, linear_dot, linear_small, small_linear_tiles  # noqa: E402
+from model.linear_triton import linear_small, small_linear_tiles  # noqa: E402
 
 COPIES = 8
-# linear_dot's (BN, BK, warps, stages)
-DOT_TILES = ((16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 6), (64, 128, 4, 4), (16, 128, 4, 8),
-             (32, 512, 8, 3), (64, 256, 8, 3))
 TILES = ((4, 1024, 4), (2, 1024, 4), (8, 512, 4), (4, 512, 4), (2, 2048, 8), (1, 2048, 4), (4, 2048, 8), (2, 4096, 8))
 
 
@@ -39,7 +35,6 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="qwen3-30b-a3b")
     ap.add_argument("--tokens", default="1,2,4,8")
-    ap.add_argument("--dot-tokens", default="2,4,8,16,32,64")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     cfg = dummy_config(a.preset)
@@ -73,25 +68,6 @@ def main() -> int:
             best = min((v, k) for k, v in row.items() if k.startswith("("))
             print(f"{name:7s} T{T}: floor {floor:5.1f} us, cuBLAS {row['cublas']:5.1f}, default "
                   f"{row[f'{default} pdl']:5.1f} (pdl) {row[str(default)]:5.1f}, best {best[0]:5.1f} {best[1]}", flush=True)
-        for T in (int(t) for t in a.dot_tokens.split(",") if t):
-            x = torch.randn(T, K, device="cuda", dtype=torch.bfloat16, generator=g)
-            ref = (x.double() @ ws[0].double().T)
-            row = {"floor_us": floor, "cublas": per_call_us(lambda w: F.linear(x, w), ws)}
-            default = dot_linear_tiles(T, N, K)
-            for tiles in dict.fromkeys((default,) + DOT_TILES):
-                for on in ((True, False) if tiles == default else (True,)):
-                    pdl.set_enabled(on)
-                    y = linear_dot(x, ws[0], tiles)
-                    err = ((y.double() - ref).abs() / ref.abs().clamp_min(1e-3)).max().item()
-                    row[f"dot {tiles}{' pdl' if on else ''}"] = per_call_us(lambda w: linear_dot(x, w, tiles), ws)
-                    row["max_rel_err"] = max(row.get("max_rel_err", 0.0), err)
-            pdl.set_enabled(None)
-            row["default_tiles"] = list(default)
-            res["rows"][f"{name} dot T{T}"] = row
-            best = min((v, k) for k, v in row.items() if k.startswith("dot"))
-            print(f"{name:7s} T{T}: floor {floor:5.1f} us, cuBLAS {row['cublas']:5.1f}, dot default "
-                  f"{row[f'dot {default} pdl']:5.1f} (pdl) {row[f'dot {default}']:5.1f}, best {best[0]:5.1f} {best[1]}",
-                  flush=True)
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     return 0

@@ -21,10 +21,6 @@ MOE_SMALL_MAX_PAIRS = 64
 # the weights with no split-K second kernel; from two tokens on cuBLAS's tiles reuse each weight
 # load (bench/bench_linear_small.py times both).
 LINEAR_SMALL_MAX_TOKENS = 1
-# ... and from there up to this many tokens, the PDL-launched tensor-core GEMM of narrow column tiles
-# (linear_triton.linear_dot; 0: cuBLAS), which streams the weights over many more programs than
-# cuBLAS's tiles at decode batches (bench/bench_linear_small.py --dot-tokens times both).
-LINEAR_DOT_MAX_TOKENS = 0
 # Grouped-GEMM launches with a row tile (BM) of at least this many rows order their grid N-major: a
 # block's N tiles run side by side and read its gathered A rows once from HBM (blocks side by side
 # instead share an N tile of an expert's weights, and a block's A rows are read again for each of
@@ -104,20 +100,14 @@ class Backend:
     fused_norms: bool  # Triton add+RMSNorm, q/k-norm+rope+KV write
     moe_small_max_pairs: int = MOE_SMALL_MAX_PAIRS
     linear_small_max: int = 0  # tokens up to which linear() runs the Triton GEMV (0: always torch)
-    linear_dot_max: int = 0  # ... and past it, up to which the Triton tensor-core GEMM (0: torch)
     moe_n_major_min_bm: int = 0  # grouped MoE row tiles from which a block's N tiles launch together (0: never)
     penalties_fused: bool = False  # the last stage's penalties in one Triton launch (CUDA)
 
     def linear(self, x_TK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-        """x @ w^T: the small-token Triton GEMV up to linear_small_max tokens, the Triton GEMM up to
-        linear_dot_max, else torch."""
-        T = x_TK.shape[0]
-        if 0 < T <= self.linear_small_max:
+        """x @ w^T: the small-token Triton GEMV up to linear_small_max tokens, else torch."""
+        if 0 < x_TK.shape[0] <= self.linear_small_max:
             from .linear_triton import linear_small
             return linear_small(x_TK, w_NK)
-        if 0 < T <= self.linear_dot_max:
-            from .linear_triton import linear_dot
-            return linear_dot(x_TK, w_NK)
         return torch.nn.functional.linear(x_TK, w_NK)
 
     @property
@@ -126,8 +116,7 @@ class Backend:
 
     def reference(self) -> "Backend":
         """The torch maths (for traces and parity), keeping the attention kernel."""
-        return replace(self, moe="torch" if self.moe == "triton" else self.moe, fused_norms=False, linear_small_max=0,
-                       linear_dot_max=0)
+        return replace(self, moe="torch" if self.moe == "triton" else self.moe, fused_norms=False, linear_small_max=0)
 
 
 def pick_backend(device: torch.device | str, attention: str | None = None, moe: str | None = None,
@@ -152,5 +141,4 @@ def pick_backend(device: torch.device | str, attention: str | None = None, moe: 
     if fused and not cuda:
         raise ValueError("fused norm kernels need a CUDA device")
     return Backend(attention, moe, fused, linear_small_max=LINEAR_SMALL_MAX_TOKENS if fused else 0,
-                   linear_dot_max=LINEAR_DOT_MAX_TOKENS if fused else 0,
                    moe_n_major_min_bm=MOE_N_MAJOR_MIN_BM, penalties_fused=cuda and PENALTIES_FUSED)

@@ -1,6 +1,5 @@
-"""y = x W^T for a few tokens (decode), as one Triton GEMV launched with PDL (model/pdl.py), and
-for up to DOT_MAX_TOKENS tokens as a tensor-core GEMM of narrow column tiles (linear_dot), also
-launched with PDL. Letters: T tokens, K input features, N output features.
+"""y = x W^T for a few tokens (decode), as one Triton GEMV launched with PDL (model/pdl.py).
+Letters: T tokens, K input features, N output features.
 
 At batch 1 cuBLAS runs these (fused qkv, o_proj, the router) near their bytes, but each is a
 kernel the graph must wait for, and o_proj takes two (split-K). Here every program streams BN
@@ -18,7 +17,6 @@ from . import pdl
 from .pdl import launch_args, pdl_prefetched
 
 MAX_TOKENS = 8  # the largest T this kernel takes (model.backend picks the switch)
-DOT_MAX_TOKENS = 64  # the largest T linear_dot takes: one row tile of at most 64 tokens
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -48,67 +46,6 @@ def _linear_small_kernel(x_ptr, w_ptr, o_ptr, T, N, K, stride_xt, stride_wn, str
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)  # [BT, BN, BK] -> [BT, BN]
     DT: tl.constexpr = o_ptr.dtype.element_ty
     tl.store(o_ptr + t[:, None] * stride_ot + n[None, :], _round(acc, DT).to(DT), mask=tmask[:, None] & nmask[None, :])
-
-
-@triton.jit
-def _mma(x, w, acc, UPCAST: tl.constexpr):
-    """acc + x [BT, BK] @ w [BN, BK]^T in fp32 (UPCAST: the interpreter's numpy dot reads bf16 as
-    raw integers, so it goes through fp32; fp32 inputs take IEEE products)."""
-    if UPCAST or x.dtype == tl.float32:
-        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-    return tl.dot(x, tl.trans(w), acc)
-
-
-@triton.jit(do_not_specialize=["T"])
-def _linear_dot_kernel(x_ptr, w_ptr, o_ptr, T, N, K, stride_xt, stride_wn, stride_ot,
-                       BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-                       PDL: tl.constexpr):
-    """Program (n tile, token tile): o[t, n] for BT tokens and BN outputs, streaming the BN rows of
-    W over K in BK steps (the first before PDL's wait: weights only)."""
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
-    t = tl.program_id(1) * BT + tl.arange(0, BT)
-    nmask, tmask = n < N, t < T
-    w_base = w_ptr + n[:, None].to(tl.int64) * stride_wn
-    x_base = x_ptr + t[:, None].to(tl.int64) * stride_xt
-    kk = tl.arange(0, BK)
-    w0 = tl.load(w_base + kk[None, :], mask=nmask[:, None] & (kk < K)[None, :], other=0.0)
-    pdl_prefetched(PDL)
-    x0 = tl.load(x_base + kk[None, :], mask=tmask[:, None] & (kk < K)[None, :], other=0.0)
-    acc = _mma(x0, w0, tl.zeros([BT, BN], dtype=tl.float32), UPCAST)
-    for k0 in range(BK, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < K
-        w = tl.load(w_base + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
-        x = tl.load(x_base + kk[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
-        acc = _mma(x, w, acc, UPCAST)
-    DT: tl.constexpr = o_ptr.dtype.element_ty
-    tl.store(o_ptr + t[:, None] * stride_ot + n[None, :], _round(acc, DT).to(DT), mask=tmask[:, None] & nmask[None, :])
-
-
-def dot_linear_tiles(T: int, N: int, K: int) -> tuple[int, int, int, int]:
-    """(BN, BK, warps, stages) of linear_dot: column tiles narrow enough that about 128 or more
-    programs stream W (N / BN of them), each with several BK steps in flight."""
-    BN = 32 if N >= 4096 else 16
-    return BN, min(256, max(16, triton.next_power_of_2(K))), 4, 4
-
-
-def linear_dot(x_TK: torch.Tensor, w_NK: torch.Tensor, tiles: tuple[int, int, int, int] | None = None
-               ) -> torch.Tensor:
-    """x_TK @ w_NK^T for 1 <= T <= DOT_MAX_TOKENS on tensor cores, in x's dtype (fp32 accumulation,
-    one rounding: as a cuBLAS GEMM, to a rounding step)."""
-    T, K = x_TK.shape
-    N = w_NK.shape[0]
-    if not 1 <= T <= DOT_MAX_TOKENS:
-        raise ValueError(f"linear_dot takes 1 to {DOT_MAX_TOKENS} tokens, got {T}")
-    assert w_NK.shape[1] == K and x_TK.stride(1) == 1 and w_NK.stride(1) == 1, (x_TK.shape, w_NK.shape)
-    BN, BK, nw, ns = tiles or dot_linear_tiles(T, N, K)
-    BT = max(16, triton.next_power_of_2(T))
-    out = torch.empty(T, N, dtype=x_TK.dtype, device=x_TK.device)
-    interpreted = not isinstance(_linear_dot_kernel, triton.runtime.jit.JITFunction)
-    _linear_dot_kernel[(triton.cdiv(N, BN), triton.cdiv(T, BT))](
-        x_TK, w_NK, out, T, N, K, x_TK.stride(0), w_NK.stride(0), out.stride(0),
-        BT=BT, BN=BN, BK=BK, UPCAST=interpreted, num_warps=nw, num_stages=ns, **launch_args(x_TK.device))
-    return out
 
 
 def small_linear_tiles(T: int, N: int, K: int, prefetch: bool = False) -> tuple[int, int, int]:
