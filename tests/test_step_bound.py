@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from engine.params import SamplingParams
 from engine.runtime.block_manager import BlockManager
@@ -178,3 +179,30 @@ def test_stage_timer_reports_measured_steps_with_their_pairs():
     timer.stop(timer.start(), 3)
     assert len(seen) == 1 and seen[0][1:] == (7, 123.0) and 15 <= seen[0][0] <= 1000
     assert timer.collect(reset=False)["steps"] == 2
+
+
+def test_graph_replays_do_not_calibrate_the_step_cost(monkeypatch):
+    """StageWorker.forward gives the step-cost calibration its eager steps (prefill and mixed, the
+    steps max_step_ms bounds) and not its decode graph replays, which skip the launch cost the fit
+    holds: a replayed 64-decode step measured at 0.4x the fit would pull the scale of the mixed
+    steps down with it."""
+    from types import SimpleNamespace
+
+    from engine.runtime import stage_worker
+    from engine.runtime.clock import StageTimer
+    w = stage_worker.StageWorker.__new__(stage_worker.StageWorker)
+    w.rank, w.num_stages, w.device = 0, 1, "cpu"
+    w.timer, seen = StageTimer("cpu"), []
+    w.timer.on_step = lambda ms, tokens, pairs: seen.append((tokens, pairs))
+    w.tracer = SimpleNamespace(gpu_start=lambda: None)
+    replays = []
+    w.graphs = SimpleNamespace(fits=lambda view: view.decode_only,
+                               run=lambda x, view, copy: replays.append(view.T) or x)
+    w.stage = lambda x, batch: x
+    monkeypatch.setattr(stage_worker, "eager_batch", lambda view, device: None)
+    decode = SimpleNamespace(decode_only=True, T=64, causal_pairs=lambda: 64 * 1100.0)
+    mixed = SimpleNamespace(decode_only=False, T=1088, causal_pairs=lambda: 64 * 1100.0 + 1024 * 1025 / 2)
+    for view in (decode, mixed, decode):
+        w.forward(torch.zeros(view.T), view)
+    assert replays == [64, 64] and seen == [(1088, 64 * 1100.0 + 1024 * 1025 / 2)]
+    assert w.timer.collect(reset=False)["steps"] == 3  # every step still counts as busy time

@@ -42,13 +42,17 @@ class StageWorker:
         prepared from the plan by step_plan.fill_batch."""
         t = self.timer.start()
         g = self.tracer.gpu_start()
-        if self.graphs is not None and self.graphs.fits(view):
+        replay = self.graphs is not None and self.graphs.fits(view)
+        if replay:
             # the last stage samples from the logits in this stream before the next replay is queued
             # (run): no copy of them; a hidden state sent on goes out as a copy
             out = self.graphs.run(x, view, copy=not self.is_last)
         else:
             out = self.stage(x, eager_batch(view, self.device))
-        self.timer.stop(t, view.T, view.causal_pairs() if self.timer.on_step is not None else None)
+        # the step-cost calibration (on_step) sees eager steps only: the steps max_step_ms bounds
+        # carry prefill and run eager, while a replay skips the launch cost the fit holds
+        calibrate = self.timer.on_step is not None and not replay
+        self.timer.stop(t, view.T, view.causal_pairs() if calibrate else None)
         if g is not None:
             self.tracer.gpu_end(g, forward_name(view.header[H_MAXQ]),
                                 {"mb": view.header[H_MB], "tokens": view.T, "rows": view.B})
