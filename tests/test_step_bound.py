@@ -84,17 +84,55 @@ def test_mixed_steps_stay_within_the_bound_and_prefill_progresses():
     assert max(mb.num_tokens for mb, d in mixed) < 8192
 
 
-def test_decodes_alone_over_the_bound_still_let_prefill_progress():
-    s = Scheduler(BlockManager(4096, 16), max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=20000,
-                  max_step_ms=1.0, step_cost=COST)  # below any decode step's modeled cost
-    a, b = _seq(0, 20, 200), _seq(1, 300, 5)
-    s.add(a)
-    _drive(s, limit=2)  # a decodes
-    s.add(b)
-    log = _drive(s)
-    lens = [c.length for mb, _ in log for c in mb.chunks if c.seq is b and not c.sample]
-    assert lens and set(lens) == {16}  # one block a step
-    assert b.finish_reason == "length" and all(len(mb.chunks) >= 1 for mb, _ in log)
+def test_decodes_alone_over_the_bound_take_prefill_at_the_token_budget():
+    """A bound below what the decodes and one block of prefill cost (a mixed step runs eager, past
+    the decode graphs' time) cannot hold for any step with prefill: such a step takes its chunk at
+    the token budget, counted in step_bound_over, rather than a block (under which prompts would
+    queue without end); a bound that leaves room still cuts."""
+    for bound, want in ((1.0, "whole"), (40.0, "cut")):
+        s = Scheduler(BlockManager(4096, 16), max_num_seqs=64, max_num_batched_tokens=512, max_model_len=20000,
+                      max_step_ms=bound, step_cost=COST)
+        a, b = _seq(0, 20, 200), _seq(1, 1300, 5)
+        s.add(a)
+        _drive(s, limit=2)  # a decodes
+        s.add(b)
+        log = _drive(s)
+        lens = [c.length for mb, _ in log for c in mb.chunks if c.seq is b and c.start < b.prompt_len]
+        assert b.finish_reason == "length" and sum(lens) == 1300
+        snap = s.snapshot()
+        if want == "whole":  # 511 tokens beside a's decode: the token budget, in three chunks
+            assert lens == [511, 511, 278] and snap["step_bound_over"] == 3 and snap["step_bound_cuts"] == 0
+        else:
+            assert max(lens) < 511 and snap["step_bound_over"] == 0 and snap["step_bound_cuts"] > 0
+
+
+def test_an_infeasible_bound_keeps_a_closed_loop_of_clients_moving():
+    """64 clients of 1024 -> 64 tokens, each sending its next prompt when one ends, with steps
+    costed as the fit says: a 20 ms bound (below the 64 decodes' own modeled cost) finishes the
+    work in about as many steps as no bound, not one block of prefill a step."""
+    def run(bound):
+        s = Scheduler(BlockManager(20000, 16), max_num_seqs=512, max_num_batched_tokens=8192, max_model_len=20000,
+                      max_step_ms=bound, step_cost=COST)
+        ids = iter(range(1, 10_000))
+        sent = [_seq(next(ids), 1024, 64) for _ in range(64)]
+        for q in sent:
+            s.add(q)
+        steps = done = 0
+        while s.has_work and steps < 20_000:
+            mb = s.schedule()
+            s.complete(mb, [7] * len(mb.sampled))
+            steps += 1
+            for c in mb.chunks:
+                if c.seq.finish_reason and not getattr(c.seq, "counted", False):
+                    c.seq.counted, done = True, done + 1
+                    if len(sent) < 128:
+                        sent.append(_seq(next(ids), 1024, 64))
+                        s.add(sent[-1])
+        return steps, done, s.snapshot()
+    free, _, _ = run(None)
+    steps, done, snap = run(20.0)
+    assert done == 128 and snap["step_bound_over"] > 0
+    assert steps <= 1.2 * free, (steps, free)
 
 
 def test_off_by_default_and_at_zero():
@@ -116,11 +154,11 @@ def test_engine_greedy_tokens_unchanged_by_the_bound():
     # unequal lengths: a sequence still decodes when the next prompt is admitted
     sp = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (4, 12, 7, 16, 9)]
     out = {}
-    for ms in (0.0, 2.0):  # 2 modeled ms: the tiny model's decodes leave room for a token or two
+    for ms in (0.0, 2.0):  # 2 modeled ms: about the tiny model's decode steps
         with LLM("tiny", load_format="dummy", device="cpu", max_num_seqs=2, max_step_ms=ms, verbose=False) as llm:
             out[ms] = [o.token_ids for o in llm.generate(prompts, sp)]
             sched = llm.stats()["scheduler"]
-            cuts = sched["step_bound_cuts"]
+            cuts = sched["step_bound_cuts"] + sched["step_bound_over"]  # chunks cut, or steps past it
         assert (cuts > 0) == (ms > 0)
         # with the bound on, stage 0's measured steps calibrated the cost model (CPU steps are far
         # from the H100 fit's times); off, there is no calibration to report

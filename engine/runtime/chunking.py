@@ -178,19 +178,26 @@ class StepCost:
 
 class StepBudget:
     """The prefill tokens one micro-batch may still take under a bound: starts from the decodes
-    it will carry, then each prefill chunk takes what keeps the modeled step within bound_ms. When
-    the decodes alone leave no room, the first chunk still gets min_chunk tokens, so that prefill
-    always progresses (decodes are never dropped for it)."""
+    it will carry, then each prefill chunk takes what keeps the modeled step within bound_ms; the
+    first chunk gets at least min_chunk tokens, so that prefill always progresses (decodes are
+    never dropped for it).
+
+    `over`: the decodes and one min_chunk of prefill are modeled past the bound, so no step that
+    carries prefill can keep it (a mixed step runs eager, without the decode graphs). Such a step
+    takes its prefill at the token budget: a few over-bound steps with whole chunks rather than
+    every step over it by a block, under which prompts arrive faster than they prefill and queue
+    without end."""
 
     def __init__(self, cost: StepCost, bound_ms: float, decode_contexts: list[int], min_chunk: int):
         self.cost, self.bound_ms, self.min_chunk = cost, bound_ms, min_chunk
         self.tokens = len(decode_contexts)
         self.pairs = float(sum(decode_contexts))
         self.prefilled = False
+        self.over = cost.ms(self.tokens + min_chunk, self.pairs + chunk_pairs(min_chunk, 0)) > bound_ms
 
     def take(self, prefix: int, n: int) -> int:
         """Tokens (<= n) granted to a prefill chunk after `prefix` cached tokens; recorded."""
-        m = self.cost.fit_tokens(self.tokens, self.pairs, prefix, n, self.bound_ms)
+        m = n if self.over else self.cost.fit_tokens(self.tokens, self.pairs, prefix, n, self.bound_ms)
         if m == 0 and not self.prefilled:
             m = min(n, self.min_chunk)
         if m:

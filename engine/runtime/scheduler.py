@@ -116,6 +116,7 @@ class Scheduler:
         self.prefix_cache_queries = 0  # tokens of admitted sequences looked up in the prefix cache, since reset
         self.prefix_cache_hits = 0  # of them, tokens found cached (not computed), since reset
         self.step_bound_cuts = 0  # prefill chunks shortened (or held back) by max_step_ms, since reset
+        self.step_bound_over = 0  # steps with prefill whose decodes alone were modeled past max_step_ms
         self.seqs: dict[int, Sequence] = {}  # every unfinished sequence by id
 
     # ---- admission ---------------------------------------------------------------------------
@@ -150,13 +151,14 @@ class Scheduler:
                "continuations": self.continuations, "dropped_tokens": self.dropped_tokens,
                "prefix_cache_queries": self.prefix_cache_queries, "prefix_cache_hits": self.prefix_cache_hits,
                "cached_blocks": self.blocks.num_cached_idle, "prefix_cache_evictions": self.blocks.num_evicted,
-               "step_bound_cuts": self.step_bound_cuts}
+               "step_bound_cuts": self.step_bound_cuts, "step_bound_over": self.step_bound_over}
         if self.max_step_ms is not None:  # the bound's calibration: measured over modeled step time
             out.update(step_cost_scale=self.step_cost.scale, step_cost_observed=self.step_cost.observed)
         if reset:
             self.num_preemptions = self.prompt_tokens = self.generation_tokens = 0
             self.continuations = self.dropped_tokens = 0
             self.prefix_cache_queries = self.prefix_cache_hits = self.blocks.num_evicted = self.step_bound_cuts = 0
+            self.step_bound_over = 0
         return out
 
     def reset_prefix_cache(self) -> bool:
@@ -304,8 +306,10 @@ class Scheduler:
         return StepBudget(self.step_cost, self.max_step_ms, ctx, self.blocks.block_size)
 
     def _bounded(self, step: StepBudget, prefix: int, n: int) -> int:
+        first_over = step.over and not step.prefilled  # the step's first chunk, past the bound
         m = step.take(prefix, n)
         self.step_bound_cuts += m < n
+        self.step_bound_over += first_over and m > 0
         return m
 
     def _decode_cap(self) -> int:

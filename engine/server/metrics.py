@@ -29,6 +29,8 @@ SCHEDULER_METRICS = (("running", "num_requests_running", False, "Sequences in th
                      ("prefix_cache_queries", "prefix_cache_queries", True,
                       "Prompt tokens looked up in the prefix cache"),
                      ("prefix_cache_hits", "prefix_cache_hits", True, "Prompt tokens found in the prefix cache"),
+                     ("step_bound_over", "step_bound_over", True,
+                      "--max-step-ms: steps whose decodes alone were modeled past the bound (their prefill unbounded)"),
                      ("step_cost_scale", "step_cost_scale", False,
                       "--max-step-ms: measured over fitted step time (present with the bound on)"))
 
