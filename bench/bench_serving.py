@@ -262,8 +262,9 @@ def summarize(concurrency: int, results: list[RequestResult], duration: float, m
             busy[int(s.group(1))] = (v - m0.get(k, 0.0)) / duration
     row["stage_busy_fraction"] = [busy[r] for r in sorted(busy)]
     row["preemptions"] = m1.get("moepipe:num_preemptions_total", 0) - m0.get("moepipe:num_preemptions_total", 0)
-    if "moepipe:step_cost_scale" in m1:  # --max-step-ms: the cost model's calibration at the level's end
-        row["step_cost_scale"] = m1["moepipe:step_cost_scale"]
+    if "moepipe:step_cost_scale" in m1:  # --max-step-ms: the cost model's calibration at the level's end,
+        row["step_cost_scale"] = m1["moepipe:step_cost_scale"]  # and the level's steps past the bound
+        row["step_bound_over"] = m1.get("moepipe:step_bound_over_total", 0) - m0.get("moepipe:step_bound_over_total", 0)
     errors = sorted({r.error for r in results if not r.ok})
     if errors:
         row["errors"] = errors[:5]

@@ -166,6 +166,8 @@ serving-bound)  # 64 clients, 1024 in / 256 out, one server per --max-step-ms in
       --serve-args "--load-format dummy --max-step-ms $ms" --concurrency 64 --num-prompts 128 --input-len 1024 \
       --output-len 256 --out "$OUT/serving_bound${ms}_$TAG.json" 2>&1 | quiet > "$OUT/serving_bound${ms}_$TAG.log"
     echo "--max-step-ms $ms:"; tail -2 "$OUT/serving_bound${ms}_$TAG.log"
+    python3 -c "import json, sys; r = json.load(open(sys.argv[1]))['results'][0]
+print({k: r.get(k) for k in ('step_cost_scale', 'step_bound_over')})" "$OUT/serving_bound${ms}_$TAG.json" 2>/dev/null
   done
   ;;
 compare)  # one model, two versions of the code, one call: ROUNDS (default 2) alternating rounds, the old
