@@ -55,9 +55,9 @@ class EngineOptions:
     # 0's measured steps to this one
     max_step_ms: float = _opt(0.0, "while sequences decode, a step's prefill tokens are cut so that its time, as the "
                               "step-cost model predicts it (calibrated by the measured steps), stays within this "
-                              "many ms (decodes always run; a prefill with nothing decoding is not bounded; a step whose "
-                              "decodes alone are modeled past it takes the token budget's prefill; 0: off, only "
-                              "the token budget)", float)
+                              "many ms (decodes always run; a prefill with nothing decoding is not bounded; a step the "
+                              "bound would leave under a quarter of the token budget's prefill rate takes the "
+                              "budget's chunk; 0: off, only the token budget)", float)
     max_model_len: int | None = _opt(None, "context limit in tokens (default: the model's max_position_embeddings)",
                                      int)
     attention: str | None = _opt(None, "attention backend (default: auto on cuda, ref on cpu)", str,

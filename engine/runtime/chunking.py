@@ -176,30 +176,40 @@ class StepCost:
         return lo
 
 
+# StepBudget: a step's first chunk under max_step_ms must prefill at least this share of the tokens
+# per modeled ms that the token budget's chunk would; below it the step's fixed cost (its decodes run
+# eager beside a chunk, all experts read) swamps the chunk, and prompts would arrive faster than
+# steps of a few tokens prefill them
+MIN_PREFILL_EFFICIENCY = 0.25
+
+
 class StepBudget:
     """The prefill tokens one micro-batch may still take under a bound: starts from the decodes
-    it will carry, then each prefill chunk takes what keeps the modeled step within bound_ms; the
-    first chunk gets at least min_chunk tokens, so that prefill always progresses (decodes are
-    never dropped for it).
+    it will carry, then each prefill chunk takes what keeps the modeled step within bound_ms.
 
-    `over`: the decodes and one min_chunk of prefill are modeled past the bound, so no step that
-    carries prefill can keep it (a mixed step runs eager, without the decode graphs). Such a step
-    takes its prefill at the token budget: a few over-bound steps with whole chunks rather than
-    every step over it by a block, under which prompts arrive faster than they prefill and queue
-    without end."""
+    `over`: the bound leaves the step's first chunk so few tokens that it would prefill at less than
+    MIN_PREFILL_EFFICIENCY of the token budget's chunk's rate (tokens per modeled ms), or none: no
+    step carrying prefill keeps such a bound at a useful rate (a mixed step runs eager, without the
+    decode graphs, and reads every expert). The step then takes its prefill at the token budget: a
+    few over-bound steps with whole chunks rather than every step over it, or near it, by a block.
+    Decodes are never dropped for prefill."""
 
-    def __init__(self, cost: StepCost, bound_ms: float, decode_contexts: list[int], min_chunk: int):
-        self.cost, self.bound_ms, self.min_chunk = cost, bound_ms, min_chunk
+    def __init__(self, cost: StepCost, bound_ms: float, decode_contexts: list[int]):
+        self.cost, self.bound_ms = cost, bound_ms
         self.tokens = len(decode_contexts)
         self.pairs = float(sum(decode_contexts))
         self.prefilled = False
-        self.over = cost.ms(self.tokens + min_chunk, self.pairs + chunk_pairs(min_chunk, 0)) > bound_ms
+        self.over = False
+
+    def _rate(self, m: int, prefix: int) -> float:
+        """Prefill tokens per modeled ms of this step with a first chunk of m tokens after prefix."""
+        return m / max(self.cost.ms(self.tokens + m, self.pairs + chunk_pairs(m, prefix)), 1e-9) if m else 0.0
 
     def take(self, prefix: int, n: int) -> int:
         """Tokens (<= n) granted to a prefill chunk after `prefix` cached tokens; recorded."""
         m = n if self.over else self.cost.fit_tokens(self.tokens, self.pairs, prefix, n, self.bound_ms)
-        if m == 0 and not self.prefilled:
-            m = min(n, self.min_chunk)
+        if not self.prefilled and m < n and self._rate(m, prefix) < MIN_PREFILL_EFFICIENCY * self._rate(n, prefix):
+            self.over, m = True, n
         if m:
             self.tokens += m
             self.pairs += chunk_pairs(m, prefix)

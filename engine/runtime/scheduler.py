@@ -116,7 +116,7 @@ class Scheduler:
         self.prefix_cache_queries = 0  # tokens of admitted sequences looked up in the prefix cache, since reset
         self.prefix_cache_hits = 0  # of them, tokens found cached (not computed), since reset
         self.step_bound_cuts = 0  # prefill chunks shortened (or held back) by max_step_ms, since reset
-        self.step_bound_over = 0  # steps with prefill whose decodes alone were modeled past max_step_ms
+        self.step_bound_over = 0  # steps max_step_ms left too little prefill, which took the budget's (StepBudget.over)
         self.seqs: dict[int, Sequence] = {}  # every unfinished sequence by id
 
     # ---- admission ---------------------------------------------------------------------------
@@ -303,13 +303,13 @@ class Scheduler:
             return None
         ctx = [s.num_scheduled + 1 for s in self.running
                if s.schedulable and s.status == Status.RUNNING and s.num_scheduled >= s.prompt_len][:decode_cap]
-        return StepBudget(self.step_cost, self.max_step_ms, ctx, self.blocks.block_size)
+        return StepBudget(self.step_cost, self.max_step_ms, ctx)
 
     def _bounded(self, step: StepBudget, prefix: int, n: int) -> int:
-        first_over = step.over and not step.prefilled  # the step's first chunk, past the bound
+        first = not step.prefilled  # the step's first chunk decides whether the bound holds for it
         m = step.take(prefix, n)
         self.step_bound_cuts += m < n
-        self.step_bound_over += first_over and m > 0
+        self.step_bound_over += first and step.over and m > 0
         return m
 
     def _decode_cap(self) -> int:

@@ -30,7 +30,7 @@ SCHEDULER_METRICS = (("running", "num_requests_running", False, "Sequences in th
                       "Prompt tokens looked up in the prefix cache"),
                      ("prefix_cache_hits", "prefix_cache_hits", True, "Prompt tokens found in the prefix cache"),
                      ("step_bound_over", "step_bound_over", True,
-                      "--max-step-ms: steps whose decodes alone were modeled past the bound (their prefill unbounded)"),
+                      "--max-step-ms: steps the bound left too little prefill (they took the token budget's chunk)"),
                      ("step_cost_scale", "step_cost_scale", False,
                       "--max-step-ms: measured over fitted step time (present with the bound on)"))
 
