@@ -191,7 +191,8 @@ def decode_case(name, ctxs, rows, sweep, copy, block=64, pool_gib=0.0):
             continue
         tag = "auto" if kw["num_splits"] is None else f"splits={kw['num_splits']} block_n={kw['block_n']}" + (
             f" warps={kw['launch'][0]} stages={kw['launch'][1]}" if "launch" in kw else "")
-        rows.append(dict(case=name, impl="triton", variant=tag, block=block, pool_blocks=kc.shape[0], ms=ms, GBps=gbytes / ms * 1e3,
+        rows.append(dict(case=name, impl="triton", variant=tag, block=block, pool_blocks=kc.shape[0], ms=ms,
+                         GBps=gbytes / ms * 1e3,
                          num_splits=kw["num_splits"] or splits, pct_of_copy=100 * gbytes / ms * 1e3 / copy))
         print(f"    decode {tag}: {ms:.4f} ms {gbytes / ms * 1e3:.0f} GB/s", flush=True)
     if len(set(ctxs)) == 1:  # peer: SDPA on contiguous [B, K, ctx, D] K/V, one query, no mask
@@ -273,7 +274,8 @@ def main() -> None:
     ap.add_argument("--only", choices=("prefill", "decode"), default=None)
     ap.add_argument("--decode-block-size", type=int, default=64, help="block size of the decode cases' pool")
     ap.add_argument("--decode-pool-gib", type=float, default=0.0,
-                    help="the decode cases' K and V pools this size each, blocks drawn from all of it (the engine's pool)")
+                    help="the decode cases' K and V pools this size each, blocks drawn from all of it "
+                         "(as the engine's pool)")
     ap.add_argument("--cases", default=None, help="comma-separated case names to run")
     ap.add_argument("--configs", default=None,
                     help="sweep these fa tiles instead, e.g. '256,64,16,2;128,128,8,3' (M,N,warps,stages)")
@@ -294,7 +296,8 @@ def main() -> None:
             continue
         print(f"... {name}", flush=True)
         if kind == "decode":
-            decode_case(name, [a] * b, rows, args.sweep, cp, args.decode_block_size, args.decode_pool_gib)  # a: context, b: batch
+            # a: context, b: batch
+            decode_case(name, [a] * b, rows, args.sweep, cp, args.decode_block_size, args.decode_pool_gib)
         else:  # a: chunk length, b: context after it; "prefill N/K[/S]" names heads and block size
             nks = [int(x) for x in kind.split()[1].split("/")] if " " in kind else [N, K]
             prefill_case(name, a, b, rows, args.sweep and name in SWEEP_CASES, nks[0], nks[1], mm,
