@@ -34,7 +34,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import triton
@@ -46,6 +45,7 @@ from model import attention_prefill_triton as fa  # noqa: E402
 from model import attention_triton as at  # noqa: E402
 from model.attention_sdpa import prefill_sdpa  # noqa: E402
 from model.attention_split import prefill_split  # noqa: E402
+from model.batch import AttnBatch  # noqa: E402
 
 N, K, D, S = 32, 4, 128, 16
 DT = torch.bfloat16
@@ -231,7 +231,8 @@ def prefill_case(name, qlen, ctx, rows, sweep, n_heads=N, kv_heads=K, mm_tflops=
         print(f"    {impl} {variant}: {ms:.3f} ms {r['TFLOPs']:.0f} TFLOP/s", flush=True)
         return ms
 
-    batch = SimpleNamespace(query_lens=[qlen], context_lens=[ctx], block_tables=bt, context_lens_t=cl)
+    none = torch.empty(0, dtype=torch.int64, device=bt.device)  # positions, slots, logits rows: unused
+    batch = AttnBatch(none, none, bt, qs, cl, none, query_lens=[qlen], context_lens=[ctx])
     ref = prefill_sdpa(q, kc, vc, batch, SCALE, None)
     add("sdpa", "engine path (gather + lower-right mask)", lambda: prefill_sdpa(q, kc, vc, batch, SCALE, None))
     out = torch.empty_like(q)

@@ -4,8 +4,6 @@ kernel (attention_prefill_triton) or, on Hopper, the TMA / split-KV kernel (atte
 Letters: T tokens, N query heads, D head_dim."""
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 from .attention_prefill_fa3 import paged_prefill_fa3
@@ -30,11 +28,7 @@ def prefill_attend(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     else:
         out = paged_prefill_fa(*args, skip_single=bool(single))
     if single:
-        dev = q_TND.device
-        starts = list(itertools.accumulate(batch.query_lens, initial=0))
-        rows = torch.tensor([starts[b] for b in single], device=dev)
-        seqs = torch.tensor(single, device=dev)
-        out[rows] = paged_decode(q_TND[rows], k_cache, v_cache, batch.block_tables[seqs].contiguous(),
-                                 batch.context_lens_t[seqs].contiguous(), scale,
-                                 max(batch.context_lens[b] for b in single))
+        s = batch.single_rows()
+        out[s.rows] = paged_decode(q_TND[s.rows], k_cache, v_cache, s.block_tables, s.context_lens_t, scale,
+                                   s.max_context)
     return out

@@ -27,20 +27,15 @@ def per_chunk(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     v_cache, block_tables, context_lens_t, scale, max_context) on the single-query rows (decodes mixed
     into a prefill micro-batch) in one call."""
     out = torch.empty_like(q_TND)
-    single, start = [], 0
+    start = 0
     for b, (ql, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)):
-        if ql == 1:
-            single.append((b, start))
-        else:
+        if ql > 1:
             k, v = (gather_kv(c, batch.block_tables[b], ctx).to(q_TND.dtype) for c in (k_cache, v_cache))
             out[start:start + ql] = attend(q_TND[start:start + ql], k, v)
         start += ql
-    if single:
-        seqs = torch.tensor([b for b, _ in single], device=q_TND.device)
-        rows = torch.tensor([r for _, r in single], device=q_TND.device)
-        out[rows] = decode(q_TND[rows], k_cache, v_cache, batch.block_tables[seqs].contiguous(),
-                           batch.context_lens_t[seqs].contiguous(), scale,
-                           max(batch.context_lens[b] for b, _ in single))
+    s = batch.single_rows()
+    if s is not None:
+        out[s.rows] = decode(q_TND[s.rows], k_cache, v_cache, s.block_tables, s.context_lens_t, scale, s.max_context)
     return out
 
 

@@ -1,8 +1,21 @@
 """AttnBatch: the per-micro-batch metadata every layer needs (positions, KV slots, block tables)."""
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import numpy as np
 import torch
+
+
+class SingleRows(NamedTuple):
+    """The single-query rows of a micro-batch (decodes riding with prefill chunks): their token rows
+    [S] int64, and their sequences' block tables [S, M] int32 and context lengths [S] int32
+    (contiguous, as the decode kernel takes them), and the largest of those lengths (host int)."""
+    rows: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens_t: torch.Tensor
+    max_context: int
 
 
 class AttnBatch:
@@ -20,6 +33,7 @@ class AttnBatch:
         self.positions, self.slot_mapping, self.block_tables = positions, slot_mapping, block_tables
         self.query_start, self.context_lens_t, self.logits_indices = query_start, context_lens_t, logits_indices
         self._query_lens, self._context_lens = query_lens, context_lens
+        self._single: SingleRows | None | bool = False  # False: not built yet
         self.max_query_len = max_query_len if max_query_len is not None else max(self.query_lens)
         self.max_context = max_context if max_context is not None else max(self.context_lens)
 
@@ -34,6 +48,27 @@ class AttnBatch:
         if self._context_lens is None:
             self._context_lens = self.context_lens_t.tolist()
         return self._context_lens
+
+    def single_rows(self) -> SingleRows | None:
+        """The micro-batch's single-query rows (None: it has none), built on the first layer's call
+        and shared by every layer: the indices go to the device in one non-blocking copy from pinned
+        memory. (A blocking host-to-device copy synchronizes the stream: one per layer left the GPU
+        idle while the host launched the rest of the layer.)"""
+        if self._single is False:
+            qlens, ctxs = self.query_lens, self.context_lens
+            seqs = [b for b, ql in enumerate(qlens) if ql == 1]
+            if not seqs:
+                self._single = None
+            else:
+                starts = list(itertools.accumulate(qlens, initial=0))
+                idx = torch.tensor([starts[b] for b in seqs] + seqs, dtype=torch.int64)
+                dev = self.block_tables.device
+                if dev.type == "cuda":
+                    idx = idx.pin_memory().to(dev, non_blocking=True)
+                rows, seq_t = idx[:len(seqs)], idx[len(seqs):]
+                self._single = SingleRows(rows, self.block_tables[seq_t].contiguous(),
+                                          self.context_lens_t[seq_t].contiguous(), max(ctxs[b] for b in seqs))
+        return self._single
 
     @property
     def num_tokens(self) -> int:

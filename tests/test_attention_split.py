@@ -6,14 +6,19 @@ merge; @pytest.mark.gpu cases run the cuDNN and FlashAttention backends at the r
 (32 q / 4 kv heads, head_dim 128, bf16) at offsets up to 100k."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 import test_attention_kernels as tak
 
 from model import attention_split as sp
+from model.batch import AttnBatch
+
+
+def meta(qlens, ctxs, bt, qs, cl) -> AttnBatch:
+    """The AttnBatch of a make_case (positions, slots and logits rows unused by attention)."""
+    none = torch.empty(0, dtype=torch.int64, device=bt.device)
+    return AttnBatch(none, none, bt, qs, cl, none, query_lens=qlens, context_lens=ctxs)
 
 
 def decode_ref(q, kc, vc, bt, cl, scale, max_context):
@@ -24,7 +29,7 @@ def decode_ref(q, kc, vc, bt, cl, scale, max_context):
 
 def run(qlens, ctxs, N, K, D, S, dtype, backend, seed=None):
     q, kc, vc, bt, qs, cl = tak.make_case(qlens, ctxs, N, K, D, S, dtype, seed=seed)
-    batch = SimpleNamespace(query_lens=qlens, context_lens=ctxs, block_tables=bt, context_lens_t=cl)
+    batch = meta(qlens, ctxs, bt, qs, cl)
     o = sp.prefill_split(q, kc, vc, batch, D ** -0.5, decode_ref, backend)
     ref = tak.ref_fp32(q, kc, vc, bt, qlens, ctxs, D ** -0.5)
     return tak.check(o, ref, dtype, f"split/{backend} N{N} K{K} S{S} q{qlens} ctx{ctxs}")
@@ -54,7 +59,7 @@ def test_lse_merge_weighs_both_parts():
 
 def test_bad_backend_is_named():
     q, kc, vc, bt, qs, cl = tak.make_case([4], [8], 2, 1, 16, 16, torch.float32, seed=0)
-    batch = SimpleNamespace(query_lens=[4], context_lens=[8], block_tables=bt, context_lens_t=cl)
+    batch = meta([4], [8], bt, qs, cl)
     with pytest.raises(ValueError, match="'nope'"):
         sp.prefill_split(q, kc, vc, batch, 0.25, decode_ref, "nope")
 

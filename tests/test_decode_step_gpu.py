@@ -81,3 +81,42 @@ def test_stats_never_waits_for_the_device():
     assert got["pending_steps"] == 1 and got["steps"] == 0 and waited < 0.2, (got, waited)
     torch.cuda.synchronize()
     assert timer.collect(reset=False)["steps"] == 1
+
+
+@pytest.mark.parametrize("budget", [4096, 48])  # whole fresh prompts (SDPA); chunks behind a cached prefix (paged)
+def test_mixed_step_never_syncs(budget):
+    """A step of prefill chunks with decodes riding along runs eager; its attention's decode rows are
+    indexed once per micro-batch, without a blocking host copy in any layer."""
+    from engine.runtime.step_plan import H_MAXQ
+    args, cfg, _ = resolve_engine("tiny", EngineOptions(load_format="dummy", device="cuda", dtype="bfloat16",
+                                                        max_num_seqs=16, max_model_len=512, verbose=False,
+                                                        kv_cache_gib=0.5, max_num_batched_tokens=budget))
+    r = build_rank(args, 0, 0)
+    try:
+        eng, w = r.engine, r.worker
+        sp = SamplingParams(max_tokens=40, ignore_eos=True)
+        g = torch.Generator().manual_seed(1)
+        prompt = lambda n: torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+        for i in range(4):
+            eng.add(i, prompt(20), sp)
+        while any(not s.output_ids for s in eng.scheduler.running) or eng.scheduler.waiting:
+            eng.step()
+        mixed, run = [], w.run
+
+        def strict(x, view):
+            if view.header[H_MAXQ] > 1 and view.B > 1:
+                mixed.append(view.header[H_MAXQ])
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return run(x, view)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        w.run = strict
+        for i in range(4, 6):
+            eng.add(i, prompt(120), sp)
+        for _ in range(8):
+            eng.step()
+        assert mixed, "no step carried prefill with decodes"
+    finally:
+        del r
+        torch.cuda.empty_cache()
