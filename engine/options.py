@@ -29,9 +29,6 @@ def parse_layers(text: str | None) -> list[int] | str | None:
         raise ValueError(f"--layers {text!r}: expected comma-separated integers like 25,23, or 'auto'") from None
 
 
-SERVE_MAX_NUM_BATCHED_TOKENS = 8192  # `serve`'s token budget per step (EngineOptions: 16384)
-
-
 @dataclass(frozen=True)
 class EngineOptions:
     stages: int = _opt(1, "pipeline stages (one process, and on CUDA one GPU, each)", int)
@@ -44,10 +41,11 @@ class EngineOptions:
     block_size: int = _opt(64, "tokens per KV block (a power of two)", int)
     kv_cache_gib: float | None = _opt(None, "KV pool per stage in GiB (default: measured from free memory)", float)
     gpu_memory_utilization: float = _opt(0.9, "fraction of each GPU's memory the engine may use, in (0, 1]", float)
-    # vLLM's large-card defaults: 512 sequences (the largest decode graph) and 16k-token steps for
-    # offline work, where more sequences decode beside each prefill chunk and a chunk's MoE reads
-    # each expert's weights once for more tokens (BENCHMARKS.md, "Load settings"); `serve` keeps 8k
-    # steps (SERVE_MAX_NUM_BATCHED_TOKENS), as a step's prefill chunk delays every stream's next token
+    # 512 sequences (the largest decode graph) and 16k-token steps (vLLM's offline default on large
+    # cards), for `serve` too, where vLLM takes 8k: more sequences decode beside each prefill chunk
+    # and a chunk's MoE reads each expert's weights once for more tokens, so prompts queued behind
+    # running streams are prefilled in less time in all, which those streams wait through
+    # (BENCHMARKS.md, "Serving"); --max-step-ms bounds a single step instead
     max_num_seqs: int = _opt(512, "most sequences running at once", int)
     max_num_batched_tokens: int = _opt(16384, "token budget per step (the prefill chunk)", int)
     # off by default: the bound trades time to first token for time per output token; its cost model

@@ -48,15 +48,13 @@ def test_good_options_and_layers_forms():
         options_from_kwargs(max_num_seq=4)  # a misspelt option is an error, not ignored
 
 
-def test_serve_keeps_8k_steps_and_the_offline_engine_takes_16k():
-    """vLLM's large-card defaults: `serve` steps of 8k tokens (a chunk delays every stream), the
-    LLM and `generate` 16k; both 512 sequences."""
+def test_serve_and_the_offline_engine_take_16k_steps():
+    """`serve`, the LLM and `generate`: 16k-token steps and 512 sequences by default; a flag overrides."""
     from engine.cli import serve
-    from engine.options import SERVE_MAX_NUM_BATCHED_TOKENS
     ap = argparse.ArgumentParser()
     serve.add_parser(ap.add_subparsers())
     a = ap.parse_args(["serve"])
-    assert a.max_num_batched_tokens == SERVE_MAX_NUM_BATCHED_TOKENS == 8192 and a.max_num_seqs == 512
+    assert a.max_num_batched_tokens == 16384 and a.max_num_seqs == 512
     assert EngineOptions().max_num_batched_tokens == 16384 and EngineOptions().max_num_seqs == 512
     assert ap.parse_args(["serve", "--max-num-batched-tokens", "4096"]).max_num_batched_tokens == 4096
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..options import SERVE_MAX_NUM_BATCHED_TOKENS, add_option_flags, options_from_args
+from ..options import add_option_flags, options_from_args
 from ..server import DEFAULT_MAX_REQUEST_BYTES
 from .common import default_model
 
@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
                    help=f"largest request body; larger ones get 413 [default: {DEFAULT_MAX_REQUEST_BYTES}]")
     p.add_argument("--keep-alive-on-engine-death", action="store_true",
                    help="keep answering (503) after a stage dies instead of exiting non-zero")
-    add_option_flags(p, defaults={"stages": None, "max_num_batched_tokens": SERVE_MAX_NUM_BATCHED_TOKENS})
+    add_option_flags(p, defaults={"stages": None})
     p.set_defaults(run=run)
 
 
