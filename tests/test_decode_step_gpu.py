@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,14 +84,17 @@ def test_stats_never_waits_for_the_device():
     assert timer.collect(reset=False)["steps"] == 1
 
 
-@pytest.mark.parametrize("budget", [4096, 48])  # whole fresh prompts (SDPA); chunks behind a cached prefix (paged)
-def test_mixed_step_never_syncs(budget):
+# two whole fresh prompts beside the decodes (SDPA; async scheduling would run them in a step of their
+# own, the decodes being in flight); 48-token steps: a fresh chunk (SDPA), then chunks behind a prefix (paged)
+@pytest.mark.parametrize("budget,async_scheduling", [(4096, False), (48, True)])
+def test_mixed_step_never_syncs(budget, async_scheduling):
     """A step of prefill chunks with decodes riding along runs eager; its attention's decode rows are
     indexed once per micro-batch, without a blocking host copy in any layer."""
-    from engine.runtime.step_plan import H_MAXQ
+    from engine.runtime.step_plan import offsets
     args, cfg, _ = resolve_engine("tiny", EngineOptions(load_format="dummy", device="cuda", dtype="bfloat16",
                                                         max_num_seqs=16, max_model_len=512, verbose=False,
-                                                        kv_cache_gib=0.5, max_num_batched_tokens=budget))
+                                                        kv_cache_gib=0.5, max_num_batched_tokens=budget,
+                                                        async_scheduling=async_scheduling))
     r = build_rank(args, 0, 0)
     try:
         eng, w = r.engine, r.worker
@@ -104,8 +108,9 @@ def test_mixed_step_never_syncs(budget):
         mixed, run = [], w.run
 
         def strict(x, view):
-            if view.header[H_MAXQ] > 1 and view.B > 1:
-                mixed.append(view.header[H_MAXQ])
+            qlens = np.diff(view.host[slice(*offsets(view.header)["query_start"])])
+            if qlens.max() > 1 and qlens.min() == 1:  # prefill chunks and decode rows in one step
+                mixed.append(qlens.tolist())
             torch.cuda.set_sync_debug_mode("error")
             try:
                 return run(x, view)
