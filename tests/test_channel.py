@@ -1,6 +1,7 @@
 """engine/runtime/channel.py on gloo between three real processes: micro-batches (header, plan,
-hidden) relayed down in order, typed Stats requests behind them gathering every stage's entry and
-coming back to rank 0, returned ids, and Stop ending every rank."""
+hidden; the host lengths of steps that are not decode-only) relayed down in order, typed Stats
+requests behind them gathering every stage's entry and coming back to rank 0, returned ids, and Stop
+ending every rank."""
 import os
 import tempfile
 
@@ -10,15 +11,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.runtime.channel import HopChannel, Stats, Stop
-from engine.runtime.step_plan import H_MB, H_T, HEADER, PlanView, plan_len
+from engine.runtime.step_plan import H_B, H_MAXQ, H_MB, H_T, HEADER, PlanView, offsets, plan_len
 
 S, HID = 3, 4
 
 
 def _header(mb: int, T: int) -> np.ndarray:
+    """Micro-batch 0 decode-only (T rows of one token), the others a chunk of 2 tokens and T - 2 decodes."""
     h = np.zeros(HEADER, dtype=np.int64)
     h[H_MB], h[H_T] = mb, T
+    h[H_B], h[H_MAXQ] = (T, 1) if mb == 0 else (T - 1, 2)
     return h
+
+
+def _lens(h: np.ndarray, plan: torch.Tensor) -> list[int]:
+    """The plan's query_start and context_lens, as the host link carries them."""
+    at = offsets(h.tolist())
+    return plan[at["query_start"][0]:at["context_lens"][1]].tolist()
 
 
 def _plan(h: np.ndarray, seed: int) -> torch.Tensor:
@@ -34,7 +43,8 @@ def _rank(rank: int, store: str, out: str) -> None:
     if rank == 0:
         for mb in range(3):
             h = _header(mb, 2 + mb)
-            ch.send_batch(h, _plan(h, mb))
+            plan = _plan(h, mb)
+            ch.send_batch(PlanView(h.tolist(), plan, host=plan.numpy()))
             ch.send_hidden(torch.full((2 + mb, HID), float(mb)))
             if mb == 1:
                 ch.send_ctrl(Stats(True, False, {"op": "start"}, [{"rank": 0}]))
@@ -64,8 +74,10 @@ def _rank(rank: int, store: str, out: str) -> None:
             mb = msg.header[H_MB]
             h = _header(mb, 2 + mb)
             assert msg.header == h.tolist() and torch.equal(msg.plan, _plan(h, mb))
+            # the host lengths: absent for a decode-only step, else the plan's own (relayed on)
+            assert (msg.lens is None) if mb == 0 else (msg.lens.tolist() == _lens(h, msg.plan)), (mb, msg.lens)
             if rank < S - 1:
-                ch.send_batch(msg.header, msg.plan)
+                ch.send_batch(msg)
             x = ch.recv_hidden(msg, HID, torch.float32)
             assert torch.equal(x, torch.full((msg.T, HID), float(mb)))
             got.append(("batch", mb))

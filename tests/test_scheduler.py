@@ -160,6 +160,12 @@ def test_step_plan_matches_attn_batch_and_abort_frees_blocks():
         assert got._query_lens is None and got._context_lens is None
         assert (hosted._query_lens, hosted._context_lens) == (want.query_lens, want.context_lens)
         assert (got.query_lens, got.context_lens) == (want.query_lens, want.context_lens)
+        # a later rank has the lengths stage 0 sent on the host link (HopChannel.send_batch): the same
+        sent = PlanView(header.tolist(), torch.from_numpy(plan), host=plan).host_lens().copy()
+        later = PlanView(header.tolist(), torch.from_numpy(plan), lens=sent)
+        assert (eager_batch(later, "cpu")._query_lens, eager_batch(later, "cpu")._context_lens) == \
+            (want.query_lens, want.context_lens)
+        assert later.causal_pairs() == sum(chunk_pairs(c.length, c.start) for c in mb.chunks)
         # the step's causal pairs (max_step_ms's calibration) from the host plan: each chunk's
         assert PlanView(header.tolist(), torch.from_numpy(plan), host=plan).causal_pairs() == \
             sum(chunk_pairs(c.length, c.start) for c in mb.chunks) and view.causal_pairs() is None

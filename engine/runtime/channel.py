@@ -97,10 +97,15 @@ class HopChannel:
         self._head, self._back = _Link(ctrl_group, ordered=False), _Link(ctrl_group, ordered=False)
 
     # ---- down the pipeline -------------------------------------------------------------------
-    def send_batch(self, header: np.ndarray | list[int], plan: torch.Tensor) -> None:
-        """A micro-batch's header and plan to the next rank, ahead of its hidden states."""
-        self._head.send(self.next, [torch.from_numpy(np.array(header, dtype=np.int64))])
-        self._fwd.send(self.next, [plan])
+    def send_batch(self, view: PlanView) -> None:
+        """A micro-batch's header and plan to the next rank, ahead of its hidden states; a step that
+        is not decode-only also sends its host lengths on the host link (PlanView.host_lens), so
+        that the next rank's eager step never reads them back from the device."""
+        head = [torch.from_numpy(np.array(view.header, dtype=np.int64))]
+        if not view.decode_only:
+            head.append(torch.from_numpy(np.ascontiguousarray(view.host_lens())))
+        self._head.send(self.next, head)
+        self._fwd.send(self.next, [view.plan])
 
     def send_hidden(self, x: torch.Tensor) -> None:
         self._fwd.send(self.next, [x])
@@ -133,7 +138,11 @@ class HopChannel:
     def _recv(self, src: int, link: _Link) -> PlanView | Ctrl:
         h = link.recv(src, torch.empty(HEADER, dtype=torch.int64, device=_CPU)).tolist()
         if h[H_KIND] == BATCH:
-            return PlanView(h, self._fwd.recv(src, torch.empty(plan_len(h), dtype=torch.int32, device=self.device)))
+            lens = None
+            if not (view := PlanView(h, None)).decode_only:
+                lens = link.recv(src, torch.empty(2 * view.B + 1, dtype=torch.int32, device=_CPU)).numpy()
+            plan = self._fwd.recv(src, torch.empty(plan_len(h), dtype=torch.int32, device=self.device))
+            return PlanView(h, plan, lens=lens)
         raw = link.recv(src, torch.empty(h[H_AUX0], dtype=torch.uint8, device=_CPU))
         return pickle.loads(raw.numpy().tobytes())
 

@@ -213,7 +213,7 @@ class PipelineEngine:
         if self.num_stages > 1:
             # header and plan go ahead of the forward: the next stage receives them, prepares its
             # metadata and queues its launch while this stage computes; only the hidden states wait
-            self.worker.channel.send_batch(header, dev_plan)
+            self.worker.channel.send_batch(view)
         x = view.part("ids")
         if sources:  # a continuation: its ids are the returned ids of micro-batches still in flight
             for got in sources:

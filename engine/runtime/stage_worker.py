@@ -124,7 +124,7 @@ class StageWorker:
                 ch.send_ctrl(msg)  # the last stage's goes back to rank 0
                 continue
             if not self.is_last:
-                ch.send_batch(msg.header, msg.plan)
+                ch.send_batch(msg)
             x = ch.recv_hidden(msg, self.stage.cfg.hidden_size, self.stage.dtype)
             if w is not None:
                 self.tracer.host_end(w, "wait", {"mb": msg.header[H_MB]})

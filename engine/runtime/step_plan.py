@@ -143,6 +143,9 @@ class PlanView:
     header: list[int]
     plan: torch.Tensor
     host: np.ndarray | None = None
+    # ranks > 0: the plan's query_start and context_lens (int32 [2B + 1]) as stage 0 sent them on the
+    # host link, for steps that are not decode-only (host_lens)
+    lens: np.ndarray | None = None
 
     # header fields: T tokens, B sequences, R sampled rows, M block-table width, P prompt-logprob rows
     T = property(lambda self: self.header[H_T])
@@ -164,14 +167,22 @@ class PlanView:
     def rows(self) -> torch.Tensor:
         return self.part("rows").view(self.R, ROW)
 
+    def host_lens(self) -> np.ndarray | None:
+        """query_start [B + 1] then context_lens [B] (int32, one array) on the host: from the host
+        plan (stage 0) or the copy stage 0 sent ahead (lens); None when neither is here."""
+        if self.host is not None:
+            at = offsets(self.header)
+            return self.host[at["query_start"][0]:at["context_lens"][1]]
+        return self.lens
+
     def causal_pairs(self) -> float | None:
-        """Causal (query, key) pairs of the step from the host plan (None without it): each row's
-        q new tokens after c - q cached ones, q (c - q) + q (q + 1) / 2 (chunking.chunk_pairs)."""
-        if self.host is None:
+        """Causal (query, key) pairs of the step from the host lengths (None without them): each
+        row's q new tokens after c - q cached ones, q (c - q) + q (q + 1) / 2 (chunking.chunk_pairs)."""
+        lens = self.host_lens()
+        if lens is None:
             return None
-        at = offsets(self.header)
-        q = np.diff(self.host[slice(*at["query_start"])]).astype(np.float64)
-        c = self.host[slice(*at["context_lens"])].astype(np.float64)
+        q = np.diff(lens[:self.B + 1]).astype(np.float64)
+        c = lens[self.B + 1:].astype(np.float64)
         return float((q * (c - q) + q * (q + 1) / 2).sum())
 
 
@@ -213,14 +224,15 @@ def fill_batch(view: PlanView, buf: BatchBuffers, pad_slot: int = 0, pad_block: 
 
 
 def eager_batch(view: PlanView, device) -> AttnBatch:
-    """The AttnBatch of an eager step; with the host plan, its host lists of query and context
-    lengths too (the attention kernels' choice and the SDPA prefill read them)."""
+    """The AttnBatch of an eager step; with the host lengths (PlanView.host_lens), its host lists of
+    query and context lengths too (the attention kernels' choice and the SDPA prefill read them;
+    without, AttnBatch reads them back from the device: a sync)."""
     buf = BatchBuffers.empty(view.T, view.B, view.M, view.R + view.P, device)
     fill_batch(view, buf)
     lens = {}
-    if view.host is not None:
-        at = offsets(view.header)
-        qs, cl = (view.host[slice(*at[name])] for name in ("query_start", "context_lens"))
-        lens = dict(query_lens=np.diff(qs).tolist(), context_lens=cl.tolist())
+    host = view.host_lens()
+    if host is not None:
+        B = view.B
+        lens = dict(query_lens=np.diff(host[:B + 1]).tolist(), context_lens=host[B + 1:].tolist())
     return AttnBatch(buf.positions, buf.slots, buf.block_tables, buf.query_start, buf.context_lens,
                      buf.logits_indices, max_query_len=view.header[H_MAXQ], max_context=view.header[H_MAXCTX], **lens)
