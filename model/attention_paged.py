@@ -19,16 +19,15 @@ def prefill_attend(q_TND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     if batch.max_query_len == 1:
         return paged_decode(q_TND, k_cache, v_cache, batch.block_tables, batch.context_lens_t, scale,
                             batch.max_context)
-    single = [b for b, ql in enumerate(batch.query_lens) if ql == 1]
+    single = batch.single_rows()  # built once per micro-batch, shared by every layer
     args = (q_TND, k_cache, v_cache, batch.block_tables, batch.query_start, batch.context_lens_t, scale,
             batch.max_query_len)
     if hopper:
         max_prefix = max(c - ql for ql, c in zip(batch.query_lens, batch.context_lens) if ql > 1)
-        out = paged_prefill_fa3(*args, max_prefix, skip_single=bool(single))
+        out = paged_prefill_fa3(*args, max_prefix, skip_single=single is not None)
     else:
-        out = paged_prefill_fa(*args, skip_single=bool(single))
-    if single:
-        s = batch.single_rows()
-        out[s.rows] = paged_decode(q_TND[s.rows], k_cache, v_cache, s.block_tables, s.context_lens_t, scale,
-                                   s.max_context)
+        out = paged_prefill_fa(*args, skip_single=single is not None)
+    if single is not None:
+        out[single.rows] = paged_decode(q_TND[single.rows], k_cache, v_cache, single.block_tables,
+                                        single.context_lens_t, scale, single.max_context)
     return out
