@@ -6,7 +6,8 @@ heads per kv head), D head_dim, P blocks in the pool, S block size, M max blocks
 
   paged_decode     one query per sequence; split-K ("flash decoding"): grid (B, K, splits), each
                    program takes the G query heads of one kv head over one slice of the context,
-                   writes a partial output and its log-sum-exp; a second kernel merges the slices.
+                   writes a partial output and its log-sum-exp, merged (model/attention_decode_merge.py)
+                   by the last of them to finish when the splits are few, else by a second kernel.
                    With one split (many sequences) the programs write the output directly.
 
 All metadata stays on the device (no host sync); the host ints the caller already knows
@@ -25,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_decode_merge import _decode_merge_kernel, arrivals, fused_merge_splits, merge_if_last
+from .attention_decode_merge import warm_decode_merge as _warm_decode_merge
 from .pdl import launch_args, pdl_enter, pdl_release
 
 _LOG2E = 1.4426950408889634
@@ -118,7 +121,7 @@ def _attend_tile(q, m_i, l_i, acc, k_ptr, v_ptr, bt_row, kh, n0, end, qpos, qk_s
 # variant per class (== 1, divisible by 16, other) and combination, inside requests
 @triton.jit(do_not_specialize=["stride_btb", "num_splits"])
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, o_part_ptr, lse_part_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, o_part_ptr, lse_part_ptr, o_ptr, arrive_ptr,
     qk_scale,  # scale * log2(e)
     stride_qb, stride_qn,
     stride_kp, stride_ks, stride_kk,
@@ -127,10 +130,12 @@ def _decode_split_kernel(
     num_splits,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, FUSED: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr,
 ):
     """DIRECT (num_splits == 1): each program holds its sequence's whole context and writes the
-    final output rows o [B, N, D] in o's dtype (no partials, no merge launch)."""
+    final output rows o [B, N, D] in o's dtype (no partials, no merge launch). FUSED (num_splits <=
+    SP): the last program of each (sequence, kv head) merges the partials (merge_if_last; GP: G's
+    power of two)."""
     pdl_release(PDL)  # the merge, then o_proj's weight stream, may start beside this kernel
     pdl_enter(PDL)
     b = tl.program_id(0)
@@ -147,8 +152,9 @@ def _decode_split_kernel(
     per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
     if start >= ctx:
-        if DIRECT:  # no keys at all (ctx 0): zeros, as the merge writes
-            tl.store(o_rows, tl.zeros([BLOCK_G, D], tl.float32).to(o_ptr.dtype.element_ty), mask=mask_g[:, None])
+        if DIRECT or FUSED:
+            if split == 0:  # no keys at all (ctx 0): zeros, as the merge writes
+                tl.store(o_rows, tl.zeros([BLOCK_G, D], tl.float32).to(o_ptr.dtype.element_ty), mask=mask_g[:, None])
         return
     end = tl.minimum(start + per_split, ctx)
 
@@ -176,32 +182,9 @@ def _decode_split_kernel(
     row = (b * tl.num_programs(1) * G + heads).to(tl.int64) * num_splits + split  # [B, N, splits]
     tl.store(o_part_ptr + row[:, None] * D + offs_d[None, :], o, mask=mask_g[:, None])
     tl.store(lse_part_ptr + row, lse, mask=mask_g)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _decode_merge_kernel(
-    o_part_ptr, lse_part_ptr, ctx_ptr, o_ptr, stride_ob, stride_on, num_splits,
-    N: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr,
-):
-    pdl_release(PDL)  # o_proj's programs stream their weights while this waits
-    pdl_enter(PDL)
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    ctx = tl.load(ctx_ptr + b)
-    per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N  # as the split kernel
-    used = tl.cdiv(ctx, tl.maximum(per_split, 1))  # the splits that hold keys (0 when ctx is 0)
-    offs_s = tl.arange(0, BLOCK_SPLITS)
-    offs_d = tl.arange(0, D)
-    mask_s = offs_s < used
-    row = (b * N + h).to(tl.int64) * num_splits + offs_s  # [BLOCK_SPLITS]
-    lse = tl.load(lse_part_ptr + row, mask=mask_s, other=float("-inf"))
-    lse_max = tl.max(lse, 0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all empty (ctx 0): weights 0
-    w = tl.exp2(lse - lse_max)  # unused splits: exp2(-inf) = 0
-    o = tl.load(o_part_ptr + row[:, None] * D + offs_d[None, :], mask=mask_s[:, None], other=0.0)
-    o = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
-    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_on + offs_d,
-             o.to(o_ptr.dtype.element_ty))
+    if FUSED:
+        merge_if_last(o_part_ptr, lse_part_ptr, arrive_ptr, o_ptr, b, kh, tl.cdiv(ctx, per_split), num_splits,
+                      stride_ob, stride_on, G, GP, SP, D)
 
 
 @functools.lru_cache(maxsize=None)
@@ -227,47 +210,24 @@ def choose_num_splits(batch: int, kv_heads: int, max_context: int, device: torch
     return max(1, min(want, cap, max_splits))
 
 
-def warm_decode_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                      max_splits: int = 128) -> None:
-    """Compile the split-merge kernel at every BLOCK_SPLITS it can take (the split count's power of
-    two, with its warp count) and both key steps (decode_block_n): which one a step needs depends
-    on its batch and context together (choose_num_splits), more combinations than a warm-up
-    forward can visit."""
-    for block_n in sorted({decode_block_n(1, 1), DECODE_BLOCK_N}):
-        _warm_merge(num_heads, head_dim, dtype, device, max_splits, block_n)
+def warm_decode_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    """The separate merge kernel at every split count and both key steps (decode_block_n)."""
+    _warm_decode_merge(num_heads, head_dim, dtype, device, tuple(sorted({decode_block_n(1, 1), DECODE_BLOCK_N})))
 
 
 def warm_decode_split(num_heads: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
                       device: torch.device) -> None:
-    """Compile the split kernel at each of decode_launch's settings, direct (one split) and with
-    partials: a decode step outside the CUDA graphs (eager) can take any of them, by its batch and
-    its context."""
+    """Compile the split kernel at each of decode_launch's settings, direct (one split), with the
+    fused merge (2 splits) and with partials for the merge kernel (past fused_merge_splits): a
+    decode step outside the CUDA graphs (eager) can take any of them, by its batch and its context."""
     cache = torch.zeros(1, block_size, kv_heads, head_dim, device=device, dtype=dtype)
     q = torch.zeros(1, num_heads, head_dim, device=device, dtype=dtype)
     table = torch.zeros(1, 1, device=device, dtype=torch.int32)
     ctx = torch.ones(1, device=device, dtype=torch.int32)
     for block_n, warps, stages in {decode_launch(b, 1) for b in (1, DECODE_SMALL_PAIRS + 1, DECODE_MANY_PAIRS)}:
-        for splits in (1, 2):
+        for splits in (1, 2, 2 * fused_merge_splits(num_heads // kv_heads)):
             paged_decode(q, cache, cache, table, ctx, 1.0, max_context=1, num_splits=splits, block_n=block_n,
                          launch=(warps, stages))
-
-
-def _warm_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, max_splits: int,
-                block_n: int) -> None:
-    n = 1
-    while True:
-        s = min(n, max_splits)
-        o_part = torch.zeros(1, num_heads, s, head_dim, device=device, dtype=torch.float32)
-        lse_part = torch.zeros(1, num_heads, s, device=device, dtype=torch.float32)
-        ctx = torch.full((1,), s * block_n, device=device, dtype=torch.int32)
-        out = torch.empty(1, num_heads, head_dim, device=device, dtype=dtype)
-        _decode_merge_kernel[(1, num_heads)](
-            o_part, lse_part, ctx, out, out.stride(0), out.stride(1), s,
-            N=num_heads, D=head_dim, BLOCK_N=block_n, BLOCK_SPLITS=triton.next_power_of_2(s),
-            num_warps=8 if s > 32 else 4, **launch_args(device))
-        if s == max_splits:
-            return
-        n *= 2
 
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
@@ -321,13 +281,15 @@ def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if B == 0:
         return out
     direct = num_splits == 1  # one slice a sequence: the split kernel writes out itself
+    fused = not direct and num_splits <= fused_merge_splits(G)  # its last program merges
     if direct:  # no partials: the kernel's partial pointers are never read or written
         o_part = lse_part = out
     else:
         o_part = torch.empty(B, N, num_splits, D, device=q_BND.device, dtype=torch.float32)
         lse_part = torch.empty(B, N, num_splits, device=q_BND.device, dtype=torch.float32)
+    arrive = arrivals(q_BND.device, B * K) if fused else context_lens_B  # (unused unless fused)
     _decode_split_kernel[(B, K, num_splits)](
-        q_BND, k_cache, v_cache, block_tables_BM, context_lens_B, o_part, lse_part, out,
+        q_BND, k_cache, v_cache, block_tables_BM, context_lens_B, o_part, lse_part, out, arrive,
         scale * _LOG2E,
         q_BND.stride(0), q_BND.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -336,9 +298,9 @@ def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_splits,
         G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, S=k_cache.shape[1],
         BLOCK_N=block_n, PRECISION=_precision(q_BND.dtype), UPCAST=_interpreted(),
-        DIRECT=direct, num_warps=launch[0], num_stages=launch[1], **launch_args(q_BND.device),
+        DIRECT=direct, FUSED=fused, GP=triton.next_power_of_2(G), SP=fused_merge_splits(G), num_warps=launch[0], num_stages=launch[1], **launch_args(q_BND.device),
     )
-    if direct:
+    if direct or fused:
         return out
     _decode_merge_kernel[(B, N)](
         o_part, lse_part, context_lens_B, out, out.stride(0), out.stride(1), num_splits,

@@ -31,6 +31,8 @@ from model.attention import attention_ref, gather_kv  # noqa: E402
 from model.batch import AttnBatch  # noqa: E402
 
 if not _CUDA and not at._interpreted():  # imported earlier in this process without the env var
+    from model import attention_decode_merge
+    importlib.reload(attention_decode_merge)  # first: attention_triton binds its merge functions
     at = importlib.reload(at)
 if not _CUDA and not fa._interpreted():
     fa = importlib.reload(fa)
@@ -235,6 +237,41 @@ def test_decode_and_prefill_on_strided_views():
     check(pre, ref, torch.float32, "strided prefill")
 
 
+class _Spy:
+    """Stands in for a kernel: counts launches, runs the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("N,K", [(4, 2), (6, 1), (16, 2)])  # G = 2, 6 (tile 8), 8
+def test_decode_fused_merge(monkeypatch, N, K):
+    """Up to fused_merge_splits(G) splits, the split kernel's last program of each (sequence, kv
+    head) merges: no merge launch, the result equal to the reference, and every arrival counter back
+    at 0 for the next call. Two calls in a row with other contexts (other filled-split counts) and
+    the counters seeded by the first: a counter left non-zero would make the wrong program merge."""
+    G = N // K
+    spy = _Spy(at._decode_merge_kernel)
+    monkeypatch.setattr(at, "_decode_merge_kernel", spy)
+    most = at.fused_merge_splits(G)
+    assert most * triton_next_pow2(G) == 64 or most == 1
+    for splits in sorted({2, 3, most}):
+        for ctxs in ([1, 64, 130, 333, 40], [300, 2, 129, 17]):
+            run_decode(ctxs, N, K, 16, 8, torch.float32, num_splits=splits, block_n=64)
+            assert not at.arrivals(DEV, len(ctxs) * K)[:len(ctxs) * K].any(), "an arrival counter left set"
+    assert spy.launches == 0
+    run_decode([1, 64, 130, 333, 900], N, K, 16, 8, torch.float32, num_splits=2 * most, block_n=64)
+    assert spy.launches == 1  # past the fused tile: the merge kernel
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def test_choose_num_splits():
     cpu = torch.device("cpu")  # assumes 132 SMs
     assert at.choose_num_splits(1, 4, 92160, cpu) == 128
@@ -310,6 +347,26 @@ def test_gpu_decode_b16_mixed():
     ctxs = [1, 7, 16, 17, 100, 513, 1024, 2000, 3001, 4096, 5000, 6100, 7000, 7777, 8191, 8192]
     run_decode(ctxs, 32, 4, 128, 16, BF16)
     run_decode(ctxs, 32, 4, 128, 16, BF16, num_splits=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("B,splits", [(16, None), (8, 8), (4, 2)])
+def test_gpu_decode_fused_merge_races(B, splits):
+    """The fused merge with programs really racing: equal contexts (every split finishes at about
+    the same time), 200 launches in a row, each bitwise equal to the first (the merge's order does
+    not depend on which program arrives last) and to the reference; a program that merged before
+    the others' partials were visible would differ in some launch."""
+    ctxs = [3000] * B
+    q, kc, vc, bt, _, cl = make_case([1] * B, ctxs, 32, 4, 128, 64, BF16)
+    kw = dict(max_context=max(ctxs), num_splits=splits)
+    first = at.paged_decode(q, kc, vc, bt, cl, 128 ** -0.5, **kw)
+    used = splits or at.choose_num_splits(B, 4, max(ctxs), DEV)
+    assert 1 < used <= at.fused_merge_splits(8)
+    check(first, ref_fp32(q, kc, vc, bt, [1] * B, ctxs, 128 ** -0.5), BF16, f"fused merge B{B}")
+    outs = [at.paged_decode(q, kc, vc, bt, cl, 128 ** -0.5, **kw) for _ in range(200)]
+    bad = [i for i, o in enumerate(outs) if not torch.equal(o, first)]
+    assert not bad, f"launches {bad[:10]} differ from the first"
 
 
 @pytest.mark.gpu
