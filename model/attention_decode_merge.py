@@ -19,11 +19,19 @@ import triton.language as tl
 
 from .pdl import launch_args, pdl_enter, pdl_release
 
+# Fewest keys of a split that holds any (a multiple of the key step, or the key step): a short context
+# stays in fewer programs, one below this many keys, which writes its output itself (no merge)
+DECODE_MIN_SLICE = 256
 # Most partial rows (G heads x splits) the fused merge reads in one [G, splits, D] fp32 tile:
 # 64 x 128 x 4 bytes is 64 registers a thread at 4 warps
 FUSED_MERGE_ROWS = 64
 
 _arrivals: dict[torch.device, torch.Tensor] = {}
+
+
+def min_slice(block_n: int) -> int:
+    """DECODE_MIN_SLICE for a key step of block_n (both kernels' MIN_SLICE)."""
+    return max(block_n, DECODE_MIN_SLICE // block_n * block_n)
 
 
 def fused_merge_splits(group: int) -> int:
@@ -43,6 +51,13 @@ def arrivals(device: torch.device, n: int) -> torch.Tensor:
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _arrivals[device] = buf
     return buf
+
+
+@triton.jit
+def slice_len(ctx, num_splits, BLOCK_N: tl.constexpr, MIN_SLICE: tl.constexpr):
+    """Keys of each split of a ctx-key context (BLOCK_N-aligned, at least MIN_SLICE): the first
+    cdiv(ctx, slice) splits hold keys, the rest none. The split kernel and the merge agree on it."""
+    return tl.maximum(tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N, MIN_SLICE)
 
 
 @triton.jit
@@ -81,14 +96,16 @@ def merge_if_last(o_part_ptr, lse_part_ptr, arrive_ptr, o_ptr, b, kh, used, num_
 def _decode_merge_kernel(
     o_part_ptr, lse_part_ptr, ctx_ptr, o_ptr, stride_ob, stride_on, num_splits,
     N: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr,
+    MIN_SLICE: tl.constexpr,
 ):
     pdl_release(PDL)  # o_proj's programs stream their weights while this waits
     pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(ctx_ptr + b)
-    per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N  # as the split kernel
-    used = tl.cdiv(ctx, tl.maximum(per_split, 1))  # the splits that hold keys (0 when ctx is 0)
+    used = tl.cdiv(ctx, slice_len(ctx, num_splits, BLOCK_N, MIN_SLICE))  # splits that hold keys (0: ctx 0)
+    if used == 1:  # that split's program wrote the output
+        return
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, D)
     mask_s = offs_s < used
@@ -125,7 +142,7 @@ def _warm_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch
         _decode_merge_kernel[(1, num_heads)](
             o_part, lse_part, ctx, out, out.stride(0), out.stride(1), s,
             N=num_heads, D=head_dim, BLOCK_N=block_n, BLOCK_SPLITS=triton.next_power_of_2(s),
-            num_warps=8 if s > 32 else 4, **launch_args(device))
+            num_warps=8 if s > 32 else 4, MIN_SLICE=min_slice(block_n), **launch_args(device))
         if s == max_splits:
             return
         n *= 2

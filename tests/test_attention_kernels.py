@@ -26,13 +26,13 @@ if not _CUDA:
 pytest.importorskip("triton")
 
 from model import attention_prefill_triton as fa  # noqa: E402
+from model import attention_decode_merge as merge  # noqa: E402
 from model import attention_triton as at  # noqa: E402
 from model.attention import attention_ref, gather_kv  # noqa: E402
 from model.batch import AttnBatch  # noqa: E402
 
 if not _CUDA and not at._interpreted():  # imported earlier in this process without the env var
-    from model import attention_decode_merge
-    importlib.reload(attention_decode_merge)  # first: attention_triton binds its merge functions
+    merge = importlib.reload(merge)  # first: attention_triton binds its merge functions
     at = importlib.reload(at)
 if not _CUDA and not fa._interpreted():
     fa = importlib.reload(fa)
@@ -160,8 +160,11 @@ def test_prefill_small_tiles_and_big_block():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_splits", [None, 1, 16])  # 16: most splits empty for short seqs
-def test_decode_small(dtype, num_splits):
-    run_decode([1, 17, 64, 200, 333], 6, 1, 32, 16, dtype, num_splits)  # G=6
+@pytest.mark.parametrize("min_slice", [0, None])  # 0: one key step a slice; None: DECODE_MIN_SLICE
+def test_decode_small(monkeypatch, dtype, num_splits, min_slice):
+    if min_slice is not None:
+        monkeypatch.setattr(merge, "DECODE_MIN_SLICE", min_slice)
+    run_decode([1, 17, 64, 200, 333, 600], 6, 1, 32, 16, dtype, num_splits)  # G=6
 
 
 def test_decode_many_sequences():
@@ -185,11 +188,16 @@ def test_decode_with_no_keys_writes_zeros(num_splits):
     check(o[keep], ref_fp32(q[keep], kc, vc, bt[keep], [1, 1], [40, 130], 0.25), torch.float32, "no keys")
 
 
-def test_decode_merge_reads_only_filled_splits(monkeypatch):
+@pytest.mark.parametrize("splits,min_slice", [(32, 0), (64, 0), (64, None)])
+def test_decode_merge_reads_only_filled_splits(monkeypatch, splits, min_slice):
     """The engine's graphs fix the split count at the model's length (128 at batch 1), so short
     contexts leave most splits without a key; those programs write nothing. Poison every partial
     buffer with NaN: the result must still equal the reference (a merge that read an unfilled
-    split would turn it into NaN)."""
+    split would turn it into NaN). 32 splits of G = 2 merge in the split kernel, 64 in the merge
+    kernel; min_slice 0: one key step a slice (many filled), None: the default, under which the
+    short contexts fit one slice, written by its program, and the merge must skip them."""
+    if min_slice is not None:
+        monkeypatch.setattr(merge, "DECODE_MIN_SLICE", min_slice)
     real_empty = torch.empty
 
     def poisoned(*a, **k):
@@ -197,7 +205,7 @@ def test_decode_merge_reads_only_filled_splits(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(at.torch, "empty", poisoned)
-    run_decode([1, 64, 65, 130, 7], 4, 2, 16, 8, torch.float32, num_splits=32)  # 1-3 of 32 splits filled
+    run_decode([1, 64, 65, 130, 7, 700], 4, 2, 16, 8, torch.float32, num_splits=splits)
 
 
 @pytest.mark.parametrize("block_n", [64, 128])
@@ -250,6 +258,7 @@ class _Spy:
 
 @pytest.mark.parametrize("N,K", [(4, 2), (6, 1), (16, 2)])  # G = 2, 6 (tile 8), 8
 def test_decode_fused_merge(monkeypatch, N, K):
+    monkeypatch.setattr(merge, "DECODE_MIN_SLICE", 0)  # 64-key slices: up to 6 filled at these contexts
     """Up to fused_merge_splits(G) splits, the split kernel's last program of each (sequence, kv
     head) merges: no merge launch, the result equal to the reference, and every arrival counter back
     at 0 for the next call. Two calls in a row with other contexts (other filled-split counts) and
