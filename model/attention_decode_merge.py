@@ -19,19 +19,11 @@ import triton.language as tl
 
 from .pdl import launch_args, pdl_enter, pdl_release
 
-# Fewest keys of a split that holds any (a multiple of the key step, or the key step): a short context
-# stays in fewer programs, one below this many keys, which writes its output itself (no merge)
-DECODE_MIN_SLICE = 256
 # Most partial rows (G heads x splits) the fused merge reads in one [G, splits, D] fp32 tile:
 # 64 x 128 x 4 bytes is 64 registers a thread at 4 warps
 FUSED_MERGE_ROWS = 64
 
 _arrivals: dict[torch.device, torch.Tensor] = {}
-
-
-def min_slice(block_n: int) -> int:
-    """DECODE_MIN_SLICE for a key step of block_n (both kernels' MIN_SLICE)."""
-    return max(block_n, DECODE_MIN_SLICE // block_n * block_n)
 
 
 def fused_merge_splits(group: int) -> int:
@@ -54,10 +46,12 @@ def arrivals(device: torch.device, n: int) -> torch.Tensor:
 
 
 @triton.jit
-def slice_len(ctx, num_splits, BLOCK_N: tl.constexpr, MIN_SLICE: tl.constexpr):
-    """Keys of each split of a ctx-key context (BLOCK_N-aligned, at least MIN_SLICE): the first
-    cdiv(ctx, slice) splits hold keys, the rest none. The split kernel and the merge agree on it."""
-    return tl.maximum(tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N, MIN_SLICE)
+def slice_len(ctx, num_splits, BLOCK_N: tl.constexpr):
+    """Keys of each split of a ctx-key context, BLOCK_N-aligned: the first cdiv(ctx, slice) splits
+    hold keys, the rest none. The split kernel and the merge agree on it. (Slices of at least 128 to
+    512 keys, fewer programs for short contexts, were slower at batch 1-16 in
+    bench_decode_layer-style graphs: more programs overlap more loads.)"""
+    return tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
@@ -96,14 +90,13 @@ def merge_if_last(o_part_ptr, lse_part_ptr, arrive_ptr, o_ptr, b, kh, used, num_
 def _decode_merge_kernel(
     o_part_ptr, lse_part_ptr, ctx_ptr, o_ptr, stride_ob, stride_on, num_splits,
     N: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SPLITS: tl.constexpr, PDL: tl.constexpr,
-    MIN_SLICE: tl.constexpr,
 ):
     pdl_release(PDL)  # o_proj's programs stream their weights while this waits
     pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     ctx = tl.load(ctx_ptr + b)
-    used = tl.cdiv(ctx, slice_len(ctx, num_splits, BLOCK_N, MIN_SLICE))  # splits that hold keys (0: ctx 0)
+    used = tl.cdiv(ctx, tl.maximum(slice_len(ctx, num_splits, BLOCK_N), 1))  # splits that hold keys (0: ctx 0)
     if used == 1:  # that split's program wrote the output
         return
     offs_s = tl.arange(0, BLOCK_SPLITS)
@@ -142,7 +135,7 @@ def _warm_merge(num_heads: int, head_dim: int, dtype: torch.dtype, device: torch
         _decode_merge_kernel[(1, num_heads)](
             o_part, lse_part, ctx, out, out.stride(0), out.stride(1), s,
             N=num_heads, D=head_dim, BLOCK_N=block_n, BLOCK_SPLITS=triton.next_power_of_2(s),
-            num_warps=8 if s > 32 else 4, MIN_SLICE=min_slice(block_n), **launch_args(device))
+            num_warps=8 if s > 32 else 4, **launch_args(device))
         if s == max_splits:
             return
         n *= 2

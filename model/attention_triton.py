@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import attention_decode_merge as _merge
 from .attention_decode_merge import _decode_merge_kernel, arrivals, fused_merge_splits, merge_if_last, slice_len
 from .attention_decode_merge import warm_decode_merge as _warm_decode_merge
 from .pdl import launch_args, pdl_enter, pdl_release
@@ -131,7 +130,7 @@ def _decode_split_kernel(
     num_splits,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, S: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
-    DIRECT: tl.constexpr, FUSED: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, MIN_SLICE: tl.constexpr,
+    DIRECT: tl.constexpr, FUSED: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr,
 ):
     """DIRECT (num_splits == 1): each program holds its sequence's whole context and writes the
     final output rows o [B, N, D] in o's dtype (no partials, no merge launch). FUSED (num_splits <=
@@ -151,7 +150,7 @@ def _decode_split_kernel(
     o_rows = o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_on + offs_d[None, :]
     # Each sequence spreads its own context over the splits in BLOCK_N-aligned slices; a short one
     # fills only the first few, and the rest stop here (the merge reads only the filled ones).
-    per_split = slice_len(ctx, num_splits, BLOCK_N, MIN_SLICE)
+    per_split = slice_len(ctx, num_splits, BLOCK_N)
     start = split * per_split
     if start >= ctx:
         if DIRECT or FUSED:
@@ -305,13 +304,13 @@ def paged_decode(q_BND: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, S=k_cache.shape[1],
         BLOCK_N=block_n, PRECISION=_precision(q_BND.dtype), UPCAST=_interpreted(),
         DIRECT=direct, FUSED=fused, GP=triton.next_power_of_2(G), SP=fused_merge_splits(G),
-        MIN_SLICE=_merge.min_slice(block_n), num_warps=launch[0], num_stages=launch[1], **launch_args(q_BND.device),
+        num_warps=launch[0], num_stages=launch[1], **launch_args(q_BND.device),
     )
     if direct or fused:
         return out
     _decode_merge_kernel[(B, N)](
         o_part, lse_part, context_lens_B, out, out.stride(0), out.stride(1), num_splits,
         N=N, D=D, BLOCK_N=block_n, BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-        num_warps=8 if num_splits > 32 else 4, MIN_SLICE=_merge.min_slice(block_n), **launch_args(q_BND.device),
+        num_warps=8 if num_splits > 32 else 4, **launch_args(q_BND.device),
     )
     return out

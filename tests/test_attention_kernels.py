@@ -160,10 +160,7 @@ def test_prefill_small_tiles_and_big_block():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_splits", [None, 1, 16])  # 16: most splits empty for short seqs
-@pytest.mark.parametrize("min_slice", [0, None])  # 0: one key step a slice; None: DECODE_MIN_SLICE
-def test_decode_small(monkeypatch, dtype, num_splits, min_slice):
-    if min_slice is not None:
-        monkeypatch.setattr(merge, "DECODE_MIN_SLICE", min_slice)
+def test_decode_small(dtype, num_splits):
     run_decode([1, 17, 64, 200, 333, 600], 6, 1, 32, 16, dtype, num_splits)  # G=6
 
 
@@ -188,16 +185,13 @@ def test_decode_with_no_keys_writes_zeros(num_splits):
     check(o[keep], ref_fp32(q[keep], kc, vc, bt[keep], [1, 1], [40, 130], 0.25), torch.float32, "no keys")
 
 
-@pytest.mark.parametrize("splits,min_slice", [(32, 0), (64, 0), (64, None)])
-def test_decode_merge_reads_only_filled_splits(monkeypatch, splits, min_slice):
+@pytest.mark.parametrize("splits", [32, 64])
+def test_decode_merge_reads_only_filled_splits(monkeypatch, splits):
     """The engine's graphs fix the split count at the model's length (128 at batch 1), so short
     contexts leave most splits without a key; those programs write nothing. Poison every partial
     buffer with NaN: the result must still equal the reference (a merge that read an unfilled
     split would turn it into NaN). 32 splits of G = 2 merge in the split kernel, 64 in the merge
-    kernel; min_slice 0: one key step a slice (many filled), None: the default, under which the
-    short contexts fit one slice, written by its program, and the merge must skip them."""
-    if min_slice is not None:
-        monkeypatch.setattr(merge, "DECODE_MIN_SLICE", min_slice)
+    kernel, which must skip the contexts within one 128-key slice (written by their program)."""
     real_empty = torch.empty
 
     def poisoned(*a, **k):
@@ -258,7 +252,6 @@ class _Spy:
 
 @pytest.mark.parametrize("N,K", [(4, 2), (6, 1), (16, 2)])  # G = 2, 6 (tile 8), 8
 def test_decode_fused_merge(monkeypatch, N, K):
-    monkeypatch.setattr(merge, "DECODE_MIN_SLICE", 0)  # 64-key slices: up to 6 filled at these contexts
     """Up to fused_merge_splits(G) splits, the split kernel's last program of each (sequence, kv
     head) merges: no merge launch, the result equal to the reference, and every arrival counter back
     at 0 for the next call. Two calls in a row with other contexts (other filled-split counts) and
