@@ -24,6 +24,7 @@ from .pdl import launch_args, pdl_enter, pdl_release
 FUSED_MERGE_ROWS = 64
 
 _arrivals: dict[torch.device, torch.Tensor] = {}
+_outgrown: list[torch.Tensor] = []  # replaced buffers, kept: a CUDA graph captured before may still use one
 
 
 def fused_merge_splits(group: int) -> int:
@@ -37,9 +38,12 @@ def arrivals(device: torch.device, n: int) -> torch.Tensor:
     merging program sets its counter back to 0, so every launch finds them at 0. Shared by the
     launches on a device, which the stream orders (each kernel waits for the one before it, PDL
     included); grown outside CUDA-graph capture (the eager warm-up of every captured shape runs
-    first)."""
+    first). The engine's fused launches have at most ~2 x SMs / 2 pairs (choose_num_splits), so the
+    first 4096 counters last; a larger explicit call gets a new buffer and the old one stays alive."""
     buf = _arrivals.get(device)
     if buf is None or buf.numel() < n:
+        if buf is not None:
+            _outgrown.append(buf)
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         _arrivals[device] = buf
     return buf

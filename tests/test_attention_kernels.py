@@ -441,3 +441,14 @@ FA_CONFIGS = [(256, 64, 16, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3
 @pytest.mark.parametrize("m,n,w,st", FA_CONFIGS, ids=[f"M{m}-N{n}-w{w}-s{st}" for m, n, w, st in FA_CONFIGS])
 def test_gpu_fa_configs(m, n, w, st):
     run_fa([333, 2048], [5000, 2048], 32, 4, 128, 16, BF16, BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+
+
+def test_decode_arrival_counters_outgrown_stay_alive():
+    """A call with more (sequence, kv head) pairs than the counters hold gets a new zeroed buffer; the
+    old one stays referenced (a CUDA graph captured before may still point at it), and later calls
+    reuse the larger one."""
+    first = merge.arrivals(DEV, 8)
+    bigger = merge.arrivals(DEV, first.numel() + 1)
+    assert bigger.numel() > first.numel() and not bigger.any()
+    assert any(t is first for t in merge._outgrown)
+    assert merge.arrivals(DEV, 8) is bigger
