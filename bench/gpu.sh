@@ -23,6 +23,8 @@
 #                                            8192,90000 --yarn: prefill of one prompt each, FLOPs floors;
 #                                            --attention split: cuDNN for chunks; --moe-n-major-min-bm 0: the
 #                                            M-major grouped-GEMM grid, N-major's A/B; BD_TAG=x names files)
+#   bash bench/gpu.sh ablate                 bench_decode_ablate (each part's cost in a decode layer, b1/16/64) and
+#                                            bench_decode_merge (the decode merge fused against launched)
 #   bash bench/gpu.sh moe                    bench_moe_prefill (MoE pieces at 1k-16k tokens, tile sweep) after its tests
 #                                            (MOE_TOKENS=16,64,256: at the decode steps' sizes; MOE_TESTS=0: no tests)
 #   bash bench/gpu.sh fa3                    bench_attention's Hopper prefill tile sweep (FA3_CASES) after its tests
@@ -136,6 +138,12 @@ breakdown)  # this branch's GPU tests first (no late compile at a shape no prese
   timeout 330 python3 bench/bench_breakdown.py --out "$OUT/breakdown_$TAG$sfx.json" "$@" 2>&1 | quiet \
     | grep -v "^USDT\|^STAGE:" > "$OUT/breakdown_$TAG$sfx.log"
   tail -66 "$OUT/breakdown_$TAG$sfx.log"
+  ;;
+ablate)  # what each part of a decode layer costs, and the decode merge's A/B, in decode-layer graphs
+  timeout 300 python3 bench/bench_decode_ablate.py --batches 1,16,64 --contexts 256,1024 2>&1 \
+    | grep -v Warn > "$OUT/decode_ablate_$TAG.log"
+  timeout 200 python3 bench/bench_decode_merge.py 2>&1 | grep -v Warn > "$OUT/decode_merge_$TAG.log"
+  tail -6 "$OUT/decode_ablate_$TAG.log"; tail -10 "$OUT/decode_merge_$TAG.log"
   ;;
 moe)  # the MoE at prefill sizes (bench_moe_prefill: route, aligns, GEMMs with a tile sweep, k-term sums) after
   # the fused MoE's GPU tests
