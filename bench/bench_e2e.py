@@ -8,9 +8,9 @@ one config serves the 2k..32k figures and the 90k/128k runs). By default its wei
 (load_format="dummy": random on each stage's device, nothing written); `--load-format auto` writes a
 checkpoint to --ckpt once and loads it. Runs the peer in a subprocess, then moepipe on --stages:
 load time, decode ms/step at batch 1 and 16 (prompt 128, 64 steps, measured as the peer does:
-(t(65 tokens) - t(1 token)) / 64, each t the fastest of --decode-reps calls; the peer's one call), batch-1 decode at a 32k context, 256 requests x (128 -> 128)
-greedy and sampled (temperature 0.8, top-p 0.9), prefill tokens/s, long-context TTFT, decode at that
-context and peak memory per stage. With --one-gpu the same model then runs on 1 GPU for the decode
+(t(65 tokens) - t(1 token)) / 64, each t the fastest of --decode-reps calls; the peer's one call),
+batch-1 decode at a 32k context, 256 requests x (128 -> 128) greedy and sampled (temperature 0.8,
+top-p 0.9), prefill tokens/s, long-context TTFT, decode at that context and peak memory per stage. With --one-gpu the same model then runs on 1 GPU for the decode
 and throughput rows, in the same call. Prints a table last; JSON goes to --out."""
 from __future__ import annotations
 
@@ -85,9 +85,11 @@ def throughput(llm, rand, n_req: int, prompt: int, new: int, **sampling) -> dict
 def decode_rows(llm, rand, long_ctx: int, n_req: int = 256, reps: int = 3) -> list[dict]:
     """Decode ms/step at batch 1 and 16 (prompt 128), at batch 1 after a long_ctx prompt, and the
     256 x (128 -> 128) throughput, greedy and sampled: the rows put beside one GPU. The short rows
-    take the fastest of reps calls of each length, (min t(65) - min t(1)) / 64: one slow call (a
-    host hiccup in the 1-token call moves a single difference by ~0.2 ms/step at batch 1) does not
+    take the fastest of reps (>= 1) calls of each length, (min t(65) - min t(1)) / 64: one slow
+    call (a 1-token call 12 ms slow moves a single difference by ~0.2 ms/step at batch 1) does not
     set the figure."""
+    if reps < 1:
+        raise ValueError(f"--decode-reps must be at least 1, got {reps}")
     rows = []
     for B in (1, 16):
         prompts = [rand(128) for _ in range(B)]
@@ -146,6 +148,8 @@ def main() -> int:
     ap.add_argument("--load", default="", help="more throughput rows, NxPROMPTxNEW each, greedy (issue 24's: "
                                                "256x128x1024,1000x1024x128); empty: none")
     a = ap.parse_args()
+    if a.decode_reps < 1:
+        ap.error(f"--decode-reps must be at least 1, got {a.decode_reps}")
     bad = [x for x in a.load.split(",") if x.strip() and not re.fullmatch(r"\s*[1-9]\d*x[1-9]\d*x[1-9]\d*\s*", x.lower())]
     if bad:
         raise SystemExit(f"error: --load {bad[0]!r}: expected NxPROMPTxNEW, positive integers (e.g. 256x128x1024)")

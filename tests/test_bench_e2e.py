@@ -2,6 +2,8 @@
 clock: the figure is the per-step time, and one slow call among the repetitions does not move it."""
 import sys
 from pathlib import Path
+
+import pytest
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -48,3 +50,9 @@ def test_decode_rows_take_the_fastest_calls(monkeypatch):
     assert _rows(monkeypatch, slow=(6, 9), reps=3) == {1: 3.0, 16: 12.0}
     one = _rows(monkeypatch, slow=(2,), reps=1)  # a single call each: the slow 1-token call shows
     assert one[16] == 12.0 and abs(one[1] - (3.0 - 13.0 / 64)) < 1e-3
+
+
+@pytest.mark.parametrize("reps", [0, -2])
+def test_decode_rows_refuse_no_repetitions(monkeypatch, reps):
+    with pytest.raises(ValueError, match="--decode-reps must be at least 1"):
+        _rows(monkeypatch, slow=(), reps=reps)
