@@ -5,11 +5,15 @@ dummy weights, block 64, us per layer, min of two alternating rounds. Parts: the
 (split + merge), the dense projections (qkv, o_proj and the router, cuBLAS or the Triton GEMV),
 the q/k norm + rope + KV write, the add + RMSNorms, the MoE (route, align, both GEMMs, combine).
 With the router's GEMV left out its logits are a fixed random tensor, so routing stays uniform.
+--ab FIELD=VALUE (repeatable) times the whole layer with that Backend field changed beside the
+default instead, alternating over --rounds rounds: the A/B of a kernel switch.
 
-    python bench/bench_decode_ablate.py --batches 1,16 --contexts 256"""
+    python bench/bench_decode_ablate.py --batches 1,16 --contexts 256
+    python bench/bench_decode_ablate.py --batches 16,32,64 --ab moe_scan_max_pairs=0 --rounds 4"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -57,7 +61,19 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--contexts", default="256")
     ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--ab", action="append", default=[], metavar="FIELD=VALUE",
+                    help="time the layer with this Backend field changed (int value) beside the default")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; each figure is the min")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    fields = {f.name for f in dataclasses.fields(Backend)}
+    variants = {}
+    for spec in args.ab:
+        name, _, value = spec.partition("=")
+        if name not in fields or not value.lstrip("-").isdigit():
+            ap.error(f"--ab {spec!r}: expected FIELD=INT with FIELD one of {', '.join(sorted(fields))}")
+        variants[spec] = (name, int(value))
     cfg = dummy_config("qwen3-30b-a3b")
     dev, dt, bs, L = torch.device("cuda:0"), torch.bfloat16, 64, args.layers
     batches = [int(b) for b in args.batches.split(",")]
@@ -66,8 +82,9 @@ def main() -> None:
     pool = max(batches) * (-(-max(contexts) // bs)) + 8
     stage.allocate_kv(pool, bs)
     stage.kv_cache.normal_(0, 1)
-    stage.backend = pick_backend(dev)
-    parts = stand_ins(cfg)
+    base = stage.backend = pick_backend(dev)
+    parts = {} if variants else stand_ins(cfg)
+    backends = {"full": base, **{k: dataclasses.replace(base, **{n: v}) for k, (n, v) in variants.items()}}
     rows = []
     for B in batches:
         x = torch.randn(B, cfg.hidden_size, device=dev, dtype=dt)
@@ -77,22 +94,31 @@ def main() -> None:
                                     [True] * B, dev)
             batch.max_context = max(ctx, cfg.max_position_embeddings)  # as the engine's graphs
             res: dict[str, list[float]] = {}
-            for rnd in range(2):
-                for part in (["full", *parts] if rnd == 0 else [*parts, "full"]):
+            order = [*backends, *parts]
+            for rnd in range(args.rounds):
+                for part in (order if rnd % 2 == 0 else order[::-1]):
                     saved = [(o, a, getattr(o, a)) for o, a, _ in parts.get(part, [])]
                     for o, a, f in parts.get(part, []):
                         setattr(o, a, f)
+                    stage.backend = backends.get(part, base)
                     try:
                         with torch.inference_mode():
                             res.setdefault(part, []).append(timed(lambda: stage(x, batch), reps=30) * 1e3 / L)
                     finally:
+                        stage.backend = base
                         for o, a, f in saved:
                             setattr(o, a, f)
-            best = {k: min(v) for k, v in res.items()}
-            rows.append((B, ctx, best))
-    for B, ctx, best in rows:
+            rows.append((B, ctx, res))
+    for B, ctx, res in rows:
+        best = {k: min(v) for k, v in res.items()}
         full = best["full"]
-        print(f"b{B} ctx {ctx}: full {full:.1f} us/layer; marginal cost, us/layer (x48 ms a step): "
+        spread = f"(rounds {min(res['full']):.1f}-{max(res['full']):.1f})"
+        if variants:
+            print(f"b{B} ctx {ctx}: default {full:.1f} us/layer {spread}; "
+                  + ", ".join(f"{v} {best[v]:.1f} ({min(res[v]):.1f}-{max(res[v]):.1f}, {best[v] - full:+.1f})"
+                              for v in variants))
+            continue
+        print(f"b{B} ctx {ctx}: full {full:.1f} us/layer {spread}; marginal cost, us/layer (x48 ms a step): "
               + ", ".join(f"{p} {full - best[p]:.1f} ({48 * (full - best[p]) / 1e3:.2f})" for p in parts))
 
 

@@ -24,7 +24,8 @@
 #                                            --attention split: cuDNN for chunks; --moe-n-major-min-bm 0: the
 #                                            M-major grouped-GEMM grid, N-major's A/B; BD_TAG=x names files)
 #   bash bench/gpu.sh ablate                 bench_decode_ablate (each part's cost in a decode layer, b1/16/64) and
-#                                            bench_decode_merge (the decode merge fused against launched)
+#                                            bench_decode_merge (the decode merge fused against launched);
+#                                            ABLATE_ARGS="... --ab FIELD=VALUE" ABLATE_MERGE=0: a switch's A/B alone
 #   bash bench/gpu.sh moe                    bench_moe_prefill (MoE pieces at 1k-16k tokens, tile sweep) after its tests
 #                                            (MOE_TOKENS=16,64,256: at the decode steps' sizes; MOE_TESTS=0: no tests)
 #   bash bench/gpu.sh fa3                    bench_attention's Hopper prefill tile sweep (FA3_CASES) after its tests
@@ -139,11 +140,15 @@ breakdown)  # this branch's GPU tests first (no late compile at a shape no prese
     | grep -v "^USDT\|^STAGE:" > "$OUT/breakdown_$TAG$sfx.log"
   tail -66 "$OUT/breakdown_$TAG$sfx.log"
   ;;
-ablate)  # what each part of a decode layer costs, and the decode merge's A/B, in decode-layer graphs
-  timeout 300 python3 bench/bench_decode_ablate.py --batches 1,16,64 --contexts 256,1024 2>&1 \
-    | grep -v Warn > "$OUT/decode_ablate_$TAG.log"
-  timeout 200 python3 bench/bench_decode_merge.py 2>&1 | grep -v Warn > "$OUT/decode_merge_$TAG.log"
-  tail -6 "$OUT/decode_ablate_$TAG.log"; tail -10 "$OUT/decode_merge_$TAG.log"
+ablate)  # what each part of a decode layer costs, and the decode merge's A/B, in decode-layer graphs;
+  # ABLATE_ARGS replaces bench_decode_ablate's arguments (--ab FIELD=VALUE: a Backend switch's A/B),
+  # ABLATE_MERGE=0 leaves out bench_decode_merge, ABLATE_TAG=x names the log decode_ablate_..._x
+  sfx=${ABLATE_TAG:+_$ABLATE_TAG}
+  timeout 400 python3 bench/bench_decode_ablate.py ${ABLATE_ARGS:---batches 1,16,64 --contexts 256,1024} 2>&1 \
+    | grep -v Warn > "$OUT/decode_ablate_$TAG$sfx.log"
+  [ "${ABLATE_MERGE:-1}" = 1 ] && timeout 200 python3 bench/bench_decode_merge.py 2>&1 | grep -v Warn \
+    > "$OUT/decode_merge_$TAG.log"
+  tail -8 "$OUT/decode_ablate_$TAG$sfx.log"; tail -10 "$OUT/decode_merge_$TAG.log" 2>/dev/null
   ;;
 moe)  # the MoE at prefill sizes (bench_moe_prefill: route, aligns, GEMMs with a tile sweep, k-term sums) after
   # the fused MoE's GPU tests

@@ -362,35 +362,22 @@ def combine_k(y_NkH: torch.Tensor) -> torch.Tensor:
 
 # ---- dispatch ------------------------------------------------------------------------------------
 def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int,
-                  n_major_min_bm: int = 0) -> torch.Tensor:
-    """The GEMV path up to small_max_pairs (token, expert) pairs, else the grouped GEMM, its row
-    tiles of n_major_min_bm and more launched N-major (the thresholds: model.backend)."""
+                  n_major_min_bm: int = 0, scan_max_pairs: int = 0) -> torch.Tensor:
+    """The GEMV path up to small_max_pairs (token, expert) pairs; then, up to scan_max_pairs, the
+    grouped GEMMs that find their experts' pairs themselves (model/moe_scan_triton); else the
+    grouped GEMM over an align, its row tiles of n_major_min_bm and more launched N-major (the
+    thresholds: model.backend)."""
     if ids_Nk.numel() <= small_max_pairs:
         return experts_small(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
+    from .moe_scan_triton import experts_scan, scan_fits
+    if scan_fits(ids_Nk.numel(), w13_E2IH.shape[0], scan_max_pairs, x_NH.device):
+        return experts_scan(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
     return experts_large(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, n_major_min_bm=n_major_min_bm)
 
 
 def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor,
               top_k: int, norm_topk_prob: bool, small_max_pairs: int,
-              linear=torch.nn.functional.linear, n_major_min_bm: int = 0) -> torch.Tensor:
+              linear=torch.nn.functional.linear, n_major_min_bm: int = 0, scan_max_pairs: int = 0) -> torch.Tensor:
     """Route (the reference's expert choice) then the fused experts."""
     w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob, linear)
-    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, n_major_min_bm)
-
-
-# ---- warm-up: the variants these kernels compile -------------------------------------------------
-def warm_token_counts(num_experts: int, top_k: int, small_max_pairs: int, max_tokens: int) -> list[int]:
-    """Token counts whose MoE launches between them compile every variant the engine can reach:
-    the GEMV path's two tile sets (model.fused_moe_triton.small_tiles: up to 16 pairs or more), and
-    the grouped path's tiles (grouped_tiles) at each class Triton gives the pair count P (== 1, a
-    multiple of 16, other). The other int arguments are the model's own sizes. The align's kernels
-    take P unspecialized: its runs kernel compiles once per BM, its count and place kernels once in
-    all, which the first count of each key reaches."""
-    from .attention_prefill_triton import stride_class
-    found: dict[tuple, int] = {}
-    for n in range(1, max_tokens + 1):
-        P = n * top_k
-        key = ("small", P <= 16) if P <= small_max_pairs else ("grouped", grouped_tiles(P, num_experts),
-                                                               stride_class(P))
-        found.setdefault(key, n)
-    return sorted(found.values())
+    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, n_major_min_bm, scan_max_pairs)

@@ -73,7 +73,7 @@ def declared_shapes(stage: Stage, max_tokens: int, max_batch: int, max_context: 
                     ) -> list[tuple[list[int], list[int]]]:
     """The micro-batches the kernel modules declare for their own variants, beyond the token
     ladder: each tile config and int-argument class their launch choices can reach at this model's
-    shape (model/attention_prefill_triton.warm_classes, model/fused_moe_triton.warm_token_counts)."""
+    shape (model/attention_prefill_triton.warm_classes, model/moe_warm.warm_token_counts)."""
     cfg, be, S = stage.cfg, stage.backend, stage.kv_cache.shape[3]
     out: list[tuple[list[int], list[int]]] = []
     if be.attention in ("fa", "auto"):
@@ -84,10 +84,10 @@ def declared_shapes(stage: Stage, max_tokens: int, max_batch: int, max_context: 
         out += warm_classes(stage.dtype, cfg.head_dim, cfg.num_attention_heads // K, K, max_tokens, max_batch,
                             max_context, S, sms)
     if be.moe == "triton" and cfg.num_experts:
-        from .fused_moe_triton import warm_token_counts
+        from .moe_warm import warm_token_counts
         out += [(packed(n, max_context), packed(n, max_context))
                 for n in warm_token_counts(cfg.num_experts, cfg.num_experts_per_tok, be.moe_small_max_pairs,
-                                           max_tokens)]
+                                           max_tokens, be.moe_scan_max_pairs)]
     return out
 
 
