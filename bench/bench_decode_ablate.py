@@ -9,7 +9,7 @@ With the router's GEMV left out its logits are a fixed random tensor, so routing
 default instead, alternating over --rounds rounds: the A/B of a kernel switch.
 
     python bench/bench_decode_ablate.py --batches 1,16 --contexts 256
-    python bench/bench_decode_ablate.py --batches 16,32,64 --ab moe_scan_max_pairs=0 --rounds 4"""
+    python bench/bench_decode_ablate.py --batches 16,32,64 --ab moe_rows_max_pairs=0 --rounds 4"""
 from __future__ import annotations
 
 import argparse

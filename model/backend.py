@@ -16,10 +16,10 @@ from .batch import AttnBatch
 # grouped GEMM, whose tiles pay off once experts hold several rows each (bench/bench_decode_layer.py
 # times both paths at each count).
 MOE_SMALL_MAX_PAIRS = 64
-# Above it and up to this many pairs, the grouped GEMMs find each expert's pairs themselves
-# (model/moe_scan_triton.py) instead of after an align's four launches: decode batches up to 64 at
-# top-8. 0: always the align (bench/bench_decode_ablate.py --ab moe_scan_max_pairs=0 is the A/B).
-MOE_SCAN_MAX_PAIRS = 512
+# Above it and up to this many pairs, where one row tile holds every token (model/moe_rows_triton.
+# MAX_ROWS), the grouped GEMMs find each expert's tokens themselves instead of after an align's
+# four launches. 0: always the align (bench/bench_decode_ablate.py --ab moe_rows_max_pairs=0 is the A/B).
+MOE_ROWS_MAX_PAIRS = 512
 # Micro-batches of up to this many tokens run the dense projections (fused qkv, o_proj, router) as
 # the PDL-launched Triton GEMV (model/linear_triton.py) instead of cuBLAS: at one token it streams
 # the weights with no split-K second kernel; from two tokens on cuBLAS's tiles reuse each weight
@@ -103,7 +103,7 @@ class Backend:
     moe: str  # one of MOE_PATHS
     fused_norms: bool  # Triton add+RMSNorm, q/k-norm+rope+KV write
     moe_small_max_pairs: int = MOE_SMALL_MAX_PAIRS
-    moe_scan_max_pairs: int = 0  # grouped MoE up to this many pairs without an align (0: never)
+    moe_rows_max_pairs: int = 0  # grouped MoE up to this many pairs without an align (0: never)
     linear_small_max: int = 0  # tokens up to which linear() runs the Triton GEMV (0: always torch)
     moe_n_major_min_bm: int = 0  # grouped MoE row tiles from which a block's N tiles launch together (0: never)
     penalties_fused: bool = False  # the last stage's penalties in one Triton launch (CUDA)
@@ -146,5 +146,5 @@ def pick_backend(device: torch.device | str, attention: str | None = None, moe: 
     if fused and not cuda:
         raise ValueError("fused norm kernels need a CUDA device")
     return Backend(attention, moe, fused, linear_small_max=LINEAR_SMALL_MAX_TOKENS if fused else 0,
-                   moe_n_major_min_bm=MOE_N_MAJOR_MIN_BM, moe_scan_max_pairs=MOE_SCAN_MAX_PAIRS,
+                   moe_n_major_min_bm=MOE_N_MAJOR_MIN_BM, moe_rows_max_pairs=MOE_ROWS_MAX_PAIRS,
                    penalties_fused=cuda and PENALTIES_FUSED)

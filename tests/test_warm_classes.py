@@ -57,30 +57,28 @@ def test_the_token_ladder_alone_misses_tile_choices():
 
 
 def test_moe_token_counts_cover_every_tile_and_pair_class():
-    """Each tile set and pair class of the MoE's launches (the GEMV path's two, the scan path's
-    tiles by the id vector's power of two, the grouped path's row tiles by the pair count's class)
-    is reached by some warm-up count, for every count up to 8 192 tokens, with the scan path off
-    and up to 512 pairs."""
+    """Each tile set and pair class of the MoE's launches (the GEMV path's two, the token-row
+    path's row tiles, the grouped path's row tiles by the pair count's class) is reached by some
+    warm-up count, for every count up to 8 192 tokens, with the token-row path off and up to 512
+    pairs."""
     from model.attention_prefill_triton import stride_class
     from model.fused_moe_triton import grouped_tiles
     from model.moe_warm import warm_token_counts
     for E, top_k, small in ((128, 8, 64), (16, 4, 64), (64, 6, 64)):
-        for scan in (0, 512):
-            counts = warm_token_counts(E, top_k, small, 8192, scan)
+        for rows in (0, 512):
+            counts = warm_token_counts(E, top_k, small, 8192, rows)
 
             def key(n):
                 P = n * top_k
-                bp = 1 << (P - 1).bit_length()
                 if P <= small:
                     return "small", P <= 16
-                if P <= scan and grouped_tiles(P, E)[0] * bp <= 8192:
-                    return "scan", grouped_tiles(P, E), bp
+                if P <= rows and n <= 32:  # one row tile of 16 or 32 tokens
+                    return "rows", max(16, 1 << (n - 1).bit_length()), grouped_tiles(P, E)[1:]
                 return "grouped", grouped_tiles(P, E), stride_class(P)
             assert {key(n) for n in range(1, 8193)} == {key(n) for n in counts}
     bms = {grouped_tiles(8 * n, 128)[0] for n in warm_token_counts(128, 8, 64, 8192) if 8 * n > 64}
     assert bms == {16, 32, 64, 128}  # the align's runs kernel compiles once per row tile
-    scans = [n for n in warm_token_counts(128, 8, 64, 8192, 512) if 64 < 8 * n <= 512]
-    assert [1 << (8 * n - 1).bit_length() for n in scans] == [128, 256, 512]  # one per id-vector width
+    assert [n for n in warm_token_counts(128, 8, 64, 8192, 512) if 8 < n <= 32] == [9, 17]  # row tiles 16, 32
 
 
 def test_warm_up_reaches_the_token_budget_when_the_context_limit_is_shorter():
