@@ -24,9 +24,9 @@ from .fused_moe_triton import _DOT_FP32, _dot, _silu_mul, combine_k, grouped_til
 from .fused_triton import _round
 from .pdl import launch_args, pdl_enter
 
-# Row tiles this path may take: the whole batch in one tile (more rows than this: the align and
-# the grouped GEMMs).
-MAX_ROWS = 32
+# The most tokens this path takes, all in one row tile. Wider row tiles cost more than the align
+# they save (bench/bench_moe_rows.py times row tiles of 16, 32 and 64 beside it).
+MAX_ROWS = 16
 
 
 @triton.jit

@@ -72,13 +72,13 @@ def test_moe_token_counts_cover_every_tile_and_pair_class():
                 P = n * top_k
                 if P <= small:
                     return "small", P <= 16
-                if P <= rows and n <= 32:  # one row tile of 16 or 32 tokens
-                    return "rows", max(16, 1 << (n - 1).bit_length()), grouped_tiles(P, E)[1:]
+                if P <= rows and n <= 16:  # one row tile of 16 tokens
+                    return "rows", grouped_tiles(P, E)
                 return "grouped", grouped_tiles(P, E), stride_class(P)
             assert {key(n) for n in range(1, 8193)} == {key(n) for n in counts}
     bms = {grouped_tiles(8 * n, 128)[0] for n in warm_token_counts(128, 8, 64, 8192) if 8 * n > 64}
     assert bms == {16, 32, 64, 128}  # the align's runs kernel compiles once per row tile
-    assert [n for n in warm_token_counts(128, 8, 64, 8192, 512) if 8 < n <= 32] == [9, 17]  # row tiles 16, 32
+    assert [n for n in warm_token_counts(128, 8, 64, 8192, 512) if 8 < n <= 16] == [9]  # one row tile
 
 
 def test_warm_up_reaches_the_token_budget_when_the_context_limit_is_shorter():
