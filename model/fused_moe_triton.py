@@ -150,6 +150,23 @@ def experts_small(x_NH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tens
 
 # ---- large batch: pairs grouped by expert, grouped GEMM ------------------------------------------
 @triton.jit
+def gate_up_rows(x_ptr, tok, rmask, wg_base, wu_base, nmask, H, stride_xt, acc_g, acc_u, BK: tl.constexpr,
+                 PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """(acc_g, acc_u) += x rows tok (those in rmask; the others zeros) times the gate and up weight
+    tiles at wg_base / wu_base ([BK, BN] steps along H, columns in nmask), by pointer loads."""
+    for k0 in range(0, H, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < H
+        a = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        wm = kmask[:, None] & nmask[None, :]
+        wg = tl.load(wg_base + kk[:, None], mask=wm, other=0.0)
+        wu = tl.load(wu_base + kk[:, None], mask=wm, other=0.0)
+        acc_g = _dot(a, wg, acc_g, PREC, UPCAST)
+        acc_u = _dot(a, wu, acc_u, PREC, UPCAST)
+    return acc_g, acc_u
+
+
+@triton.jit
 def _block_and_tile(N_MAJOR: tl.constexpr):
     """(block, N tile) of this program. The grid is (blocks, N tiles), or with N_MAJOR (N tiles,
     blocks): a block's N tiles then run side by side and share its A rows in L2, where otherwise
@@ -198,17 +215,8 @@ def _gate_up_grouped_kernel(x_ptr, w_ptr, pairs_ptr, bexp_ptr, act_ptr, P, H, I,
             acc_u = _dot(a, tl.trans(w_desc.load([wg_row + I, k0])), acc_u, PREC, UPCAST)
     else:
         wg_base = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn
-        wu_base = wg_base + I * stride_wn
-        for k0 in range(0, H, BK):
-            kk = k0 + tl.arange(0, BK)
-            kmask = kk < H
-            a = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=rmask[:, None] & kmask[None, :],
-                        other=0.0)
-            wm = kmask[:, None] & nmask[None, :]
-            wg = tl.load(wg_base + kk[:, None], mask=wm, other=0.0)
-            wu = tl.load(wu_base + kk[:, None], mask=wm, other=0.0)
-            acc_g = _dot(a, wg, acc_g, PREC, UPCAST)
-            acc_u = _dot(a, wu, acc_u, PREC, UPCAST)
+        acc_g, acc_u = gate_up_rows(x_ptr, tok, rmask, wg_base, wg_base + I * stride_wn, nmask, H, stride_xt,
+                                    acc_g, acc_u, BK, PREC, UPCAST)
     DT: tl.constexpr = act_ptr.dtype.element_ty
     out = _silu_mul(acc_g, acc_u, DT)
     arow = b.to(tl.int64) * BM + tl.arange(0, BM)

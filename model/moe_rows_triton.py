@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_moe_triton import _DOT_FP32, _dot, _silu_mul, combine_k, grouped_tiles
+from .fused_moe_triton import _DOT_FP32, _dot, _silu_mul, combine_k, gate_up_rows, grouped_tiles
 from .fused_triton import _round
 from .pdl import launch_args, pdl_enter
 
@@ -42,6 +42,16 @@ def _expert_rows(ids_ptr, N, e, TOPK: tl.constexpr, KP: tl.constexpr, BM: tl.con
     return pairs, real, tl.sum(real.to(tl.int32), axis=0)
 
 
+@triton.jit
+def _expert_tile(ids_ptr, N, NCOLS, TOPK: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """This program's expert (int64), its token rows (pairs, real, count as _expert_rows) and its
+    N tile's columns n with their mask against NCOLS."""
+    e = tl.program_id(0)
+    pairs, real, count = _expert_rows(ids_ptr, N, e, TOPK, KP, BM)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    return e.to(tl.int64), pairs, real, count, n, n < NCOLS
+
+
 @triton.jit(do_not_specialize=["N"])
 def _gate_up_rows_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, N, H, I, stride_xt, stride_we, stride_wn, stride_at,
                          TOPK: tl.constexpr, KP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -49,26 +59,13 @@ def _gate_up_rows_kernel(x_ptr, w_ptr, ids_ptr, act_ptr, N, H, I, stride_xt, str
     """act[p, n tile] = SiLU(x_t W_gate^T) * (x_t W_up^T) for each pair p = (t, j) of expert
     program_id(0), columns of N tile program_id(1)."""
     pdl_enter(PDL)
-    e = tl.program_id(0)
-    pairs, real, count = _expert_rows(ids_ptr, N, e, TOPK, KP, BM)
+    e, pairs, real, count, n, nmask = _expert_tile(ids_ptr, N, I, TOPK, KP, BM, BN)
     if count == 0:
         return
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    nmask = n < I
-    wg_base = w_ptr + e.to(tl.int64) * stride_we + n[None, :].to(tl.int64) * stride_wn
-    wu_base = wg_base + I * stride_wn
-    tok = tl.arange(0, BM).to(tl.int64)
-    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
-    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, H, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < H
-        a = tl.load(x_ptr + tok[:, None] * stride_xt + kk[None, :], mask=real[:, None] & kmask[None, :], other=0.0)
-        wm = kmask[:, None] & nmask[None, :]
-        wg = tl.load(wg_base + kk[:, None], mask=wm, other=0.0)
-        wu = tl.load(wu_base + kk[:, None], mask=wm, other=0.0)
-        acc_g = _dot(a, wg, acc_g, PREC, UPCAST)
-        acc_u = _dot(a, wu, acc_u, PREC, UPCAST)
+    wg_base = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn
+    acc_g, acc_u = gate_up_rows(x_ptr, tl.arange(0, BM).to(tl.int64), real, wg_base, wg_base + I * stride_wn, nmask,
+                                H, stride_xt, tl.zeros([BM, BN], dtype=tl.float32),
+                                tl.zeros([BM, BN], dtype=tl.float32), BK, PREC, UPCAST)
     DT: tl.constexpr = act_ptr.dtype.element_ty
     out = _silu_mul(acc_g, acc_u, DT)
     tl.store(act_ptr + pairs.to(tl.int64)[:, None] * stride_at + n[None, :], out.to(DT),
@@ -82,13 +79,10 @@ def _down_rows_kernel(act_ptr, w_ptr, ids_ptr, tw_ptr, y_ptr, N, H, I, stride_at
     """y[p, n tile] = (act[p] W_down^T) * routing weight of p, for each pair p of expert
     program_id(0), columns of N tile program_id(1)."""
     pdl_enter(PDL)
-    e = tl.program_id(0)
-    pairs, real, count = _expert_rows(ids_ptr, N, e, TOPK, KP, BM)
+    e, pairs, real, count, n, nmask = _expert_tile(ids_ptr, N, H, TOPK, KP, BM, BN)
     if count == 0:
         return
-    n = tl.program_id(1) * BN + tl.arange(0, BN)
-    nmask = n < H
-    w_base = w_ptr + e.to(tl.int64) * stride_we + n[None, :].to(tl.int64) * stride_wn
+    w_base = w_ptr + e * stride_we + n[None, :].to(tl.int64) * stride_wn
     arow = pairs.to(tl.int64)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, I, BK):
