@@ -1,8 +1,9 @@
 """The MoE's grouped GEMMs at decode sizes, one layer of the 30b shape, CUDA-graph-timed: the align
 (model/moe_align) + grouped GEMMs (model/fused_moe_triton.grouped_gemms) against the GEMMs that
 find their experts' tokens themselves, every token a row of one tile (model/moe_rows_triton.
-rows_gemms), with and without PDL, at row tiles from the batch's power of two up to 64. GB/s: the
-touched experts' weight bytes over the time.
+rows_gemms), with and without PDL, at row tiles from the batch's power of two up to 64, and its
+ranked form (16-row tiles of each expert's pairs). GB/s: the touched experts' weight bytes over the
+time.
 
     python bench/bench_moe_rows.py --tokens 16,24,32,64"""
 from __future__ import annotations
@@ -51,9 +52,12 @@ def main() -> None:
         for bm in (16, 32, 64):
             if bm >= rows[0]:
                 runs[f"rows, BM {bm}"] = lambda t=(bm, *rows[1:]): mr.rows_gemms(x, w13, w2, ids, w, t)
+        runs["ranked"] = lambda: mr.rows_gemms(x, w13, w2, ids, w, tiles, ranked=True)
         want = fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles)
         same = torch.equal(mr.rows_gemms(x, w13, w2, ids, w, (16 if N <= 16 else rows[0], *tiles[1:])), want)
-        print(f"N={N} P={N * k} tiles {tiles}: {touched} experts, {gb:.3f} GB; rows bits equal: {same}")
+        same_ranked = torch.equal(mr.rows_gemms(x, w13, w2, ids, w, tiles, ranked=True), want)
+        print(f"N={N} P={N * k} tiles {tiles}: {touched} experts, {gb:.3f} GB; bits equal: rows {same}, "
+              f"ranked {same_ranked}")
         for on in (True, False):
             pdl.set_enabled(on)
             for name, fn in runs.items():

@@ -20,6 +20,10 @@ MOE_SMALL_MAX_PAIRS = 64
 # MAX_ROWS), the grouped GEMMs find each expert's tokens themselves instead of after an align's
 # four launches. 0: always the align (bench/bench_decode_ablate.py --ab moe_rows_max_pairs=0 is the A/B).
 MOE_ROWS_MAX_PAIRS = 512
+# Past the token-row form and up to this many pairs, its ranked form (any batch: each program ranks
+# its expert's pairs into 16-row tiles) instead of the align + grouped GEMMs. 0 (off) until its A/B
+# (bench/bench_decode_ablate.py --batches 24,32,64 --ab moe_ranked_max_pairs=512) has run on a GPU.
+MOE_RANKED_MAX_PAIRS = 0
 # Micro-batches of up to this many tokens run the dense projections (fused qkv, o_proj, router) as
 # the PDL-launched Triton GEMV (model/linear_triton.py) instead of cuBLAS: at one token it streams
 # the weights with no split-K second kernel; from two tokens on cuBLAS's tiles reuse each weight
@@ -104,6 +108,7 @@ class Backend:
     fused_norms: bool  # Triton add+RMSNorm, q/k-norm+rope+KV write
     moe_small_max_pairs: int = MOE_SMALL_MAX_PAIRS
     moe_rows_max_pairs: int = 0  # grouped MoE up to this many pairs without an align (0: never)
+    moe_ranked_max_pairs: int = 0  # its ranked form past one row tile, up to this many pairs (0: never)
     linear_small_max: int = 0  # tokens up to which linear() runs the Triton GEMV (0: always torch)
     moe_n_major_min_bm: int = 0  # grouped MoE row tiles from which a block's N tiles launch together (0: never)
     penalties_fused: bool = False  # the last stage's penalties in one Triton launch (CUDA)
@@ -147,4 +152,5 @@ def pick_backend(device: torch.device | str, attention: str | None = None, moe: 
         raise ValueError("fused norm kernels need a CUDA device")
     return Backend(attention, moe, fused, linear_small_max=LINEAR_SMALL_MAX_TOKENS if fused else 0,
                    moe_n_major_min_bm=MOE_N_MAJOR_MIN_BM, moe_rows_max_pairs=MOE_ROWS_MAX_PAIRS,
+                   moe_ranked_max_pairs=MOE_RANKED_MAX_PAIRS,
                    penalties_fused=cuda and PENALTIES_FUSED)

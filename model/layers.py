@@ -86,7 +86,8 @@ class SparseMoe(nn.Module):
         if be.moe == "triton":
             from .fused_moe_triton import fused_moe
             return fused_moe(x_TH, self.gate.weight, w13, w2, self.top_k, self.norm_topk_prob, be.moe_small_max_pairs,
-                             be.linear, be.moe_n_major_min_bm, be.moe_rows_max_pairs)
+                             be.linear, be.moe_n_major_min_bm, be.moe_rows_max_pairs,
+                             be.moe_ranked_max_pairs)
         logits, w, ids = route(x_TH, self.gate.weight, self.top_k, self.norm_topk_prob)
         if trace is not None:
             trace[f"{i}.router_logits"], trace[f"{i}.topk_w"], trace[f"{i}.topk_ids"] = logits, w, ids

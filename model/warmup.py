@@ -87,7 +87,8 @@ def declared_shapes(stage: Stage, max_tokens: int, max_batch: int, max_context: 
         from .moe_warm import warm_token_counts
         out += [(packed(n, max_context), packed(n, max_context))
                 for n in warm_token_counts(cfg.num_experts, cfg.num_experts_per_tok, be.moe_small_max_pairs,
-                                           max_tokens, be.moe_rows_max_pairs)]
+                                           max_tokens, be.moe_rows_max_pairs,
+                                           be.moe_ranked_max_pairs)]
     return out
 
 

@@ -68,33 +68,53 @@ def test_token_rows_give_the_aligned_bits(N, shape, crowd, tiles):
     _close(fm.combine_k(got.view(N, k, H)), experts_grouped(x, w13, w2, ids, w))
 
 
+@pytest.mark.parametrize("N,shape,crowd,tiles", [
+    (40, (96, 32, 16, 4), 40, (16, 32, 32, 4, 1)),  # experts 0..3 take all 40 tokens: 3 row tiles each
+    (24, (96, 32, 16, 4), 6, (16, 32, 32, 4, 1)),   # most experts one tile, 0..3 two
+    (7, (48, 40, 6, 3), 0, (16, 64, 64, 4, 1)),     # top-3 of 6, I = 40
+])
+def test_ranked_rows_give_the_aligned_bits(N, shape, crowd, tiles):
+    """The ranked form (each program ranks its expert's pairs into BM-row tiles, looping past the
+    first): the aligned GEMMs' bits, the whole MoE within the bound of the torch path."""
+    H, I, E, k = shape
+    x, w13, w2, w, ids = _case(N, H, I, E, k, seed=N + 100, crowd=crowd)
+    got = mr.rows_gemms(x, w13, w2, ids, w, tiles, ranked=True)
+    assert torch.equal(got, _aligned(x, w13, w2, w, ids, tiles))
+    _close(fm.combine_k(got.view(N, k, H)), experts_grouped(x, w13, w2, ids, w))
+
+
 def test_unchosen_experts_write_nothing_and_every_pair_is_written():
     """Experts 0 and 1 take all 12 tokens (every other expert's programs find no token and exit):
     every pair's row of y is the reference's, none left as the buffer's initial bytes."""
     H, I, E, k = 64, 32, 8, 2
     x, w13, w2, w, ids = _case(12, H, I, E, k, seed=5, crowd=12)
     assert set(ids.unique().tolist()) == {0, 1}
-    got = mr.experts_rows(x, w13, w2, ids, w, tiles=(16, 32, 32, 4, 1))
-    assert torch.isfinite(got).all()
-    _close(got, experts_grouped(x, w13, w2, ids, w))
+    for ranked in (False, True):
+        got = mr.experts_rows(x, w13, w2, ids, w, tiles=(16, 32, 32, 4, 1), ranked=ranked)
+        assert torch.isfinite(got).all()
+        _close(got, experts_grouped(x, w13, w2, ids, w))
 
 
 def test_fused_experts_takes_the_token_rows_between_the_thresholds(monkeypatch):
-    """fused_experts: the GEMV path up to small_max_pairs, the token-row path up to rows_max_pairs
-    while one tile holds the batch (MAX_ROWS tokens), the aligned grouped path above (or with
-    rows_max_pairs 0); each against the reference."""
+    """fused_experts: the GEMV path up to small_max_pairs, the token-row form up to rows_max_pairs
+    while one tile holds the batch (MAX_ROWS tokens), then the ranked form up to ranked_max_pairs,
+    the aligned grouped path above (or with both 0); each against the reference."""
     taken = []
     for mod, name in ((fm, "experts_small"), (fm, "experts_large"), (mr, "experts_rows")):
         real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **kw: taken.append(_n) or _r(*a, **kw))
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **kw: taken.append(
+            _n + (" ranked" if kw.get("ranked") else "")) or _r(*a, **kw))
     H, I, E, k = 96, 32, 16, 4
     rows = mr.MAX_ROWS
-    for N, rows_max, want_path in ((2, 512, "experts_small"), (6, 512, "experts_rows"), (9, 32, "experts_large"),
-                                   (6, 0, "experts_large"), (rows, 512, "experts_rows"),
-                                   (rows + 1, 512, "experts_large")):
+    for N, rows_max, ranked_max, want_path in (
+            (2, 512, 512, "experts_small"), (6, 512, 0, "experts_rows"), (9, 32, 0, "experts_large"),
+            (6, 0, 0, "experts_large"), (rows, 512, 0, "experts_rows"), (rows + 1, 512, 0, "experts_large"),
+            (rows + 1, 512, 512, "experts_rows ranked"), (9, 32, 64, "experts_rows ranked"),
+            (rows + 1, 512, 64, "experts_large")):
         x, w13, w2, w, ids = _case(N, H, I, E, k, seed=N)
-        got = fm.fused_experts(x, w13, w2, ids, w, small_max_pairs=8, rows_max_pairs=rows_max)
-        assert taken[-1] == want_path, (N, rows_max)
+        got = fm.fused_experts(x, w13, w2, ids, w, small_max_pairs=8, rows_max_pairs=rows_max,
+                               ranked_max_pairs=ranked_max)
+        assert taken[-1] == want_path, (N, rows_max, ranked_max)
         _close(got, experts_grouped(x, w13, w2, ids, w))
 
 
@@ -103,6 +123,9 @@ def test_row_tiles_hold_the_batch():
     assert mr.rows_tiles(24, 128, 8)[0] == 32  # a wider tile where a caller passes more tokens
     assert mr.rows_fit(16, 8, 512) and not mr.rows_fit(17, 8, 512) and not mr.rows_fit(16, 16, 250)
     assert not mr.rows_fit(9, 8, 0) and not mr.rows_fit(0, 8, 512)
+    assert mr.ranked_fit(64, 8, 128, 512) and not mr.ranked_fit(65, 8, 128, 512) and not mr.ranked_fit(24, 8, 128, 0)
+    # 16 experts at 500 pairs: 31 rows an expert, a 32-row tile x 512 ids = 16 384 > MAX_MATCH
+    assert fm.grouped_tiles(500, 16)[0] == 32 and not mr.ranked_fit(125, 4, 16, 512)
 
 
 @pytest.mark.gpu
@@ -121,5 +144,24 @@ def test_token_rows_at_real_shapes_on_gpu(shape):
         tiles = mr.rows_tiles(N, E, k, x.device)
         assert mr.rows_fit(N, k, 512) == (N <= 16)
         got = mr.rows_gemms(x, w13, w2, ids, w, tiles)
+        assert torch.equal(got, _aligned(x, w13, w2, w, ids, tiles)), N
+        _close(fm.combine_k(got.view(N, k, H)), experts_grouped(x, w13, w2, ids, w), 2 ** -6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(2048, 768, 128, 8), (6144, 1024, 128, 16)])
+def test_ranked_rows_at_real_shapes_on_gpu(shape):
+    """The ranked form at the 30b and user-config shapes from one row tile up to 512 pairs, and a
+    batch whose tokens all choose the same experts (each of those experts loops over 4 row tiles):
+    the aligned grouped GEMMs' bits at grouped_tiles' tiles, and within the real-shape bound of the
+    torch path."""
+    H, I, E, k = shape
+    for N in sorted({17, 24, 512 // k, 512 // k - 3}):
+        crowd = N if N == 512 // k else 0
+        x, w13, w2, w, ids = _case(N, H, I, E, k, seed=N + 7, crowd=crowd)
+        tiles = fm.grouped_tiles(N * k, E, x.device)
+        assert mr.ranked_fit(N, k, E, 512, x.device)
+        got = mr.rows_gemms(x, w13, w2, ids, w, tiles, ranked=True)
         assert torch.equal(got, _aligned(x, w13, w2, w, ids, tiles)), N
         _close(fm.combine_k(got.view(N, k, H)), experts_grouped(x, w13, w2, ids, w), 2 ** -6)

@@ -60,13 +60,13 @@ def test_moe_token_counts_cover_every_tile_and_pair_class():
     """Each tile set and pair class of the MoE's launches (the GEMV path's two, the token-row
     path's row tiles, the grouped path's row tiles by the pair count's class) is reached by some
     warm-up count, for every count up to 8 192 tokens, with the token-row path off and up to 512
-    pairs."""
+    pairs, and its ranked form off and up to 512 pairs (by the id vector's power of two)."""
     from model.attention_prefill_triton import stride_class
     from model.fused_moe_triton import grouped_tiles
     from model.moe_warm import warm_token_counts
     for E, top_k, small in ((128, 8, 64), (16, 4, 64), (64, 6, 64)):
-        for rows in (0, 512):
-            counts = warm_token_counts(E, top_k, small, 8192, rows)
+        for rows, ranked in ((0, 0), (512, 0), (512, 512)):
+            counts = warm_token_counts(E, top_k, small, 8192, rows, ranked)
 
             def key(n):
                 P = n * top_k
@@ -74,11 +74,15 @@ def test_moe_token_counts_cover_every_tile_and_pair_class():
                     return "small", P <= 16
                 if P <= rows and n <= 16:  # one row tile of 16 tokens
                     return "rows", grouped_tiles(P, E)
+                bp = 1 << (P - 1).bit_length()
+                if P <= ranked and grouped_tiles(P, E)[0] * bp <= 8192:
+                    return "ranked", grouped_tiles(P, E), bp
                 return "grouped", grouped_tiles(P, E), stride_class(P)
             assert {key(n) for n in range(1, 8193)} == {key(n) for n in counts}
     bms = {grouped_tiles(8 * n, 128)[0] for n in warm_token_counts(128, 8, 64, 8192) if 8 * n > 64}
     assert bms == {16, 32, 64, 128}  # the align's runs kernel compiles once per row tile
     assert [n for n in warm_token_counts(128, 8, 64, 8192, 512) if 8 < n <= 16] == [9]  # one row tile
+    assert [n for n in warm_token_counts(128, 8, 64, 8192, 512, 512) if 16 < n <= 64] == [17, 33]  # ids 256, 512
 
 
 def test_warm_up_reaches_the_token_budget_when_the_context_limit_is_shorter():
