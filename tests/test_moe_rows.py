@@ -199,3 +199,41 @@ def test_stage_through_token_rows_and_ranked_rows_matches_reference_interpreted(
     for name in ("rows", "ranked"):
         for r, f in zip(outs["ref"], outs[name]):
             _close(f.reshape(-1, r.shape[-1]), r.reshape(-1, r.shape[-1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+def test_stage_decode_on_token_rows_matches_reference_on_gpu():
+    """Two layers of the 30b shape with the default CUDA kernels, a 12-row decode step (96 pairs:
+    the token-row form) and a 40-row one (the align, or the ranked form when on), against the torch
+    reference backend on the same weights and KV, allowing for routing near-ties (tests/routing_ties.py)."""
+    from dataclasses import replace
+
+    from model.backend import Backend, pick_backend
+    from model.batch import AttnBatch
+    from routing_ties import assert_close_up_to_routing_ties, moe_inputs
+    from test_fused_moe import _two_layer_stage
+    stage = _two_layer_stage("qwen3-30b-a3b", "cuda")
+    fused = pick_backend("cuda")
+    backends = {"ref": Backend("sdpa", "torch", False), "fused": fused,
+                "ranked": replace(fused, moe_ranked_max_pairs=512)}
+    g = torch.Generator().manual_seed(3)
+    runs = {}
+    for name, be in backends.items():
+        stage.backend = be
+        stage.allocate_kv(64, 16)
+        stage.kv_cache.copy_(torch.randn(stage.kv_cache.shape, generator=g).to(stage.kv_cache) if name == "ref"
+                             else runs["ref_kv"])
+        if name == "ref":
+            runs["ref_kv"] = stage.kv_cache.clone()
+        runs[name] = []
+        for B in (12, 40):
+            ids = torch.randint(0, stage.cfg.vocab_size, (B,), generator=torch.Generator().manual_seed(B)).cuda()
+            ctx = [5 + (3 * i) % 11 for i in range(B)]  # one 16-slot block each
+            batch = AttnBatch.build([1] * B, ctx, [[i % 64] for i in range(B)], 16, [True] * B, "cuda")
+            with moe_inputs(stage) as got:
+                out = stage(ids, batch)
+            runs[name].append((out, got))
+    for name in ("fused", "ranked"):
+        for (r, in_r), (f, in_f) in zip(runs["ref"], runs[name]):
+            assert_close_up_to_routing_ties(stage, r, f, in_r, in_f)
