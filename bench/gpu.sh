@@ -28,6 +28,7 @@
 #                                            ABLATE_ARGS="... --ab FIELD=VALUE" ABLATE_MERGE=0: a switch's A/B alone
 #   bash bench/gpu.sh moe                    bench_moe_prefill (MoE pieces at 1k-16k tokens, tile sweep) after its tests
 #                                            (MOE_TOKENS=16,64,256: at the decode steps' sizes; MOE_TESTS=0: no tests)
+#   bash bench/gpu.sh rows                   the MoE's token-row / ranked forms: GPU tests, bench_moe_rows, the ranked A/B
 #   bash bench/gpu.sh fa3                    bench_attention's Hopper prefill tile sweep (FA3_CASES) after its tests
 #   bash bench/gpu.sh decode-sweep           bench_attention's decode splits / key steps at B=16-256 (1k) and B=1 (32k)
 #   bash bench/gpu.sh serving-bound          64 clients at --max-step-ms in BOUNDS (default "0 30 45")
@@ -55,7 +56,8 @@ quiet() { awk '!/: loaded .* of |unbatched P2P|^$/ && (!/^\[moepipe\]/ || /Trito
 pt() { timeout "$1" python3 -m pytest -v -m gpu -rf -p no:cacheprovider --durations=15 --timeout=150 \
   --continue-on-collection-errors "${@:2}"; }
 KERNEL_TESTS="tests/test_fused_moe.py tests/test_fused_kernels.py tests/test_linear_small.py tests/test_attention_kernels.py tests/test_chunking.py"
-ignore() { for f in $KERNEL_TESTS; do printf -- "--ignore=%s " "$f"; done; }
+ROWS_TESTS="tests/test_moe_rows.py"  # the MoE's token-row forms at real shapes: a process of their own on one GPU
+ignore() { for f in $KERNEL_TESTS $ROWS_TESTS; do printf -- "--ignore=%s " "$f"; done; }
 
 # every GPU test at once on one GPU (Triton compiles on the host's cores, the tests' shapes are
 # small): the slow real-shape MoE checks (fp64 references) in their own processes beside the other
@@ -67,6 +69,7 @@ one_gpu_tests() {
   done
   pt "$1" $KERNEL_TESTS --deselect "tests/test_fused_moe.py::test_real_shapes_on_gpu[qwen3-235b-a22b]" \
     --deselect "tests/test_fused_moe.py::test_real_shapes_on_gpu[user-config]" > "$OUT/gpu_tests_kernels_$TAG.log" 2>&1 &
+  pt "$1" $ROWS_TESTS > "$OUT/gpu_tests_rows_$TAG.log" 2>&1 &
   pt "$1" tests $(ignore) > "$OUT/gpu_tests_engine_$TAG.log" 2>&1
   wait
 }
@@ -87,7 +90,7 @@ serve_down() { kill -INT $srv; for _ in $(seq 40); do kill -0 $srv 2>/dev/null |
 case "$suite" in
 tests)
   if [ "$NGPU" -ge 2 ]; then  # kernels on the last GPU beside the engine's tests on the others
-    CUDA_VISIBLE_DEVICES=$((NGPU - 1)) pt 560 $KERNEL_TESTS "$@" > "$OUT/gpu_tests_kernels_$TAG.log" 2>&1 &
+    CUDA_VISIBLE_DEVICES=$((NGPU - 1)) pt 560 $KERNEL_TESTS $ROWS_TESTS "$@" > "$OUT/gpu_tests_kernels_$TAG.log" 2>&1 &
     CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((NGPU - 2))) pt 560 tests $(ignore) "$@" > "$OUT/gpu_tests_engine_$TAG.log" 2>&1
     wait
   else
@@ -159,6 +162,15 @@ moe)  # the MoE at prefill sizes (bench_moe_prefill: route, aligns, GEMMs with a
   timeout 200 python3 bench/bench_moe_prefill.py --sweep --tokens "${MOE_TOKENS:-1024,2048,4096,8192,16384}" \
     --out "$OUT/moe_prefill_$TAG$sfx.json" > "$OUT/moe_prefill_$TAG$sfx.log" 2>&1
   tail -8 "$OUT/moe_prefill_$TAG$sfx.log"
+  ;;
+rows)  # the MoE's token-row and ranked forms (model/moe_rows_triton.py): their GPU tests, both GEMMs beside
+  # align + grouped (bench_moe_rows), then the ranked form's decode-layer A/B (off by default until it wins)
+  pt 240 --timeout=200 tests/test_moe_rows.py > "$OUT/gpu_tests_rows_$TAG.log" 2>&1
+  grep -E "passed|failed|FAILED|Timeout" "$OUT/gpu_tests_rows_$TAG.log" | tail -6
+  timeout 150 python3 bench/bench_moe_rows.py --tokens 16,24,32,48,64 2>&1 | grep -v Warn > "$OUT/moe_rows_$TAG.log"
+  timeout 200 python3 bench/bench_decode_ablate.py --batches 16,24,32,64 --contexts 256 --ab moe_ranked_max_pairs=512 \
+    --rounds 2 2>&1 | grep -v Warn > "$OUT/decode_ablate_${TAG}_ranked.log"
+  grep -E "^N=|ranked|align \+|PDL on  " "$OUT/moe_rows_$TAG.log" | grep -v "PDL off"; tail -4 "$OUT/decode_ablate_${TAG}_ranked.log"
   ;;
 fa3)  # the Hopper prefill kernel's tile sweep (FA3_SWEEP) at the long-chunk cases, after its GPU tests
   pt 200 --timeout=190 tests/test_attention_fa3.py > "$OUT/gpu_tests_fa3_$TAG.log" 2>&1
