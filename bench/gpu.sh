@@ -164,13 +164,19 @@ moe)  # the MoE at prefill sizes (bench_moe_prefill: route, aligns, GEMMs with a
   tail -8 "$OUT/moe_prefill_$TAG$sfx.log"
   ;;
 rows)  # the MoE's token-row and ranked forms (model/moe_rows_triton.py): their GPU tests, both GEMMs beside
-  # align + grouped (bench_moe_rows), then the ranked form's decode-layer A/B (off by default until it wins)
+  # align + grouped (bench_moe_rows), then decode-layer A/Bs: the ranked form (off by default until it
+  # wins) and the GEMV path's threshold against the token rows
   pt 240 --timeout=200 tests/test_moe_rows.py > "$OUT/gpu_tests_rows_$TAG.log" 2>&1
   grep -E "passed|failed|FAILED|Timeout" "$OUT/gpu_tests_rows_$TAG.log" | tail -6
-  timeout 150 python3 bench/bench_moe_rows.py --tokens 16,24,32,48,64 2>&1 | grep -v Warn > "$OUT/moe_rows_$TAG.log"
+  timeout 150 python3 bench/bench_moe_rows.py --tokens 4,8,16,24,32,48,64 2>&1 | grep -v Warn > "$OUT/moe_rows_$TAG.log"
   timeout 200 python3 bench/bench_decode_ablate.py --batches 16,24,32,64 --contexts 256 --ab moe_ranked_max_pairs=512 \
     --rounds 2 2>&1 | grep -v Warn > "$OUT/decode_ablate_${TAG}_ranked.log"
+  # the GEMV path's end (64 pairs): the token-row form from 2, 3 or 5 tokens instead (top-8)
+  timeout 150 python3 bench/bench_decode_ablate.py --batches 2,4,6,8 --contexts 256 --ab moe_small_max_pairs=8 \
+    --ab moe_small_max_pairs=16 --ab moe_small_max_pairs=32 --rounds 2 2>&1 | grep -v Warn \
+    > "$OUT/decode_ablate_${TAG}_small_max.log"
   grep -E "^N=|ranked|align \+|PDL on  " "$OUT/moe_rows_$TAG.log" | grep -v "PDL off"; tail -4 "$OUT/decode_ablate_${TAG}_ranked.log"
+  tail -4 "$OUT/decode_ablate_${TAG}_small_max.log"
   ;;
 fa3)  # the Hopper prefill kernel's tile sweep (FA3_SWEEP) at the long-chunk cases, after its GPU tests
   pt 200 --timeout=190 tests/test_attention_fa3.py > "$OUT/gpu_tests_fa3_$TAG.log" 2>&1
