@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_decode_layer import timed  # noqa: E402
 from loader.dummy import dummy_config, fill_dummy  # noqa: E402
-from model import attention_triton, fused_moe_triton, fused_triton, layers  # noqa: E402
+from model import attention_triton, fused_triton, layers, moe_dispatch  # noqa: E402
 from model.backend import Backend, pick_backend  # noqa: E402
 from model.batch import AttnBatch  # noqa: E402
 from model.stage import Stage  # noqa: E402
@@ -52,7 +52,7 @@ def stand_ins(cfg) -> dict[str, list[tuple[object, str, object]]]:
         "dense": [(Backend, "linear", linear)],
         "qk norm+rope+kv": [(fused_triton, "qkv_norm_rope_write", qkv_write)],
         "add+norms": [(layers, "norm", lambda x, *a, **k: x), (layers, "add_norm", lambda x, h, *a, **k: (h, h))],
-        "moe": [(fused_moe_triton, "fused_moe", lambda x, *a, **k: cached(x.shape, x))],
+        "moe": [(moe_dispatch, "fused_moe", lambda x, *a, **k: cached(x.shape, x))],
     }
 
 

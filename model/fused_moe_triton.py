@@ -10,7 +10,8 @@ Two paths, both without a host sync (capturable in the decode CUDA graph):
 - large: the pairs are grouped by expert on the device, each expert's rows padded to the tile
   (model/moe_align.py, as vLLM's moe_align_block_size), then a grouped GEMM with the same epilogues.
 
-Rounding follows the torch reference (model/moe.py): the projections rounded to the dtype,
+model/moe_dispatch.py picks among these and model/moe_rows_triton.py's grouped GEMMs without an
+align. Rounding follows the torch reference (model/moe.py): the projections rounded to the dtype,
 SiLU and the product rounded, y * w rounded, the k terms summed in fp32, rounded once.
 """
 from __future__ import annotations
@@ -24,7 +25,6 @@ import triton.language as tl
 
 from .fused_triton import _round
 from .moe_align import align
-from .moe_route_triton import route_fused
 from .pdl import launch_args, pdl_enter
 from .tma import capable as tma_capable
 from .tma import rows_ok as tma_rows_ok
@@ -366,31 +366,3 @@ def combine_k(y_NkH: torch.Tensor) -> torch.Tensor:
         BT, BH = 4, 512
         _combine_kernel[(triton.cdiv(N, BT), triton.cdiv(H, BH))](y, out, N, H, K=k, BT=BT, BH=BH, num_warps=4)
     return out
-
-
-# ---- dispatch ------------------------------------------------------------------------------------
-def fused_experts(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, small_max_pairs: int,
-                  n_major_min_bm: int = 0, rows_max_pairs: int = 0, ranked_max_pairs: int = 0) -> torch.Tensor:
-    """The GEMV path up to small_max_pairs (token, expert) pairs; then, up to rows_max_pairs where
-    one row tile holds every token, the grouped GEMMs that find their experts' tokens themselves
-    (model/moe_rows_triton, token rows), then up to ranked_max_pairs its ranked form; else the
-    grouped GEMM over an align, its row tiles of n_major_min_bm and more launched N-major (the
-    thresholds: model.backend)."""
-    if ids_Nk.numel() <= small_max_pairs:
-        return experts_small(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
-    from .moe_rows_triton import experts_rows, ranked_fit, rows_fit
-    if rows_fit(*ids_Nk.shape, rows_max_pairs):
-        return experts_rows(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk)
-    if ranked_fit(*ids_Nk.shape, w13_E2IH.shape[0], ranked_max_pairs, x_NH.device):
-        return experts_rows(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, ranked=True)
-    return experts_large(x_NH, w13_E2IH, w2_EHI, ids_Nk, w_Nk, n_major_min_bm=n_major_min_bm)
-
-
-def fused_moe(x_NH: torch.Tensor, gate_EH: torch.Tensor, w13_E2IH: torch.Tensor, w2_EHI: torch.Tensor,
-              top_k: int, norm_topk_prob: bool, small_max_pairs: int,
-              linear=torch.nn.functional.linear, n_major_min_bm: int = 0, rows_max_pairs: int = 0,
-              ranked_max_pairs: int = 0) -> torch.Tensor:
-    """Route (the reference's expert choice) then the fused experts."""
-    w, ids = route_fused(x_NH, gate_EH, top_k, norm_topk_prob, linear)
-    return fused_experts(x_NH, w13_E2IH, w2_EHI, ids, w, small_max_pairs, n_major_min_bm, rows_max_pairs,
-                         ranked_max_pairs)

@@ -84,7 +84,7 @@ class SparseMoe(nn.Module):
     def forward(self, x_TH: torch.Tensor, be: Backend, trace: Trace, i: int) -> torch.Tensor:
         w13, w2 = self.experts.gate_up_proj, self.experts.down_proj
         if be.moe == "triton":
-            from .fused_moe_triton import fused_moe
+            from .moe_dispatch import fused_moe
             return fused_moe(x_TH, self.gate.weight, w13, w2, self.top_k, self.norm_topk_prob, be.moe_small_max_pairs,
                              be.linear, be.moe_n_major_min_bm, be.moe_rows_max_pairs,
                              be.moe_ranked_max_pairs)

@@ -27,13 +27,14 @@ pytest.importorskip("triton")
 
 from model import fused_moe_triton as fm  # noqa: E402
 from model import moe_align as ma  # noqa: E402
+from model import moe_dispatch as md  # noqa: E402
+from model import moe_route_triton as mrt  # noqa: E402
+from model import moe_rows_triton as mr  # noqa: E402
 from model.moe import experts_grouped, route  # noqa: E402
 
 if not _CUDA and os.environ.get("TRITON_INTERPRET") == "1":
-    import model.moe_route_triton as _route
-    importlib.reload(_route)  # first: fused_moe_triton binds its route_fused and align
-    ma = importlib.reload(ma)
-    fm = importlib.reload(fm)
+    # in import order, so each module binds the reloaded (interpreted) kernels of the ones before it
+    mrt, ma, fm, mr, md = (importlib.reload(m) for m in (mrt, ma, fm, mr, md))
 DEV = "cuda" if _CUDA else "cpu"
 
 # (H, I, E, k): the tiny and user-mini presets (CPU); the real shapes (GPU)
@@ -123,7 +124,7 @@ def test_fused_moe_switches_paths_and_matches_reference():
         x = _x(N, H, torch.bfloat16, N)
         _, w, ids = route(x, gate, k, False)
         want = experts_grouped(x, w13, w2, ids, w)
-        assert_close(fm.fused_moe(x, gate, w13, w2, k, False, small_max_pairs=8), want, torch.bfloat16)
+        assert_close(md.fused_moe(x, gate, w13, w2, k, False, small_max_pairs=8), want, torch.bfloat16)
 
 
 def test_grouped_path_with_the_wide_align_matches_reference(monkeypatch):
@@ -143,7 +144,7 @@ def test_grouped_path_with_the_wide_align_matches_reference(monkeypatch):
     assert calls == [160]
     x3 = x[:3]
     _, w3, ids3 = route(x3, gate, k, False)
-    assert_close(fm.fused_moe(x3, gate, w13, w2, k, False, small_max_pairs=8),
+    assert_close(md.fused_moe(x3, gate, w13, w2, k, False, small_max_pairs=8),
                  experts_grouped(x3, w13, w2, ids3, w3), torch.bfloat16)
     assert calls == [160, 12]
 
@@ -193,7 +194,7 @@ def test_tma_tiles_on_gpu_at_prefill(shape, N):
     H, I, E, k = GPU_SHAPES[shape]
     w13, w2, gate = _weights(H, I, E, torch.bfloat16, N + 5)
     x = _x(N, H, torch.bfloat16, N + 6)
-    w, ids = fm.route_fused(x, gate, k, True)
+    w, ids = mrt.route_fused(x, gate, k, True)
     ids[:, 0] = E - 1
     ids[:, 1:] = torch.where(ids[:, 1:] == E - 1, 0, ids[:, 1:])
     tiles = fm.grouped_tiles(N * k, E)
@@ -214,7 +215,7 @@ def test_n_major_grid_on_gpu_at_prefill(N):
     H, I, E, k = GPU_SHAPES["qwen3-30b-a3b"]
     w13, w2, gate = _weights(H, I, E, torch.bfloat16, N)
     x = _x(N, H, torch.bfloat16, N + 1)
-    w, ids = fm.route_fused(x, gate, k, True)
+    w, ids = mrt.route_fused(x, gate, k, True)
     base = fm.experts_large(x, w13, w2, ids, w)
     assert torch.equal(fm.experts_large(x, w13, w2, ids, w, n_major_min_bm=128), base)
 
@@ -228,7 +229,7 @@ def test_grouped_path_with_the_wide_align_on_gpu(N, same_expert):
     H, I, E, k = GPU_SHAPES["qwen3-30b-a3b"]
     w13, w2, gate = _weights(H, I, E, torch.bfloat16, N + 3)
     x = _x(N, H, torch.bfloat16, N + 4)
-    w, ids = fm.route_fused(x, gate, k, True)
+    w, ids = mrt.route_fused(x, gate, k, True)
     if same_expert:
         ids = torch.arange(k, device=DEV).repeat(N, 1)
     got = fm.experts_large(x, w13, w2, ids, w)
@@ -243,7 +244,7 @@ def test_routing_picks_the_reference_experts(dtype, norm_topk):
     gate[12] = gate[9]
     x = _x(40, H, dtype, 12)
     _, w_ref, ids_ref = route(x, gate, k, norm_topk)
-    w, ids = fm.route_fused(x, gate, k, norm_topk)
+    w, ids = mrt.route_fused(x, gate, k, norm_topk)
     probs = torch.softmax(torch.nn.functional.linear(x, gate), -1, dtype=torch.float32)
     kth = probs.topk(k + 1, dim=-1).values  # a tie straddles the k-th place when kth[k-1] == kth[k]
     straddle = kth[:, k - 1] == kth[:, k]
@@ -278,7 +279,7 @@ def test_routing_on_gpu_matches_torch_topk():
     gate[7] = gate[100]
     x = _x(4096, H, torch.bfloat16, 2)
     _, w_ref, ids_ref = route(x, gate, k, True)
-    w, ids = fm.route_fused(x, gate, k, True)
+    w, ids = mrt.route_fused(x, gate, k, True)
     assert torch.equal(ids.sort(-1).values, ids_ref.sort(-1).values)
     assert ((w.float().sort(-1).values - w_ref.float().sort(-1).values).abs() <= 2 ** -8).all()
 

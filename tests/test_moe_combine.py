@@ -8,7 +8,7 @@ import torch
 import test_fused_moe as tfm  # sets TRITON_INTERPRET on CPU and reloads the kernel modules
 from model.moe import experts_grouped, route
 
-_CUDA, DEV, fm = tfm._CUDA, tfm.DEV, tfm.fm
+_CUDA, DEV, fm, md, mrt = tfm._CUDA, tfm.DEV, tfm.fm, tfm.md, tfm.mrt
 CPU_SHAPES, _weights, _x, assert_close = tfm.CPU_SHAPES, tfm._weights, tfm._x, tfm.assert_close
 
 
@@ -61,6 +61,6 @@ def test_grouped_path_sums_its_terms_with_combine():
     pairs, bexp = fm.align(ids, E, tiles[0])
     terms = fm.grouped_gemms(x, w13, w2, pairs, bexp, w, tiles).view(24, k, H)
     assert torch.equal(got, _sum_k_in_order(terms))
-    wf, idsf = fm.route_fused(x, gate, k, True)
-    assert torch.equal(fm.fused_moe(x, gate, w13, w2, k, True, small_max_pairs=8),
+    wf, idsf = mrt.route_fused(x, gate, k, True)
+    assert torch.equal(md.fused_moe(x, gate, w13, w2, k, True, small_max_pairs=8),
                        fm.experts_large(x, w13, w2, idsf, wf))

@@ -5,7 +5,6 @@ on where the align puts it; and the whole MoE against the torch reference (model
 experts_grouped). Experts of uneven size: some taking every token, experts nobody chose, top-k not
 a power of two. Without
 CUDA they run under TRITON_INTERPRET=1 at small shapes; @pytest.mark.gpu cases use the real shapes."""
-import importlib
 import os
 
 import pytest
@@ -16,17 +15,10 @@ if not _CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from model import fused_moe_triton as fm  # noqa: E402
-from model import moe_align as ma  # noqa: E402
-from model import moe_rows_triton as mr  # noqa: E402
+import test_fused_moe as tfm  # noqa: E402  (sets TRITON_INTERPRET on CPU and reloads the kernel modules)
 from model.moe import experts_grouped, route  # noqa: E402
 
-if not _CUDA:
-    import model.moe_route_triton as _route
-    importlib.reload(_route)
-    ma = importlib.reload(ma)
-    fm = importlib.reload(fm)
-    mr = importlib.reload(mr)
+fm, ma, mr, md = tfm.fm, tfm.ma, tfm.mr, tfm.md
 DEV = "cuda" if _CUDA else "cpu"
 
 
@@ -102,9 +94,9 @@ def test_fused_experts_takes_the_token_rows_between_the_thresholds(monkeypatch):
     while one tile holds the batch (MAX_ROWS tokens), then the ranked form up to ranked_max_pairs,
     the aligned grouped path above (or with both 0); each against the reference."""
     taken = []
-    for mod, name in ((fm, "experts_small"), (fm, "experts_large"), (mr, "experts_rows")):
-        real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **kw: taken.append(
+    for name in ("experts_small", "experts_large", "experts_rows"):
+        real = getattr(md, name)
+        monkeypatch.setattr(md, name, lambda *a, _r=real, _n=name, **kw: taken.append(
             _n + (" ranked" if kw.get("ranked") else "")) or _r(*a, **kw))
     H, I, E, k = 96, 32, 16, 4
     rows = mr.MAX_ROWS
@@ -114,7 +106,7 @@ def test_fused_experts_takes_the_token_rows_between_the_thresholds(monkeypatch):
             (rows + 1, 512, 512, "experts_rows ranked"), (9, 32, 64, "experts_rows ranked"),
             (rows + 1, 512, 64, "experts_large")):
         x, w13, w2, w, ids = _case(N, H, I, E, k, seed=N)
-        got = fm.fused_experts(x, w13, w2, ids, w, small_max_pairs=8, rows_max_pairs=rows_max,
+        got = md.fused_experts(x, w13, w2, ids, w, small_max_pairs=8, rows_max_pairs=rows_max,
                                ranked_max_pairs=ranked_max)
         assert taken[-1] == want_path, (N, rows_max, ranked_max)
         _close(got, experts_grouped(x, w13, w2, ids, w))
@@ -179,13 +171,13 @@ def test_stage_through_token_rows_and_ranked_rows_matches_reference_interpreted(
     from model.stage import Stage
     cfg = dummy_config("user-mini")
     stage = fill_dummy(Stage(cfg, 0, 1, True, True, DEV, torch.bfloat16))
-    taken, real = [], mr.experts_rows
+    taken, real = [], md.experts_rows
     backends = {"ref": Backend("ref", "torch", False),
                 "rows": Backend("ref", "triton", True, moe_small_max_pairs=4, moe_rows_max_pairs=64),
                 "ranked": Backend("ref", "triton", True, moe_small_max_pairs=4, moe_ranked_max_pairs=64)}
     outs = {}
     try:
-        mr.experts_rows = lambda *a, **kw: taken.append(kw.get("ranked", False)) or real(*a, **kw)
+        md.experts_rows = lambda *a, **kw: taken.append(kw.get("ranked", False)) or real(*a, **kw)
         for name, be in backends.items():
             stage.backend = be
             stage.allocate_kv(8, 16)
@@ -194,7 +186,7 @@ def test_stage_through_token_rows_and_ranked_rows_matches_reference_interpreted(
             b = stage(ids[:3], AttnBatch.build([1] * 3, [10, 2, 3], [[3], [5], [6]], 16, [True] * 3, DEV))
             outs[name] = (a, b, stage.kv_cache.clone())
     finally:
-        mr.experts_rows = real
+        md.experts_rows = real
     assert taken == [False, False, True, True]  # each step of each fused backend on its form
     for name in ("rows", "ranked"):
         for r, f in zip(outs["ref"], outs[name]):
