@@ -59,6 +59,23 @@ def slice_len(ctx, num_splits, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _merge_weights(lse, AXIS: tl.constexpr):
+    """Each partial's weight exp2(lse - max lse) from the log-sum-exps lse [..., S] (log2 units), S
+    at AXIS: an empty split (-inf) weighs 0, and so does every split of a row with none (padding
+    heads, no keys)."""
+    lse_max = tl.max(lse, AXIS)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    return tl.exp2(lse - tl.expand_dims(lse_max, AXIS))
+
+
+@triton.jit
+def _merge_sum(o, w, AXIS: tl.constexpr):
+    """The merged output of partials o [..., S, D] (each normalised by its own sum) at weights w
+    [..., S] (_merge_weights): 0 where all weights are 0."""
+    return tl.sum(o * tl.expand_dims(w, AXIS + 1), AXIS) / tl.expand_dims(tl.maximum(tl.sum(w, AXIS), 1e-30), AXIS)
+
+
+@triton.jit
 def merge_if_last(o_part_ptr, lse_part_ptr, arrive_ptr, o_ptr, b, kh, used, num_splits, stride_ob, stride_on,
                   G: tl.constexpr, GP: tl.constexpr, SP: tl.constexpr, D: tl.constexpr):
     """Called by each split program of (sequence b, kv head kh) that holds keys, after storing its
@@ -79,12 +96,10 @@ def merge_if_last(o_part_ptr, lse_part_ptr, arrive_ptr, o_ptr, b, kh, used, num_
         rows = (b * tl.num_programs(1) * G + kh * G + offs_g[:, None]).to(tl.int64) * num_splits + offs_s[None, :]
         mask = (offs_g[:, None] < G) & (offs_s[None, :] < used)  # [GP, SP]
         lse = tl.load(lse_part_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
-        lse_max = tl.max(lse, 1)
-        lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # padding heads: weights 0
-        w = tl.exp2(lse - lse_max[:, None])  # [GP, SP]
+        w = _merge_weights(lse, 1)  # [GP, SP]
         o = tl.load(o_part_ptr + rows[:, :, None] * D + offs_d[None, None, :], mask=mask[:, :, None], other=0.0,
                     cache_modifier=".cg")  # [GP, SP, D]
-        o = tl.sum(o * w[:, :, None], 1) / tl.maximum(tl.sum(w, 1), 1e-30)[:, None]
+        o = _merge_sum(o, w, 1)
         heads = kh * G + offs_g
         tl.store(o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_on + offs_d[None, :],
                  o.to(o_ptr.dtype.element_ty), mask=offs_g[:, None] < G)
@@ -108,11 +123,9 @@ def _decode_merge_kernel(
     mask_s = offs_s < used
     row = (b * N + h).to(tl.int64) * num_splits + offs_s  # [BLOCK_SPLITS]
     lse = tl.load(lse_part_ptr + row, mask=mask_s, other=float("-inf"))
-    lse_max = tl.max(lse, 0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all empty (ctx 0): weights 0
-    w = tl.exp2(lse - lse_max)  # unused splits: exp2(-inf) = 0
+    w = _merge_weights(lse, 0)
     o = tl.load(o_part_ptr + row[:, None] * D + offs_d[None, :], mask=mask_s[:, None], other=0.0)
-    o = tl.sum(o * w[:, None], 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    o = _merge_sum(o, w, 0)
     tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_on + offs_d,
              o.to(o_ptr.dtype.element_ty))
 
