@@ -358,26 +358,33 @@ def test_routing_tie_comparison_on_cpu():
         assert_close_up_to_routing_ties(stage, r, o, in_r, moved)
 
 
-def test_stage_with_every_fused_kernel_matches_reference_interpreted():
-    """One user-mini layer, bf16, prefill then decode: the fused backend (qkv norm+rope+KV write,
-    add+norm, routing, both MoE paths (the prefill's 36 pairs grouped by the one-launch align), the
-    small-token GEMV for the decode's projections) against the torch backend, outputs and KV cache.
-    Both round at the same steps; under the interpreter they agree to the bit."""
+def mini_layer_runs(backends: dict) -> dict:
+    """{name: (prefill out, decode out, KV cache)}: one user-mini layer (bf16, dummy weights) on
+    each backend from an empty pool, a 9-token prefill then a 3-row decode step."""
     from loader.dummy import dummy_config, fill_dummy
-    from model.backend import Backend
     from model.batch import AttnBatch
     from model.stage import Stage
     cfg = dummy_config("user-mini")
     stage = fill_dummy(Stage(cfg, 0, 1, True, True, DEV, torch.bfloat16))
     outs = {}
-    for name, be in (("ref", Backend("ref", "torch", False)), ("fused", Backend("ref", "triton", True, moe_small_max_pairs=12,
-                                                                                   linear_small_max=4))):
+    for name, be in backends.items():
         stage.backend = be
         stage.allocate_kv(8, 16)
         ids = torch.randint(0, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(0)).to(DEV)
         a = stage(ids, AttnBatch.build([9], [9], [[3]], 16, [True], DEV))
         b = stage(ids[:3], AttnBatch.build([1] * 3, [10, 2, 3], [[3], [5], [6]], 16, [True] * 3, DEV))
         outs[name] = (a, b, stage.kv_cache.clone())
+    return outs
+
+
+def test_stage_with_every_fused_kernel_matches_reference_interpreted():
+    """One user-mini layer, bf16, prefill then decode: the fused backend (qkv norm+rope+KV write,
+    add+norm, routing, both MoE paths (the prefill's 36 pairs grouped by the one-launch align), the
+    small-token GEMV for the decode's projections) against the torch backend, outputs and KV cache.
+    Both round at the same steps; under the interpreter they agree to the bit."""
+    from model.backend import Backend
+    outs = mini_layer_runs({"ref": Backend("ref", "torch", False),
+                            "fused": Backend("ref", "triton", True, moe_small_max_pairs=12, linear_small_max=4)})
     for r, f in zip(outs["ref"], outs["fused"]):
         assert_close(f.reshape(-1, r.shape[-1]), r.reshape(-1, r.shape[-1]), torch.bfloat16)
 

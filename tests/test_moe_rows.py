@@ -165,26 +165,14 @@ def test_stage_through_token_rows_and_ranked_rows_matches_reference_interpreted(
     """One user-mini layer (top-4 of 16), bf16, a 9-token prefill then a 3-row decode step, through
     the Stage with the MoE on the token-row form, then on the ranked form (GEMV path only up to 4
     pairs, so both steps group their pairs), against the torch backend: outputs and KV cache."""
-    from loader.dummy import dummy_config, fill_dummy
     from model.backend import Backend
-    from model.batch import AttnBatch
-    from model.stage import Stage
-    cfg = dummy_config("user-mini")
-    stage = fill_dummy(Stage(cfg, 0, 1, True, True, DEV, torch.bfloat16))
     taken, real = [], md.experts_rows
     backends = {"ref": Backend("ref", "torch", False),
                 "rows": Backend("ref", "triton", True, moe_small_max_pairs=4, moe_rows_max_pairs=64),
                 "ranked": Backend("ref", "triton", True, moe_small_max_pairs=4, moe_ranked_max_pairs=64)}
-    outs = {}
     try:
         md.experts_rows = lambda *a, **kw: taken.append(kw.get("ranked", False)) or real(*a, **kw)
-        for name, be in backends.items():
-            stage.backend = be
-            stage.allocate_kv(8, 16)
-            ids = torch.randint(0, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(0)).to(DEV)
-            a = stage(ids, AttnBatch.build([9], [9], [[3]], 16, [True], DEV))
-            b = stage(ids[:3], AttnBatch.build([1] * 3, [10, 2, 3], [[3], [5], [6]], 16, [True] * 3, DEV))
-            outs[name] = (a, b, stage.kv_cache.clone())
+        outs = tfm.mini_layer_runs(backends)
     finally:
         md.experts_rows = real
     assert taken == [False, False, True, True]  # each step of each fused backend on its form
